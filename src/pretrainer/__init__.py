@@ -1,0 +1,1 @@
+"""pretrainer: pretrain, fine-tune, prompt and scale Transformers."""
