@@ -1,0 +1,411 @@
+"""Typed configuration: dataclasses, model presets, YAML files and ``a.b=value`` overrides.
+
+A run is described by one :class:`RunConfig`::
+
+    model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
+    data:   a folder made by ``pretrainer prepare``
+    out:    the run folder
+    objective: clm (decoder-only causal LM)
+    train:  optimisation and bookkeeping (see :class:`TrainConfig`)
+
+Values come, in order, from the defaults, a YAML file, then command-line overrides such as
+``model=llama-tiny model.n_layer=2 train.lr=1e-3``. Unknown keys and bad values raise
+:class:`~pretrainer.errors.ConfigError` with a one-line message that names the key and, for a
+misspelt key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelConfig:
+    """Architecture options of the one transformer core; a family is a preset of these."""
+
+    arch: str = "decoder"  # decoder (GPT/Llama); encoder and encoder-decoder come with their modes
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_heads: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
+    d_model: int = 256
+    d_ff: int | None = None  # None = 4 * d_model
+    vocab_size: int | None = None  # None = taken from the data folder's tokenizer when training
+    max_seq_len: int = 256
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    prenorm: bool = True  # pre-norm (GPT-2, Llama) or post-norm (original Transformer, GPT-1, BERT)
+    position: str = "learned"  # learned | rope | sinusoidal | none
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu
+    bias: bool = True  # biases in linear layers and norms
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+    preset: str | None = None  # the preset this section started from (informational)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def validate(self, where: str = "model") -> None:
+        _choice(where, "arch", self.arch, ["decoder"])
+        _choice(where, "norm", self.norm, ["layernorm", "rmsnorm"])
+        _choice(where, "position", self.position, ["learned", "rope", "sinusoidal", "none"])
+        _choice(where, "mlp", self.mlp, ["gelu", "gelu_tanh", "relu", "swiglu", "geglu"])
+        for name in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            _positive(where, name, getattr(self, name))
+        for name in ("n_kv_heads", "d_ff", "vocab_size"):
+            if getattr(self, name) is not None:
+                _positive(where, name, getattr(self, name))
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"{where}.d_model={self.d_model} must be divisible by {where}.n_head={self.n_head}"
+            )
+        if self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"{where}.n_head={self.n_head} must be a multiple of {where}.n_kv_heads={self.kv_heads}"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"{where}: rope needs an even head dimension, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout={self.dropout}: expected a value in [0, 1)")
+
+
+_GPT2 = dict(
+    position="learned", norm="layernorm", prenorm=True, mlp="gelu_tanh", bias=True,
+    tie_embeddings=True, vocab_size=50257, max_seq_len=1024,
+)
+_LLAMA = dict(
+    position="rope", norm="rmsnorm", prenorm=True, mlp="swiglu", bias=False,
+    tie_embeddings=False, scaled_residual_init=False,
+)
+
+#: Presets as data: each is a set of ModelConfig fields. Published sizes are checked in the tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU sizes (minGPT's names). vocab_size=None: take it from the data folder.
+    "gpt-nano": dict(_GPT2, vocab_size=None, n_layer=3, n_head=3, d_model=48, max_seq_len=256),
+    "gpt-micro": dict(_GPT2, vocab_size=None, n_layer=4, n_head=4, d_model=128, max_seq_len=256),
+    "gpt-mini": dict(_GPT2, vocab_size=None, n_layer=6, n_head=6, d_model=192, max_seq_len=256),
+    # GPT-1 (Radford et al. 2018): post-norm, 512 context, 40,478-token BPE.
+    "gpt": dict(_GPT2, n_layer=12, n_head=12, d_model=768, vocab_size=40478, max_seq_len=512,
+                prenorm=False, mlp="gelu"),
+    # GPT-2 (Radford et al. 2019).
+    "gpt2-small": dict(_GPT2, n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, d_model=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, d_model=1280),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, d_model=1600),
+    # Llama family (Touvron et al. 2023; Meta 2024). Small ones for CPU.
+    "llama-tiny": dict(_LLAMA, n_layer=4, n_head=4, n_kv_heads=2, d_model=256, d_ff=688,
+                       max_seq_len=256, norm_eps=1e-5),
+    "llama-mini": dict(_LLAMA, n_layer=8, n_head=8, n_kv_heads=4, d_model=512, d_ff=1376,
+                       max_seq_len=512, norm_eps=1e-5),
+    "llama2-7b": dict(_LLAMA, n_layer=32, n_head=32, d_model=4096, d_ff=11008, vocab_size=32000,
+                      max_seq_len=4096, norm_eps=1e-5),
+    "llama2-13b": dict(_LLAMA, n_layer=40, n_head=40, d_model=5120, d_ff=13824, vocab_size=32000,
+                       max_seq_len=4096, norm_eps=1e-5),
+    "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_heads=8, d_model=4096, d_ff=14336,
+                      vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The ModelConfig of a preset, or a ConfigError naming the closest preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'{_suggest(name, PRESETS)}; "
+                          f"presets: {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name], preset=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and the run
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. ``batch_size`` is sequences per micro-step per process; one
+    optimizer step sees ``batch_size * grad_accum * world_size`` sequences of ``seq_len`` tokens."""
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1  # on matrices and embeddings (>= 2-D); never on biases or norm gains
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
+    compile: str = "auto"  # auto (on for CUDA) | true | false
+    eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 500  # 0 = only at the end
+    keep_checkpoints: int = 2
+    plot: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
+                     "log_every", "keep_checkpoints"):
+            _positive("train", name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: expected a positive learning rate")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1]")
+        _choice("train", "schedule", self.schedule, ["cosine", "linear", "constant"])
+        _choice("train", "dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _choice("train", "compile", str(self.compile).lower(), ["auto", "true", "false"])
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device='{self.device}': expected auto, cpu, cuda, cuda:N or mps")
+
+
+OBJECTIVES = ["clm"]
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
+    data: str | None = None  # a prepared data folder
+    out: str | None = None  # the run folder
+    objective: str = "clm"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, need_paths: bool = True) -> None:
+        self.model.validate()
+        self.train.validate()
+        _choice("", "objective", self.objective, OBJECTIVES)
+        if need_paths:
+            if not self.data:
+                raise ConfigError("data: missing; expected a folder made by 'pretrainer prepare' (data=DIR)")
+            if not self.out:
+                raise ConfigError("out: missing; expected a run folder (out=DIR)")
+        if self.model.position == "learned" and self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len} (learned positions)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (or a file name under ``configs/``), then overrides."""
+    cfg = RunConfig()
+    if path:
+        file = _find_config_file(path)
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            at = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{file}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: expected a mapping of config keys at the top level")
+        cfg = from_dict(raw, where=str(file))
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def from_dict(raw: dict, where: str = "config") -> RunConfig:
+    cfg = RunConfig()
+    # a preset name comes first so that model.* keys in the same mapping refine it
+    model = raw.get("model")
+    if isinstance(model, str):
+        cfg.model = model_preset(model)
+    elif isinstance(model, dict) and "preset" in model and model["preset"]:
+        cfg.model = model_preset(model["preset"])
+    for key, value in _flatten(raw):
+        if key == "model" and isinstance(value, str):
+            continue
+        set_key(cfg, key, value, where=where)
+    return cfg
+
+
+def apply_override(cfg: RunConfig, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value (e.g. train.lr=3e-4)")
+    key, text = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    value = yaml.safe_load(text) if text.strip() else None
+    if key == "model" and isinstance(value, str):
+        cfg.model = model_preset(value)
+        return
+    set_key(cfg, key, value, where="override")
+
+
+def set_key(cfg: Any, dotted: str, value: Any, where: str = "config") -> None:
+    """Set ``cfg.a.b = value`` with type checking; errors name the key and suggest a close one."""
+    parts = dotted.split(".")
+    obj, path = cfg, []
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            full = ".".join(path + [part])
+            options = [".".join(path + [n]) for n in names]
+            raise ConfigError(f"{where}: unknown key '{full}'{_suggest(full, options + _all_keys())}")
+        path.append(part)
+        if i == len(parts) - 1:
+            f = next(f for f in dataclasses.fields(obj) if f.name == part)
+            setattr(obj, part, _coerce(".".join(path), value, f.type, where))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{where}: '{'.'.join(path)}' is a value, not a section")
+
+
+def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
+    hint = _resolve_type(annotation)
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        if t is type(None):
+            continue
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(float(value)) if float(value).is_integer() else _bad(key, value, "an integer", where)
+                except ValueError:
+                    pass
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif t is str:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+            if isinstance(value, bool):  # YAML reads "true" as a bool; keep its text for str fields
+                return str(value).lower()
+        elif dataclasses.is_dataclass(t):
+            if isinstance(value, dict):
+                return value  # sections are set key by key by from_dict; never a whole value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    expected = " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in options)
+    return _bad(key, value, expected, where)
+
+
+def _bad(key, value, expected, where):
+    raise ConfigError(f"{where}: {key}={value!r}: expected {expected}")
+
+
+def _resolve_type(annotation: Any) -> Any:
+    if isinstance(annotation, str):  # from __future__ annotations: evaluate in this module
+        return eval(annotation, globals())  # noqa: S307 - our own annotations only
+    return annotation
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _flatten(raw: dict, prefix: str = ""):
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, full + ".")
+        else:
+            yield full, value
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for name, sub in (("model", ModelConfig), ("train", TrainConfig)):
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
+    keys += [f.name for f in dataclasses.fields(RunConfig)]
+    return keys
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _choice(where: str, name: str, value: Any, options: list[str]) -> None:
+    if value not in options:
+        key = f"{where}.{name}" if where else name
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(options)}"
+                          f"{_suggest(str(value), options)}")
+
+
+def _positive(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where}.{name}={value!r}: expected a positive integer")
+
+
+#: YAML presets users start from: ``configs/`` of the repository (beside ``src/``).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _find_config_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    for folder in (Path("configs"), CONFIG_DIR):
+        for candidate in (folder / path, folder / f"{path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{path}': no such file, and no preset config of that name"
+                      f"{_suggest(path, known)}; presets: {', '.join(known) or 'none'}")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_file(path: str | Path) -> RunConfig:
+    """Read a run folder's resolved ``config.yaml`` back (no preset re-resolution)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = RunConfig()
+    model = raw.pop("model", {}) or {}
+    cfg.model = ModelConfig()
+    for key, value in _flatten({"model": model, **raw}):
+        set_key(cfg, key, value, where=str(path))
+    return cfg

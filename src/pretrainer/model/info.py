@@ -1,0 +1,70 @@
+"""Sizes, compute and memory of a model configuration, without allocating its weights.
+
+The model is built on PyTorch's ``meta`` device (shapes only), so ``llama2-7b`` is counted in well
+under a second on a laptop. Definitions:
+
+- ``params``: every distinct parameter (tied embeddings counted once).
+- ``params_non_embedding``: Kaplan et al. (2020) N: without the token and position embeddings and
+  without an untied output (unembedding) matrix.
+- ``flops_per_token_kaplan``: training FLOPs per token as Kaplan et al. write it,
+  6 N + 6 n_layer n_ctx d_model (forward 2N + 2 n_layer n_ctx d, backward twice the forward).
+- ``flops_per_token``: what the hardware actually does, used for MFU (PaLM, Chowdhery et al. 2022,
+  appendix B): 6 x (every matmul parameter, the output head included) + 12 n_layer d_model n_ctx.
+- memory: weights in fp32 and bf16; mixed-precision AdamW training state at 16 bytes per
+  parameter (fp32 weights, gradients and two moments); activations per sequence from Korthikanti
+  et al. (2022), sbh(34 + 5as/h) bytes per layer in 16-bit without recomputation.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+
+
+def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    from . import DecoderLM
+
+    import torch
+
+    if cfg.vocab_size is None:
+        raise ValueError("vocab_size is unknown for this preset until data is chosen")
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.tok_emb.weight.numel()
+    pos = model.pos_emb.weight.numel() if model.pos_emb is not None else 0
+    head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
+    non_emb = total - emb - pos - head
+    T = seq_len or cfg.max_seq_len
+    L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
+    matmul_params = non_emb + V * d
+    act_per_layer = T * d * (34 + 5 * cfg.n_head * T / d)  # bytes, batch 1
+    return {
+        "preset": cfg.preset,
+        "params": total,
+        "params_non_embedding": non_emb,
+        "params_embedding": emb + pos + head,
+        "n_layer": L, "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
+        "d_ff": cfg.ff_dim, "vocab_size": V, "max_seq_len": cfg.max_seq_len, "seq_len": T,
+        "flops_per_token_kaplan": 6 * non_emb + 6 * L * T * d,
+        "flops_per_token": 6 * matmul_params + 12 * L * d * T,
+        "memory_bytes": {
+            "weights_fp32": 4 * total,
+            "weights_bf16": 2 * total,
+            "training_state_adamw": 16 * total,
+            "activations_per_sequence_bf16": int(L * act_per_layer),
+        },
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for div, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.2f} {suffix}"
+    return f"{n:.0f} B"

@@ -1,0 +1,196 @@
+"""The pieces every model is built from: norms, positions, attention, MLPs and the block.
+
+One implementation covers the families by options (see :class:`~pretrainer.config.ModelConfig`):
+LayerNorm or RMSNorm, pre- or post-norm; learned, sinusoidal or rotary positions; multi-head,
+grouped-query or multi-query attention through ``n_kv_heads``; GELU, ReLU, SwiGLU or GeGLU MLPs.
+Attention always goes through ``F.scaled_dot_product_attention``.
+
+Weight layout follows the Hugging Face Llama/GPT-2 conventions where it matters for conversion:
+rotary embeddings rotate the two halves of each head (``rotate_half``), and the fused projections
+are stored as one matrix whose rows are [q; k; v] (attention) or [gate; up] (gated MLPs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): scale only, no centring, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of Vaswani et al. (2017): sin on even, cos on odd features."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), half-split layout as in Hugging Face Llama."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate ``x`` [B, H, T, D] as positions ``start .. start+T-1``."""
+        T = x.shape[-2]
+        cos = self.cos[start:start + T].to(x.dtype)
+        sin = self.sin[start:start + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, preallocated to ``max_len``."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv: int, max_len: int, head_dim: int,
+                 device, dtype):
+        shape = (batch, n_kv, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0  # positions filled (same for every layer once a forward pass completes)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with grouped key/value heads (``n_kv_heads``) and an optional cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.causal = causal
+        self.layer_idx = layer_idx
+        qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.is_residual_out = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        start = cache.length if cache is not None else 0
+        if rotary is not None:
+            q, k = rotary(q, start), rotary(k, start)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if Hkv != H:  # grouped-query: each key/value head serves H // Hkv query heads
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        mask, is_causal = None, False
+        if self.causal:
+            if start == 0:
+                is_causal = T > 1
+            elif T > 1:  # a chunk after cached positions: query i sees keys <= start + i
+                S = k.shape[-2]
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        hidden = cfg.ff_dim
+        self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.down.is_residual_out = True
+        self.act = {
+            "gelu": F.gelu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+            "relu": F.relu,
+            "swiglu": F.silu,
+            "geglu": F.gelu,
+        }[cfg.mlp]
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.down(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    """Attention then MLP, each in a residual branch, normed before (pre-norm) or after (post-norm)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.norm1 = make_norm(cfg)
+        self.attn = SelfAttention(cfg, layer_idx, causal)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rotary=None, cache=None):
+        if self.prenorm:
+            x = x + self.drop(self.attn(self.norm1(x), rotary, cache))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, rotary, cache)))
+        return self.norm2(x + self.drop(self.mlp(x)))

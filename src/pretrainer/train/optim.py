@@ -1,0 +1,45 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay every parameter of two or more dimensions (weight matrices and embeddings); leave
+    vectors (biases, norm gains) undecayed. Tied weights appear once."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() already yields a tied tensor once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    kwargs = {}
+    if device_type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup to ``lr`` over
+    ``warmup_steps``, then cosine (or linear) decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + (cfg.lr - lo) * factor

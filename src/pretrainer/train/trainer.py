@@ -1,0 +1,395 @@
+"""One training loop for every objective.
+
+``train(cfg)`` pretrains ``cfg.model`` on ``cfg.data`` with ``cfg.objective`` and writes the run
+folder ``cfg.out``: ``config.yaml`` (fully resolved), ``metrics.jsonl``, ``loss.png``,
+``tokenizer/`` and ``checkpoints/``. ``train(cfg, resume=True)`` continues from the newest intact
+checkpoint: weights, optimizer moments, RNG streams and the data position (a sample index: the
+batch order is a pure function of it, so resuming is a seek) are restored, and the losses that
+follow are bit for bit those of a run that never stopped (same device and world size).
+
+Under ``torchrun`` each process trains a DistributedDataParallel replica on its own slice of every
+global batch (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, config_from_file, save_config
+from ..data.tokens import CLMBatches, TokenSplit, eval_batches
+from ..errors import CheckpointError, ConfigError
+from ..model import DecoderLM
+from ..model.info import human, model_info
+from .checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from .optim import lr_at, make_optimizer
+
+#: Peak dense bf16 throughput (FLOP/s) of accelerators we know, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+
+
+class Env:
+    """Where this process runs: device, distributed rank/world, autocast dtype."""
+
+    def __init__(self, cfg: RunConfig):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = cfg.train.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError("train.device='cuda' but no CUDA device is available; use train.device=cpu")
+            if self.world > 1:
+                device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(torch.device(device))
+        self.device = torch.device(device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        dtype = cfg.train.dtype
+        if dtype == "auto":
+            dtype = ("bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                     else "float32")
+        self.dtype = getattr(torch, dtype)
+        compile_opt = str(cfg.train.compile).lower()
+        self.compile = compile_opt == "true" or (compile_opt == "auto" and self.device.type == "cuda")
+        self.master = self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def all_mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        for key, peak in PEAK_FLOPS.items():
+            if key in name:
+                return peak if self.dtype != torch.float32 else None
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class RunLog:
+    """Progress on stderr and one JSON object per event in ``metrics.jsonl`` (master only)."""
+
+    def __init__(self, run: Path, enabled: bool, quiet: bool = False):
+        self.path = run / "metrics.jsonl"
+        self.enabled, self.quiet = enabled, quiet
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint we restart from."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.enabled and not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+
+def plot_losses(run: Path) -> Path | None:
+    """Train and validation loss against tokens, as ``RUN/loss.png``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2, alpha=0.85)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.6, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run / "loss.png"
+    tmp = run / ".loss.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a clean stop: finish the step, save a checkpoint, exit."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def prepare_run_config(cfg: RunConfig) -> RunConfig:
+    """Fill what depends on the data (vocabulary size) and validate."""
+    cfg.validate()
+    split = TokenSplit(cfg.data, "train")
+    data_vocab = split.vocab_size
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = data_vocab
+    elif cfg.model.vocab_size < data_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
+                          f"vocabulary ({data_vocab}, {Path(cfg.data) / 'manifest.json'})")
+    cfg.validate()
+    return cfg
+
+
+def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) training; returns a summary dict. ``stop_at`` ends the run early after
+    checkpointing at that step, as a preemption would (used to test exact resume)."""
+    run = Path(cfg.out)
+    if resume:
+        if not (run / "config.yaml").is_file():
+            raise CheckpointError(f"{run}: not a run folder (no config.yaml)")
+    env = Env(cfg)
+    torch.manual_seed(cfg.train.seed)
+    cfg = prepare_run_config(cfg)
+    log = RunLog(run, env.master, quiet)
+
+    train_split = TokenSplit(cfg.data, "train")
+    val_split = TokenSplit(cfg.data, "val") if cfg.data else None
+    t = cfg.train
+    batches = CLMBatches(train_split, t.seq_len, t.seed)
+    global_batch = t.batch_size * t.grad_accum * env.world
+    tokens_per_step = global_batch * t.seq_len
+
+    model = DecoderLM(cfg.model).to(env.device)
+    optimizer = make_optimizer(model, t, env.device.type)
+    step, samples = 0, 0
+
+    if resume:
+        ckpt, meta = latest_checkpoint(run, warn=log.say if env.master else (lambda s: None))
+        load_weights(model, ckpt)
+        load_training_state(ckpt, optimizer, meta)
+        step, samples = meta["step"], meta["samples"]
+        log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens)")
+        log.truncate_after(step)
+    elif env.master:
+        if run.exists() and (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()):
+            raise ConfigError(f"out={run}: already holds a run; resume it with --resume {run} "
+                              f"or choose another out")
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+        tok_src = Path(cfg.data) / "tokenizer"
+        if tok_src.is_dir():
+            shutil.copytree(tok_src, run / "tokenizer", dirs_exist_ok=True)
+        (run / "metrics.jsonl").write_text("")
+    if env.world > 1:
+        dist.barrier()
+
+    info = model_info(cfg.model, t.seq_len)
+    flops_per_step = info["flops_per_token"] * tokens_per_step
+    peak = env.peak_flops()
+    fwd_model = torch.compile(model) if env.compile else model
+    if env.world > 1:
+        ddp_ids = [env.device.index] if env.device.type == "cuda" else None
+        fwd_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=ddp_ids)
+
+    if step == 0:
+        log.say(f"model {cfg.model.preset or 'custom'}: {info['params']:,} parameters "
+                f"({info['params_non_embedding']:,} non-embedding), {human(info['flops_per_token'])}"
+                f"FLOP/token; {t.max_steps} steps x {tokens_per_step:,} tokens on {env.device}"
+                f"{' x' + str(env.world) if env.world > 1 else ''} ({str(env.dtype).replace('torch.', '')}"
+                f"{', compiled' if env.compile else ''}); data {len(train_split):,} train tokens")
+
+    def evaluate() -> float:
+        return evaluate_loss(model, val_split, t.seq_len, t.batch_size, t.eval_batches, env)
+
+    def checkpoint(at_step: int) -> None:
+        if env.master:
+            save_checkpoint(run, model, optimizer, {"step": at_step, "samples": samples,
+                                                    "tokens": samples * t.seq_len,
+                                                    "global_batch": global_batch},
+                            keep=t.keep_checkpoints)
+        if env.world > 1:
+            dist.barrier()
+
+    if step == 0 and val_split is not None:
+        v = evaluate()
+        log.write({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
+        log.say(f"step {0:>6} | val loss {v:.4f} | ppl {math.exp(min(v, 50)):.1f}")
+
+    model.train()
+    start_step = step
+    window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    run_t0 = time.perf_counter()
+    last_val = None
+    with _StopFlag() as flag:
+        while step < t.max_steps:
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(t.grad_accum):
+                first = samples + (micro * env.world + env.rank) * t.batch_size
+                x, y = batches.batch(first, t.batch_size)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                sync = env.world == 1 or micro == t.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()
+                with ctx, env.autocast():
+                    loss = fwd_model(x, y).loss
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples += global_batch
+            window_steps += 1
+            window_tokens += tokens_per_step
+            window_loss += loss_sum / t.grad_accum  # a tensor: no device sync until logging
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - window_t0
+                loss_avg = env.all_mean(float(window_loss) / window_steps)
+                tps = window_tokens / dt
+                rec = {"step": step, "loss": loss_avg, "lr": lr, "tokens": samples * t.seq_len,
+                       "tokens_per_s": tps, "ms_per_step": 1000 * dt / window_steps,
+                       "flops_per_s": flops_per_step * window_steps / dt}
+                if peak:
+                    rec["mfu"] = rec["flops_per_s"] / (peak * env.world)
+                log.write(rec)
+                elapsed = time.perf_counter() - run_t0
+                eta = elapsed / (step - start_step) * (t.max_steps - step)
+                log.say(f"step {step:>6}/{t.max_steps} | loss {loss_avg:.4f} | lr {lr:.2e} | "
+                        f"{tps:,.0f} tok/s | {rec['ms_per_step']:.0f} ms/step"
+                        f"{' | mfu %.1f%%' % (100 * rec['mfu']) if 'mfu' in rec else ''} | "
+                        f"eta {_fmt_time(eta)}")
+                window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+
+            is_last = step == t.max_steps
+            if val_split is not None and ((t.eval_every and step % t.eval_every == 0) or is_last):
+                v = evaluate()
+                last_val = v
+                log.write({"step": step, "tokens": samples * t.seq_len, "val_loss": v,
+                           "val_ppl": math.exp(min(v, 50))})
+                log.say(f"step {step:>6} | val loss {v:.4f} | ppl {math.exp(min(v, 50)):.1f}")
+                if t.plot and env.master:
+                    plot_losses(run)
+                window_t0 = time.perf_counter()
+            stopping = flag.stop or (stop_at is not None and step >= stop_at)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or is_last or stopping:
+                checkpoint(step)
+                window_t0 = time.perf_counter()
+            if stopping and not is_last:
+                log.say(f"stopped at step {step}; continue with: pretrainer pretrain --resume {run}")
+                break
+    if t.plot and env.master:
+        plot_losses(run)
+    return {"run": str(run), "step": step, "val_loss": last_val,
+            "tokens": samples * t.seq_len, "seconds": time.perf_counter() - run_t0,
+            "loss_png": str(run / "loss.png")}
+
+
+@torch.no_grad()
+def evaluate_loss(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
+                  env: Env | None = None) -> float:
+    """Mean next-token cross-entropy over the first ``max_batches`` validation batches
+    (each process takes every world-th batch; the totals are summed across processes)."""
+    was_training = model.training
+    model.eval()
+    device = env.device if env else next(model.parameters()).device
+    rank, world = (env.rank, env.world) if env else (0, 1)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(eval_batches(split, seq_len, batch_size, max_batches)):
+        if i % world != rank:
+            continue
+        ctx = env.autocast() if env else contextlib.nullcontext()
+        with ctx:
+            loss = model(x.to(device), y.to(device)).loss
+        total[0] += loss.double() * y.numel()
+        total[1] += y.numel()
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def resume_config(run: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """The config a run was started with, plus overrides (e.g. ``train.max_steps=`` to extend)."""
+    from ..config import apply_override
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run}: not a run folder (no config.yaml)")
+    cfg = config_from_file(path)
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg.out = str(run)
+    return cfg
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
