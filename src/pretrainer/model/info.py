@@ -12,7 +12,8 @@ under a second on a laptop. Definitions:
   appendix B): 6 x (every matmul parameter, the output head included) + 12 n_layer d_model n_ctx.
 - memory: weights in fp32 and bf16; mixed-precision AdamW training state at 16 bytes per
   parameter (fp32 weights, gradients and two moments); activations per sequence from Korthikanti
-  et al. (2022), sbh(34 + 5as/h) bytes per layer in 16-bit without recomputation.
+  et al. (2022): 34 s h bytes per layer in 16-bit without recomputation, their sbh(34 + 5as/h)
+  less the attention-score term, which fused attention (scaled_dot_product_attention) never stores.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     T = seq_len or cfg.max_seq_len
     L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
     matmul_params = non_emb + V * d
-    act_per_layer = T * d * (34 + 5 * cfg.n_head * T / d)  # bytes, batch 1
+    act_per_layer = 34 * T * d  # bytes, batch 1
     return {
         "preset": cfg.preset,
         "params": total,

@@ -1,0 +1,313 @@
+"""Command line: parse, call the library, print. ``pretrainer --help`` lists the commands.
+
+Every error the user can fix is one line on stderr and exit status 2 (1 for anything unexpected);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .errors import PretrainerError
+
+
+def _json_out(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_info(args) -> None:
+    from .config import model_preset, set_key
+    from .model.info import human, human_bytes, model_info
+
+    cfg = model_preset(args.model)
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        import yaml
+
+        set_key(cfg, key.removeprefix("model."), yaml.safe_load(value), where="override")
+    if cfg.vocab_size is None:
+        cfg.vocab_size = args.vocab_size
+    cfg.validate()
+    info = model_info(cfg, args.seq_len)
+    if args.json:
+        return _json_out(info)
+    mem = info["memory_bytes"]
+    print(f"{args.model}: {cfg.n_layer} layers x {cfg.d_model} wide, {cfg.n_head} heads "
+          f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
+    print(f"  parameters              {info['params']:>16,}")
+    print(f"  non-embedding (Kaplan)  {info['params_non_embedding']:>16,}")
+    print(f"  training FLOPs / token  {human(info['flops_per_token_kaplan']):>16}  (6N + 6 n_layer n_ctx d)")
+    print(f"  hardware FLOPs / token  {human(info['flops_per_token']):>16}  (with output head; used for MFU)")
+    print(f"  weights fp32 / bf16     {human_bytes(mem['weights_fp32']):>16} / {human_bytes(mem['weights_bf16'])}")
+    print(f"  AdamW training state    {human_bytes(mem['training_state_adamw']):>16}  (16 bytes/param)")
+    print(f"  activations / sequence  {human_bytes(mem['activations_per_sequence_bf16']):>16}  "
+          f"(bf16, {info['seq_len']} tokens, fused attention, no recomputation)")
+
+
+def cmd_tokenizer_train(args) -> None:
+    from .data.corpus import iter_documents
+    from .tokenization import save_tokenizer, train_tokenizer
+
+    texts = (text for _, text in iter_documents(args.corpus, text_field=args.text_field))
+    tok = train_tokenizer(texts, args.kind, args.vocab_size, sentinels=args.sentinels)
+    save_tokenizer(tok, args.out)
+    result = {"out": args.out, "kind": args.kind, "vocab_size": tok.get_vocab_size()}
+    _json_out(result) if args.json else print(f"tokenizer ({args.kind}, {result['vocab_size']} tokens) "
+                                              f"written to {args.out}/tokenizer.json")
+
+
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare
+
+    manifest = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                       split=args.split, seed=args.seed, workers=args.workers,
+                       text_field=args.text_field, doc_separator=args.doc_separator,
+                       overwrite=args.overwrite, progress=not args.json)
+    if args.json:
+        return _json_out(manifest)
+    s = manifest["splits"]
+    print(f"{args.out}: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, "
+          f"vocab {manifest['vocab_size']} ({manifest['dtype']})")
+
+
+def cmd_pretrain(args) -> None:
+    from .config import load_config
+    from .train.trainer import resume_config, train
+
+    if args.resume:
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    if args.json:
+        _json_out(summary)
+    elif summary.get("val_loss") is not None:
+        print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
+              f"run folder {summary['run']}, loss curve {summary['loss_png']}")
+
+
+def _load_run_and_tokenizer(run: str, device: str = "cpu"):
+    from . import load
+    from .tokenization import load_tokenizer
+
+    model = load(run, device=device, warn=lambda s: print(s, file=sys.stderr))
+    tok_dir = Path(run) / "tokenizer"
+    if not tok_dir.is_dir() and (Path(run) / "tokenizer.json").is_file():
+        tok_dir = Path(run)
+    return model, load_tokenizer(tok_dir)
+
+
+def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, seed: int) -> list[str]:
+    """Complete each prompt. A prompt starts a new document: it is preceded by the ``<eos>``
+    separator the model saw between documents in training. Generation stops at ``<eos>``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = [tok.eos_id] + tok.encode(prompt)
+        x = torch.tensor([ids])
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           eos_id=tok.eos_id, generator=gen)
+        new = [i for i in y[0, len(ids):].tolist() if i != tok.eos_id]
+        out.append(prompt + tok.decode(new))
+    return out
+
+
+def cmd_generate(args) -> None:
+    model, tok = _load_run_and_tokenizer(args.run, args.device)
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.input:
+        prompts += [line.rstrip("\n") for line in open(args.input) if line.strip()]
+    if not prompts:
+        prompts = [""]
+    texts = generate_samples(model, tok, prompts * args.num_samples, args.max_new_tokens,
+                             args.temperature, args.top_k, args.top_p, args.seed)
+    if args.json:
+        return _json_out([{"prompt": p, "text": t} for p, t in zip(prompts * args.num_samples, texts)])
+    for t in texts:
+        print(t)
+        print("-" * 40)
+
+
+def cmd_evaluate(args) -> None:
+    from .config import config_from_file
+    from .data.tokens import TokenSplit
+    from .train.trainer import evaluate_loss
+    from .api import find_run_files
+    from . import load
+
+    config_file, _ = find_run_files(args.run)
+    cfg = config_from_file(config_file)
+    model = load(args.run, device=args.device, warn=lambda s: print(s, file=sys.stderr))
+    data = args.data or cfg.data
+    split = TokenSplit(data, args.split)
+    seq_len = args.seq_len or cfg.train.seq_len
+    n_windows = (len(split) - 1) // seq_len
+    max_batches = args.max_batches or math.ceil(n_windows / args.batch_size)
+    loss = evaluate_loss(model, split, seq_len, args.batch_size, max_batches)
+    tokens = min(n_windows, max_batches * args.batch_size) * seq_len
+    result = {"run": args.run, "data": str(data), "split": args.split, "val_loss": loss,
+              "val_ppl": math.exp(min(loss, 50)), "tokens": tokens, "seq_len": seq_len}
+    if args.json:
+        return _json_out(result)
+    print(f"{args.split} loss {loss:.4f} | perplexity {result['val_ppl']:.2f} | {tokens:,} tokens of {data}")
+
+
+def cmd_export(args) -> None:
+    from . import load
+    from .interop.hf import export_hf
+
+    model = load(args.run)
+    tok_dir = Path(args.run) / "tokenizer"
+    export_hf(model, args.out, tokenizer_dir=tok_dir if tok_dir.is_dir() else None)
+    print(f"exported {args.run} to {args.out} (Hugging Face format)")
+
+
+def cmd_import(args) -> None:
+    from .interop.hf import import_run
+
+    import_run(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} into run folder {args.out}")
+
+
+def cmd_quickstart(args) -> None:
+    from .quickstart import quickstart
+
+    quickstart(out=args.out, minutes=args.minutes, corpus=args.corpus)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrainer", description=(
+        "Pretrain, fine-tune, prompt and scale Transformers. Start with 'pretrainer quickstart'."))
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a model preset")
+    s.add_argument("model", help="preset name, e.g. gpt2-small, llama2-7b")
+    s.add_argument("overrides", nargs="*", help="model field overrides, e.g. n_layer=6")
+    s.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary for presets that take it from the data (default 8192)")
+    s.add_argument("--seq-len", type=int, default=None, help="context for the attention FLOPs (default: max_seq_len)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("tokenizer", help="train a tokenizer")
+    tsub = s.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a BPE, WordPiece, Unigram or character tokenizer")
+    t.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, builtin:stdlib or builtin:synthetic")
+    t.add_argument("--kind", choices=["bpe", "wordpiece", "unigram", "char"], default="bpe")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--sentinels", type=int, default=0, help="T5 sentinel tokens to reserve")
+    t.add_argument("--text-field", default="text", help="field/column with the text in JSONL/Parquet")
+    t.add_argument("--out", required=True)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    s = sub.add_parser("prepare", help="tokenise a corpus into memory-mapped token shards")
+    s.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, builtin:stdlib or builtin:synthetic")
+    s.add_argument("--tokenizer", required=True,
+                   help="a tokenizer folder, 'char', or KIND:SIZE to train one first (e.g. bpe:8192)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--split", choices=["document", "tail"], default="document",
+                   help="validation = random documents, or the last tokens of the stream (nanoGPT)")
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--doc-separator", default=None, help=r"split text files into documents on this string, e.g. '\n\n'")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("pretrain", help="pretrain a model (or resume a run)", description=(
+        "Pretrain from a YAML config and/or key=value overrides, e.g. "
+        "'pretrainer pretrain model=gpt-micro data=data/stdlib out=runs/a train.max_steps=2000'. "
+        "Required: data, out. Resume with --resume RUN (overrides such as train.max_steps=N extend it)."))
+    s.add_argument("overrides", nargs="*", help="key=value settings (model=PRESET, data=DIR, out=DIR, train.lr=...)")
+    s.add_argument("--config", "-c", help="YAML config file (or the name of one under configs/)")
+    s.add_argument("--resume", metavar="RUN", help="continue RUN from its newest intact checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("generate", help="sample text from a trained run")
+    s.add_argument("run", help="run folder, checkpoint folder or HF folder")
+    s.add_argument("--prompt", default=None)
+    s.add_argument("--input", help="file with one prompt per line")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("evaluate", help="validation loss and perplexity of a run")
+    s.add_argument("run")
+    s.add_argument("--data", help="a prepared data folder (default: the run's)")
+    s.add_argument("--split", default="val")
+    s.add_argument("--seq-len", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="write a run as a Hugging Face model folder")
+    s.add_argument("run")
+    s.add_argument("--format", choices=["hf"], default="hf")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="make a run folder from a Hugging Face model folder")
+    s.add_argument("hf_dir")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    s.add_argument("--corpus", default="builtin:stdlib")
+    s.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except PretrainerError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The decoder-only model: published sizes, causality, KV cache, generation, initialisation."""
+
+import math
+
+import pytest
+import torch
+
+import pretrainer
+from pretrainer.config import ModelConfig
+from pretrainer.errors import ConfigError
+from pretrainer.model import build_model
+from pretrainer.model.generation import sample_next
+from pretrainer.model.info import model_info
+from pretrainer.config import model_preset
+
+SMALL = dict(n_layer=2, n_head=4, d_model=32, vocab_size=97, max_seq_len=64)
+FAMILIES = {
+    "gpt2": dict(SMALL, **{"_preset": "gpt2-small"}),
+    "llama-gqa": dict(SMALL, n_kv_heads=2, **{"_preset": "llama-tiny"}),
+    "llama-mqa": dict(SMALL, n_kv_heads=1, **{"_preset": "llama-tiny"}),
+    "postnorm-sinusoidal": dict(SMALL, prenorm=False, position="sinusoidal", **{"_preset": "gpt"}),
+}
+
+
+def small(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    kw = dict(FAMILIES[name])
+    preset = kw.pop("_preset")
+    return build_model(preset, **kw).eval()
+
+
+@pytest.mark.parametrize("preset,params,non_emb", [
+    ("gpt2-small", 124_439_808, 85_056_000),  # Radford et al. 2019 / HF GPT2LMHeadModel
+    ("gpt2-medium", 354_823_168, None),
+    ("gpt2-xl", 1_557_611_200, None),
+    ("llama2-7b", 6_738_415_616, None),  # HF LlamaForCausalLM, Llama-2-7b config
+    ("llama3-8b", 8_030_261_248, None),
+])
+def test_published_parameter_counts(preset, params, non_emb):
+    info = model_info(model_preset(preset))
+    assert info["params"] == params
+    if non_emb is not None:
+        assert info["params_non_embedding"] == non_emb
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_causal_attention_never_sees_the_future(name):
+    model = small(name)
+    x = torch.randint(0, 97, (2, 24))
+    t = 13
+    y = x.clone()
+    y[:, t] = (y[:, t] + 1) % 97
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4  # and the change does reach later positions
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_kv_cache_logits_equal_full_recomputation(name):
+    model = small(name)
+    x = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(3)
+        parts = [model(x[:, :7], cache=cache).logits,  # prefill
+                 model(x[:, 7:12], cache=cache).logits]  # a chunk after cached positions
+        parts += [model(x[:, i:i + 1], cache=cache).logits for i in range(12, 20)]  # one by one
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cached_generation_equals_recomputation_token_for_token(name):
+    model = small(name, seed=1)
+    x = torch.randint(0, 97, (2, 5))
+    with_cache = model.generate(x, 30, use_cache=True)
+    without = model.generate(x, 30, use_cache=False)
+    assert torch.equal(with_cache, without)
+    # and past the context window (64): the cache is rebuilt on the cropped window
+    long_a = model.generate(x, 70, use_cache=True)
+    long_b = model.generate(x, 70, use_cache=False)
+    assert long_a.shape == (2, 75) and torch.equal(long_a, long_b)
+
+
+def test_greedy_generation_is_the_argmax_of_the_logits():
+    model = small("gpt2")
+    x = torch.randint(0, 97, (1, 6))
+    out = model.generate(x, 3)
+    ids = x
+    for _ in range(3):
+        nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(out, ids)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    model = small("gpt2")
+    x = torch.randint(3, 97, (2, 4))
+    free = model.generate(x, 8)
+    eos = int(free[0, 5])  # the second token row 0 generates greedily
+    out = model.generate(x, 8, eos_id=eos)
+    row0 = out[0, 4:].tolist()
+    first = row0.index(eos)
+    assert all(t == eos for t in row0[first:])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {3, 4}
+    p = torch.softmax(logits, -1)[0]  # 0.64, 0.24, ... : top_p=0.7 keeps the two most likely
+    draws = {int(sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    assert draws == {3, 4} and p[4] < 0.7 < p[4] + p[3]
+    assert int(sample_next(logits, 0.0)) == 4
+
+
+def test_loss_is_cross_entropy_of_shifted_targets_and_ignores_minus_100():
+    model = small("llama-gqa")
+    x = torch.randint(0, 97, (2, 10))
+    y = torch.randint(0, 97, (2, 10))
+    y[0, :4] = -100
+    out = model(x, y)
+    logp = out.logits.log_softmax(-1)
+    keep = y != -100
+    manual = -logp[keep].gather(-1, y[keep][:, None]).mean()
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    model = build_model("gpt2-small", n_layer=8, d_model=256, n_head=4, vocab_size=500)
+    std = 0.02 / math.sqrt(2 * 8)
+    proj = torch.cat([b.attn.proj.weight.flatten() for b in model.blocks])
+    qkv = torch.cat([b.attn.qkv.weight.flatten() for b in model.blocks])
+    assert abs(proj.std().item() - std) / std < 0.05
+    assert abs(qkv.std().item() - 0.02) / 0.02 < 0.05
+    assert model.lm_head.weight is model.tok_emb.weight  # tied
+    untied = build_model("llama-tiny", vocab_size=500)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_build_model_overrides_are_checked():
+    with pytest.raises(ConfigError, match="n_layers.*did you mean 'n_layer'"):
+        build_model("gpt2-small", n_layers=2)
+    with pytest.raises(ConfigError, match="divisible"):
+        build_model("gpt2-small", d_model=100, n_head=3)
+    with pytest.raises(ConfigError, match="did you mean 'llama-tiny'"):
+        build_model("llama-tnyi")
+    m = pretrainer.build_model("gpt-nano", vocab_size=65)
+    assert m(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 65)
