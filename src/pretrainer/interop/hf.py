@@ -1,0 +1,434 @@
+"""Hugging Face interop: export a decoder-only model as a ``transformers`` folder and import one back.
+
+Two families have an exact Hugging Face counterpart:
+
+- GPT-2 (``GPT2LMHeadModel``): learned positions, pre-norm LayerNorm, a plain GELU/ReLU MLP and
+  biases everywhere. GPT-2 stores its projections as ``Conv1D`` weights [in, out]; ours are
+  ``nn.Linear`` weights [out, in], so those matrices are transposed.
+- Llama (``LlamaForCausalLM``; Mistral configs import too): rotary positions, pre-norm RMSNorm and a
+  gated MLP (SwiGLU, or GeGLU as ``hidden_act="gelu"``), with grouped-query attention through
+  ``num_key_value_heads``. Our rotary layout is Llama's (``rotate_half``), so query and key rows
+  need no permutation; our fused [q; k; v] and [gate; up] matrices are split into Llama's separate
+  projections and joined back on import.
+
+A configuration without a counterpart (post-norm, sinusoidal or no positions, ...) is refused with
+a one-line :class:`~pretrainer.errors.PretrainerError` naming the option. ``transformers`` is not
+needed here: folders are written and read with ``json`` and ``safetensors`` only (and
+``torch.load(weights_only=True)`` for ``pytorch_model.bin`` checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from ..config import ModelConfig
+from ..errors import PretrainerError
+from ..model import DecoderLM
+
+#: Special-token ids of every pretrainer tokenizer (see ``pretrainer.tokenization``).
+DEFAULT_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# our ``model.mlp`` <-> GPT-2's ``activation_function`` / Llama's ``hidden_act``
+_GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+_GPT2_ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_LLAMA_ACT = {"swiglu": "silu", "geglu": "gelu"}
+_LLAMA_ACT_IN = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+_LLAMA_TYPES = ("llama", "mistral")
+
+# tensors of old checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rotary table
+_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
+
+
+class _Tensor(NamedTuple):
+    """One of our tensors and the Hugging Face tensors it is made of (stacked along dim 0)."""
+
+    ours: str
+    hf: tuple[str, ...]
+    rows: tuple[int, ...] = ()  # row count of each HF piece when there is more than one
+    conv1d: bool = False  # GPT-2 Conv1D weight: stored transposed
+
+
+# ----------------------------------------------------------------------------------------------
+# Which family, and the tensor names of each
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """``"gpt2"`` or ``"llama"``: the Hugging Face model a configuration converts to exactly.
+
+    Raises a one-line PretrainerError naming the first option that has no Hugging Face equivalent.
+    """
+    if cfg.arch != "decoder":
+        raise _no_equivalent("arch", cfg.arch, "only decoder-only models are exported")
+    if not cfg.prenorm:
+        raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2 and Llama are pre-norm")
+    if cfg.position == "learned":
+        if cfg.norm != "layernorm":
+            raise _no_equivalent("norm", cfg.norm, "GPT-2 (learned positions) uses layernorm")
+        if cfg.mlp not in _GPT2_ACT:
+            raise _no_equivalent("mlp", cfg.mlp, f"GPT-2 (learned positions) takes {', '.join(_GPT2_ACT)}")
+        if not cfg.bias:
+            raise _no_equivalent("bias", cfg.bias, "GPT-2 (learned positions) always has biases")
+        if cfg.kv_heads != cfg.n_head:
+            raise _no_equivalent("n_kv_heads", cfg.n_kv_heads,
+                                 "GPT-2 (learned positions) has no grouped-query attention")
+        return "gpt2"
+    if cfg.position == "rope":
+        if cfg.norm != "rmsnorm":
+            raise _no_equivalent("norm", cfg.norm, "Llama (rope) uses rmsnorm")
+        if cfg.mlp not in _LLAMA_ACT:
+            raise _no_equivalent("mlp", cfg.mlp, f"Llama (rope) takes {', '.join(_LLAMA_ACT)}")
+        return "llama"
+    raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama rope")
+
+
+def _no_equivalent(field: str, value, why: str) -> PretrainerError:
+    return PretrainerError(f"model.{field}={value!r} has no Hugging Face equivalent ({why})")
+
+
+def _gpt2_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    names = [_Tensor("tok_emb.weight", ("transformer.wte.weight",)),
+             _Tensor("pos_emb.weight", ("transformer.wpe.weight",))]
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
+        for our_mod, hf_mod, linear in (("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                        ("attn.proj", "attn.c_proj", True), ("norm2", "ln_2", False),
+                                        ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
+            names.append(_Tensor(f"{ours}{our_mod}.weight", (f"{hf}{hf_mod}.weight",), conv1d=linear))
+            names.append(_Tensor(f"{ours}{our_mod}.bias", (f"{hf}{hf_mod}.bias",)))
+    names += [_Tensor("norm_f.weight", ("transformer.ln_f.weight",)),
+              _Tensor("norm_f.bias", ("transformer.ln_f.bias",))]
+    if not cfg.tie_embeddings:
+        names.append(_Tensor("lm_head.weight", ("lm_head.weight",)))
+    return names
+
+
+def _llama_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    q, kv, ff = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ff_dim
+    kinds = ("weight", "bias") if cfg.bias else ("weight",)
+    names = [_Tensor("tok_emb.weight", ("model.embed_tokens.weight",))]
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        names.append(_Tensor(f"{ours}norm1.weight", (f"{hf}input_layernorm.weight",)))
+        names.append(_Tensor(f"{ours}norm2.weight", (f"{hf}post_attention_layernorm.weight",)))
+        for kind in kinds:
+            names += [
+                _Tensor(f"{ours}attn.qkv.{kind}", tuple(f"{hf}self_attn.{p}_proj.{kind}" for p in "qkv"),
+                        rows=(q, kv, kv)),
+                _Tensor(f"{ours}attn.proj.{kind}", (f"{hf}self_attn.o_proj.{kind}",)),
+                _Tensor(f"{ours}mlp.up.{kind}", (f"{hf}mlp.gate_proj.{kind}", f"{hf}mlp.up_proj.{kind}"),
+                        rows=(ff, ff)),
+                _Tensor(f"{ours}mlp.down.{kind}", (f"{hf}mlp.down_proj.{kind}",)),
+            ]
+    names.append(_Tensor("norm_f.weight", ("model.norm.weight",)))
+    if not cfg.tie_embeddings:
+        names.append(_Tensor("lm_head.weight", ("lm_head.weight",)))
+    return names
+
+
+def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
+    return _gpt2_tensors(cfg) if family == "gpt2" else _llama_tensors(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The ``config.json`` of the Hugging Face model equivalent to ``cfg``."""
+    family = hf_family(cfg)
+    common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.init_std,
+                  tie_word_embeddings=cfg.tie_embeddings, dtype=str(dtype).removeprefix("torch."),
+                  use_cache=True, **DEFAULT_SPECIAL_IDS)
+    if family == "gpt2":
+        return dict(
+            model_type="gpt2", architectures=["GPT2LMHeadModel"],
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.d_model,
+            n_inner=cfg.d_ff,  # None: 4 * n_embd, in GPT-2 as in ours
+            n_positions=cfg.max_seq_len, activation_function=_GPT2_ACT[cfg.mlp],
+            layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout, scale_attn_weights=True, **common,
+        )
+    return dict(
+        model_type="llama", architectures=["LlamaForCausalLM"],
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads, hidden_size=cfg.d_model, head_dim=cfg.head_dim,
+        intermediate_size=cfg.ff_dim, hidden_act=_LLAMA_ACT[cfg.mlp],
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        # rope_theta for transformers 4.x, rope_parameters for 5.x
+        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout, **common,
+    )
+
+
+def to_hf_state_dict(model: DecoderLM) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config.json dict, weights under Hugging Face names)`` for ``model``.
+
+    The tensors are contiguous copies that share no memory, ready for ``safetensors``. A tied
+    output matrix is left out, as Hugging Face checkpoints do (it is the token embedding).
+    """
+    cfg = model.cfg
+    family = hf_family(cfg)
+    ours = model.state_dict()
+    weights = {}
+    for t in _tensors(cfg, family):
+        pieces = ours[t.ours].detach().split(t.rows) if t.rows else [ours[t.ours].detach()]
+        for name, piece in zip(t.hf, pieces):
+            piece = piece.t() if t.conv1d else piece
+            weights[name] = piece.clone(memory_format=torch.contiguous_format)
+    return hf_config(cfg, model.tok_emb.weight.dtype), weights
+
+
+def export_hf(model: DecoderLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``model`` as a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+    The folder holds ``config.json``, ``model.safetensors`` and ``generation_config.json``, plus
+    the tokenizer files of ``tokenizer_dir`` when given (a folder written by pretrainer's
+    ``save_tokenizer``, or any Hugging Face tokenizer folder); the pad/bos/eos ids are then taken
+    from its ``tokenizer_config.json``. Each file is written to a temporary name and renamed.
+    """
+    config, weights = to_hf_state_dict(model)  # refuses unconvertible configs before writing anything
+    tok_files = []
+    if tokenizer_dir is not None:
+        tok_files, ids = _tokenizer_export(Path(tokenizer_dir), model.cfg.vocab_size)
+        config.update(ids)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generation = {k: config[k] for k in DEFAULT_SPECIAL_IDS}
+    _write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    _write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    _write(out / "generation_config.json", lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
+    for src in tok_files:
+        _write(out / src.name, lambda p: shutil.copyfile(src, p))
+    return out
+
+
+def _write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _tokenizer_export(folder: Path, vocab_size: int) -> tuple[list[Path], dict]:
+    """The tokenizer files in ``folder`` and the pad/bos/eos ids its ``tokenizer_config.json``
+    names (``"bos_token": "<bos>"``); ids it does not name keep their defaults. The tokenizer's
+    vocabulary must fit the model's."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise PretrainerError(f"{path}: missing; expected a tokenizer folder (tokenizer.json)")
+    tok = Tokenizer.from_file(str(path))
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise PretrainerError(f"{path}: {size} tokens do not fit the model's vocab_size={vocab_size}")
+    config_path = folder / "tokenizer_config.json"
+    tok_config = _read_json(config_path) if config_path.is_file() else {}
+    ids = {}
+    for key in DEFAULT_SPECIAL_IDS:
+        token = tok_config.get(key.removesuffix("_id"))
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tok.token_to_id(token) is not None:
+            ids[key] = tok.token_to_id(token)
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()], ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+class _Fields:
+    """Reads the fields of a Hugging Face ``config.json`` with one-line errors naming the file."""
+
+    def __init__(self, hf_config: dict, where: str):
+        self.raw, self.where = hf_config, where
+
+    def get(self, key: str, default=...):
+        """The field's value; ``default`` when it is absent or null (required when no default)."""
+        if self.raw.get(key) is not None:
+            return self.raw[key]
+        if default is ...:
+            raise PretrainerError(f"{self.where}: missing field '{key}' "
+                                  f"(model_type {self.raw.get('model_type')!r})")
+        return default
+
+    def expect(self, key: str, default, wanted) -> None:
+        """Refuse a value other than ``wanted``: an option that our model does not have."""
+        value = self.get(key, default)
+        if value != wanted:
+            raise PretrainerError(f"{self.where}: {key}={value!r} has no pretrainer equivalent "
+                                  f"(expected {wanted!r})")
+
+    def choice(self, key: str, default, table: dict):
+        """``table[value]``: the field's value translated to ours."""
+        value = self.get(key, default)
+        if value not in table:
+            raise PretrainerError(f"{self.where}: {key}={value!r} has no pretrainer equivalent "
+                                  f"(expected one of {', '.join(table)})")
+        return table[value]
+
+
+def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, llama or mistral).
+
+    ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
+    ``resid_pdrop``, Llama's ``attention_dropout``).
+    """
+    f = _Fields(hf_config, where)
+    model_type = hf_config.get("model_type")
+    if model_type == "gpt2":
+        cfg = _gpt2_config(f)
+    elif model_type in _LLAMA_TYPES:
+        cfg = _llama_config(f)
+    else:
+        raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
+                              f"gpt2, {', '.join(_LLAMA_TYPES)}")
+    cfg.validate()
+    return cfg
+
+
+def _gpt2_config(f: _Fields) -> ModelConfig:
+    f.expect("scale_attn_weights", True, True)
+    f.expect("scale_attn_by_inverse_layer_idx", False, False)
+    f.expect("add_cross_attention", False, False)
+    return ModelConfig(
+        n_layer=f.get("n_layer"), n_head=f.get("n_head"), d_model=f.get("n_embd"),
+        d_ff=f.get("n_inner", None), vocab_size=f.get("vocab_size"), max_seq_len=f.get("n_positions"),
+        norm="layernorm", norm_eps=f.get("layer_norm_epsilon", 1e-5), position="learned",
+        mlp=f.choice("activation_function", "gelu_new", _GPT2_ACT_IN), bias=True,
+        tie_embeddings=f.get("tie_word_embeddings", True), dropout=f.get("resid_pdrop", 0.1),
+        init_std=f.get("initializer_range", 0.02), scaled_residual_init=True,
+    )
+
+
+def _llama_config(f: _Fields) -> ModelConfig:
+    rope = f.get("rope_parameters", {})  # transformers 5.x; 4.x has rope_theta and rope_scaling
+    f.expect("rope_scaling", None, None)
+    if rope.get("rope_type", "default") != "default":
+        raise PretrainerError(f"{f.where}: rope_parameters.rope_type={rope['rope_type']!r} has no "
+                              f"pretrainer equivalent (expected 'default')")
+    bias = f.get("attention_bias", False)
+    f.expect("mlp_bias", False, bias)  # one bias switch covers attention and MLP
+    d_model, n_head = f.get("hidden_size"), f.get("num_attention_heads")
+    f.expect("head_dim", d_model // n_head, d_model // n_head)
+    max_seq_len = f.get("max_position_embeddings", 2048)
+    # Mistral's sliding window is exact for every sequence that fits inside it
+    max_seq_len = min(max_seq_len, f.get("sliding_window", max_seq_len))
+    return ModelConfig(
+        n_layer=f.get("num_hidden_layers"), n_head=n_head, n_kv_heads=f.get("num_key_value_heads", n_head),
+        d_model=d_model, d_ff=f.get("intermediate_size"), vocab_size=f.get("vocab_size"),
+        max_seq_len=max_seq_len, norm="rmsnorm", norm_eps=f.get("rms_norm_eps", 1e-6),
+        position="rope", rope_theta=float(rope.get("rope_theta") or f.get("rope_theta", 10000.0)),
+        mlp=f.choice("hidden_act", "silu", _LLAMA_ACT_IN), bias=bias,
+        tie_embeddings=f.get("tie_word_embeddings", False), dropout=f.get("attention_dropout", 0.0),
+        init_std=f.get("initializer_range", 0.02), scaled_residual_init=False,
+    )
+
+
+def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                       where: str = "weights") -> DecoderLM:
+    """Our model, in eval mode, holding the Hugging Face ``weights`` (any dtype; stored as float32).
+
+    Keys may lack the ``transformer.``/``model.`` prefix (checkpoints of the bare GPT2Model or
+    LlamaModel); causal-mask buffers of old GPT-2 checkpoints and rotary tables are ignored. A
+    missing, unexpected or misshapen tensor raises a PretrainerError naming it.
+    """
+    family = hf_family(cfg)
+    prefix = "transformer." if family == "gpt2" else "model."
+    if not any(k.startswith(prefix) for k in weights):
+        weights = {k if k == "lm_head.weight" else prefix + k: v for k, v in weights.items()}
+    model = DecoderLM(cfg)
+    expected = model.state_dict()
+    ours, used = {}, set()
+    for t in _tensors(cfg, family):
+        for name in t.hf:
+            if name not in weights:
+                raise PretrainerError(f"{where}: missing tensor '{name}'")
+        pieces = [weights[name].t() if t.conv1d else weights[name] for name in t.hf]
+        tensor = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if tensor.shape != expected[t.ours].shape:
+            shapes = " + ".join(f"{n} {list(weights[n].shape)}" for n in t.hf)
+            raise PretrainerError(f"{where}: {shapes} does not fit {list(expected[t.ours].shape)} "
+                                  f"expected from config.json")
+        ours[t.ours] = tensor
+        used.update(t.hf)
+    # a tied output matrix is the token embedding; a checkpoint may still carry a copy of it
+    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = [k for k in weights if k not in used and k not in ignored and not _IGNORED.search(k)]
+    if unexpected:
+        raise PretrainerError(f"{where}: unexpected tensor '{unexpected[0]}' "
+                              f"({len(unexpected)} in all) for a {family} model")
+    if cfg.tie_embeddings:
+        ours["lm_head.weight"] = ours["tok_emb.weight"]
+    model.load_state_dict(ours)
+    return model.eval()
+
+
+def import_hf(hf_dir: str | Path) -> DecoderLM:
+    """Our model from a Hugging Face folder: ``config.json`` and ``model.safetensors``, a sharded
+    ``model.safetensors.index.json``, or ``pytorch_model.bin`` (read with ``weights_only=True``).
+
+    Returns the model in eval mode with float32 weights.
+    """
+    folder = Path(hf_dir)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise PretrainerError(f"{config_path}: missing; expected a Hugging Face model folder")
+    cfg = config_from_hf(_read_json(config_path), where=str(config_path))
+    weights, where = _read_weights(folder)
+    return from_hf_state_dict(cfg, weights, where=where)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PretrainerError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PretrainerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of the checkpoint in ``folder`` and the file name to cite in errors."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return _read_file(folder / single), str(folder / single)
+        if (folder / index).is_file():
+            weight_map = _read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise PretrainerError(f"{folder / index}: missing field 'weight_map'")
+            weights = {}
+            for shard in sorted(set(weight_map.values())):
+                weights.update(_read_file(folder / shard))
+            return weights, str(folder / index)
+    raise PretrainerError(f"{folder}: no model.safetensors, model.safetensors.index.json or "
+                          f"pytorch_model.bin")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PretrainerError(f"{path}: missing (named by the checkpoint index)") from None
+    except pickle.UnpicklingError:
+        raise PretrainerError(f"{path}: holds pickled objects other than tensors; refusing to load "
+                              f"it (convert it to model.safetensors)") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        first = str(e).strip().splitlines()[:1] or [type(e).__name__]
+        raise PretrainerError(f"{path}: not a readable checkpoint ({first[0]})") from None
+    if not isinstance(tensors, dict):
+        raise PretrainerError(f"{path}: expected a state dict (names to tensors)")
+    return tensors
