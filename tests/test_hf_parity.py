@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+import pretrainer
+
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -348,3 +350,23 @@ def test_config_from_transformers_4_llama_config():
     assert (cfg.rope_theta, cfg.kv_heads, cfg.max_seq_len, cfg.mlp) == (5e5, 2, T, "swiglu")
     _one_line_error(lambda: config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}),
                     "rope_scaling")
+
+
+def test_cli_import_then_export_round_trip(tmp_path):
+    """`pretrainer import HF_DIR --out RUN` then `pretrainer export RUN --format hf` keeps the logits."""
+    from pretrainer.cli import main
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=120, max_position_embeddings=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ours = pretrainer.load(tmp_path / "run")
+    ids = torch.randint(0, 120, (2, 16))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(ours(ids).logits, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=1e-5)

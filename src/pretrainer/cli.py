@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def cmd_prepare(args) -> None:
     from .data.prepare import prepare
 
     manifest = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                       split=args.split, seed=args.seed, workers=args.workers,
+                       split=args.split, seed=args.seed,
                        text_field=args.text_field, doc_separator=args.doc_separator,
                        overwrite=args.overwrite, progress=not args.json)
     if args.json:
@@ -87,6 +88,8 @@ def cmd_pretrain(args) -> None:
     else:
         cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if args.json:
         _json_out(summary)
     elif summary.get("val_loss") is not None:
@@ -226,7 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["document", "tail"], default="document",
                    help="validation = random documents, or the last tokens of the stream (nanoGPT)")
     s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--workers", type=int, default=None)
     s.add_argument("--text-field", default="text")
     s.add_argument("--doc-separator", default=None, help=r"split text files into documents on this string, e.g. '\n\n'")
     s.add_argument("--overwrite", action="store_true")
@@ -290,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (pretrain --quiet train.lr=1e-3)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except PretrainerError as e:

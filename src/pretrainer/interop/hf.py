@@ -432,3 +432,27 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(tensors, dict):
         raise PretrainerError(f"{path}: expected a state dict (names to tensors)")
     return tensors
+
+
+def import_run(hf_dir: str | Path, out: str | Path) -> Path:
+    """Make a run folder from a Hugging Face model folder: ``config.yaml``, one checkpoint with the
+    weights (``checkpoints/step_00000000``) and the tokenizer when the folder has one, so that
+    ``pretrainer generate``/``evaluate``/``export`` and :func:`pretrainer.load` work on it."""
+    from ..config import RunConfig, save_config
+    from ..train.checkpoint import list_checkpoints, save_checkpoint
+
+    out = Path(out)
+    if list_checkpoints(out):
+        raise PretrainerError(f"out={out}: already holds a run; choose another folder")
+    model = import_hf(hf_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig(model=model.cfg, data=None, out=str(out))
+    save_checkpoint(out, model, None, {"step": 0, "samples": 0, "tokens": 0,
+                                       "imported_from": str(Path(hf_dir).resolve())})
+    if (Path(hf_dir) / "tokenizer.json").is_file():
+        (out / "tokenizer").mkdir(exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(hf_dir) / name).is_file():
+                shutil.copy2(Path(hf_dir) / name, out / "tokenizer" / name)
+    save_config(cfg, out / "config.yaml")  # last: its presence marks a complete run folder
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 
@@ -46,7 +46,7 @@ def save_checkpoint(run: str | Path, model: torch.nn.Module, optimizer: torch.op
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # de-duplicates tied weights
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
     meta = dict(state, format=FORMAT, saved_at=time.time())
     if optimizer is not None:
         tensors, opt_meta = _flatten_optimizer(optimizer)
@@ -135,6 +135,12 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict
         for i in range(torch.cuda.device_count()):
             if f"cuda_{i}" in rng:
                 torch.cuda.set_rng_state(rng[f"cuda_{i}"], i)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict for saving: a tied output matrix is stored once (as the embedding)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not _is_tied_copy(model, k)}
 
 
 def _is_tied_copy(model: torch.nn.Module, key: str) -> bool:

@@ -353,14 +353,15 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 @torch.no_grad()
 def evaluate_loss(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
                   env: Env | None = None) -> float:
-    """Mean next-token cross-entropy over the first ``max_batches`` validation batches
-    (each process takes every world-th batch; the totals are summed across processes)."""
+    """Mean next-token cross-entropy over the first ``max_batches * world`` validation batches
+    of ``batch_size`` windows (the same windows for the same global batch, whatever the number
+    of processes): each process takes every world-th batch and the totals are summed."""
     was_training = model.training
     model.eval()
     device = env.device if env else next(model.parameters()).device
     rank, world = (env.rank, env.world) if env else (0, 1)
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(eval_batches(split, seq_len, batch_size, max_batches)):
+    for i, (x, y) in enumerate(eval_batches(split, seq_len, batch_size, max_batches * world)):
         if i % world != rank:
             continue
         ctx = env.autocast() if env else contextlib.nullcontext()

@@ -1,0 +1,155 @@
+"""The training loop: data order, schedule, exact resume, checkpoint safety, multi-process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrainer.config import RunConfig, TrainConfig, load_config, model_preset
+from pretrainer.data.tokens import CLMBatches, TokenSplit, WindowOrder
+from pretrainer.errors import ConfigError
+from pretrainer.train.checkpoint import list_checkpoints
+from pretrainer.train.optim import lr_at, param_groups
+from pretrainer.train.trainer import train
+
+
+def tiny_cfg(data, out, **train_kw) -> RunConfig:
+    model = model_preset("gpt-nano")
+    model.dropout = 0.1  # so that exact resume also needs the RNG state
+    kw = dict(max_steps=30, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=5, eval_every=10,
+              eval_batches=2, log_every=5, checkpoint_every=10, keep_checkpoints=5, plot=False)
+    kw.update(train_kw)
+    return RunConfig(model=model, data=str(data), out=str(out), train=TrainConfig(**kw))
+
+
+def logged(run: Path, key: str = "loss") -> dict:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_gpt_targets_are_inputs_shifted_by_one(synthetic_data):
+    split = TokenSplit(synthetic_data, "train")
+    x, y = CLMBatches(split, 16, seed=0).batch(0, 4)
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    order = CLMBatches(split, 16, seed=0).order
+    start = order.start(2)
+    assert torch.equal(x[2], torch.from_numpy(split.read(start, 16)))
+
+
+def test_window_order_visits_every_window_once_per_epoch_and_seeks():
+    order = WindowOrder(n_tokens=10_000, seq_len=64, seed=3)
+    n = order.n_windows
+    epoch0 = [order.start(g) for g in range(n)]
+    phase = epoch0[0] % 64
+    assert sorted((s - phase) // 64 for s in epoch0) == list(range(n))
+    assert all(s + 65 <= 10_000 for s in epoch0)
+    epoch1 = [order.start(g) for g in range(n, 2 * n)]
+    assert epoch1 != epoch0  # a new permutation (and phase) each epoch
+    fresh = WindowOrder(n_tokens=10_000, seq_len=64, seed=3)
+    assert fresh.start(n + 7) == epoch1[7]  # random access: no replay needed
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)  # half way through the cosine
+    assert lr_at(110, t) == pytest.approx(0.1)
+    assert lr_at(10, TrainConfig(lr=2.0, schedule="constant", warmup_steps=0)) == 2.0
+
+
+def test_weight_decay_only_on_matrices():
+    from pretrainer.model import build_model
+
+    model = build_model("gpt2-small", n_layer=2, d_model=32, n_head=2, vocab_size=50)
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_resume_is_bit_exact(synthetic_data, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_cfg(synthetic_data, full), quiet=True)
+    part = tmp_path / "part"
+    train(tiny_cfg(synthetic_data, part), stop_at=15, quiet=True)
+    assert max(logged(part)) == 15
+    from pretrainer.train.trainer import resume_config
+
+    train(resume_config(part), resume=True, quiet=True)
+    a, b = logged(full), logged(part)
+    assert sorted(a) == sorted(b) == [5, 10, 15, 20, 25, 30]
+    assert a == b  # bit for bit
+    assert logged(full, "val_loss") == logged(part, "val_loss")
+    assert a[30] < a[5]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(synthetic_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_cfg(synthetic_data, run, max_steps=20), quiet=True)
+    newest = list_checkpoints(run)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a crash mid-copy
+    from pretrainer.train.trainer import resume_config
+
+    summary = train(resume_config(run, ["train.max_steps=25"]), resume=True)
+    err = capsys.readouterr().err
+    assert "skipping broken checkpoint" in err and "step_00000020" in err and "truncated" in err
+    assert "from step_00000010" in err
+    assert summary["step"] == 25
+
+
+def test_refuses_to_overwrite_a_run(synthetic_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(synthetic_data, run, max_steps=5), quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_cfg(synthetic_data, run, max_steps=5), quiet=True)
+
+
+def test_config_typos_and_bad_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr' \(did you mean 'train.lr'\?\)"):
+        load_config(None, ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"train.batch_size='big': expected an integer"):
+        load_config(None, ["train.batch_size=big"])
+    f = tmp_path / "c.yaml"
+    f.write_text("model: llama-tiny\ntrain:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'train.max_step' \(did you mean 'train.max_steps'\?\)"):
+        load_config(str(f))
+    f.write_text("model:\n  preset: llama-tiny\n  n_layer: 2\ntrain:\n  lr: 3e-4\n")
+    cfg = load_config(str(f), ["model.d_model=64"])
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.norm, cfg.train.lr) == (2, 64, "rmsnorm", 3e-4)
+    cfg = load_config(None, ["model=gpt2-small", "train.device=cpu"])
+    assert cfg.model.vocab_size == 50257
+    with pytest.raises(ConfigError, match="train.device='gpu'"):
+        cfg.train.device = "gpu"
+        cfg.validate(need_paths=False)
+
+
+def _torchrun(nproc, args, env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--standalone", "-m", "pretrainer", "pretrain", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_match_one_process(synthetic_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [f"data={synthetic_data}", "model=gpt-nano", "train.max_steps=8", "train.seq_len=32",
+              "train.log_every=2", "train.eval_every=4", "train.warmup_steps=2", "train.plot=false",
+              "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "pretrainer", "pretrain", *common,
+                          f"out={tmp_path / 'one'}", "train.batch_size=8"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(2, common + [f"out={tmp_path / 'two'}", "train.batch_size=4"], env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [2, 4, 6, 8]
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5)
+    va, vb = logged(tmp_path / "one", "val_loss"), logged(tmp_path / "two", "val_loss")
+    np.testing.assert_allclose(list(va.values()), list(vb.values()), rtol=1e-5)
