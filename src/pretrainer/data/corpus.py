@@ -1,0 +1,273 @@
+"""Corpus sources: turn a corpus spec into a stream of ``(source_name, document_text)``.
+
+A corpus spec is one of:
+
+- a text file (any extension not listed below): the whole file is one document, or, with
+  ``doc_separator`` (for example ``"\\n\\n"``), each piece between separators is one document
+  (streamed, so the file may be larger than memory);
+- ``*.jsonl`` / ``*.json``: one JSON object per line with the text in ``text_field`` (a ``.json``
+  file that starts with ``[`` is read as one array of such objects);
+- ``*.csv``: a header row and the text in column ``text_field``;
+- ``*.parquet``: the text in column ``text_field`` (needs ``pyarrow``);
+- a folder: every non-hidden file below it, recursively, in sorted path order; files that are not
+  UTF-8 text (NUL bytes or invalid UTF-8) are skipped;
+- a glob pattern such as ``data/*.txt`` or ``data/**/*.md``, in sorted order;
+- ``builtin:stdlib``: every ``.py`` file of the running interpreter's standard library (without
+  ``site-packages`` and the test suites), one document per file, sorted by path;
+- ``builtin:synthetic``: the seeded synthetic corpus of :mod:`pretrainer.data.synthetic`.
+
+``builtin:NAME:N`` keeps only the first N documents (``builtin:stdlib:50``, ``builtin:synthetic:100``).
+
+Text is decoded as UTF-8 exactly as stored (no newline translation; a leading BOM is dropped).
+Documents that are empty or only whitespace are skipped.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import itertools
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from pretrainer.data.synthetic import DEFAULT_DOCUMENTS, synthetic_documents
+from pretrainer.errors import DataError
+
+BUILTINS = ("stdlib", "synthetic")
+_CHUNK = 1 << 20  # bytes read at a time from a text file
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+class _Binary(Exception):
+    """Raised by the text reader when a file is not UTF-8 text, at byte ``offset``; ``partial``:
+    documents of the file were already yielded, so the file can no longer just be skipped."""
+
+    def __init__(self, offset: int, partial: bool):
+        self.offset, self.partial = offset, partial
+
+
+def iter_documents(src: str, text_field: str = "text", doc_separator: str | None = None) -> Iterator[tuple[str, str]]:
+    """Yield ``(source_name, document_text)`` for every document of the corpus ``src`` (see module doc).
+
+    Raises :class:`DataError` for a missing path, a glob that matches nothing, a binary file given
+    directly, a record without ``text_field``, or a corpus with no documents at all.
+    """
+    if doc_separator == "":
+        raise DataError("doc_separator: expected a non-empty string or None")
+    if src.startswith("builtin:"):
+        docs = _builtin(src)
+    else:
+        docs = _from_paths(src, text_field, doc_separator)
+    n = 0
+    for n, doc in enumerate(docs, 1):
+        yield doc
+    if n == 0:
+        raise DataError(f"corpus '{src}': no text found (0 documents)")
+
+
+def _builtin(src: str) -> Iterator[tuple[str, str]]:
+    parts = src.split(":")
+    name = parts[1]
+    if name not in BUILTINS:
+        raise DataError(f"corpus '{src}': unknown builtin corpus '{name}' (expected one of: "
+                        + ", ".join(f"builtin:{b}" for b in BUILTINS) + ")")
+    limit = None
+    if len(parts) > 3 or (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0)):
+        raise DataError(f"corpus '{src}': expected builtin:{name} or builtin:{name}:N with N a positive number of documents")
+    if len(parts) == 3:
+        limit = int(parts[2])
+    if name == "synthetic":
+        n = limit or DEFAULT_DOCUMENTS
+        return ((f"synthetic:{i}", doc) for i, doc in enumerate(synthetic_documents(n)))
+    return itertools.islice(_stdlib_documents(), limit)
+
+
+def stdlib_files() -> list[Path]:
+    """The ``.py`` files of the running interpreter's standard library, tests excluded, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(".")]
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _stdlib_documents() -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_files():
+        try:
+            for _, doc in _read_text(path, None):
+                yield f"stdlib/{path.relative_to(root).as_posix()}", doc
+        except _Binary:
+            continue  # a stdlib file that is not UTF-8: nothing to learn from, skip it
+
+
+def _from_paths(src: str, text_field: str, doc_separator: str | None) -> Iterator[tuple[str, str]]:
+    path = Path(src)
+    if path.is_file():
+        yield from _read_file(path, text_field, doc_separator, strict=True)
+        return
+    if path.is_dir():
+        files = _walk(path)
+    elif any(c in src for c in "*?["):
+        files = []
+        for match in sorted(glob.glob(src, recursive=True)):
+            files += _walk(Path(match)) if os.path.isdir(match) else [Path(match)]
+        if not files:
+            raise DataError(f"corpus '{src}': glob pattern matched no files")
+    else:
+        raise DataError(f"corpus '{src}': no such file or folder")
+    skipped = 0
+    for file in files:
+        try:
+            yield from _read_file(file, text_field, doc_separator, strict=False)
+        except _Binary:
+            skipped += 1
+    if skipped:
+        print(f"corpus '{src}': skipped {skipped} file(s) that are not UTF-8 text", file=sys.stderr)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Non-hidden files below ``folder``, sorted by relative path."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _read_file(path: Path, text_field: str, doc_separator: str | None, strict: bool) -> Iterator[tuple[str, str]]:
+    """Documents of one file, dispatched on its extension. ``strict``: the file was named directly,
+    so binary content is an error rather than a reason to skip it."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_json(path, text_field)
+    elif suffix == ".csv":
+        rows = _read_csv(path, text_field)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path, text_field)
+    else:
+        try:
+            yield from _read_text(path, doc_separator)
+        except _Binary as e:
+            if strict or e.partial:
+                raise DataError(f"corpus '{path}': not a text file (binary content at byte {e.offset})") from None
+            raise
+        return
+    for text in rows:
+        if text.strip():
+            yield str(path), text
+
+
+def _read_text(path: Path, separator: str | None) -> Iterator[tuple[str, str]]:
+    """Decode ``path`` as UTF-8 in chunks; yield the whole text, or its pieces between ``separator``.
+    Raises ``_Binary`` on a NUL byte or invalid UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    buf, parts, offset, emitted = "", [], 0, False
+    search_from = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            final = not chunk
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise _Binary(offset + nul, emitted)
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as e:
+                raise _Binary(offset - pending + e.start, emitted) from None
+            if offset == 0 and text.startswith("\ufeff"):
+                text = text[1:]
+            offset += len(chunk)
+            if separator is None:
+                parts.append(text)
+            else:
+                buf += text
+                start = 0
+                while (j := buf.find(separator, search_from)) != -1:
+                    if buf[start:j].strip():
+                        emitted = True
+                        yield str(path), buf[start:j]
+                    start = search_from = j + len(separator)
+                buf = buf[start:]
+                search_from = max(0, len(buf) - len(separator) + 1)
+            if final:
+                break
+    whole = "".join(parts) if separator is None else buf
+    if whole.strip():
+        yield str(path), whole
+
+
+def _check_row(row: object, where: str, text_field: str) -> str:
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with field '{text_field}', got {type(row).__name__}")
+    if text_field not in row:
+        raise DataError(f"{where}: no field '{text_field}' (fields: {', '.join(map(str, row)) or 'none'})")
+    value = row[text_field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{text_field}' is {type(value).__name__}, expected a string")
+    return value
+
+
+def _read_json(path: Path, text_field: str) -> Iterator[str]:
+    """JSON lines (one object per line); a ``.json`` file starting with ``[`` is one array."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
+        for i, row in enumerate(rows):
+            yield _check_row(row, f"{path} item {i}", text_field)
+        return
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataError(f"{path} line {lineno}: invalid JSON ({str(e).splitlines()[0]})") from None
+            yield _check_row(row, f"{path} line {lineno}", text_field)
+
+
+def _read_csv(path: Path, text_field: str) -> Iterator[str]:
+    csv.field_size_limit(2**31 - 1)  # documents are often longer than the 128 KiB default
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            columns = ", ".join(reader.fieldnames or []) or "none"
+            raise DataError(f"{path}: no column '{text_field}' (columns: {columns})")
+        try:
+            for row in reader:
+                yield row[text_field] or ""
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a read block)") from None
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'pretrainer[parquet]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)})")
+    column_type = str(schema.field(text_field).type)
+    if column_type not in ("string", "large_string", "string_view"):
+        raise DataError(f"{path}: column '{text_field}' holds {column_type}, expected strings")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (value for value in batch.column(0).to_pylist() if value is not None)
