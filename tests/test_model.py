@@ -149,3 +149,21 @@ def test_build_model_overrides_are_checked():
         build_model("llama-tnyi")
     m = pretrainer.build_model("gpt-nano", vocab_size=65)
     assert m(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 65)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_fused_head_loss_and_gradients_equal_the_plain_path(name):
+    model = small(name).train()
+    x = torch.randint(0, 97, (3, 40))
+    y = torch.randint(0, 97, (3, 40))
+    y[1, 5:9] = -100
+    plain = model(x, y)
+    plain.loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fused = model(x, y, return_logits=False)
+    assert fused.logits is None
+    (2.0 * fused.loss).backward()  # the upstream gradient is honoured
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2.0 * ref[n], rtol=1e-5, atol=1e-6, msg=n)

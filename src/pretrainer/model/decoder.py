@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .generation import sample_next
+from .loss import cross_entropy, linear_cross_entropy
 from .layers import Block, KVCache, Rotary, make_norm, sinusoidal_table
 
 
@@ -86,15 +86,18 @@ class DecoderLM(nn.Module):
         return self.norm_f(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> LMOutput:
+                cache: KVCache | None = None, last_only: bool = False,
+                return_logits: bool = True) -> LMOutput:
+        """Logits [B, T, vocab] (``last_only``: [B, 1, vocab]) and, given ``targets``, the mean
+        cross-entropy. ``return_logits=False`` with targets, in a training step, computes the loss
+        with the fused chunked head (:mod:`.loss`) and returns no logits."""
         h = self.hidden_states(input_ids, cache)
+        if targets is not None and not return_logits and torch.is_grad_enabled():
+            return LMOutput(logits=None, loss=linear_cross_entropy(h, self.lm_head.weight, targets))
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
+        loss = cross_entropy(logits, targets) if targets is not None else None
         return LMOutput(logits=logits, loss=loss)
 
     # -- generation ----------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                 sync = env.world == 1 or micro == t.grad_accum - 1
                 ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()
                 with ctx, env.autocast():
-                    loss = fwd_model(x, y).loss
+                    loss = fwd_model(x, y, return_logits=False).loss
                 (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
             if t.grad_clip > 0:
