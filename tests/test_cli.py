@@ -1,0 +1,94 @@
+"""The command line: bad input is one line and a non-zero exit; the configs under configs/ load."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrainer.cli import main
+from pretrainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pretrainer", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(result, *needles):
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_validate(config):
+    cfg = load_config(str(REPO / "configs" / config))
+    cfg.validate()
+
+
+def test_info_json_reports_published_counts():
+    out = run_cli("info", "gpt2-small", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert (info["params"], info["params_non_embedding"]) == (124_439_808, 85_056_000)
+    out = run_cli("info", "llama2-7b", "--json")
+    assert json.loads(out.stdout)["params"] == 6_738_415_616
+
+
+def test_bad_input_gets_one_line_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    one_line_error(run_cli("prepare", "--corpus", str(empty), "--tokenizer", "char", "--out",
+                           str(tmp_path / "d1")), "empty.txt")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    one_line_error(run_cli("prepare", "--corpus", str(binary), "--tokenizer", "char", "--out",
+                           str(tmp_path / "d2")), "blob.bin", "not a text file")
+    one_line_error(run_cli("prepare", "--corpus", str(tmp_path / "nope"), "--tokenizer", "char",
+                           "--out", str(tmp_path / "d3")), "nope")
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+    one_line_error(run_cli("info", "gpt3-small"), "unknown model preset 'gpt3-small'")
+    one_line_error(run_cli("pretrain", "model=gpt-nano", "data=" + str(tmp_path / "missing"),
+                           "out=" + str(tmp_path / "r")), "missing")
+    one_line_error(run_cli("pretrain", "model=gpt-nano", "train.max_stpes=3"),
+                   "train.max_stpes", "did you mean 'train.max_steps'")
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: gpt-nano\ntrain:\n  lr: fast\n")
+    one_line_error(run_cli("pretrain", "-c", str(cfg)), "bad.yaml", "train.lr='fast'", "expected a number")
+    one_line_error(run_cli("generate", str(tmp_path / "no-run")), "no-run")
+
+
+def test_truncated_checkpoint_is_a_clear_error_for_load(tmp_path, synthetic_data):
+    run = tmp_path / "run"
+    assert main(["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={run}",
+                 "train.max_steps=4", "train.seq_len=32", "train.batch_size=2", "train.plot=false",
+                 "train.checkpoint_every=0", "--quiet"]) == 0
+    (ckpt,) = (run / "checkpoints").iterdir()
+    w = ckpt / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:64])
+    line = one_line_error(run_cli("generate", str(run), "--prompt", "a"), "truncated")
+    assert "every checkpoint is broken" in line or "model.safetensors" in line
+
+
+def test_generate_and_evaluate_on_a_tiny_run(tmp_path, synthetic_data):
+    run = tmp_path / "run"
+    assert main(["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={run}",
+                 "train.max_steps=6", "train.seq_len=32", "train.batch_size=4", "--quiet"]) == 0
+    assert (run / "loss.png").stat().st_size > 1000
+    out = run_cli("generate", str(run), "--prompt", "the ", "--max-new-tokens", "12", "--json")
+    assert out.returncode == 0, out.stderr
+    (sample,) = json.loads(out.stdout)
+    assert sample["text"].startswith("the ") and len(sample["text"]) > len("the ")
+    out = run_cli("evaluate", str(run), "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["val_loss"] > 0 and abs(res["val_ppl"] - 2.718281828 ** res["val_loss"]) < 1e-6 * res["val_ppl"]
