@@ -71,16 +71,13 @@ def iter_documents(src: str, text_field: str = "text", doc_separator: str | None
 
 
 def _builtin(src: str) -> Iterator[tuple[str, str]]:
-    parts = src.split(":")
-    name = parts[1]
+    name, _, count = src.removeprefix("builtin:").partition(":")
     if name not in BUILTINS:
         raise DataError(f"corpus '{src}': unknown builtin corpus '{name}' (expected one of: "
                         + ", ".join(f"builtin:{b}" for b in BUILTINS) + ")")
-    limit = None
-    if len(parts) > 3 or (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0)):
+    if count and not (count.isdigit() and int(count) > 0):
         raise DataError(f"corpus '{src}': expected builtin:{name} or builtin:{name}:N with N a positive number of documents")
-    if len(parts) == 3:
-        limit = int(parts[2])
+    limit = int(count) if count else None
     if name == "synthetic":
         n = limit or DEFAULT_DOCUMENTS
         return ((f"synthetic:{i}", doc) for i, doc in enumerate(synthetic_documents(n)))

@@ -243,9 +243,10 @@ def _batches(documents: Iterable[str]) -> Iterator[list[tuple[int, str]]]:
 def _encode(tok: Tok, batch: list[tuple[int, str]], cut_long: bool, dtype: np.dtype) -> list[tuple[int, np.ndarray]]:
     """Ids of every document of the batch, each followed by ``<eos>``.
 
-    Parallelism: one ``encode_batch`` call per batch lets `tokenizers` spread the pieces over all
-    cores with its own threads. Measured on 2 cores (builtin:stdlib, 12 MB, bpe:8192) this beat a
-    2-process multiprocessing.Pool (which pays for pickling the ids back), see the commit message.
+    Parallelism: one ``encode_batch_fast`` call per batch lets `tokenizers` spread the pieces over
+    all cores with its own threads. On the 2-vCPU development VM (builtin:stdlib, 12 MB, bpe:8192;
+    wall seconds, noisy shared host) that took 6.6-7.5 s, a 2-process multiprocessing.Pool 6.7-9.6 s
+    (it also pays for starting workers and pickling ids back) and one thread 7.0-11.5 s; so no Pool.
     """
     pieces, owners = [], []
     for j, (_, text) in enumerate(batch):
