@@ -1,14 +1,13 @@
-"""Output projection and cross-entropy fused, chunk by chunk.
+"""Output projection and cross-entropy with the gradient computed in place.
 
-Training only needs the loss, not the [tokens, vocab] logits. Computing them a chunk of rows at a
-time, together with their gradient (softmax minus one-hot), means the full logits never exist in
-memory and the softmax is computed once instead of in a log-softmax forward and a separate
-backward pass. The matrix products are the same three as the plain path (logits, gradient for the
-hidden states, gradient for the weight); the saving is memory traffic, which dominates the head's
-elementwise work on CPUs and for large vocabularies on GPUs.
+Training needs the loss and its gradient, not the logits. After one matrix product for the logits,
+the softmax and its gradient (softmax minus one-hot, over the number of counted tokens) are
+computed a few rows at a time, in place in the logits buffer, while each block is still in cache.
+The plain path instead keeps the logits, a log-softmax copy and a zero-filled gradient, and walks
+over each several times. The matrix products are the same three (logits, the hidden states'
+gradient, the weight's gradient), each done once at full size.
 
-The gradients are computed during the forward pass, so this is for training steps that call
-``backward`` on the result; evaluation uses the plain path.
+This is for training steps that call ``backward`` on the result; evaluation uses the plain path.
 """
 
 from __future__ import annotations
@@ -18,50 +17,69 @@ import torch.nn.functional as F
 
 IGNORE = -100
 
+# One logits/gradient buffer per (shape, device) is kept between training steps and reused: a
+# fresh 10-100 MB allocation on a CPU costs page faults comparable to the product that fills it.
+# A buffer is lent out from a forward until its backward, so two losses alive at once never share.
+_buffers: dict[tuple, torch.Tensor] = {}
+_lent: set[int] = set()
+
+
+def _borrow(shape: tuple, device: torch.device) -> torch.Tensor:
+    key = (shape, str(device))
+    buf = _buffers.get(key)
+    if buf is None or id(buf) in _lent:
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+        if key not in _buffers:
+            _buffers.clear()  # keep one shape: training steps repeat theirs
+            _buffers[key] = buf
+    _lent.add(id(buf))
+    return buf
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
-        n = h.shape[0]
+    def forward(ctx, h, weight, targets, rows):
         valid = targets != IGNORE
         count = valid.sum().clamp(min=1)
-        mm_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        with torch.autocast(h.device.type, enabled=False):
-            hm, wm = h.to(mm_dtype), weight.to(mm_dtype)
-            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            grad_h = torch.empty_like(h) if need_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for i in range(0, n, chunk):
-                hc, tc, vc = hm[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
-                logits = (hc @ wm.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                safe_t = tc.clamp(min=0)
-                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-                total += ((lse - picked) * vc).sum()
-                if need_grad:
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                    probs[torch.arange(len(tc), device=h.device), safe_t] -= 1.0
-                    probs *= (vc.float() / count)[:, None]
-                    g = probs.to(mm_dtype)
-                    grad_h[i:i + chunk] = (g @ wm).to(h.dtype)
-                    grad_w.addmm_(g.t().float() if mm_dtype != torch.float32 else g.t(), hc.float() if mm_dtype != torch.float32 else hc)
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total / count
+        safe_t = targets.clamp(min=0)
+        # one large product (efficient), then softmax and its gradient a few rows at a time so
+        # that every elementwise pass runs on a block that stays in cache
+        grad = _borrow((h.shape[0], weight.shape[0]), h.device)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+        if ctx.mm_dtype == torch.float32 and weight.dtype == torch.float32:
+            torch.mm(h, weight.t(), out=grad)
+        else:  # a bf16/fp16 product, softmax in float32
+            grad.copy_(h.to(ctx.mm_dtype) @ weight.to(ctx.mm_dtype).t())
+        picked = grad.gather(1, safe_t[:, None]).squeeze(1)
+        lse = torch.empty_like(picked)
+        scale = valid.float() / count
+        for i in range(0, grad.shape[0], rows):
+            block = grad[i:i + rows]
+            top = block.amax(dim=-1, keepdim=True)
+            block.sub_(top).exp_()
+            total = block.sum(dim=-1, keepdim=True)
+            lse[i:i + rows] = (total.log() + top).squeeze(1)
+            block.mul_(scale[i:i + rows, None] / total)  # softmax / count, 0 on ignored rows
+        grad[torch.arange(len(targets), device=h.device), safe_t] -= scale  # minus one-hot / count
+        ctx.save_for_backward(h, weight, grad)
+        return ((lse - picked) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        h, weight, grad = ctx.saved_tensors
+        g = grad.mul_(grad_out).to(ctx.mm_dtype)  # in place: the graph is used once
+        grads = ((g @ weight.to(g.dtype)).to(h.dtype), (g.t() @ h.to(g.dtype)).to(weight.dtype))
+        _lent.discard(id(grad))
+        return grads + (None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 256) -> torch.Tensor:
+                         rows: int = 32) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (``-100`` = ignored), for
     ``h`` [..., d] and ``weight`` [vocab, d], without materialising the logits."""
     h2 = h.reshape(-1, h.shape[-1])
-    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), chunk)
+    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
