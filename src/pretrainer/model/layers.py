@@ -65,12 +65,18 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate ``x`` [B, H, T, D] as positions ``start .. start+T-1``."""
+        """Rotate ``x`` [B, H, T, D] as positions ``start .. start+T-1``:
+        ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, written on the
+        halves so that no concatenated copy is made."""
         T = x.shape[-2]
         cos = self.cos[start:start + T].to(x.dtype)
-        sin = self.sin[start:start + T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        sin = self.sin[start:start + T, : x.shape[-1] // 2].to(x.dtype)  # both halves are equal
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out = x * cos
+        out[..., :half].sub_(x2 * sin)
+        out[..., half:].add_(x1 * sin)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,13 +120,12 @@ class SelfAttention(nn.Module):
     def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, T, D]
+        qk, v = qkv.split([H + Hkv, Hkv], dim=1)
         start = cache.length if cache is not None else 0
-        if rotary is not None:
-            q, k = rotary(q, start), rotary(k, start)
+        if rotary is not None:  # queries and keys rotated in one pass
+            qk = rotary(qk, start)
+        q, k = qk.split([H, Hkv], dim=1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if Hkv != H:  # grouped-query: each key/value head serves H // Hkv query heads
