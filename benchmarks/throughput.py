@@ -4,7 +4,9 @@ The configuration of ../shared/ANCHORS.md: 4 layers x 256 wide, 4 heads, vocabul
 8 x 256 tokens, float32, AdamW; FFN 1024 for GPT-2 style, 688 (SwiGLU) for Llama style. Each
 implementation runs in its own process (so none inherits another's allocator or thread state),
 in interleaved rounds (ours, theirs, ours, theirs, ...) so that machine noise hits both alike; a
-step is forward + backward + AdamW step + zero_grad on fresh random tokens. We report, per
+step is forward + backward + AdamW step + zero_grad on fresh random tokens. Both sides use the
+fused AdamW kernel: ours because the trainer does (``make_optimizer``), transformers because its
+Trainer defaults to ``adamw_torch_fused`` with torch >= 2.8. We report, per
 implementation, the median over rounds of each round's median step time, and the ratio of
 tokens/s.
 
@@ -62,7 +64,13 @@ def worker(impl: str, steps: int, warmup: int) -> None:
     import torch
 
     model, loss_fn = build(impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    if impl.startswith("ours"):
+        from pretrainer.config import TrainConfig
+        from pretrainer.train.optim import make_optimizer
+
+        opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1), "cpu")
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     params = sum(p.numel() for p in model.parameters())
     times = []
     for i in range(warmup + steps):

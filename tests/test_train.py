@@ -153,3 +153,38 @@ def test_torchrun_two_processes_match_one_process(synthetic_data, tmp_path):
     np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5)
     va, vb = logged(tmp_path / "one", "val_loss"), logged(tmp_path / "two", "val_loss")
     np.testing.assert_allclose(list(va.values()), list(vb.values()), rtol=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_via_cli_matches_an_uninterrupted_run(synthetic_data, tmp_path):
+    """Interrupt a CLI run at an arbitrary step (SIGINT), resume it with --resume: every logged
+    loss equals that of the same run left alone."""
+    import signal
+    import time
+
+    args = ["model=gpt-nano", f"data={synthetic_data}", "train.max_steps=150", "train.seq_len=32",
+            "train.batch_size=4", "train.log_every=5", "train.eval_every=50", "train.checkpoint_every=0",
+            "train.plot=false", "model.dropout=0.1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full = tmp_path / "full"
+    done = subprocess.run([sys.executable, "-m", "pretrainer", "pretrain", *args, f"out={full}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "pretrainer", "pretrain", *args, f"out={cut}"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training is under way, then interrupt
+        if line.startswith("step") and "/150" in line:
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest
+    import re
+
+    stopped = int(re.search(r"stopped at step (\d+)", rest).group(1))
+    assert 0 < stopped < 150
+    resumed = subprocess.run([sys.executable, "-m", "pretrainer", "pretrain", "--resume", str(cut)],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert logged(full) == logged(cut)
+    assert logged(full, "val_loss") == logged(cut, "val_loss")

@@ -228,6 +228,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         load_weights(model, ckpt)
         load_training_state(ckpt, optimizer, meta)
         step, samples = meta["step"], meta["samples"]
+        resumed_window = (meta.get("window_loss", 0.0), meta.get("window_steps", 0))
         log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens)")
         log.truncate_after(step)
     elif env.master:
@@ -263,9 +264,13 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 
     def checkpoint(at_step: int) -> None:
         if env.master:
+            # the partial logging window goes too, so the next logged loss averages the same steps
+            # as in a run that never stopped
             save_checkpoint(run, model, optimizer, {"step": at_step, "samples": samples,
                                                     "tokens": samples * t.seq_len,
-                                                    "global_batch": global_batch},
+                                                    "global_batch": global_batch,
+                                                    "window_loss": float(window_loss),
+                                                    "window_steps": window_steps},
                             keep=t.keep_checkpoints)
         if env.world > 1:
             dist.barrier()
@@ -278,6 +283,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     model.train()
     start_step = step
     window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    if resume:
+        window_loss, window_steps = resumed_window
     run_t0 = time.perf_counter()
     last_val = None
     with _StopFlag() as flag:
