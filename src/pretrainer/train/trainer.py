@@ -27,9 +27,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, config_from_file, save_config
-from ..data.tokens import CLMBatches, TokenSplit, eval_batches
+from ..data.objectives import eval_batches, make_batches
+from ..data.tokens import TokenSplit
 from ..errors import CheckpointError, ConfigError
-from ..model import DecoderLM
+from ..model import make_model
+from ..model.loss import IGNORE, cross_entropy
 from ..model.info import human, model_info
 from .checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
 from .optim import lr_at, make_optimizer
@@ -186,10 +188,8 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def prepare_run_config(cfg: RunConfig) -> RunConfig:
+def prepare_run_config(cfg: RunConfig, split: TokenSplit) -> RunConfig:
     """Fill what depends on the data (vocabulary size) and validate."""
-    cfg.validate()
-    split = TokenSplit(cfg.data, "train")
     data_vocab = split.vocab_size
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data_vocab
@@ -207,19 +207,23 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     if resume:
         if not (run / "config.yaml").is_file():
             raise CheckpointError(f"{run}: not a run folder (no config.yaml)")
+    cfg.validate()
     env = Env(cfg)
     torch.manual_seed(cfg.train.seed)
-    cfg = prepare_run_config(cfg)
-    log = RunLog(run, env.master, quiet)
-
     train_split = TokenSplit(cfg.data, "train")
-    val_split = TokenSplit(cfg.data, "val") if cfg.data else None
+    cfg = prepare_run_config(cfg, train_split)
+    log = RunLog(run, env.master, quiet)
     t = cfg.train
-    batches = CLMBatches(train_split, t.seq_len, t.seed)
+    val_split = TokenSplit(cfg.data, "val")
+    if len(val_split) < t.seq_len + 1:
+        log.say(f"warning: {cfg.data} has {len(val_split)} validation tokens, fewer than one window "
+                f"of seq_len={t.seq_len}; training without validation")
+        val_split = None
+    batches = make_batches(cfg.objective, train_split, t.seq_len, t.seed)
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
 
-    model = DecoderLM(cfg.model).to(env.device)
+    model = make_model(cfg.model).to(env.device)
     optimizer = make_optimizer(model, t, env.device.type)
     step, samples = 0, 0
 
@@ -250,7 +254,10 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     fwd_model = torch.compile(model) if env.compile else model
     if env.world > 1:
         ddp_ids = [env.device.index] if env.device.type == "cuda" else None
-        fwd_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=ddp_ids)
+        # BERT's pooler takes no part in MLM pretraining
+        unused = getattr(model, "pooler", None) is not None
+        fwd_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=ddp_ids,
+                                                              find_unused_parameters=unused)
 
     if step == 0:
         log.say(f"model {cfg.model.preset or 'custom'}: {info['params']:,} parameters "
@@ -259,8 +266,16 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                 f"{' x' + str(env.world) if env.world > 1 else ''} ({str(env.dtype).replace('torch.', '')}"
                 f"{', compiled' if env.compile else ''}); data {len(train_split):,} train tokens")
 
-    def evaluate() -> float:
-        return evaluate_loss(model, val_split, t.seq_len, t.batch_size, t.eval_batches, env)
+    def evaluate() -> dict:
+        """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
+        prints them."""
+        r = evaluate_split(model, val_split, t.seq_len, t.batch_size, t.eval_batches, env,
+                           cfg.objective)
+        v = r["val_loss"]
+        rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
+        acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
+        log.say(f"step {step:>6} | val loss {v:.4f} | ppl {rec['val_ppl']:.1f}{acc}")
+        return rec
 
     def checkpoint(at_step: int) -> None:
         if env.master:
@@ -276,9 +291,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
             dist.barrier()
 
     if step == 0 and val_split is not None:
-        v = evaluate()
-        log.write({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 50))})
-        log.say(f"step {0:>6} | val loss {v:.4f} | ppl {math.exp(min(v, 50)):.1f}")
+        log.write({"step": 0, "tokens": 0, **evaluate()})
 
     model.train()
     start_step = step
@@ -335,15 +348,15 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 
             is_last = step == t.max_steps
             if val_split is not None and ((t.eval_every and step % t.eval_every == 0) or is_last):
-                v = evaluate()
-                last_val = v
-                log.write({"step": step, "tokens": samples * t.seq_len, "val_loss": v,
-                           "val_ppl": math.exp(min(v, 50))})
-                log.say(f"step {step:>6} | val loss {v:.4f} | ppl {math.exp(min(v, 50)):.1f}")
+                rec = evaluate()
+                last_val = rec["val_loss"]
+                log.write({"step": step, "tokens": samples * t.seq_len, **rec})
                 if t.plot and env.master:
                     plot_losses(run)
                 window_t0 = time.perf_counter()
             stopping = flag.stop or (stop_at is not None and step >= stop_at)
+            if env.world > 1:  # a signal may reach the processes at different steps: agree
+                stopping = env.all_mean(float(stopping)) > 0
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or is_last or stopping:
                 checkpoint(step)
                 window_t0 = time.perf_counter()
@@ -358,28 +371,51 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 
 
 @torch.no_grad()
-def evaluate_loss(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
-                  env: Env | None = None) -> float:
-    """Mean next-token cross-entropy over the first ``max_batches * world`` validation batches
-    of ``batch_size`` windows (the same windows for the same global batch, whatever the number
-    of processes): each process takes every world-th batch and the totals are summed."""
+def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
+                   env: Env | None = None, objective: str = "clm") -> dict:
+    """``{"val_loss": ...}``: the mean cross-entropy over the predicted tokens of the first
+    ``max_batches * world`` validation batches of ``batch_size`` windows (the same windows for the
+    same global batch, whatever the number of processes: each process takes every world-th batch
+    and the totals are summed). For ``mlm`` also ``"val_accuracy"``: the fraction of selected
+    positions whose most likely token is the original one."""
     was_training = model.training
     model.eval()
     device = env.device if env else next(model.parameters()).device
     rank, world = (env.rank, env.world) if env else (0, 1)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(eval_batches(split, seq_len, batch_size, max_batches * world)):
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, correct
+    for i, (x, y) in enumerate(eval_batches(objective, split, seq_len, batch_size, max_batches * world)):
         if i % world != rank:
             continue
+        x, y = x.to(device), y.to(device)
         ctx = env.autocast() if env else contextlib.nullcontext()
         with ctx:
-            loss = model(x.to(device), y.to(device)).loss
+            if objective == "mlm":
+                picked = y != IGNORE
+                y = y[picked]
+                logits = model.mlm(model.hidden_states(x)[picked])
+                loss = cross_entropy(logits, y)
+                total[2] += (logits.argmax(-1) == y).sum()
+            else:
+                loss = model(x, y).loss
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    return (total[0] / total[1]).item()
+    result = {"val_loss": (total[0] / total[1]).item()}
+    if objective == "mlm":
+        result["val_accuracy"] = (total[2] / total[1]).item()
+    return result
+
+
+def evaluate_loss(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
+                  env: Env | None = None) -> float:
+    """The validation loss of :func:`evaluate_split` under the objective the model's
+    architecture trains with (clm for a decoder, mlm for an encoder)."""
+    from ..config import OBJECTIVES
+
+    objective = next(o for o, arch in OBJECTIVES.items() if arch == model.cfg.arch)
+    return evaluate_split(model, split, seq_len, batch_size, max_batches, env, objective)["val_loss"]
 
 
 def resume_config(run: str | Path, overrides: list[str] = ()) -> RunConfig:
