@@ -315,8 +315,8 @@ def _one_line_error(fn, *names) -> None:
 
 
 def test_import_errors_name_file_and_field(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
-    _one_line_error(lambda: import_hf(tmp_path), "config.json", "model_type='bert'")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlnet", "hidden_size": 64}))
+    _one_line_error(lambda: import_hf(tmp_path), "config.json", "model_type='xlnet'")
     _one_line_error(lambda: import_hf(tmp_path / "nowhere"), "config.json", "missing")
     _one_line_error(lambda: config_from_hf({"model_type": "gpt2", "n_layer": 2}), "config.json", "n_head")
     _one_line_error(lambda: config_from_hf({**_hf_llama("gqa").config.to_dict(),

@@ -8,7 +8,7 @@ import torch
 
 from .config import config_from_file
 from .errors import CheckpointError
-from .model import DecoderLM, build_model
+from .model import build_model, make_model
 from .train.checkpoint import latest_checkpoint, load_weights, verify_checkpoint
 
 __all__ = ["build_model", "load", "find_run_files"]
@@ -40,6 +40,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", warn=lambda s: No
         return import_hf(p).to(device).eval()
     config_file, ckpt = find_run_files(p, warn)
     cfg = config_from_file(config_file)
-    model = DecoderLM(cfg.model)
+    model = make_model(cfg.model)
     load_weights(model, ckpt)
     return model.to(device).eval()

@@ -5,7 +5,8 @@ A run is described by one :class:`RunConfig`::
     model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
     data:   a folder made by ``pretrainer prepare``
     out:    the run folder
-    objective: clm (decoder-only causal LM)
+    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM)
+    masking: what mlm selects: token (BERT) | word (whole words) | span (SpanBERT)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
 Values come, in order, from the defaults, a YAML file, then command-line overrides such as
@@ -36,7 +37,7 @@ from .errors import ConfigError
 class ModelConfig:
     """Architecture options of the one transformer core; a family is a preset of these."""
 
-    arch: str = "decoder"  # decoder (GPT/Llama); encoder and encoder-decoder come with their modes
+    arch: str = "decoder"  # decoder (GPT/Llama) | encoder (BERT); encoder-decoder comes with its mode
     n_layer: int = 4
     n_head: int = 4
     n_kv_heads: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
@@ -55,6 +56,10 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     scaled_residual_init: bool = True  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+    embed_norm: bool = False  # a norm on the summed embeddings (BERT)
+    type_vocab_size: int = 0  # segment (token-type) embeddings; encoder only (BERT: 2)
+    pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
+    mlm_head: bool = True  # encoder: dense + activation + norm before the tied output (BERT)
     preset: str | None = None  # the preset this section started from (informational)
 
     @property
@@ -70,7 +75,7 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     def validate(self, where: str = "model") -> None:
-        _choice(where, "arch", self.arch, ["decoder"])
+        _choice(where, "arch", self.arch, ["decoder", "encoder"])
         _choice(where, "norm", self.norm, ["layernorm", "rmsnorm"])
         _choice(where, "position", self.position, ["learned", "rope", "sinusoidal", "none"])
         _choice(where, "mlp", self.mlp, ["gelu", "gelu_tanh", "relu", "swiglu", "geglu"])
@@ -91,6 +96,11 @@ class ModelConfig:
             raise ConfigError(f"{where}: rope needs an even head dimension, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout={self.dropout}: expected a value in [0, 1)")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"{where}.type_vocab_size={self.type_vocab_size}: expected a value >= 0")
+        if self.arch == "decoder" and (self.type_vocab_size or self.pooler):
+            name = "type_vocab_size" if self.type_vocab_size else "pooler"
+            raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=encoder only")
 
 
 _GPT2 = dict(
@@ -100,6 +110,11 @@ _GPT2 = dict(
 _LLAMA = dict(
     position="rope", norm="rmsnorm", prenorm=True, mlp="swiglu", bias=False,
     tie_embeddings=False, scaled_residual_init=False,
+)
+_BERT = dict(
+    arch="encoder", position="learned", norm="layernorm", norm_eps=1e-12, prenorm=False, mlp="gelu",
+    bias=True, tie_embeddings=True, vocab_size=30522, max_seq_len=512, embed_norm=True,
+    type_vocab_size=2, pooler=True, mlm_head=True, scaled_residual_init=False,
 )
 
 #: Presets as data: each is a set of ModelConfig fields. Published sizes are checked in the tests.
@@ -127,6 +142,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=4096, norm_eps=1e-5),
     "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_heads=8, d_model=4096, d_ff=14336,
                       vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5),
+    # BERT (Devlin et al. 2019) and the compact BERTs of Turc et al. (2019): 30,522 WordPieces.
+    "bert-tiny": dict(_BERT, n_layer=2, n_head=2, d_model=128),
+    "bert-mini": dict(_BERT, n_layer=4, n_head=4, d_model=256),
+    "bert-small": dict(_BERT, n_layer=4, n_head=8, d_model=512),
+    "bert-medium": dict(_BERT, n_layer=8, n_head=8, d_model=512),
+    "bert-base": dict(_BERT, n_layer=12, n_head=12, d_model=768),
+    "bert-large": dict(_BERT, n_layer=24, n_head=16, d_model=1024),
 }
 
 
@@ -189,7 +211,15 @@ class TrainConfig:
             raise ConfigError(f"train.device='{self.device}': expected auto, cpu, cuda, cuda:N or mps")
 
 
-OBJECTIVES = ["clm"]
+#: Objectives and the architecture each trains.
+OBJECTIVES = {"clm": "decoder", "mlm": "encoder"}
+#: What masked-LM selection picks (15 % of the tokens in every case).
+MASKING = ["token", "word", "span"]
+
+
+def default_objective(arch: str) -> str:
+    """The pretraining objective of an architecture (clm for a decoder, mlm for an encoder)."""
+    return next(objective for objective, a in OBJECTIVES.items() if a == arch)
 
 
 @dataclass
@@ -198,12 +228,19 @@ class RunConfig:
     data: str | None = None  # a prepared data folder
     out: str | None = None  # the run folder
     objective: str = "clm"
+    masking: str = "token"  # mlm only: token | word | span
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
         self.model.validate()
         self.train.validate()
-        _choice("", "objective", self.objective, OBJECTIVES)
+        _choice("", "objective", self.objective, list(OBJECTIVES))
+        if OBJECTIVES[self.objective] != self.model.arch:
+            raise ConfigError(f"objective={self.objective} trains arch={OBJECTIVES[self.objective]} "
+                              f"models, but model.arch={self.model.arch}")
+        _choice("", "masking", self.masking, MASKING)
+        if self.masking != "token" and self.objective != "mlm":
+            raise ConfigError(f"masking={self.masking} applies to objective=mlm only")
         if need_paths:
             if not self.data:
                 raise ConfigError("data: missing; expected a folder made by 'pretrainer prepare' (data=DIR)")

@@ -1,6 +1,6 @@
-"""Hugging Face interop: export a decoder-only model as a ``transformers`` folder and import one back.
+"""Hugging Face interop: export a model as a ``transformers`` folder and import one back.
 
-Two families have an exact Hugging Face counterpart:
+Three families have an exact Hugging Face counterpart:
 
 - GPT-2 (``GPT2LMHeadModel``): learned positions, pre-norm LayerNorm, a plain GELU/ReLU MLP and
   biases everywhere. GPT-2 stores its projections as ``Conv1D`` weights [in, out]; ours are
@@ -10,6 +10,11 @@ Two families have an exact Hugging Face counterpart:
   ``num_key_value_heads``. Our rotary layout is Llama's (``rotate_half``), so query and key rows
   need no permutation; our fused [q; k; v] and [gate; up] matrices are split into Llama's separate
   projections and joined back on import.
+- BERT (``BertForMaskedLM``; ``BertModel`` weights for the backbone): an encoder with learned
+  positions, segment embeddings, a LayerNorm on the embeddings, post-norm blocks and BERT's MLM
+  head. Our fused [q; k; v] matrix is split into BERT's query, key and value. Our pooler is
+  exported as ``bert.pooler`` (``BertForMaskedLM`` ignores it, ``BertModel`` loads it); a folder
+  without one imports as a model without a pooler.
 
 A configuration without a counterpart (post-norm, sinusoidal or no positions, ...) is refused with
 a one-line :class:`~pretrainer.errors.PretrainerError` naming the option. ``transformers`` is not
@@ -19,6 +24,7 @@ needed here: folders are written and read with ``json`` and ``safetensors`` only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -34,7 +40,7 @@ from tokenizers import Tokenizer
 
 from ..config import ModelConfig
 from ..errors import PretrainerError
-from ..model import DecoderLM
+from ..model import make_model
 
 #: Special-token ids of every pretrainer tokenizer (see ``pretrainer.tokenization``).
 DEFAULT_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -46,9 +52,16 @@ _GPT2_ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 _LLAMA_ACT = {"swiglu": "silu", "geglu": "gelu"}
 _LLAMA_ACT_IN = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 _LLAMA_TYPES = ("llama", "mistral")
+_BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+_BERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
-# tensors of old checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rotary table
-_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
+# tensors of old checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rotary
+# table, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
+_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
+                      r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
+#: Our tensor name of the tied output matrix and the name Hugging Face checkpoints may repeat it as.
+_TIED = {"gpt2": ("lm_head.weight", "lm_head.weight"), "llama": ("lm_head.weight", "lm_head.weight"),
+         "bert": ("mlm.out.weight", "cls.predictions.decoder.weight")}
 
 
 class _Tensor(NamedTuple):
@@ -65,12 +78,15 @@ class _Tensor(NamedTuple):
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """``"gpt2"`` or ``"llama"``: the Hugging Face model a configuration converts to exactly.
+    """``"gpt2"``, ``"llama"`` or ``"bert"``: the Hugging Face model a configuration converts to
+    exactly.
 
     Raises a one-line PretrainerError naming the first option that has no Hugging Face equivalent.
     """
-    if cfg.arch != "decoder":
-        raise _no_equivalent("arch", cfg.arch, "only decoder-only models are exported")
+    if cfg.arch == "encoder":
+        return _bert_family(cfg)
+    if cfg.embed_norm:
+        raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2 and Llama have no embedding norm")
     if not cfg.prenorm:
         raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2 and Llama are pre-norm")
     if cfg.position == "learned":
@@ -91,6 +107,21 @@ def hf_family(cfg: ModelConfig) -> str:
             raise _no_equivalent("mlp", cfg.mlp, f"Llama (rope) takes {', '.join(_LLAMA_ACT)}")
         return "llama"
     raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama rope")
+
+
+def _bert_family(cfg: ModelConfig) -> str:
+    wanted = dict(prenorm=False, position="learned", norm="layernorm", bias=True, embed_norm=True,
+                  mlm_head=True, tie_embeddings=True)
+    for field, value in wanted.items():
+        if getattr(cfg, field) != value:
+            raise _no_equivalent(field, getattr(cfg, field), f"BERT has {field}={value}")
+    if cfg.mlp not in _BERT_ACT:
+        raise _no_equivalent("mlp", cfg.mlp, f"BERT takes {', '.join(_BERT_ACT)}")
+    if cfg.kv_heads != cfg.n_head:
+        raise _no_equivalent("n_kv_heads", cfg.n_kv_heads, "BERT has no grouped-query attention")
+    if cfg.type_vocab_size < 1:
+        raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "BERT has segment embeddings")
+    return "bert"
 
 
 def _no_equivalent(field: str, value, why: str) -> PretrainerError:
@@ -137,8 +168,38 @@ def _llama_tensors(cfg: ModelConfig) -> list[_Tensor]:
     return names
 
 
+def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    d = cfg.d_model
+
+    def linear_and_norm(ours: str, hf: str) -> list[_Tensor]:
+        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
+
+    emb = "bert.embeddings."
+    names = [_Tensor("tok_emb.weight", (f"{emb}word_embeddings.weight",)),
+             _Tensor("pos_emb.weight", (f"{emb}position_embeddings.weight",)),
+             _Tensor("type_emb.weight", (f"{emb}token_type_embeddings.weight",)),
+             *linear_and_norm("embed_norm", f"{emb}LayerNorm")]
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            names.append(_Tensor(f"{ours}attn.qkv.{kind}",
+                                 tuple(f"{hf}attention.self.{p}.{kind}" for p in ("query", "key", "value")),
+                                 rows=(d, d, d)))
+        for our_mod, hf_mod in (("attn.proj", "attention.output.dense"),
+                                ("norm1", "attention.output.LayerNorm"),
+                                ("mlp.up", "intermediate.dense"), ("mlp.down", "output.dense"),
+                                ("norm2", "output.LayerNorm")):
+            names += linear_and_norm(ours + our_mod, hf + hf_mod)
+    if cfg.pooler:
+        names += linear_and_norm("pooler", "bert.pooler.dense")
+    names += [*linear_and_norm("mlm.dense", "cls.predictions.transform.dense"),
+              *linear_and_norm("mlm.norm", "cls.predictions.transform.LayerNorm"),
+              _Tensor("mlm.out.bias", ("cls.predictions.bias",))]
+    return names
+
+
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
-    return _gpt2_tensors(cfg) if family == "gpt2" else _llama_tensors(cfg)
+    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "bert": _bert_tensors}[family](cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +212,16 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.init_std,
                   tie_word_embeddings=cfg.tie_embeddings, dtype=str(dtype).removeprefix("torch."),
                   use_cache=True, **DEFAULT_SPECIAL_IDS)
+    if family == "bert":
+        return dict(
+            model_type="bert", architectures=["BertForMaskedLM"],
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, hidden_size=cfg.d_model,
+            intermediate_size=cfg.ff_dim, hidden_act=_BERT_ACT[cfg.mlp],
+            max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+            layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout, position_embedding_type="absolute",
+            **{k: v for k, v in common.items() if k != "use_cache"},
+        )
     if family == "gpt2":
         return dict(
             model_type="gpt2", architectures=["GPT2LMHeadModel"],
@@ -172,7 +243,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     )
 
 
-def to_hf_state_dict(model: DecoderLM) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_hf_state_dict(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config.json dict, weights under Hugging Face names)`` for ``model``.
 
     The tensors are contiguous copies that share no memory, ready for ``safetensors``. A tied
@@ -190,10 +261,12 @@ def to_hf_state_dict(model: DecoderLM) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf_config(cfg, model.tok_emb.weight.dtype), weights
 
 
-def export_hf(model: DecoderLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write ``model`` as a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``model`` as a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
+    (``AutoModelForMaskedLM`` for an encoder).
 
-    The folder holds ``config.json``, ``model.safetensors`` and ``generation_config.json``, plus
+    The folder holds ``config.json``, ``model.safetensors`` and, for a decoder,
+    ``generation_config.json``, plus
     the tokenizer files of ``tokenizer_dir`` when given (a folder written by pretrainer's
     ``save_tokenizer``, or any Hugging Face tokenizer folder); the pad/bos/eos ids are then taken
     from its ``tokenizer_config.json``. Each file is written to a temporary name and renamed.
@@ -208,7 +281,9 @@ def export_hf(model: DecoderLM, out_dir: str | Path, tokenizer_dir: str | Path |
     generation = {k: config[k] for k in DEFAULT_SPECIAL_IDS}
     _write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     _write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    _write(out / "generation_config.json", lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
+    if model.cfg.arch == "decoder":
+        _write(out / "generation_config.json",
+               lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
     for src in tok_files:
         _write(out / src.name, lambda p: shutil.copyfile(src, p))
     return out
@@ -278,7 +353,8 @@ class _Fields:
 
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, llama or mistral).
+    """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, llama,
+    mistral or bert).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -289,9 +365,11 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _gpt2_config(f)
     elif model_type in _LLAMA_TYPES:
         cfg = _llama_config(f)
+    elif model_type == "bert":
+        cfg = _bert_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, {', '.join(_LLAMA_TYPES)}")
+                              f"gpt2, {', '.join(_LLAMA_TYPES)}, bert")
     cfg.validate()
     return cfg
 
@@ -307,6 +385,22 @@ def _gpt2_config(f: _Fields) -> ModelConfig:
         mlp=f.choice("activation_function", "gelu_new", _GPT2_ACT_IN), bias=True,
         tie_embeddings=f.get("tie_word_embeddings", True), dropout=f.get("resid_pdrop", 0.1),
         init_std=f.get("initializer_range", 0.02), scaled_residual_init=True,
+    )
+
+
+def _bert_config(f: _Fields) -> ModelConfig:
+    f.expect("position_embedding_type", "absolute", "absolute")
+    f.expect("is_decoder", False, False)
+    f.expect("add_cross_attention", False, False)
+    f.expect("tie_word_embeddings", True, True)
+    return ModelConfig(
+        arch="encoder", n_layer=f.get("num_hidden_layers"), n_head=f.get("num_attention_heads"),
+        d_model=f.get("hidden_size"), d_ff=f.get("intermediate_size"), vocab_size=f.get("vocab_size"),
+        max_seq_len=f.get("max_position_embeddings", 512), type_vocab_size=f.get("type_vocab_size", 2),
+        norm="layernorm", norm_eps=f.get("layer_norm_eps", 1e-12), prenorm=False, position="learned",
+        mlp=f.choice("hidden_act", "gelu", _BERT_ACT_IN), bias=True, tie_embeddings=True,
+        embed_norm=True, pooler=True, mlm_head=True, dropout=f.get("hidden_dropout_prob", 0.1),
+        init_std=f.get("initializer_range", 0.02), scaled_residual_init=False,
     )
 
 
@@ -335,18 +429,22 @@ def _llama_config(f: _Fields) -> ModelConfig:
 
 
 def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
-                       where: str = "weights") -> DecoderLM:
+                       where: str = "weights") -> torch.nn.Module:
     """Our model, in eval mode, holding the Hugging Face ``weights`` (any dtype; stored as float32).
 
-    Keys may lack the ``transformer.``/``model.`` prefix (checkpoints of the bare GPT2Model or
-    LlamaModel); causal-mask buffers of old GPT-2 checkpoints and rotary tables are ignored. A
-    missing, unexpected or misshapen tensor raises a PretrainerError naming it.
+    Keys may lack the ``transformer.``/``model.``/``bert.`` prefix (checkpoints of the bare
+    GPT2Model, LlamaModel or BertModel); causal-mask buffers of old GPT-2 checkpoints, rotary tables
+    and BERT's position ids are ignored. BERT weights without ``bert.pooler`` give a model without
+    a pooler. A missing, unexpected or misshapen tensor raises a PretrainerError naming it.
     """
     family = hf_family(cfg)
-    prefix = "transformer." if family == "gpt2" else "model."
+    prefix = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}[family]
+    heads = ("lm_head.", "cls.")
     if not any(k.startswith(prefix) for k in weights):
-        weights = {k if k == "lm_head.weight" else prefix + k: v for k, v in weights.items()}
-    model = DecoderLM(cfg)
+        weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
+    if family == "bert" and cfg.pooler and "bert.pooler.dense.weight" not in weights:
+        cfg = dataclasses.replace(cfg, pooler=False)
+    model = make_model(cfg)
     expected = model.state_dict()
     ours, used = {}, set()
     for t in _tensors(cfg, family):
@@ -362,18 +460,19 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
         ours[t.ours] = tensor
         used.update(t.hf)
     # a tied output matrix is the token embedding; a checkpoint may still carry a copy of it
-    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tied_ours, tied_hf = _TIED[family]
+    ignored = {tied_hf} if cfg.tie_embeddings else set()
     unexpected = [k for k in weights if k not in used and k not in ignored and not _IGNORED.search(k)]
     if unexpected:
         raise PretrainerError(f"{where}: unexpected tensor '{unexpected[0]}' "
                               f"({len(unexpected)} in all) for a {family} model")
     if cfg.tie_embeddings:
-        ours["lm_head.weight"] = ours["tok_emb.weight"]
+        ours[tied_ours] = ours["tok_emb.weight"]
     model.load_state_dict(ours)
     return model.eval()
 
 
-def import_hf(hf_dir: str | Path) -> DecoderLM:
+def import_hf(hf_dir: str | Path) -> torch.nn.Module:
     """Our model from a Hugging Face folder: ``config.json`` and ``model.safetensors``, a sharded
     ``model.safetensors.index.json``, or ``pytorch_model.bin`` (read with ``weights_only=True``).
 
@@ -438,7 +537,7 @@ def import_run(hf_dir: str | Path, out: str | Path) -> Path:
     """Make a run folder from a Hugging Face model folder: ``config.yaml``, one checkpoint with the
     weights (``checkpoints/step_00000000``) and the tokenizer when the folder has one, so that
     ``pretrainer generate``/``evaluate``/``export`` and :func:`pretrainer.load` work on it."""
-    from ..config import RunConfig, save_config
+    from ..config import RunConfig, default_objective, save_config
     from ..train.checkpoint import list_checkpoints, save_checkpoint
 
     out = Path(out)
@@ -446,7 +545,7 @@ def import_run(hf_dir: str | Path, out: str | Path) -> Path:
         raise PretrainerError(f"out={out}: already holds a run; choose another folder")
     model = import_hf(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = RunConfig(model=model.cfg, data=None, out=str(out))
+    cfg = RunConfig(model=model.cfg, data=None, out=str(out), objective=default_objective(model.cfg.arch))
     save_checkpoint(out, model, None, {"step": 0, "samples": 0, "tokens": 0,
                                        "imported_from": str(Path(hf_dir).resolve())})
     if (Path(hf_dir) / "tokenizer.json").is_file():

@@ -8,8 +8,18 @@ import torch
 
 from ..config import ModelConfig, model_preset, set_key
 from .decoder import DecoderLM, LMOutput
+from .encoder import EncoderLM, EncoderOutput
 
-__all__ = ["DecoderLM", "LMOutput", "build_model", "model_config"]
+__all__ = ["DecoderLM", "EncoderLM", "EncoderOutput", "LMOutput", "build_model", "make_model",
+           "model_config"]
+
+#: The model class of each ``model.arch``.
+ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM}
+
+
+def make_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The randomly initialised model of ``cfg`` (its ``arch`` picks the class)."""
+    return ARCHS[cfg.arch](cfg)
 
 
 def model_config(preset: str | ModelConfig, **overrides) -> ModelConfig:
@@ -23,14 +33,14 @@ def model_config(preset: str | ModelConfig, **overrides) -> ModelConfig:
 
 def build_model(preset: str | ModelConfig, device: str | torch.device | None = None,
                 **overrides) -> torch.nn.Module:
-    """A randomly initialised model: ``build_model("gpt2-small")``,
+    """A randomly initialised model: ``build_model("gpt2-small")``, ``build_model("bert-base")``,
     ``build_model("llama-tiny", vocab_size=8192, n_layer=2)``. ``device="meta"`` builds the
     structure without allocating weights (used to count parameters of large presets instantly)."""
     cfg = model_config(preset, **overrides)
     if cfg.vocab_size is None:
         raise ValueError(f"preset '{cfg.preset}' takes its vocabulary from the data: pass vocab_size=N")
     with torch.device(device) if device is not None else _nullcontext():
-        return DecoderLM(cfg)
+        return make_model(cfg)
 
 
 class _nullcontext:

@@ -6,7 +6,6 @@ pass ``targets`` (``-100`` = ignored) to also get the mean cross-entropy ``loss`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from .generation import sample_next
 from .loss import cross_entropy, linear_cross_entropy
-from .layers import Block, KVCache, Rotary, make_norm, sinusoidal_table
+from .layers import KVCache, Transformer
 
 
 @dataclass
@@ -24,66 +23,22 @@ class LMOutput:
     loss: torch.Tensor | None = None
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(Transformer):
+    """Causal blocks and an output head (``lm_head``, tied to ``tok_emb`` when ``tie_embeddings``)."""
+
+    tied_output = "lm_head.weight"  # the state-dict entry that is ``tok_emb.weight`` when tied
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is not set (a preset with vocab from data needs it)")
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        if cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
-                                 persistent=False)
-        self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-                       if cfg.position == "rope" else None)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, causal=True) for i in range(cfg.n_layer))
-        # pre-norm stacks end with a norm; post-norm blocks already end with one
-        self.norm_f = make_norm(cfg) if cfg.prenorm else nn.Identity()
+        super().__init__(cfg, causal=True)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
-    # -- initialisation ------------------------------------------------------------------------
-    def reset_parameters(self) -> None:
-        """N(0, init_std) for matrices and embeddings, zero biases, unit norms; GPT-2 scales the
-        residual output projections by 1/sqrt(2 n_layer) so the residual stream's variance does not
-        grow with depth."""
-        std = self.cfg.init_std
-        resid_std = std / math.sqrt(2 * self.cfg.n_layer) if self.cfg.scaled_residual_init else std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                s = resid_std if getattr(module, "is_residual_out", False) else std
-                nn.init.normal_(module.weight, 0.0, s)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.ndim == 1:
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-
     # -- forward -------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states [B, T, d_model] (after the last norm)."""
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        x = self.tok_emb(input_ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))
-        elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[start:start + T].to(x.dtype)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, self.rotary, cache)
-        if cache is not None:
-            cache.length += T
-        return self.norm_f(x)
+        return self.encode(input_ids, cache)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,

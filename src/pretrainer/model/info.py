@@ -3,9 +3,12 @@
 The model is built on PyTorch's ``meta`` device (shapes only), so ``llama2-7b`` is counted in well
 under a second on a laptop. Definitions:
 
-- ``params``: every distinct parameter (tied embeddings counted once).
-- ``params_non_embedding``: Kaplan et al. (2020) N: without the token and position embeddings and
-  without an untied output (unembedding) matrix.
+- ``params``: every distinct parameter (tied embeddings counted once). For an encoder, the
+  backbone with its pooler, as ``transformers.BertModel`` counts it (BERT-base: 109,482,240);
+  the pretraining MLM head's own parameters (transform dense + norm, output bias, and the output
+  matrix if untied) are reported apart as ``params_mlm_head``.
+- ``params_non_embedding``: Kaplan et al. (2020) N: without the token, position and segment
+  embeddings and without an untied output (unembedding) matrix.
 - ``flops_per_token_kaplan``: training FLOPs per token as Kaplan et al. write it,
   6 N + 6 n_layer n_ctx d_model (forward 2N + 2 n_layer n_ctx d, backward twice the forward).
 - ``flops_per_token``: what the hardware actually does, used for MFU (PaLM, Chowdhery et al. 2022,
@@ -22,36 +25,45 @@ from ..config import ModelConfig
 
 
 def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
-    from . import DecoderLM
+    from . import make_model
 
     import torch
 
     if cfg.vocab_size is None:
         raise ValueError("vocab_size is unknown for this preset until data is chosen")
     with torch.device("meta"):
-        model = DecoderLM(cfg)
-    total = sum(p.numel() for p in model.parameters())
+        model = make_model(cfg)
     emb = model.tok_emb.weight.numel()
-    pos = model.pos_emb.weight.numel() if model.pos_emb is not None else 0
-    head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
+    pos = sum(m.weight.numel() for m in (model.pos_emb, model.type_emb) if m is not None)
+    if cfg.arch == "encoder":
+        tied = {id(model.tok_emb.weight)}
+        mlm_head = sum(p.numel() for p in model.mlm.parameters() if id(p) not in tied)
+        total = sum(p.numel() for p in model.parameters()) - mlm_head
+        head = 0
+    else:
+        mlm_head = 0
+        total = sum(p.numel() for p in model.parameters())
+        head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
     non_emb = total - emb - pos - head
     T = seq_len or cfg.max_seq_len
     L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
-    matmul_params = non_emb + V * d
+    matmul_params = non_emb + mlm_head + V * d
+    stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
     return {
         "preset": cfg.preset,
         "params": total,
         "params_non_embedding": non_emb,
         "params_embedding": emb + pos + head,
+        **({"params_mlm_head": mlm_head} if cfg.arch == "encoder" else {}),
         "n_layer": L, "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
         "d_ff": cfg.ff_dim, "vocab_size": V, "max_seq_len": cfg.max_seq_len, "seq_len": T,
         "flops_per_token_kaplan": 6 * non_emb + 6 * L * T * d,
         "flops_per_token": 6 * matmul_params + 12 * L * d * T,
         "memory_bytes": {
-            "weights_fp32": 4 * total,
-            "weights_bf16": 2 * total,
-            "training_state_adamw": 16 * total,
+            "weights_fp32": 4 * stored,
+            "weights_bf16": 2 * stored,
+            "training_state_adamw": 16 * stored,
             "activations_per_sequence_bf16": int(L * act_per_layer),
         },
     }

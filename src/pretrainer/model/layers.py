@@ -117,7 +117,10 @@ class SelfAttention(nn.Module):
         self.proj.is_residual_out = True
         self.dropout = cfg.dropout
 
-    def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None):
+    def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None):
+        """``attn_mask`` (bidirectional attention only): a boolean [B, 1, 1, T] mask of the keys
+        that take part (``True``), e.g. to leave out padding."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, T, D]
@@ -131,7 +134,7 @@ class SelfAttention(nn.Module):
         if Hkv != H:  # grouped-query: each key/value head serves H // Hkv query heads
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
-        mask, is_causal = None, False
+        mask, is_causal = attn_mask, False
         if self.causal:
             if start == 0:
                 is_causal = T > 1
@@ -149,6 +152,20 @@ class SelfAttention(nn.Module):
 # MLP
 
 
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+}
+
+
+def activation(mlp: str):
+    """The elementwise activation of ``model.mlp`` (for gated MLPs, the gate's)."""
+    return _ACTIVATIONS[mlp]
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
 
@@ -159,13 +176,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.down.is_residual_out = True
-        self.act = {
-            "gelu": F.gelu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-            "relu": F.relu,
-            "swiglu": F.silu,
-            "geglu": F.gelu,
-        }[cfg.mlp]
+        self.act = activation(cfg.mlp)
 
     def forward(self, x):
         h = self.up(x)
@@ -193,9 +204,86 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary=None, cache=None):
+    def forward(self, x, rotary=None, cache=None, attn_mask=None):
         if self.prenorm:
-            x = x + self.drop(self.attn(self.norm1(x), rotary, cache))
+            x = x + self.drop(self.attn(self.norm1(x), rotary, cache, attn_mask))
             return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, rotary, cache)))
+        x = self.norm1(x + self.drop(self.attn(x, rotary, cache, attn_mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stack both models share
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks and final norm: the part of every model that is not a head.
+
+    Token embedding ``tok_emb``; positions (``pos_emb``: learned, a fixed sinusoidal table, or
+    rotary in every attention); segment embeddings ``type_emb`` when ``type_vocab_size`` > 0; a
+    norm on the summed embeddings when ``embed_norm`` (BERT); dropout; ``n_layer`` blocks, causal or
+    bidirectional; a final norm for pre-norm stacks (post-norm blocks already end with one).
+    Subclasses add their heads, then call :meth:`reset_parameters`.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set (a preset with vocab from data needs it)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
+                                 persistent=False)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+                       if cfg.position == "rope" else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, causal=causal) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg) if cfg.prenorm else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for matrices and embeddings, zero biases, unit norms; GPT-2 scales the
+        residual output projections by 1/sqrt(2 n_layer) so the residual stream's variance does not
+        grow with depth."""
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layer) if self.cfg.scaled_residual_init else std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                s = resid_std if getattr(module, "is_residual_out", False) else std
+                nn.init.normal_(module.weight, 0.0, s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.ndim == 1:
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def encode(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+               token_type_ids: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, d_model] of ``input_ids`` [B, T] (after the last norm)."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[start:start + T].to(x.dtype)
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None
+                     else self.type_emb.weight[0])
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, self.rotary, cache, attn_mask)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)

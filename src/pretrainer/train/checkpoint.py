@@ -144,7 +144,10 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _is_tied_copy(model: torch.nn.Module, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    """Whether ``key`` is the output matrix that ``tie_embeddings`` shares with the embedding
+    (each model names it in ``tied_output``)."""
+    return (key == getattr(model, "tied_output", None)
+            and getattr(getattr(model, "cfg", None), "tie_embeddings", False))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig, config_from_file, save_config
+from ..config import RunConfig, config_from_file, default_objective, save_config
 from ..data.objectives import eval_batches, make_batches
 from ..data.tokens import TokenSplit
 from ..errors import CheckpointError, ConfigError
@@ -219,7 +219,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         log.say(f"warning: {cfg.data} has {len(val_split)} validation tokens, fewer than one window "
                 f"of seq_len={t.seq_len}; training without validation")
         val_split = None
-    batches = make_batches(cfg.objective, train_split, t.seq_len, t.seed)
+    batches = make_batches(cfg.objective, train_split, t.seq_len, t.seed, cfg.masking)
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
 
@@ -270,7 +270,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
         prints them."""
         r = evaluate_split(model, val_split, t.seq_len, t.batch_size, t.eval_batches, env,
-                           cfg.objective)
+                           cfg.objective, cfg.masking)
         v = r["val_loss"]
         rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
         acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
@@ -372,18 +372,19 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 
 @torch.no_grad()
 def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
-                   env: Env | None = None, objective: str = "clm") -> dict:
+                   env: Env | None = None, objective: str = "clm", masking: str = "token") -> dict:
     """``{"val_loss": ...}``: the mean cross-entropy over the predicted tokens of the first
     ``max_batches * world`` validation batches of ``batch_size`` windows (the same windows for the
     same global batch, whatever the number of processes: each process takes every world-th batch
     and the totals are summed). For ``mlm`` also ``"val_accuracy"``: the fraction of selected
-    positions whose most likely token is the original one."""
+    positions whose most likely token is the original one (``masking``: what mlm selects)."""
     was_training = model.training
     model.eval()
     device = env.device if env else next(model.parameters()).device
     rank, world = (env.rank, env.world) if env else (0, 1)
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, correct
-    for i, (x, y) in enumerate(eval_batches(objective, split, seq_len, batch_size, max_batches * world)):
+    batches = eval_batches(objective, split, seq_len, batch_size, max_batches * world, masking)
+    for i, (x, y) in enumerate(batches):
         if i % world != rank:
             continue
         x, y = x.to(device), y.to(device)
@@ -412,10 +413,8 @@ def evaluate_loss(model, split: TokenSplit, seq_len: int, batch_size: int, max_b
                   env: Env | None = None) -> float:
     """The validation loss of :func:`evaluate_split` under the objective the model's
     architecture trains with (clm for a decoder, mlm for an encoder)."""
-    from ..config import OBJECTIVES
-
-    objective = next(o for o, arch in OBJECTIVES.items() if arch == model.cfg.arch)
-    return evaluate_split(model, split, seq_len, batch_size, max_batches, env, objective)["val_loss"]
+    return evaluate_split(model, split, seq_len, batch_size, max_batches, env,
+                          default_objective(model.cfg.arch))["val_loss"]
 
 
 def resume_config(run: str | Path, overrides: list[str] = ()) -> RunConfig:

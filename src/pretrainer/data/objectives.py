@@ -1,0 +1,217 @@
+"""Objectives as batch builders: token windows in, ``(inputs, labels)`` out.
+
+- ``clm`` (:class:`~pretrainer.data.tokens.CLMBatches`): labels are the inputs shifted by one.
+- ``mlm`` (:class:`MLMBatches`): BERT's masked language modelling. A window is
+  ``<cls> tokens <sep>``; 15 % of its non-special positions are selected, and of those 80 % become
+  ``<mask>``, 10 % a random token and 10 % stay as they are; labels hold the original token at the
+  selected positions and ``-100`` (ignored) elsewhere. The masks are drawn anew each time a window
+  is seen (RoBERTa's dynamic masking) from a generator seeded by (seed, sample index), so a batch is
+  a pure function of its sample indices and resuming stays a seek. ``masking`` chooses what is
+  selected, always 15 % of the tokens: single tokens (``token``, BERT), whole words (``word``: all
+  sub-words of a word together), or contiguous spans (``span``, SpanBERT: lengths from a geometric
+  distribution with p = 0.2, clipped at 10).
+
+Every builder has ``batch(first, count)`` (samples ``first .. first+count-1`` of the global order)
+and the fixed validation batches come from :func:`eval_batches`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..model.loss import IGNORE
+from .tokens import CLMBatches, TokenSplit, WindowOrder
+from .tokens import eval_batches as clm_eval_batches
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, index) over the generator's seeds
+SPAN_P, SPAN_MAX = 0.2, 10  # SpanBERT's geometric span lengths
+_WORD_STARTS = ("Ġ", "Ċ", "ĉ", "▁", " ", "\n", "\t")  # a space or line break before the word
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, index)``."""
+    return torch.Generator().manual_seed((seed * _MIX + index + 1) % 2**63)
+
+
+class MLMMasking:
+    """BERT's corruption of one sequence (see the module docstring).
+
+    ``special_ids`` are never selected and never drawn as random replacements; random tokens are
+    drawn uniformly from the other ids below ``vocab_size``. The number of selected positions is
+    ``mask_prob`` x the non-special positions, rounded up or down at random so that the expected
+    fraction is exactly ``mask_prob``. ``unit`` is what is selected (``token``, ``word`` or
+    ``span``, as ``RunConfig.masking``); ``word``
+    needs ``continues``, a boolean per vocabulary id: the token continues the previous one's word.
+    """
+
+    def __init__(self, mask_id: int, special_ids, vocab_size: int, mask_prob: float = 0.15,
+                 mask_frac: float = 0.8, random_frac: float = 0.1, unit: str = "token",
+                 continues: torch.Tensor | None = None):
+        if unit == "word" and continues is None:
+            raise DataError("whole-word masking needs the tokenizer's word boundaries")
+        self.mask_id, self.mask_prob, self.unit, self.continues = mask_id, mask_prob, unit, continues
+        self.mask_frac, self.random_frac = mask_frac, random_frac
+        self.special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        regular = torch.ones(vocab_size, dtype=torch.bool)
+        regular[self.special[self.special < vocab_size]] = False
+        self.regular = regular.nonzero().squeeze(1)
+        if len(self.regular) == 0:
+            raise DataError(f"vocabulary of {vocab_size} has no token besides the special ones")
+
+    @classmethod
+    def for_split(cls, split: TokenSplit, **kw) -> "MLMMasking":
+        """Masking for a prepared data folder: its ``<mask>`` id, and as special ids the
+        manifest's plus every special token of its tokenizer (T5 sentinels included)."""
+        ids = split.manifest.get("special_ids") or {}
+        if ids.get("mask") is None:
+            raise DataError(f"{split.dir / 'manifest.json'}: the tokenizer has no <mask> token, "
+                            f"which objective=mlm needs")
+        special = {i for i in ids.values() if i is not None}
+        tok_file = Path(split.dir) / "tokenizer" / "tokenizer.json"
+        if tok_file.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_file))
+            special |= {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+            kw.setdefault("continues", word_continuations(tok, split.vocab_size))
+        return cls(ids["mask"], special, split.vocab_size, **kw)
+
+    def select(self, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A boolean mask of the positions of ``ids`` [T] to predict."""
+        candidates = ~torch.isin(ids, self.special)
+        want = self.mask_prob * int(candidates.sum())
+        count = int(want) + int(torch.rand((), generator=gen) < want - int(want))
+        if self.unit == "span":
+            return self._select_spans(candidates, count, gen)
+        if self.unit == "word":
+            return self._select_words(ids, candidates, count, gen)
+        scores = torch.rand(ids.shape, generator=gen).masked_fill_(~candidates, 2.0)
+        selected = torch.zeros_like(candidates)
+        selected[scores.argsort()[:count]] = True
+        return selected
+
+    def _select_words(self, ids, candidates, count, gen) -> torch.Tensor:
+        """Whole words in random order, each taken when it still fits in ``count``."""
+        after_special = torch.cat([torch.ones(1, dtype=torch.bool), ~candidates[:-1]])
+        starts = candidates & (~self.continues[ids] | after_special)
+        word = starts.cumsum(0) - 1
+        sizes = torch.bincount(word[candidates], minlength=int(starts.sum())).tolist()
+        chosen, total = [], 0
+        for w in torch.randperm(len(sizes), generator=gen).tolist():
+            if total + sizes[w] <= count:
+                chosen.append(w)
+                total += sizes[w]
+            if total == count:
+                break
+        return candidates & torch.isin(word, torch.tensor(chosen, dtype=torch.long))
+
+    def _select_spans(self, candidates, count, gen) -> torch.Tensor:
+        """SpanBERT: spans of geometric length (clipped) at random starts among the candidates,
+        until ``count`` positions are selected (the last span cut to fit)."""
+        positions = candidates.nonzero().squeeze(1)
+        selected = torch.zeros_like(candidates)
+        total = 0
+        while total < count:
+            u = float(torch.rand((), generator=gen))
+            length = min(SPAN_MAX, 1 + int(math.log(1.0 - u) / math.log(1.0 - SPAN_P)))
+            first = int(torch.randint(len(positions), (1,), generator=gen))
+            span = positions[first:first + length]
+            new = span[~selected[span]][:count - total]
+            selected[new] = True
+            total += len(new)
+        return selected
+
+    def corrupt(self, ids: torch.Tensor, selected: torch.Tensor,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)``: the selected positions replaced 80/10/10 and labelled."""
+        labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
+        u = torch.rand(ids.shape, generator=gen)
+        random_ids = self.regular[torch.randint(len(self.regular), ids.shape, generator=gen)]
+        inputs = torch.where(selected & (u < self.mask_frac), torch.full_like(ids, self.mask_id), ids)
+        to_random = selected & (u >= self.mask_frac) & (u < self.mask_frac + self.random_frac)
+        inputs = torch.where(to_random, random_ids, inputs)
+        return inputs, labels
+
+    def __call__(self, ids: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.corrupt(ids, self.select(ids, gen), gen)
+
+
+class MLMBatches:
+    """Masked-LM batches: windows ``<cls> + seq_len - 2 tokens + <sep>`` in the seeded window order
+    (documents inside a window stay separated by ``<eos>``, which is never selected), each masked
+    with the generator of its sample index."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, masking: str = "token"):
+        if seq_len < 3:
+            raise DataError(f"objective=mlm: seq_len={seq_len} leaves no room besides <cls> and <sep>")
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.masking = MLMMasking.for_split(split, unit=masking)
+        ids = split.manifest["special_ids"]
+        self.cls, self.sep = ids["cls"], ids["sep"]
+
+    @cached_property
+    def order(self) -> WindowOrder:
+        """The training order (validation reads fixed windows and never needs it)."""
+        return WindowOrder(len(self.split), self.seq_len - 2, self.seed)
+
+    def window(self, start: int) -> torch.Tensor:
+        body = self.split.read(start, self.seq_len - 2)
+        return torch.from_numpy(np.concatenate([[self.cls], body, [self.sep]]))
+
+    def masked(self, items, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``(inputs, labels)`` of the windows at ``(start, sample index)`` ``items``."""
+        pairs = [self.masking(self.window(start), sample_generator(seed, index))
+                 for start, index in items]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.masked(((self.order.start(g), g) for g in range(first, first + count)), self.seed)
+
+
+def word_continuations(tok, vocab_size: int) -> torch.Tensor:
+    """For each id below ``vocab_size``: does the token continue the previous token's word?
+    WordPiece marks continuations with ``##``; byte-level BPE (``Ġ``, ``Ċ``), Unigram (``▁``) and
+    character tokenizers mark word starts with a space, so there a token continues the word when it
+    begins with a letter or digit."""
+    wordpiece = json.loads(tok.to_str())["model"]["type"] == "WordPiece"
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    for token, i in tok.get_vocab().items():
+        if i < vocab_size:
+            table[i] = token.startswith("##") or (
+                not wordpiece and not token.startswith(_WORD_STARTS) and token[:1].isalnum())
+    return table
+
+
+def make_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, masking: str = "token"):
+    """The training batch builder of ``objective`` (``masking``: what mlm selects)."""
+    if objective == "mlm":
+        batches = MLMBatches(split, seq_len, seed, masking)
+        batches.order  # a split too small for one window is refused now, not at the first step
+        return batches
+    return CLMBatches(split, seq_len, seed)
+
+
+def eval_batches(objective: str, split: TokenSplit, seq_len: int, batch_size: int,
+                 max_batches: int, masking: str = "token") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation batches: consecutive windows from the start of the split, in order (for
+    ``mlm`` with masks from seed 0, the same at every evaluation)."""
+    if objective != "mlm":
+        yield from clm_eval_batches(split, seq_len, batch_size, max_batches)
+        return
+    body = seq_len - 2
+    n_windows = len(split) // body if body > 0 else 0
+    if n_windows < 1:
+        raise DataError(f"{split.dir}: split '{split.split}' has {len(split)} tokens, too few for "
+                        f"one window of seq_len={seq_len}")
+    builder = MLMBatches(split, seq_len, seed=0, masking=masking)
+    total = min(n_windows, batch_size * max_batches)
+    for first in range(0, total, batch_size):
+        yield builder.masked(((i * body, i) for i in range(first, min(first + batch_size, total))), 0)

@@ -1,0 +1,94 @@
+"""Encoder-only model (BERT, RoBERTa): bidirectional self-attention blocks and a masked-LM head.
+
+``EncoderLM(cfg)(input_ids, labels, token_type_ids=..., attention_mask=...)`` returns an
+:class:`EncoderOutput`: ``logits`` [batch, seq, vocab], the mean cross-entropy ``loss`` over the
+positions whose label is not ``-100``, and the final ``hidden_states`` [batch, seq, d_model] that
+task heads read (the ``<cls>`` state is ``hidden_states[:, 0]``; :meth:`EncoderLM.pooled` is BERT's
+pooler on it).
+
+The MLM head is BERT's: ``dense(d, d)`` + activation + norm (``mlm_head``; left out, the hidden
+states go straight to the output), then an output layer whose matrix is the token embedding
+(``tie_embeddings``) plus a bias per vocabulary entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .layers import Transformer, activation, make_norm
+from .loss import IGNORE, cross_entropy
+
+
+@dataclass
+class EncoderOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class MLMHead(nn.Module):
+    """Hidden states to vocabulary logits: ``out(norm(act(dense(h))))`` (BERT's
+    ``cls.predictions``), or ``out(h)`` without the transform."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model) if cfg.mlm_head else None
+        self.act = activation(cfg.mlp)
+        self.norm = make_norm(cfg) if cfg.mlm_head else None
+        self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            h = self.norm(self.act(self.dense(h)))
+        return self.out(h)
+
+
+class EncoderLM(Transformer):
+    """Bidirectional blocks, BERT's pooler (``pooler``) and the MLM head (``mlm``)."""
+
+    tied_output = "mlm.out.weight"  # the state-dict entry that is ``tok_emb.weight`` when tied
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, causal=False)
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
+        self.mlm = MLMHead(cfg)
+        if cfg.tie_embeddings:
+            self.mlm.out.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def hidden_states(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, d_model]. ``attention_mask`` [B, T]: 1 for tokens, 0 for
+        padding (padding keys are masked out of every attention; its own states are computed but
+        meaningless). ``token_type_ids`` [B, T]: segment ids (0 everywhere when not given)."""
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]
+        return self.encode(input_ids, token_type_ids=token_type_ids, attn_mask=mask)
+
+    def pooled(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler: ``tanh(dense(h[:, 0]))``, the first (``<cls>``) token's summary."""
+        if self.pooler is None:
+            raise ValueError("this model has no pooler (model.pooler=false)")
+        return torch.tanh(self.pooler(hidden_states[:, 0]))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                return_logits: bool = True) -> EncoderOutput:
+        """Logits [B, T, vocab], hidden states and, given ``labels`` (``-100`` = not predicted),
+        the mean cross-entropy over the labelled positions. ``return_logits=False`` with labels
+        (a training step) runs the head on the labelled positions only, about 15 % of them for
+        MLM, and returns no logits."""
+        h = self.hidden_states(input_ids, token_type_ids, attention_mask)
+        if labels is not None and not return_logits:
+            picked = labels != IGNORE
+            return EncoderOutput(logits=None, loss=cross_entropy(self.mlm(h[picked]), labels[picked]),
+                                 hidden_states=h)
+        logits = self.mlm(h)
+        loss = cross_entropy(logits, labels) if labels is not None else None
+        return EncoderOutput(logits=logits, loss=loss, hidden_states=h)
