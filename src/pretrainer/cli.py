@@ -189,6 +189,84 @@ def cmd_quickstart(args) -> None:
     quickstart(out=args.out, minutes=args.minutes, corpus=args.corpus)
 
 
+def _scaling_fit_from(path: str, form: str | None, n_boot: int, seed: int):
+    from .scaling.fit import fit_points, load_points
+
+    points = load_points(path, require=("N", "D") if form == "chinchilla" else ())
+    return points, fit_points(points, form, n_boot=n_boot, seed=seed, source=path)
+
+
+def cmd_scaling_fit(args) -> None:
+    from .scaling.plots import plot_fit
+
+    points, result = _scaling_fit_from(args.path, args.form, args.bootstrap, args.seed)
+    out = Path(args.out) if args.out else (Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    fit_json, fit_png = out / "fit.json", out / "fit.png"
+    tmp = fit_json.with_name(".fit.json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, fit_json)
+    plot_fit(points, result, fit_png)
+    if args.json:
+        shown = {k: v for k, v in result.items() if k != "bootstrap"}
+        for law in (shown.get("laws") or {}).values():
+            law.pop("bootstrap", None)
+        shown["files"] = {"fit_json": str(fit_json), "fit_png": str(fit_png)}
+        _json_out(shown)
+        return
+    print(f"{result['form']} fit of {result['n_points']} points from {args.path}")
+    for k, v in result["params"].items():
+        lo, hi = result["intervals"].get(k, [None, None])
+        ci = f"  [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else ""
+        print(f"  {k:>10} = {v:.4g}{ci}" if v is not None else f"  {k:>10} = -")
+    if result.get("r2") is not None:
+        print(f"  R² (log loss) = {result['r2']:.4f}")
+    for note in result.get("notes", []):
+        print(f"  note: {note}")
+    if result["flags"]["demonstration"]:
+        print("  DEMONSTRATION, not an estimate: " + "; ".join(result["flags"]["reasons"]))
+    print(f"wrote {fit_json} and {fit_png}")
+
+
+def cmd_scaling_plan(args) -> None:
+    from .scaling.fit import load_fit
+    from .scaling.plan import plan
+    from .scaling.plots import plot_plan
+
+    path = Path(args.path)
+    if path.suffix.lower() == ".json":
+        result = load_fit(path)
+    else:
+        _, result = _scaling_fit_from(args.path, args.form or "chinchilla", args.bootstrap, args.seed)
+    if args.compute <= 0:
+        raise PretrainerError(f"--compute is {args.compute:g}, expected a positive number of FLOPs (e.g. 1e18)")
+    p = plan(result, args.compute)
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
+    plan_png = plot_plan(result, out / "plan.png", compute=args.compute)
+    if args.json:
+        p["files"] = {"plan_png": str(plan_png)}
+        _json_out(p)
+        return
+    print(f"compute budget C = {args.compute:.3g} FLOPs (C = 6ND)")
+    ours = p["ours"]
+    if ours:
+        iv = ours.get("intervals") or {}
+
+        def ci(k):
+            lo, hi = iv.get(k) or [None, None]
+            return f"  [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+        print(f"  ours:              N = {ours['N']:.3g}{ci('N')}  D = {ours['D']:.3g}{ci('D')}  "
+              f"D/N = {ours['tokens_per_param']:.3g}{ci('tokens_per_param')}  loss = {ours['loss']:.4g}{ci('loss')}")
+    ref, rule = p["chinchilla_paper"], p["rule_20_tokens"]
+    print(f"  Chinchilla paper:  N = {ref['N']:.3g}  D = {ref['D']:.3g}  D/N = {ref['tokens_per_param']:.3g}")
+    print(f"  20 tokens/param:   N = {rule['N']:.3g}  D = {rule['D']:.3g}")
+    for r in p["flags"]["reasons"]:
+        print(f"  DEMONSTRATION, not an estimate: {r}")
+    for w in p["flags"].get("warnings", []):
+        print(f"  warning: {w}")
+    print(f"wrote {plan_png}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 
@@ -281,6 +359,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("scaling", help="fit scaling laws to (N, D, loss) measurements and plan a compute budget")
+    ssub = s.add_subparsers(dest="scaling_command", metavar="ACTION", required=True)
+    t = ssub.add_parser("fit", help="fit Kaplan power laws or the Chinchilla form L(N, D) = E + A/N^a + B/D^b",
+                        description="PATH: a .csv or .jsonl of N (non-embedding parameters), D (tokens), loss "
+                                    "(C optional), or a sweep folder with sweep.jsonl. Writes fit.json and fit.png.")
+    t.add_argument("path", metavar="PATH")
+    t.add_argument("--form", choices=["kaplan", "chinchilla"], default=None,
+                   help="default: chinchilla when N and D both vary, else kaplan")
+    t.add_argument("--out", help="folder for fit.json and fit.png (default: the folder of PATH)")
+    t.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_scaling_fit)
+    t = ssub.add_parser("plan", help="compute-optimal N and D for a compute budget",
+                        description="PATH: a fit.json from 'scaling fit', or data to fit first (Chinchilla form).")
+    t.add_argument("path", metavar="PATH|FIT.json")
+    t.add_argument("--compute", type=float, required=True, help="training FLOPs, e.g. 1e18")
+    t.add_argument("--form", choices=["kaplan", "chinchilla"], default=None, help="when PATH is data (default chinchilla)")
+    t.add_argument("--out", help="folder for plan.png (default: the folder of PATH)")
+    t.add_argument("--bootstrap", type=int, default=200)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_scaling_plan)
 
     s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
     s.add_argument("--out", default="runs/quickstart")
