@@ -20,11 +20,11 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 SMALL = dict(vocab_size=V, max_seq_len=64, n_layer=2, d_model=32, n_head=4)
 
 
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def _perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            p.add_(scale * torch.randn(p.shape, generator=gen))
     return model.eval()
 
 
@@ -178,4 +178,25 @@ def test_run_folder_loads_as_encoder(tmp_path):
     ids, types, mask = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(model(ids, token_type_ids=types, attention_mask=mask).logits,
+                                   hf(ids, token_type_ids=types, attention_mask=mask).logits, **TOL)
+
+
+@pytest.mark.slow
+def test_bert_base_parity_both_ways(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(7, 30522, (2, 64), generator=torch.Generator().manual_seed(0))
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    types[:, 32:], mask[1, 50:] = 1, 0
+    ours = _perturb(build_model("bert-base"), scale=0.02)
+    export_hf(ours, tmp_path / "out")
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, token_type_ids=types, attention_mask=mask).logits,
+                                   hf(ids, token_type_ids=types, attention_mask=mask).logits, **TOL)
+    torch.manual_seed(1)
+    hf = _perturb(transformers.BertForMaskedLM(transformers.BertConfig()), 1, scale=0.02)
+    hf.save_pretrained(tmp_path / "in")
+    ours = import_hf(tmp_path / "in")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, token_type_ids=types, attention_mask=mask).logits,
                                    hf(ids, token_type_ids=types, attention_mask=mask).logits, **TOL)
