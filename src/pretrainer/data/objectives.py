@@ -48,8 +48,9 @@ class MLMMasking:
     drawn uniformly from the other ids below ``vocab_size``. The number of selected positions is
     ``mask_prob`` x the non-special positions, rounded up or down at random so that the expected
     fraction is exactly ``mask_prob``. ``unit`` is what is selected (``token``, ``word`` or
-    ``span``, as ``RunConfig.masking``); ``word``
-    needs ``continues``, a boolean per vocabulary id: the token continues the previous one's word.
+    ``span``, as ``RunConfig.masking``); ``word`` needs ``continues``, a boolean per vocabulary id:
+    the token continues the previous one's word. Spans are contiguous among the non-special
+    positions (token spans; SpanBERT aligns them to whole words).
     """
 
     def __init__(self, mask_id: int, special_ids, vocab_size: int, mask_prob: float = 0.15,
