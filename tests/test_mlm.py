@@ -156,3 +156,9 @@ def test_cli_pretrains_bert_tiny_with_mlm(synthetic_data, tmp_path):
     val = _logged(run, "val_loss")
     assert val[20] < val[0]
     assert 0.0 <= _logged(run, "val_accuracy")[20] <= 1.0
+    done = subprocess.run([sys.executable, "-m", "pretrainer", "evaluate", str(run), "--max-batches",
+                           "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout)
+    assert scores["val_loss"] == _logged(run, "val_loss")[20]  # the same windows and masks
+    assert scores["val_accuracy"] == _logged(run, "val_accuracy")[20]

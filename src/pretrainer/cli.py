@@ -45,6 +45,9 @@ def cmd_info(args) -> None:
           f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
     print(f"  parameters              {info['params']:>16,}")
     print(f"  non-embedding (Kaplan)  {info['params_non_embedding']:>16,}")
+    if "params_mlm_head" in info:
+        what = "output bias" if cfg.tie_embeddings else "output bias and untied output matrix"
+        print(f"  + MLM head (not above)  {info['params_mlm_head']:>16,}  (dense + norm transform, {what})")
     print(f"  training FLOPs / token  {human(info['flops_per_token_kaplan']):>16}  (6N + 6 n_layer n_ctx d)")
     print(f"  hardware FLOPs / token  {human(info['flops_per_token']):>16}  (with output head; used for MFU)")
     print(f"  weights fp32 / bf16     {human_bytes(mem['weights_fp32']):>16} / {human_bytes(mem['weights_bf16'])}")
@@ -145,7 +148,7 @@ def cmd_generate(args) -> None:
 def cmd_evaluate(args) -> None:
     from .config import config_from_file
     from .data.tokens import TokenSplit
-    from .train.trainer import evaluate_loss
+    from .train.trainer import evaluate_split
     from .api import find_run_files
     from . import load
 
@@ -157,13 +160,16 @@ def cmd_evaluate(args) -> None:
     seq_len = args.seq_len or cfg.train.seq_len
     n_windows = (len(split) - 1) // seq_len
     max_batches = args.max_batches or math.ceil(n_windows / args.batch_size)
-    loss = evaluate_loss(model, split, seq_len, args.batch_size, max_batches)
+    scores = evaluate_split(model, split, seq_len, args.batch_size, max_batches,
+                            objective=cfg.objective, masking=cfg.masking)  # mlm adds val_accuracy
+    loss = scores["val_loss"]
     tokens = min(n_windows, max_batches * args.batch_size) * seq_len
-    result = {"run": args.run, "data": str(data), "split": args.split, "val_loss": loss,
+    result = {"run": args.run, "data": str(data), "split": args.split, **scores,
               "val_ppl": math.exp(min(loss, 50)), "tokens": tokens, "seq_len": seq_len}
     if args.json:
         return _json_out(result)
-    print(f"{args.split} loss {loss:.4f} | perplexity {result['val_ppl']:.2f} | {tokens:,} tokens of {data}")
+    acc = f" | masked-token accuracy {scores['val_accuracy']:.4f}" if "val_accuracy" in scores else ""
+    print(f"{args.split} loss {loss:.4f} | perplexity {result['val_ppl']:.2f}{acc} | {tokens:,} tokens of {data}")
 
 
 def cmd_export(args) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig, config_from_file, default_objective, save_config
+from ..config import RunConfig, config_from_file, save_config
 from ..data.objectives import eval_batches, make_batches
 from ..data.tokens import TokenSplit
 from ..errors import CheckpointError, ConfigError
@@ -407,14 +407,6 @@ def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_
     if objective == "mlm":
         result["val_accuracy"] = (total[2] / total[1]).item()
     return result
-
-
-def evaluate_loss(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
-                  env: Env | None = None) -> float:
-    """The validation loss of :func:`evaluate_split` under the objective the model's
-    architecture trains with (clm for a decoder, mlm for an encoder)."""
-    return evaluate_split(model, split, seq_len, batch_size, max_batches, env,
-                          default_objective(model.cfg.arch))["val_loss"]
 
 
 def resume_config(run: str | Path, overrides: list[str] = ()) -> RunConfig:
