@@ -188,3 +188,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_via_cli_matches_an_uninterrupted_r
     assert resumed.returncode == 0, resumed.stderr
     assert logged(full) == logged(cut)
     assert logged(full, "val_loss") == logged(cut, "val_loss")
+
+
+@pytest.mark.slow
+def test_two_thousand_step_run_resumed_at_step_1234_is_bit_exact(synthetic_data, tmp_path):
+    """The issue's check at full length: 2,000 steps straight vs stopped at 1,234 and resumed."""
+    from pretrainer.train.trainer import resume_config
+
+    kw = dict(max_steps=2000, batch_size=2, seq_len=16, eval_every=500, log_every=50,
+              checkpoint_every=1000)
+    train(tiny_cfg(synthetic_data, tmp_path / "full", **kw), quiet=True)
+    train(tiny_cfg(synthetic_data, tmp_path / "part", **kw), stop_at=1234, quiet=True)
+    train(resume_config(tmp_path / "part"), resume=True, quiet=True)
+    a, b = logged(tmp_path / "full"), logged(tmp_path / "part")
+    assert len(a) == 40 and a == b
+    assert logged(tmp_path / "full", "val_loss") == logged(tmp_path / "part", "val_loss")
