@@ -69,7 +69,6 @@ def _time_step(cfg: RunConfig) -> float:
     """Median milliseconds of a training step of this config, from a few steps on random weights."""
     import statistics
 
-    import torch
 
     from .data.tokens import CLMBatches, TokenSplit
     from .model import DecoderLM

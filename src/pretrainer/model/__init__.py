@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 
 import torch
@@ -39,13 +41,5 @@ def build_model(preset: str | ModelConfig, device: str | torch.device | None = N
     cfg = model_config(preset, **overrides)
     if cfg.vocab_size is None:
         raise ValueError(f"preset '{cfg.preset}' takes its vocabulary from the data: pass vocab_size=N")
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         return make_model(cfg)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
