@@ -28,11 +28,11 @@ def cmd_info(args) -> None:
     from .config import model_preset, set_key
     from .model.info import human, human_bytes, model_info
 
+    import yaml
+
     cfg = model_preset(args.model)
     for item in args.overrides:
         key, _, value = item.partition("=")
-        import yaml
-
         set_key(cfg, key.removeprefix("model."), yaml.safe_load(value), where="override")
     if cfg.vocab_size is None:
         cfg.vocab_size = args.vocab_size

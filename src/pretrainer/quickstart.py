@@ -67,17 +67,15 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 4.0, corpus: str =
 
 def _time_step(cfg: RunConfig) -> float:
     """Median milliseconds of a training step of this config, from a few steps on random weights."""
+    import dataclasses
     import statistics
-
 
     from .data.tokens import CLMBatches, TokenSplit
     from .model import DecoderLM
     from .train.optim import make_optimizer
 
     split = TokenSplit(cfg.data, "train")
-    mcfg = model_preset("gpt-micro")
-    mcfg.vocab_size = split.vocab_size
-    model = DecoderLM(mcfg)
+    model = DecoderLM(dataclasses.replace(cfg.model, vocab_size=split.vocab_size))
     opt = make_optimizer(model, cfg.train, "cpu")
     batches = CLMBatches(split, cfg.train.seq_len, 0)
     times = []

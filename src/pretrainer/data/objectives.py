@@ -28,7 +28,7 @@ import torch
 
 from ..errors import DataError
 from ..model.loss import IGNORE
-from .tokens import CLMBatches, TokenSplit, WindowOrder
+from .tokens import CLMBatches, TokenSplit, WindowOrder, fixed_windows
 from .tokens import eval_batches as clm_eval_batches
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, index) over the generator's seeds
@@ -207,12 +207,6 @@ def eval_batches(objective: str, split: TokenSplit, seq_len: int, batch_size: in
     if objective != "mlm":
         yield from clm_eval_batches(split, seq_len, batch_size, max_batches)
         return
-    body = seq_len - 2
-    n_windows = len(split) // body if body > 0 else 0
-    if n_windows < 1:
-        raise DataError(f"{split.dir}: split '{split.split}' has {len(split)} tokens, too few for "
-                        f"one window of seq_len={seq_len}")
     builder = MLMBatches(split, seq_len, seed=0, masking=masking)
-    total = min(n_windows, batch_size * max_batches)
-    for first in range(0, total, batch_size):
-        yield builder.masked(((i * body, i) for i in range(first, min(first + batch_size, total))), 0)
+    for items in fixed_windows(split, seq_len - 2, batch_size, max_batches):
+        yield builder.masked(items, 0)

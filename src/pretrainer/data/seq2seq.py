@@ -42,7 +42,7 @@ import torch
 from ..errors import DataError
 from ..model.loss import IGNORE
 from .objectives import sample_generator
-from .tokens import TokenSplit, WindowOrder
+from .tokens import TokenSplit, WindowOrder, fixed_windows
 
 NOISE_DENSITY, MEAN_SPAN_LENGTH = 0.15, 3.0  # T5 (Raffel et al. 2020, section 3.3.4)
 BART_MASK_RATIO, BART_POISSON_LAMBDA = 0.3, 3.0  # BART (Lewis et al. 2020, sections 2.2 and 5.1)
@@ -252,14 +252,8 @@ def span_eval_batches(split: TokenSplit, inputs_length: int, batch_size: int, ma
     """Fixed validation batches: consecutive raw windows from the start of the split, corrupted
     with seed 0 (the same at every evaluation)."""
     builder = SpanCorruptionBatches(split, inputs_length, 0, sentinel_ids, eos_id, pad_id, **kw)
-    n_windows = len(split) // builder.raw_length
-    if n_windows < 1:
-        raise DataError(f"{split.dir}: split '{split.split}' has {len(split)} tokens, too few for "
-                        f"one window of {builder.raw_length} raw tokens")
-    total = min(n_windows, batch_size * max_batches)
-    for first in range(0, total, batch_size):
-        last = min(first + batch_size, total)
-        yield builder.corrupted(((i * builder.raw_length, i) for i in range(first, last)), 0)
+    for items in fixed_windows(split, builder.raw_length, batch_size, max_batches):
+        yield builder.corrupted(items, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,21 +96,32 @@ class CLMBatches:
         self.order = WindowOrder(len(split), seq_len, seed)
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.split.read(self.order.start(g), self.seq_len + 1)
-                         for g in range(first, first + count)])
-        t = torch.from_numpy(rows)
-        return t[:, :-1], t[:, 1:]
+        return shifted_pairs(self.split, [self.order.start(g) for g in range(first, first + count)],
+                             self.seq_len)
+
+
+def shifted_pairs(split: TokenSplit, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` of the ``seq_len + 1``-token windows at ``starts``."""
+    t = torch.from_numpy(np.stack([split.read(start, seq_len + 1) for start in starts]))
+    return t[:, :-1], t[:, 1:]
+
+
+def fixed_windows(split: TokenSplit, length: int, batch_size: int, max_batches: int,
+                  stride: int | None = None):
+    """Validation order for every objective: windows of ``length`` tokens starting every
+    ``stride`` (default ``length``) tokens from the start of the split, at most
+    ``batch_size * max_batches`` of them, as lists of ``(start, window index)`` per batch."""
+    stride = stride or length
+    n_windows = (len(split) - length) // stride + 1 if len(split) >= length else 0
+    if n_windows < 1:
+        raise DataError(f"{split.dir}: split '{split.split}' has {len(split)} tokens, too few for "
+                        f"one window of {length} tokens")
+    total = min(n_windows, batch_size * max_batches)
+    for first in range(0, total, batch_size):
+        yield [(i * stride, i) for i in range(first, min(first + batch_size, total))]
 
 
 def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int):
-    """Fixed validation batches: consecutive windows from the start of the split, in order."""
-    n_windows = (len(split) - 1) // seq_len
-    if n_windows < 1:
-        raise DataError(f"{split.dir}: split '{split.split}' has {len(split)} tokens, too few for "
-                        f"one window of seq_len={seq_len}")
-    total = min(n_windows, batch_size * max_batches)
-    for first in range(0, total, batch_size):
-        rows = np.stack([split.read(i * seq_len, seq_len + 1)
-                         for i in range(first, min(first + batch_size, total))])
-        t = torch.from_numpy(rows)
-        yield t[:, :-1], t[:, 1:]
+    """Fixed causal-LM validation batches: consecutive windows from the start of the split."""
+    for items in fixed_windows(split, seq_len + 1, batch_size, max_batches, stride=seq_len):
+        yield shifted_pairs(split, [start for start, _ in items], seq_len)

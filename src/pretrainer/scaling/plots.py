@@ -17,6 +17,22 @@ def _figure():
     return plt
 
 
+def _finish(plt, fig, ax, out_png, xlabel: str, ylabel: str, title: str) -> Path:
+    """Log-log axes, labels, legend and grid, then the PNG written atomically; the figure closed."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+    try:
+        return _save(fig, out_png)
+    finally:
+        plt.close(fig)
+
+
 def _save(fig, out_png) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,18 +94,8 @@ def plot_fit(points: list[dict], fit_result: dict, out_png) -> Path:
             text = f"L({xvar}) = ({xvar}_c/{xvar})^alpha_{xvar},  alpha_{xvar} = {alpha:.3f}"
     else:
         text = str(form)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel({"N": "non-embedding parameters N", "D": "tokens D", "C": "compute C (FLOPs)"}[xvar])
-    ax.set_ylabel("loss")
-    ax.set_title(_title(fit_result, text), fontsize=8)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.25)
-    try:
-        return _save(fig, out_png)
-    finally:
-        plt.close(fig)
+    xlabel = {"N": "non-embedding parameters N", "D": "tokens D", "C": "compute C (FLOPs)"}[xvar]
+    return _finish(plt, fig, ax, out_png, xlabel, "loss", _title(fit_result, text))
 
 
 def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=None) -> Path:
@@ -118,14 +124,5 @@ def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=N
     ax.plot(cs, np.sqrt(cs / 120.0), color="C2", ls=":", label="20 tokens per parameter")
     if compute:
         ax.axvline(compute, color="gray", lw=1, ls="-.", label=f"C = {compute:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("compute C = 6ND (FLOPs)")
-    ax.set_ylabel("compute-optimal parameters N_opt")
-    ax.set_title(_title(fit_result, "compute-optimal frontier"), fontsize=8)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.25)
-    try:
-        return _save(fig, out_png)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, out_png, "compute C = 6ND (FLOPs)", "compute-optimal parameters N_opt",
+                   _title(fit_result, "compute-optimal frontier"))
