@@ -14,7 +14,9 @@ A corpus spec is one of:
 - a glob pattern such as ``data/*.txt`` or ``data/**/*.md``, in sorted order;
 - ``builtin:stdlib``: every ``.py`` file of the running interpreter's standard library (without
   ``site-packages``; about 30 MB with its test suites), one document per file, sorted by path;
-- ``builtin:synthetic``: the seeded synthetic corpus of :mod:`pretrainer.data.synthetic`.
+- ``builtin:synthetic``: the seeded synthetic corpus of :mod:`pretrainer.data.synthetic`;
+- ``builtin:icl-synthetic``: k-shot examples of the synthetic in-context-learning tasks
+  (:mod:`pretrainer.data.icl_synthetic`), to pretrain a model that shows accuracy rising with shots.
 
 ``builtin:NAME:N`` keeps only the first N documents (``builtin:stdlib:50``, ``builtin:synthetic:100``).
 
@@ -38,7 +40,7 @@ from typing import Iterator
 from pretrainer.data.synthetic import DEFAULT_DOCUMENTS, synthetic_documents
 from pretrainer.errors import DataError
 
-BUILTINS = ("stdlib", "synthetic")
+BUILTINS = ("stdlib", "synthetic", "icl-synthetic")
 _CHUNK = 1 << 20  # bytes read at a time from a text file
 # third-party packages are not the standard library; its test suites are (real code, about half
 # of the 30 MB), so they stay in
@@ -83,6 +85,10 @@ def _builtin(src: str) -> Iterator[tuple[str, str]]:
     if name == "synthetic":
         n = limit or DEFAULT_DOCUMENTS
         return ((f"synthetic:{i}", doc) for i, doc in enumerate(synthetic_documents(n)))
+    if name == "icl-synthetic":
+        from pretrainer.data.icl_synthetic import DEFAULT_DOCUMENTS as ICL_DOCUMENTS, icl_documents
+
+        return ((f"icl-synthetic:{i}", doc) for i, doc in enumerate(icl_documents(limit or ICL_DOCUMENTS)))
     return itertools.islice(_stdlib_documents(), limit)
 
 
