@@ -273,6 +273,38 @@ def cmd_scaling_plan(args) -> None:
     print(f"wrote {plan_png}")
 
 
+def cmd_scaling_sweep(args) -> None:
+    from .scaling.sweep import run_sweep
+
+    opts = {k: getattr(args, k) for k in ("sizes", "tokens", "isoflop", "lr_search", "lr_scaling", "base_width",
+                                          "lr_search_tokens", "corpus", "tokenizer", "evals", "min_steps",
+                                          "converge_tol", "plan_compute", "bootstrap", "targets")}
+    r = run_sweep(args.config, args.out, args.overrides, print_commands=args.print_commands, quiet=args.json, **opts)
+    if "commands" in r:
+        return _json_out(r["commands"]) if args.json else print("\n".join(r["commands"]))
+    if args.json:
+        return _json_out(r)
+    print(f"{r['n_runs']} runs in {args.out} ({r['wall_s_total']:.0f} s of training); lr: {', '.join(r['lr_rule'])}")
+    ln = r.get("L_of_N")
+    if ln:
+        print(f"  L(N) = (N_c/N)^alpha_N: alpha_N = {ln['alpha_N']:.4f}, N_c = {ln['N_c']:.3g}, R² = {ln['r2']:.4f}")
+    ch = r.get("chinchilla")
+    if ch:
+        p = ch["params"]
+        print(f"  L(N, D) = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}, "
+              f"R² = {ch['r2']:.4f}" + ("  [demonstration]" if ch["flags"]["demonstration"] else ""))
+    ours = (r.get("plan") or {}).get("ours")
+    if ours:
+        print(f"  plan for C = {r['plan']['compute']:.3g}: N = {ours['N']:.3g}, D = {ours['D']:.3g} "
+              f"({ours['tokens_per_param']:.3g} tokens/parameter), loss {ours['loss']:.4g}")
+    print(f"  loss falls with N at every fixed D: {all(r['loss_falls_with_N_at_fixed_D'].values())}; "
+          f"larger models need fewer tokens: {r['sample_efficiency']['larger_needs_fewer']}")
+    for w in r["warnings"]:
+        print(f"  warning: {w}")
+    print(f"wrote {args.out}/sweep.jsonl, summary.json, summary.csv, fit.json, plan.json and "
+          f"{', '.join(Path(f).name for f in r['files'].values())}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 
@@ -389,6 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_scaling_plan)
+    t = ssub.add_parser("sweep", help="train a grid of model sizes x token budgets (or IsoFLOP sets), then fit, plan, plot",
+                        description="Trains every size x budget from one base CONFIG (YAML; a 'sweep:' section in it "
+                                    "may set any option below), records N, D, C and losses in OUT/sweep.jsonl, fits, "
+                                    "plans and writes the plots into OUT. Resumable: run it again to continue.")
+    t.add_argument("config", metavar="CONFIG", help="base run config (YAML, or a name under configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value changes to the base config (train.batch_size=8, ...)")
+    t.add_argument("--out", required=True, help="sweep folder")
+    t.add_argument("--sizes", help="WIDTHxDEPTH[xHEADS] list, e.g. 32x2,64x2,96x3,128x4 (heads default: "
+                                   "the base model's head width)")
+    t.add_argument("--tokens", help="token budgets, e.g. 500k,1.2M,3M (grid: every size x every budget)")
+    t.add_argument("--isoflop", help="compute budgets C = 6ND, e.g. 1e12,3e12: every size at D = C/6N (instead of --tokens)")
+    t.add_argument("--lr-search", help="candidate learning rates per size, e.g. 1e-3,3e-3,1e-2 (best on the short budget)")
+    t.add_argument("--lr-search-tokens", help="budget of the search runs (default: the sweep's smallest)")
+    t.add_argument("--lr-scaling", choices=["fixed", "mup"], default=None,
+                   help="fixed: the base train.lr; mup: lr x base_width / width (default fixed)")
+    t.add_argument("--base-width", type=int, default=None, help="width at which mup uses train.lr (default: the base model's)")
+    t.add_argument("--corpus", help="prepare this corpus once into OUT/data (e.g. builtin:stdlib) instead of the config's data")
+    t.add_argument("--tokenizer", default=None, help="for --corpus: char (default) or KIND:SIZE such as bpe:1024")
+    t.add_argument("--evals", type=int, default=None, help="validation evaluations per run (default 8)")
+    t.add_argument("--min-steps", type=int, default=None, help="refuse (grid) or drop (IsoFLOP) runs shorter than this (20)")
+    t.add_argument("--converge-tol", type=float, default=None,
+                   help="warn when the loss falls more than this fraction over the last 20%% of a run (0.03)")
+    t.add_argument("--targets", help="losses for the sample-efficiency table (default: from the curves)")
+    t.add_argument("--plan-compute", help="compute budget for the plan (default: 10x the largest run's)")
+    t.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the fits (200)")
+    t.add_argument("--print-commands", action="store_true", help="print one 'pretrainer pretrain' command per "
+                   "unfinished run (for a cluster) instead of training; run the sweep again to collect")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_scaling_sweep)
 
     s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
     s.add_argument("--out", default="runs/quickstart")

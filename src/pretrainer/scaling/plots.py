@@ -98,8 +98,9 @@ def plot_fit(points: list[dict], fit_result: dict, out_png) -> Path:
     return _finish(plt, fig, ax, out_png, xlabel, "loss", _title(fit_result, text))
 
 
-def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=None) -> Path:
-    """Compute-optimal frontier N_opt(C): ours (with bootstrap band), Chinchilla's published fit, 20x rule."""
+def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=None, measured=None) -> Path:
+    """Compute-optimal frontier N_opt(C): ours (with bootstrap band), Chinchilla's published fit, 20x rule;
+    ``measured``: (C, N, label) points to show with it (a sweep's compute-efficient runs, IsoFLOP minima)."""
     from .plan import CHINCHILLA_PAPER, compute_optimal
 
     plt = _figure()
@@ -122,7 +123,123 @@ def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=N
     n_paper, _ = compute_optimal(CHINCHILLA_PAPER, cs)
     ax.plot(cs, n_paper, color="C1", ls="--", label="Hoffmann et al. (2022), Approach 3")
     ax.plot(cs, np.sqrt(cs / 120.0), color="C2", ls=":", label="20 tokens per parameter")
+    for i, label in enumerate(dict.fromkeys(lab for _, _, lab in measured or ())):
+        pts = [(c, n) for c, n, lab in measured if lab == label]
+        ax.scatter(*zip(*pts), marker="os^"[i % 3], color=("k", "C3", "C4")[i % 3], s=24, zorder=4, label=label)
     if compute:
         ax.axvline(compute, color="gray", lw=1, ls="-.", label=f"C = {compute:.3g}")
     return _finish(plt, fig, ax, out_png, "compute C = 6ND (FLOPs)", "compute-optimal parameters N_opt",
                    _title(fit_result, "compute-optimal frontier"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep plots (records are the rows of a sweep folder's sweep.jsonl)
+
+
+def _size_colors(plt, records: list[dict]):
+    from matplotlib.colors import LogNorm
+
+    ns = [r["N"] for r in records]
+    norm = LogNorm(min(ns), max(ns) * 1.0001)
+    cmap = plt.get_cmap("viridis")
+    return (lambda n: cmap(norm(n))), norm, cmap
+
+
+def plot_loss_curves(records: list[dict], out_png) -> Path:
+    """Validation loss against tokens for every run, coloured by non-embedding parameters N."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    color, norm, cmap = _size_colors(plt, records)
+    for r in sorted(records, key=lambda r: (r["N"], r["D"])):
+        pts = [(t, v) for t, v in r["curve"] if t > 0]
+        if pts:
+            ax.plot(*zip(*pts), color=color(r["N"]), lw=1.2, alpha=0.85)
+            ax.plot(*pts[-1], "o", color=color(r["N"]), ms=3)
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=ax, label="non-embedding parameters N")
+    return _finish(plt, fig, ax, out_png, "tokens", "validation loss",
+                   "validation loss curves, coloured by model size (dot: end of run)")
+
+
+def plot_loss_vs(records: list[dict], kaplan: dict, var: str, out_png) -> Path:
+    """Final loss against N, D or C (points coloured by the other variable) with the Kaplan power law."""
+    from matplotlib.colors import LogNorm
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    other = {"N": "D", "D": "N", "C": "N"}[var]
+    x = np.array([r[var] for r in records], dtype=float)
+    y = np.array([r["loss"] for r in records], dtype=float)
+    c = np.array([r[other] for r in records], dtype=float)
+    sc = ax.scatter(x, y, c=c, cmap="viridis", norm=LogNorm(c.min(), c.max() * 1.0001), s=24, zorder=3)
+    fig.colorbar(sc, ax=ax, label={"N": "non-embedding parameters N", "D": "tokens D"}[other])
+    law = (kaplan.get("laws") or {}).get(var)
+    title = f"L({var})"
+    if law:
+        p = law["params"]
+        alpha, xc = p[f"alpha_{var}"], p[f"{var}_c"]
+        xs = np.logspace(np.log10(x.min()) - 0.1, np.log10(x.max()) + 0.1, 100)
+        ax.plot(xs, (xc / xs) ** alpha, color="C3", lw=1.5, label=f"L = ({xc:.3g}/{var})^{alpha:.3f}")
+        r2 = law.get("r2")
+        title = (f"L({var}) fitted on: {law.get('selection')}" + (f";  R² = {r2:.3f}" if r2 is not None else ""))
+        if var == "C":
+            from .fit import _compute_frontier
+
+            fr = _compute_frontier(records)
+            ax.plot([r["C"] for r in fr], [r["loss"] for r in fr], "k--", lw=0.8, label="compute-efficient frontier")
+    xlabel = {"N": "non-embedding parameters N", "D": "tokens D", "C": "compute C = 6ND (FLOPs)"}[var]
+    return _finish(plt, fig, ax, out_png, xlabel, "final validation loss", title)
+
+
+def plot_isoflop(records: list[dict], iso: list[dict], fit: dict | None, out_png) -> Path:
+    """Loss against N at fixed compute. IsoFLOP sets: the measured points with their parabola in
+    ln N and its minimum. A grid sweep: the fitted Chinchilla surface along C = 6ND at the measured
+    compute levels, with its minima, and the runs coloured by C."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    cmap = plt.get_cmap("plasma")
+    if iso:
+        for i, g in enumerate(iso):
+            col = cmap(i / max(1, len(iso) - 1) * 0.85)
+            ax.plot(g["N"], g["loss"], "o", color=col, label=f"C = {g['C']:.3g}")
+            m = g["minimum"]
+            if m:
+                xs = np.linspace(np.log(min(g["N"])) - 0.3, np.log(max(g["N"])) + 0.3, 100)
+                a, b, c = m["coef"]
+                ax.plot(np.exp(xs), a * xs ** 2 + b * xs + c, color=col, lw=1)
+                ax.plot(m["N_opt"], m["loss_min"], "*", color=col, ms=12, mec="k")
+        title = "IsoFLOP curves: parabola in ln N per compute budget (star: its minimum)"
+    elif fit is not None and fit.get("form") == "chinchilla":
+        from matplotlib.colors import LogNorm
+
+        from .plan import chinchilla_loss, compute_optimal
+
+        p = fit["params"]
+        cs = np.array([r["C"] for r in records])
+        ns = np.array([r["N"] for r in records])
+        norm = LogNorm(cs.min(), cs.max() * 1.0001)
+        sc = ax.scatter(ns, [r["loss"] for r in records], c=cs, cmap=cmap, norm=norm, s=24, zorder=3)
+        fig.colorbar(sc, ax=ax, label="compute C = 6ND (FLOPs)")
+        for cval in np.logspace(np.log10(cs.min()), np.log10(cs.max()), 4):
+            nn = np.logspace(np.log10(ns.min()) - 0.5, np.log10(ns.max()) + 0.5, 100)
+            ax.plot(nn, chinchilla_loss(p, nn, cval / (6 * nn)), color=cmap(norm(cval)), lw=1)
+            n_opt, d_opt = compute_optimal(p, cval)
+            ax.plot(n_opt, chinchilla_loss(p, n_opt, d_opt), "*", color=cmap(norm(cval)), ms=12, mec="k")
+        title = "IsoFLOP curves of the fitted L(N, D) at fixed C = 6ND (star: minimum); dots: runs"
+    else:
+        ax.scatter([r["N"] for r in records], [r["loss"] for r in records], color="k", s=20)
+        title = "no IsoFLOP sets and no Chinchilla fit: runs only"
+    return _finish(plt, fig, ax, out_png, "non-embedding parameters N", "validation loss", title)
+
+
+def plot_sample_efficiency(se: dict, out_png) -> Path:
+    """Tokens needed to reach each target loss against model size N."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, t in enumerate(se.get("targets", [])):
+        pts = [(s["N"], s["tokens_to_target"][f"{t:g}"]) for s in se["sizes"]
+               if s["tokens_to_target"].get(f"{t:g}")]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"loss {t:g}")
+    return _finish(plt, fig, ax, out_png, "non-embedding parameters N", "tokens to reach the loss",
+                   "sample efficiency: tokens each size needs to reach a validation loss")

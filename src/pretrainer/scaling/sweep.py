@@ -1,0 +1,735 @@
+"""Scaling sweeps: train a grid of model sizes x token budgets (or an IsoFLOP set) from one base
+config, record (N, D, C, loss) per run in ``DIR/sweep.jsonl``, then fit, plan and plot.
+
+Sizes are written ``WIDTHxDEPTH`` (``64x2`` = d_model 64, 2 layers) or ``WIDTHxDEPTHxHEADS``.
+Without HEADS, the base model's head width is kept (n_head = d_model / head_dim); ``d_ff`` and
+``n_kv_heads`` keep the base model's ratios. Every other model and training option comes from
+the base config.
+
+A token budget D becomes ``train.max_steps = round(D / (batch_size * seq_len * grad_accum))``, and
+the recorded D is the number of tokens actually trained on (steps x tokens per step). N is the
+non-embedding parameter count of :func:`pretrainer.model.info.model_info` (Kaplan's N), C = 6 N D
+and ``C_attn`` = (6 N + 6 n_layer seq_len d_model) D (Kaplan's count with the attention term).
+
+Learning rate, recorded per run as ``lr`` and ``lr_rule``:
+
+* ``fixed``: the base config's ``train.lr`` for every size;
+* ``mup``: ``lr = base_lr * base_width / d_model`` for the whole model. This is the simplest honest
+  reading of µP's width rule (Yang et al. 2022, hidden matrices' Adam rate proportional to
+  1/width), applied to every parameter; initialisation is not changed, so it is width-scaled
+  rates, not full µP;
+* ``search``: for each size, the candidate rates are trained on a short budget (the smallest of the
+  sweep unless given) and the rate with the lowest final validation loss is used for every budget
+  of that size. Search runs are recorded in ``DIR/lr_search.jsonl``; the search run at the best
+  rate *is* the grid run when the budgets agree (same name, trained once).
+
+Warnings (recorded in each row's ``warnings``): ``epochs`` > 1 (the run repeats training data), and
+``late_drop`` > ``converge_tol``: the training loss still falls by more than that fraction over
+the last 20 % of the steps (mean logged loss over steps 70-80 % vs 90-100 % of the run, relative
+to the latter), i.e. the run stopped far from converged. Both bend a fit.
+
+Resumable: a run whose folder holds a checkpoint at its last step and a final validation loss is
+finished and is not trained again; a run with earlier checkpoints resumes from the newest.
+``print_commands`` writes each run's config under ``DIR/configs/`` and prints one
+``pretrainer pretrain`` command per unfinished run instead of training; running the sweep again
+afterwards collects the finished runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import RunConfig, apply_override, from_dict, save_config
+from ..errors import CheckpointError, ConfigError, DataError, PretrainerError
+
+SWEEP_FILE = "sweep.jsonl"
+LR_SEARCH_FILE = "lr_search.jsonl"
+LATE_WINDOWS = ((0.7, 0.8), (0.9, 1.0))  # fractions of the run compared by the convergence check
+_SIZE = re.compile(r"^\s*(\d+)\s*[x:]\s*(\d+)\s*(?:[x:]\s*(\d+))?\s*$")
+_COUNT = re.compile(r"^\s*([0-9.]+(?:e[+-]?\d+)?)\s*([kmgt]?)\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+#: sweep options and their defaults; a ``sweep:`` section of the base YAML may set any of them
+DEFAULTS = {
+    "sizes": None, "tokens": None, "isoflop": None, "lr_search": None, "lr_scaling": "fixed",
+    "base_width": None, "lr_search_tokens": None, "corpus": None, "tokenizer": "char",
+    "evals": 8, "min_steps": 20, "converge_tol": 0.03, "plan_compute": None, "bootstrap": 200,
+    "targets": None,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass(frozen=True)
+class Size:
+    d_model: int
+    n_layer: int
+    n_head: int
+
+    @property
+    def label(self) -> str:
+        return f"d{self.d_model}-l{self.n_layer}"
+
+
+def parse_count(text, what: str = "value") -> float:
+    """``2e6``, ``500k``, ``1.5M``, ``3G`` -> float."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        v = float(text)
+    else:
+        m = _COUNT.match(str(text))
+        if not m:
+            raise ConfigError(f"{what} '{text}': expected a positive number such as 2e6, 500k or 1.5M")
+        v = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{what} '{text}': expected a positive number such as 2e6, 500k or 1.5M")
+    return v
+
+
+def _items(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [s for s in str(value).split(",") if s.strip()]
+
+
+def parse_sizes(value, base) -> list[Size]:
+    """``"32x2,64x2,128x4"`` (WIDTHxDEPTH[xHEADS]) against the base ModelConfig's head width."""
+    items = _items(value)
+    if not items:
+        raise ConfigError("sizes: missing; expected WIDTHxDEPTH pairs such as --sizes 32x2,64x2,128x4")
+    head_dim = base.d_model // base.n_head
+    out = []
+    for item in items:
+        m = _SIZE.match(str(item))
+        if not m:
+            raise ConfigError(f"sizes: '{item}' is not WIDTHxDEPTH or WIDTHxDEPTHxHEADS (e.g. 64x2 or 64x2x4)")
+        d, L = int(m.group(1)), int(m.group(2))
+        if m.group(3):
+            h = int(m.group(3))
+        elif d % head_dim == 0:
+            h = d // head_dim
+        else:
+            raise ConfigError(f"sizes: width {d} is not a multiple of the base head width {head_dim} "
+                              f"(d_model {base.d_model} / n_head {base.n_head}); give heads as {d}x{L}xHEADS")
+        if d <= 0 or L <= 0 or h <= 0 or d % h:
+            raise ConfigError(f"sizes: '{item}': width {d} must be positive and divisible by {h} heads")
+        out.append(Size(d, L, h))
+    if len(set(out)) != len(out):
+        raise ConfigError("sizes: the same size is listed twice")
+    return out
+
+
+def model_for(base, size: Size):
+    """The base ModelConfig resized: width, depth, heads; d_ff and n_kv_heads keep their ratios."""
+    m = copy.deepcopy(base)
+    ratio = size.d_model / base.d_model
+    m.d_model, m.n_layer, m.n_head = size.d_model, size.n_layer, size.n_head
+    if base.d_ff is not None:
+        m.d_ff = max(8, int(round(base.d_ff * ratio / 8)) * 8)
+    if base.n_kv_heads is not None:
+        kv = max(1, round(size.n_head * base.n_kv_heads / base.n_head))
+        while size.n_head % kv:
+            kv -= 1
+        m.n_kv_heads = kv
+    m.validate()
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning the runs
+
+
+@dataclass
+class RunSpec:
+    name: str
+    size: Size
+    steps: int
+    lr: float
+    lr_rule: str
+    role: str  # grid | isoflop | lr_search
+    cfg: RunConfig
+    N: int
+    params: int
+    flops_per_token_attn: int
+    c_target: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        t = self.cfg.train
+        return self.steps * t.batch_size * t.seq_len * t.grad_accum
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    t = cfg.train
+    return t.batch_size * t.seq_len * t.grad_accum
+
+
+def _run_name(size: Size, steps: int, lr: float) -> str:
+    return f"{size.label}-{steps}steps-lr{lr:.3g}"
+
+
+def make_spec(base: RunConfig, out: Path, size: Size, steps: int, lr: float, lr_rule: str, role: str,
+              evals: int, c_target=None) -> RunSpec:
+    from ..model.info import model_info
+
+    cfg = copy.deepcopy(base)
+    cfg.model = model_for(base.model, size)
+    name = _run_name(size, steps, lr)
+    cfg.out = str(out / "runs" / name)
+    t = cfg.train
+    t.max_steps, t.lr = steps, lr
+    t.eval_every = max(1, steps // evals) if evals else 0
+    t.checkpoint_every = max(t.eval_every, steps // 4)
+    t.keep_checkpoints = 1
+    t.warmup_steps = min(t.warmup_steps, steps // 5)
+    t.log_every = max(1, min(t.log_every, steps // 50))
+    cfg.validate()
+    info = model_info(cfg.model, t.seq_len)
+    return RunSpec(name, size, steps, lr, lr_rule, role, cfg, info["params_non_embedding"], info["params"],
+                   info["flops_per_token_kaplan"], c_target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run folder
+
+
+def _metrics(run: Path) -> list[dict]:
+    f = run / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    return rows
+
+
+def is_finished(run: Path, steps: int) -> bool:
+    """A checkpoint at ``steps`` that verifies and a validation loss logged at ``steps``."""
+    from ..train.checkpoint import latest_checkpoint
+
+    try:
+        _, meta = latest_checkpoint(run, warn=lambda s: None)
+    except CheckpointError:
+        return False
+    if meta.get("step") != steps:
+        return False
+    return any(r.get("step") == steps and "val_loss" in r for r in _metrics(run))
+
+
+def late_drop(train_curve: list[tuple[int, float]], steps: int) -> float | None:
+    """Relative fall of the logged training loss over the last 20 % of the run: mean over steps in
+    70-80 % of ``steps`` minus mean over 90-100 %, divided by the latter (None: too few points)."""
+    means = []
+    for lo, hi in LATE_WINDOWS:
+        vals = [loss for s, loss in train_curve if lo * steps < s <= hi * steps]
+        if not vals:
+            return None
+        means.append(sum(vals) / len(vals))
+    return (means[0] - means[1]) / means[1]
+
+
+def record_for(spec: RunSpec, out: Path, train_tokens: int, converge_tol: float, wall_s: float | None) -> dict:
+    """The sweep.jsonl row of a finished run, from its metrics.jsonl."""
+    run = Path(spec.cfg.out)
+    rows = _metrics(run)
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if not val:
+        raise DataError(f"{run / 'metrics.jsonl'}: no validation loss (expected a finished run)")
+    if wall_s is None:  # trained elsewhere (--print-commands): the logged step times
+        wall_s, prev = 0.0, 0
+        for s, r in ((r["step"], r) for r in rows if "ms_per_step" in r):
+            wall_s += r["ms_per_step"] * (s - prev) / 1000
+            prev = s
+    D = spec.tokens
+    drop = late_drop(train, spec.steps)
+    epochs = D / train_tokens
+    warnings = []
+    if epochs > 1:
+        warnings.append(f"repeats data: {epochs:.2f} passes over the {train_tokens:,} training tokens")
+    if drop is not None and drop > converge_tol:
+        warnings.append(f"far from converged: training loss fell {drop:.1%} over the last 20% of steps "
+                        f"(threshold {converge_tol:.0%})")
+    rec = {
+        "name": spec.name, "run": str(run.relative_to(out)) if run.is_relative_to(out) else str(run),
+        "role": spec.role, "d_model": spec.size.d_model, "n_layer": spec.size.n_layer, "n_head": spec.size.n_head,
+        "N": spec.N, "params": spec.params, "D": D, "steps": spec.steps, "tokens_per_step": tokens_per_step(spec.cfg),
+        "C": 6.0 * spec.N * D, "C_attn": float(spec.flops_per_token_attn) * D,
+        "loss": val[-1][1], "final_val_loss": val[-1][1], "best_val_loss": min(v for _, v in val),
+        "final_train_loss": train[-1][1] if train else None,
+        "wall_s": round(wall_s, 2), "lr": spec.lr, "lr_rule": spec.lr_rule, "epochs": epochs,
+        "late_drop": drop, "warnings": warnings, "curve": [[t, v] for t, v in val],
+    }
+    if spec.c_target is not None:
+        rec["C_target"] = spec.c_target
+    rec.update(spec.extra)
+    return rec
+
+
+def _read_jsonl(path: Path) -> dict[str, dict]:
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                out[r["name"]] = r
+    return out
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis helpers (pure functions, tested on hand-made data)
+
+
+def tokens_to_reach(curve, target: float) -> float | None:
+    """Tokens at which a validation curve [(tokens, loss), ...] first reaches ``target``: linear
+    interpolation between the last point above and the first point at or below. None if never."""
+    pts = sorted((float(t), float(v)) for t, v in curve)
+    for i, (t, v) in enumerate(pts):
+        if v <= target:
+            if i == 0:
+                return t
+            t0, v0 = pts[i - 1]
+            return t0 + (t - t0) * (v0 - target) / (v0 - v)
+    return None
+
+
+def sample_efficiency(records: list[dict], targets=None) -> dict:
+    """Tokens each model size needs to reach target losses, from the validation curve of its
+    longest run. Default targets: the lowest loss every size reaches (L*), and 1.05 L*, 1.1 L*."""
+    by_size: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["d_model"], r["n_layer"])
+        if key not in by_size or r["D"] > by_size[key]["D"]:
+            by_size[key] = r
+    longest = sorted(by_size.values(), key=lambda r: r["N"])
+    if not longest:
+        return {"targets": [], "sizes": [], "larger_needs_fewer": {}}
+    if targets is None:
+        floor = max(min(v for _, v in r["curve"]) for r in longest)
+        targets = [math.ceil(floor * f * 1e4) / 1e4 for f in (1.1, 1.05, 1.0)]  # rounded up: still reached
+    targets = [float(t) for t in targets]
+    sizes = []
+    for r in longest:
+        sizes.append({"name": r["name"], "N": r["N"], "d_model": r["d_model"], "n_layer": r["n_layer"],
+                      "D": r["D"], "tokens_to_target": {f"{t:g}": tokens_to_reach(r["curve"], t) for t in targets}})
+    verdict = {}
+    for t in targets:
+        need = [s["tokens_to_target"][f"{t:g}"] for s in sizes]
+        reached = [x for x in need if x is not None]
+        verdict[f"{t:g}"] = (len(reached) == len(need) and len(need) >= 2
+                             and all(b <= a for a, b in zip(need, need[1:])))
+    return {"targets": targets, "method": "validation curve of each size's longest run, linear interpolation "
+            "in tokens between evaluations", "sizes": sizes, "larger_needs_fewer": verdict}
+
+
+def isoflop_minimum(N, L) -> dict | None:
+    """Parabola L = a x^2 + b x + c in x = ln N through IsoFLOP points; its minimum N_opt = e^(-b/2a).
+    None when fewer than 3 sizes or the parabola opens downwards."""
+    import numpy as np
+
+    x, y = np.log(np.asarray(N, dtype=float)), np.asarray(L, dtype=float)
+    if np.unique(x).size < 3:
+        return None
+    a, b, c = np.polyfit(x, y, 2)
+    if a <= 0:
+        return None
+    xo = -b / (2 * a)
+    return {"N_opt": float(math.exp(xo)), "loss_min": float(c - b * b / (4 * a)), "coef": [float(a), float(b), float(c)],
+            "inside_range": bool(x.min() <= xo <= x.max())}
+
+
+def isoflop_sets(records: list[dict]) -> list[dict]:
+    """IsoFLOP groups (rows with the same ``C_target``), each with its parabola minimum."""
+    groups: dict[float, list[dict]] = {}
+    for r in records:
+        if r.get("C_target"):
+            groups.setdefault(r["C_target"], []).append(r)
+    out = []
+    for c, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["N"])
+        out.append({"C": c, "N": [r["N"] for r in rs], "loss": [r["loss"] for r in rs],
+                    "minimum": isoflop_minimum([r["N"] for r in rs], [r["loss"] for r in rs])})
+    return out
+
+
+def loss_falls_with_n(records: list[dict]) -> dict:
+    """For each budget D shared by several sizes: is the final loss strictly lower for every larger N?"""
+    by_d: dict[int, list[dict]] = {}
+    for r in records:
+        by_d.setdefault(r["D"], []).append(r)
+    out = {}
+    for d, rs in sorted(by_d.items()):
+        if len(rs) >= 2:
+            rs = sorted(rs, key=lambda r: r["N"])
+            out[str(d)] = all(b["loss"] < a["loss"] for a, b in zip(rs, rs[1:]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _options(raw_sweep: dict, given: dict) -> dict:
+    unknown = set(raw_sweep) - set(DEFAULTS)
+    if unknown:
+        raise ConfigError(f"sweep: unknown key '{sorted(unknown)[0]}' (known: {', '.join(DEFAULTS)})")
+    opts = dict(DEFAULTS)
+    opts.update(raw_sweep)
+    opts.update({k: v for k, v in given.items() if v is not None})
+    if opts["lr_scaling"] not in ("fixed", "mup"):
+        raise ConfigError(f"lr_scaling '{opts['lr_scaling']}': expected fixed or mup")
+    if opts["lr_search"] and opts["lr_scaling"] == "mup":
+        raise ConfigError("lr_search and lr_scaling=mup exclude each other: search the rates, or scale them")
+    if bool(opts["tokens"]) == bool(opts["isoflop"]):
+        raise ConfigError("give token budgets (--tokens 1M,3M) or compute budgets (--isoflop 1e13,3e13), one of the two")
+    return opts
+
+
+def load_base(config: str, overrides=()) -> tuple[RunConfig, dict]:
+    """The base RunConfig and the ``sweep:`` section of a YAML file (plus key=value overrides)."""
+    from ..config import _find_config_file
+
+    file = _find_config_file(config)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping of config keys at the top level")
+    sweep = raw.pop("sweep", None) or {}
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{file}: 'sweep' must be a mapping of sweep options")
+    cfg = from_dict(raw, where=str(file))
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg, sweep
+
+
+def _prepare_data(base: RunConfig, out: Path, opts: dict, say) -> dict:
+    from ..data.prepare import load_manifest, prepare
+
+    if opts["corpus"]:
+        data = out / "data"
+        try:
+            manifest = load_manifest(data)
+            say(f"data: reusing {data}")
+        except DataError:
+            say(f"data: preparing {opts['corpus']} with tokenizer {opts['tokenizer']} into {data}")
+            manifest = prepare(opts["corpus"], opts["tokenizer"], str(data), overwrite=True, progress=False)
+        base.data = str(data)
+    elif not base.data:
+        raise ConfigError("data: missing; set 'data:' in the base config or give --corpus builtin:stdlib")
+    else:
+        manifest = load_manifest(base.data)
+    if base.model.vocab_size is None:
+        base.model.vocab_size = int(manifest["vocab_size"])
+    return manifest
+
+
+def plan_sweep(base: RunConfig, out: Path, opts: dict) -> tuple[list[RunSpec], dict[int, list[RunSpec]]]:
+    """The main runs, and for an lr search the candidate runs per size index."""
+    sizes = parse_sizes(opts["sizes"], base.model)
+    tps = tokens_per_step(base)
+    base_lr = base.train.lr
+    base_width = int(opts["base_width"] or base.model.d_model)
+    plans: list[tuple[Size, int, float | None]] = []  # size, steps, C target
+    if opts["tokens"]:
+        budgets = sorted({parse_count(t, "tokens") for t in _items(opts["tokens"])})
+        for size in sizes:
+            for d in budgets:
+                steps = max(1, round(d / tps))
+                plans.append((size, steps, None))
+    else:
+        from ..model.info import model_info
+
+        budgets = sorted({parse_count(c, "isoflop") for c in _items(opts["isoflop"])})
+        n_of = {s: model_info(model_for(base.model, s), base.train.seq_len)["params_non_embedding"] for s in sizes}
+        for c in budgets:
+            kept = [(s, round(c / (6 * n_of[s]) / tps)) for s in sizes]
+            kept = [(s, st) for s, st in kept if st >= opts["min_steps"]]
+            if len(kept) < 3:
+                print(f"warning: isoflop C={c:.3g}: only {len(kept)} size(s) get at least {opts['min_steps']} "
+                      "steps; a parabola needs 3", file=sys.stderr)
+            plans += [(s, st, c) for s, st in kept]
+    short = [(s, st) for s, st, _ in plans if st < opts["min_steps"]]
+    if short:
+        raise ConfigError(f"{short[0][0].label}: {short[0][1]} steps at {tps:,} tokens per step, fewer than "
+                          f"min_steps={opts['min_steps']}; raise the token budget")
+    evals = int(opts["evals"])
+    role = "grid" if opts["tokens"] else "isoflop"
+    search: dict[int, list[RunSpec]] = {}
+    if opts["lr_search"]:
+        rates = sorted({parse_count(r, "lr_search") for r in _items(opts["lr_search"])})
+        if opts["lr_search_tokens"]:
+            s_steps = max(1, round(parse_count(opts["lr_search_tokens"], "lr_search_tokens") / tps))
+        else:
+            s_steps = min(st for _, st, _ in plans)
+        for i, size in enumerate(sizes):
+            search[i] = [make_spec(base, out, size, s_steps, lr, "search", "lr_search", evals) for lr in rates]
+    specs = []
+    for size, steps, c in plans:
+        lr = base_lr * base_width / size.d_model if opts["lr_scaling"] == "mup" else base_lr
+        rule = "search" if opts["lr_search"] else opts["lr_scaling"]
+        specs.append(make_spec(base, out, size, steps, lr, rule, role, evals, c))
+    return specs, search
+
+
+def _command(spec: RunSpec, out: Path) -> str:
+    cfg_file = out / "configs" / f"{spec.name}.yaml"
+    cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    save_config(spec.cfg, cfg_file)
+    run = Path(spec.cfg.out)
+    from ..train.checkpoint import list_checkpoints
+
+    if list_checkpoints(run):
+        return f"pretrainer pretrain --quiet --resume {shlex.quote(str(run))}"
+    return f"pretrainer pretrain --quiet -c {shlex.quote(str(cfg_file))}"
+
+
+def _train_one(spec: RunSpec, out: Path, train_tokens: int, opts: dict, say, i: int, n: int) -> dict:
+    from ..train.checkpoint import list_checkpoints
+    from ..train.trainer import train
+
+    run = Path(spec.cfg.out)
+    resume = bool(list_checkpoints(run))
+    say(f"[{i}/{n}] {spec.name}: N={spec.N:,}, D={spec.tokens:,} tokens, lr {spec.lr:.3g} ({spec.lr_rule})"
+        f"{' - resuming' if resume else ''}")
+    t0 = time.perf_counter()
+    train(copy.deepcopy(spec.cfg), resume=resume, quiet=True)
+    wall = time.perf_counter() - t0
+    rec = record_for(spec, out, train_tokens, opts["converge_tol"], wall)
+    say(f"        val loss {rec['loss']:.4f} (best {rec['best_val_loss']:.4f}) in {wall:.0f} s"
+        + "".join(f"\n        warning: {w}" for w in rec["warnings"]))
+    return rec
+
+
+def _collect(spec, out, train_tokens, opts, known: dict, say, counter, total, print_commands, commands):
+    """The record of ``spec``: known, collected from a finished folder, trained, or a command."""
+    if spec.name in known:
+        return known[spec.name], False
+    run = Path(spec.cfg.out)
+    if is_finished(run, spec.steps):
+        rec = record_for(spec, out, train_tokens, opts["converge_tol"], None)
+        return rec, True
+    if print_commands:
+        commands.append(_command(spec, out))
+        return None, False
+    counter[0] += 1
+    return _train_one(spec, out, train_tokens, opts, say, counter[0], total), True
+
+
+def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quiet: bool = False, **given) -> dict:
+    """Plan, train (or print the commands of), record, fit, plan and plot a sweep. Returns the summary
+    (or ``{"commands": [...]}`` with ``print_commands``)."""
+    out = Path(out)
+    say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    base, raw_sweep = load_base(config, overrides)
+    opts = _options(raw_sweep, given)
+    base.out = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _prepare_data(base, out, opts, say)
+    train_tokens = int(manifest["splits"]["train"]["tokens"])
+    base.validate()
+    specs, search = plan_sweep(base, out, opts)
+
+    sweep_file, search_file = out / SWEEP_FILE, out / LR_SEARCH_FILE
+    known, known_search = _read_jsonl(sweep_file), _read_jsonl(search_file)
+    commands: list[str] = []
+    n_search = sum(len(v) for v in search.values())
+    total = sum(1 for s in specs if s.name not in known) + sum(
+        1 for v in search.values() for s in v if s.name not in known_search)
+    counter = [0]
+
+    # 1. learning-rate search: per size, the candidate rates on the short budget
+    best_lr: dict[Size, dict] = {}
+    search_pending = False
+    for runs in search.values():
+        recs = []
+        for spec in runs:
+            rec, new = _collect(spec, out, train_tokens, opts, known_search, say, counter, total,
+                                print_commands, commands)
+            if rec is None:
+                search_pending = True
+                continue
+            if new:
+                _append_jsonl(search_file, rec)
+                known_search[spec.name] = rec
+            recs.append(rec)
+        if len(recs) == len(runs):
+            best = min(recs, key=lambda r: r["loss"])
+            best_lr[runs[0].size] = {"lr": best["lr"], "losses": {f"{r['lr']:.3g}": r["loss"] for r in recs}}
+            say(f"lr search {runs[0].size.label}: " + ", ".join(f"{r['lr']:.3g} -> {r['loss']:.4f}" for r in recs)
+                + f"; best {best['lr']:.3g}")
+    if search_pending:
+        commands.append(f"# then run the same 'pretrainer scaling sweep ... --print-commands' again for the main runs "
+                        f"(their learning rates come from these {n_search} search runs)")
+        return {"commands": commands}
+
+    # 2. the main runs, at the chosen rates
+    records = []
+    for spec in specs:
+        if spec.size in best_lr:
+            spec = make_spec(base, out, spec.size, spec.steps, best_lr[spec.size]["lr"], "search", spec.role,
+                             int(opts["evals"]), spec.c_target)
+            spec.extra = {"lr_search": best_lr[spec.size]["losses"]}
+            if spec.name in known_search and spec.name not in known:  # the search run at the best rate
+                known[spec.name] = {**known_search[spec.name], "role": spec.role, **spec.extra,
+                                    **({"C_target": spec.c_target} if spec.c_target else {})}
+                _append_jsonl(sweep_file, known[spec.name])
+        rec, new = _collect(spec, out, train_tokens, opts, known, say, counter, total, print_commands, commands)
+        if rec is None:
+            continue
+        if new:
+            _append_jsonl(sweep_file, rec)
+            known[spec.name] = rec
+        records.append(rec)
+    if print_commands:
+        return {"commands": commands}
+    summary = analyse(records, out, opts, best_lr={s.label: v for s, v in best_lr.items()})
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Fits, plan, plots, summary
+
+
+SUMMARY_COLUMNS = ["name", "role", "d_model", "n_layer", "n_head", "N", "params", "D", "steps", "C", "C_attn",
+                   "loss", "final_val_loss", "best_val_loss", "final_train_loss", "wall_s", "lr", "lr_rule",
+                   "epochs", "late_drop", "C_target", "warnings"]
+
+
+def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = None) -> dict:
+    """Fits (Kaplan, and Chinchilla where N and D both vary), a plan, sample efficiency, IsoFLOP
+    minima, plots; writes summary.json, summary.csv, fit.json, plan.json and the PNGs into ``out``."""
+    from . import plots
+    from .fit import choose_form, fit_kaplan, fit_points
+    from .plan import plan
+
+    out = Path(out)
+    records = sorted(records, key=lambda r: (r["N"], r["D"]))
+    # this sweep's rows only (sweep.jsonl may also hold runs of earlier settings)
+    points = [{k: r[k] for k in ("N", "D", "C", "loss")} for r in records]
+    n_boot = int(opts.get("bootstrap") or 200)
+    summary: dict = {"out": str(out), "n_runs": len(records), "records": [
+        {k: r.get(k) for k in SUMMARY_COLUMNS} for r in records]}
+    warnings = []
+    kaplan = None
+    try:
+        kaplan = fit_kaplan(points, n_boot=n_boot, source=str(out))
+    except PretrainerError as e:
+        warnings.append(f"Kaplan fit: {e}")
+    form = choose_form(points)
+    fit = None
+    if form == "chinchilla":
+        try:
+            fit = fit_points(points, "chinchilla", n_boot=n_boot, source=str(out))
+        except PretrainerError as e:
+            warnings.append(f"Chinchilla fit: {e}")
+    fit = fit or kaplan
+    if fit is not None:
+        fit.setdefault("source", str(out))
+        _write_atomic(out / "fit.json", json.dumps(fit, indent=2) + "\n")
+    if kaplan is not None:
+        _write_atomic(out / "fit_kaplan.json", json.dumps(kaplan, indent=2) + "\n")
+    c_max = max(r["C"] for r in records) if records else 0
+    compute = float(parse_count(opts["plan_compute"], "plan_compute")) if opts.get("plan_compute") else 10 * c_max
+    the_plan = plan(fit, compute) if fit is not None and compute > 0 else None
+    if the_plan is not None:
+        _write_atomic(out / "plan.json", json.dumps(the_plan, indent=2) + "\n")
+    se = sample_efficiency(records, opts.get("targets") and [parse_count(t, "targets") for t in _items(opts["targets"])])
+    iso = isoflop_sets(records)
+    if kaplan:
+        lawN = kaplan["laws"].get("N")
+        summary["L_of_N"] = lawN and {"alpha_N": lawN["params"]["alpha_N"], "N_c": lawN["params"]["N_c"],
+                                      "r2": lawN["r2"], "interval_alpha_N": lawN["intervals"]["alpha_N"],
+                                      "selection": lawN.get("selection")}
+        for var in ("D", "C"):
+            law = kaplan["laws"].get(var)
+            if law:
+                summary[f"L_of_{var}"] = {f"alpha_{var}": law["params"][f"alpha_{var}"], f"{var}_c": law["params"][f"{var}_c"],
+                                          "r2": law["r2"], "selection": law.get("selection")}
+    if fit is not None and fit["form"] == "chinchilla":
+        summary["chinchilla"] = {"params": fit["params"], "intervals": {k: fit["intervals"].get(k) for k in fit["params"]},
+                                 "r2": fit["r2"], "flags": fit["flags"]}
+    if the_plan is not None:
+        summary["plan"] = {k: the_plan.get(k) for k in ("compute", "form", "ours", "rule_20_tokens", "flags")}
+        summary["plan"]["chinchilla_paper"] = {k: the_plan["chinchilla_paper"][k] for k in ("N", "D", "tokens_per_param")}
+    summary["loss_falls_with_N_at_fixed_D"] = loss_falls_with_n(records)
+    summary["sample_efficiency"] = se
+    if iso:
+        summary["isoflop"] = iso
+    if best_lr:
+        summary["lr_search"] = best_lr
+    summary["lr_rule"] = sorted({r["lr_rule"] for r in records})
+    summary["warnings"] = warnings + [f"{r['name']}: {w}" for r in records for w in r["warnings"]]
+    summary["wall_s_total"] = round(sum(r["wall_s"] or 0 for r in records), 1)
+
+    files = {}
+    try:
+        files["loss_curves"] = plots.plot_loss_curves(records, out / "loss_curves.png")
+        if kaplan:
+            for var in ("N", "D", "C"):
+                files[f"loss_vs_{var}"] = plots.plot_loss_vs(records, kaplan, var, out / f"loss_vs_{var}.png")
+        files["isoflop"] = plots.plot_isoflop(records, iso, fit, out / "isoflop.png")
+        if fit is not None:
+            files["frontier"] = plots.plot_plan(fit, out / "frontier.png", compute=compute,
+                                                measured=_frontier_points(records, iso))
+        files["sample_efficiency"] = plots.plot_sample_efficiency(se, out / "sample_efficiency.png")
+    except ImportError as e:  # matplotlib missing
+        warnings.append(f"no plots: {e}")
+    summary["files"] = {k: str(v) for k, v in files.items() if v}
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_csv(out / "summary.csv", summary["records"])
+    return summary
+
+
+def _frontier_points(records: list[dict], iso: list[dict]) -> list[tuple[float, float, str]]:
+    from .fit import _compute_frontier
+
+    pts = [(r["C"], r["N"], "measured compute-efficient frontier") for r in _compute_frontier(records)]
+    pts += [(g["C"], g["minimum"]["N_opt"], "IsoFLOP parabola minima") for g in iso if g["minimum"]]
+    return pts
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in r.items()})
+    os.replace(tmp, path)
