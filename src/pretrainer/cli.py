@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import PretrainerError
+from .finetune import cli as finetune_cli
 
 
 def _json_out(obj) -> None:
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "unfinished run (for a cluster) instead of training; run the sweep again to collect")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_scaling_sweep)
+
+    finetune_cli.register(sub)  # finetune, predict
 
     s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
     s.add_argument("--out", default="runs/quickstart")

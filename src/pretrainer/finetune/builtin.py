@@ -1,0 +1,169 @@
+"""Built-in labeled tasks made from the embedded corpus (the running interpreter's standard
+library), so that fine-tuning runs offline on every machine. Both are deterministic: the same
+Python version gives the same examples in the same order.
+
+- ``builtin:stdlib-package`` (classification, 10 labels): which top-level package a function comes
+  from, among ``asyncio email http idlelib importlib multiprocessing tkinter unittest urllib xml``.
+  The text is the function's source (methods included, nested functions inside their parent),
+  dedented, with its docstring removed. At most 300 training and 75 evaluation examples per
+  package (fewer for the small packages).
+- ``builtin:stdlib-docstring`` (text-pair classification, ``matched``/``shuffled``): a docstring
+  (text) and a function's source without it (text pair); half the pairs are the function's own
+  docstring, half another function's, drawn from the same split; every function of the packages
+  above that has a docstring (about 1,400 training and 370 evaluation pairs on Python 3.11, at
+  most 2,000 and 500).
+
+Train and eval are split **by file** (about a fifth of each package's functions, in whole files,
+go to eval), so no file contributes to both. ``builtin:NAME:N`` caps training at N examples per
+package (``stdlib-package``) or N pairs (``stdlib-docstring``), and eval at a quarter of that.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import sysconfig
+import textwrap
+from pathlib import Path
+
+from ..data.corpus import stdlib_files
+from ..errors import DataError
+
+PACKAGES = ("asyncio", "email", "http", "idlelib", "importlib", "multiprocessing", "tkinter",
+            "unittest", "urllib", "xml")
+#: builtin task name -> (fine-tuning task, default training cap)
+BUILTIN_TASKS = {"stdlib-package": ("classification", 300), "stdlib-docstring": ("classification", 2000)}
+SPLITS = ("train", "eval")
+EVAL_SHARE = 0.2
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+def _key(*parts) -> str:
+    """A stable pseudo-random sort key (the same on every machine and Python version)."""
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_functions() -> tuple[dict, ...]:
+    """Every function and method of the :data:`PACKAGES` (test suites left out) as
+    ``{"package", "file", "line", "code", "doc"}``; ``code`` has no docstring, duplicates dropped."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, seen = [], set()
+    for path in stdlib_files():
+        parts = path.relative_to(root).parts
+        if len(parts) < 2 or parts[0] not in PACKAGES:
+            continue
+        if any(p in _TEST_DIRS or p.startswith("test_") for p in parts[:-1]) or parts[-1].startswith("test_"):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        lines = source.splitlines()
+        rel = "/".join(parts)
+        for node in _functions(tree):
+            item = _function_text(node, lines)
+            if item is None or item[0] in seen:
+                continue
+            seen.add(item[0])
+            out.append({"package": parts[0], "file": rel, "line": node.lineno, "code": item[0], "doc": item[1]})
+    return tuple(out)
+
+
+def _functions(tree: ast.Module):
+    """Module-level functions and the methods of module-level classes."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        elif isinstance(node, ast.ClassDef):
+            yield from (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def _function_text(node, lines: list[str]) -> tuple[str, str | None] | None:
+    """``(source without docstring, docstring)``, or None for a function too small to classify."""
+    body = node.body
+    doc = ast.get_docstring(node)
+    keep = list(range(node.lineno - 1, node.end_lineno))
+    if doc is not None:
+        first = body[0]
+        if first.lineno == node.lineno or len(body) < 2:
+            return None  # a one-line def, or nothing left without the docstring
+        drop = set(range(first.lineno - 1, first.end_lineno))
+        keep = [i for i in keep if i not in drop]
+    code = textwrap.dedent("\n".join(lines[i] for i in keep))
+    if sum(1 for line in code.splitlines() if line.strip()) < 3:
+        return None
+    return code, doc
+
+
+def _split_by_file(items: list[dict]) -> dict[str, list[dict]]:
+    """About :data:`EVAL_SHARE` of the items, in whole files, to eval; the rest to train."""
+    by_file: dict[str, list[dict]] = {}
+    for it in items:
+        by_file.setdefault(it["file"], []).append(it)
+    target = EVAL_SHARE * len(items)
+    split = {"train": [], "eval": []}
+    taken = 0
+    for file in sorted(by_file, key=lambda f: _key("file", f)):
+        n = len(by_file[file])
+        if taken < target and taken + n <= 1.5 * target:
+            split["eval"] += by_file[file]
+            taken += n
+        else:
+            split["train"] += by_file[file]
+    return split
+
+
+def _parse(source: str) -> tuple[str, int | None]:
+    name, _, count = source.removeprefix("builtin:").partition(":")
+    if name not in BUILTIN_TASKS:
+        raise DataError(f"'{source}': unknown built-in task (expected one of "
+                        f"{', '.join('builtin:' + n for n in BUILTIN_TASKS)}, optionally with ':N')")
+    if count and not (count.isdigit() and int(count) > 0):
+        raise DataError(f"'{source}': expected builtin:{name}:N with N a positive number")
+    return name, int(count) if count else None
+
+
+def builtin_name(source: str) -> str:
+    return _parse(source)[0]
+
+
+def builtin_rows(source: str, split: str) -> tuple[str, list[tuple[str, dict]]]:
+    """``(fine-tuning task name, [(where, row)])`` for a built-in task's ``split`` (train or eval)."""
+    name, cap = _parse(source)
+    if split not in SPLITS:
+        raise DataError(f"'{source}': no split '{split}' (expected train or eval)")
+    task, default_cap = BUILTIN_TASKS[name]
+    cap = cap or default_cap
+    limit = cap if split == "train" else max(1, cap // 4)
+    rows = _package_rows(split, limit) if name == "stdlib-package" else _docstring_rows(split, limit)
+    return task, [(f"builtin:{name} {split} {where}", row) for where, row in rows]
+
+
+def _package_rows(split: str, per_class: int) -> list[tuple[str, dict]]:
+    rows = []
+    for package in PACKAGES:
+        items = [f for f in stdlib_functions() if f["package"] == package]
+        chosen = sorted(_split_by_file(items)[split], key=lambda f: _key(f["file"], f["line"]))[:per_class]
+        rows += [(f"{f['file']}:{f['line']}", {"text": f["code"], "label": package}) for f in chosen]
+    rows.sort(key=lambda r: _key("order", r[0]))
+    return rows
+
+
+def _docstring_rows(split: str, limit: int) -> list[tuple[str, dict]]:
+    items = [f for f in stdlib_functions() if f["doc"] and f["doc"].strip()]
+    pool = sorted(_split_by_file(items)[split], key=lambda f: _key(f["file"], f["line"]))[:limit]
+    n = len(pool)
+    rows = []
+    for i, f in enumerate(pool):
+        if i % 2 == 0:
+            doc, label = f["doc"], "matched"
+        else:  # another function's docstring, from a fixed pseudo-random partner in the same split
+            j = (i + 1 + int(_key("partner", i), 16) % max(1, n - 1)) % n
+            while pool[j]["doc"] == f["doc"]:
+                j = (j + 1) % n
+            doc, label = pool[j]["doc"], "shuffled"
+        rows.append((f"{f['file']}:{f['line']}", {"text": doc, "text_pair": f["code"], "label": label}))
+    return rows

@@ -1,0 +1,82 @@
+"""``pretrainer finetune`` and ``pretrainer predict``: parse, call :mod:`pretrainer.finetune`,
+print. ``register(subparsers)`` adds both commands to the main parser; nothing heavy is imported
+until a command runs."""
+
+from __future__ import annotations
+
+import json
+
+
+def cmd_finetune(args) -> None:
+    from .runner import finetune
+
+    result = finetune(args.source, args.task, args.train, args.out, eval=args.eval,
+                      text_column=args.text_column, text_pair_column=args.text_pair_column,
+                      label_column=args.label_column, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                      max_len=args.max_len, stride=args.stride, patience=args.patience,
+                      from_scratch=args.from_scratch, tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size, seed=args.seed, device=args.device,
+                      quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    skip = {"run", "task", "epoch", "epochs_run", "steps", "train_examples", "eval_examples", "seconds"}
+    scores = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in skip)
+    print(f"done: best epoch {result['epoch']} of {result['epochs_run']}"
+          f"{' | ' + scores if scores else ''} | {result['seconds']:.0f} s | run folder {result['run']}")
+
+
+def cmd_predict(args) -> None:
+    from .predict import predict_file
+
+    result = predict_file(args.run, args.input, args.out, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['predictions']} predictions written to {result['out']}")
+
+
+def register(sub) -> None:
+    s = sub.add_parser(
+        "finetune", help="fine-tune a pretrained (or fresh) model on a labeled task",
+        description=(
+            "Fine-tune FROM (a run folder, a Hugging Face folder, or a preset name with "
+            "--from-scratch) on TRAIN, evaluating on EVAL every epoch; the best epoch is kept in "
+            "OUT. Files: CSV/TSV (header row; GLUE's 'sentence<TAB>label' works as is), JSONL, "
+            "CoNLL (tagging), SQuAD JSON (qa); or builtin:stdlib-package / builtin:stdlib-docstring "
+            "(their held-out split is the evaluation data when --eval is omitted)."))
+    s.add_argument("source", metavar="FROM", help="run folder, Hugging Face folder, or preset name (with --from-scratch)")
+    s.add_argument("--task", required=True, metavar="TASK",
+                   help="classification, regression, tagging or qa (the registry pretrainer.finetune.TASKS)")
+    s.add_argument("--train", required=True, metavar="FILE", help="training data (a file or builtin:NAME)")
+    s.add_argument("--eval", metavar="FILE", help="evaluation data (default for builtin:NAME: its eval split)")
+    s.add_argument("--out", required=True, metavar="RUN", help="the new run folder")
+    s.add_argument("--text-column", metavar="C", help="default: text, sentence or sentence1 (tagging: tokens or words)")
+    s.add_argument("--text-pair-column", metavar="C", help="second text of a pair (default: text_pair or sentence2 when present)")
+    s.add_argument("--label-column", metavar="C", help="default: label (tagging: tags, ner_tags or labels)")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    s.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up (default 0.1)")
+    s.add_argument("--weight-decay", type=float, default=0.01)
+    s.add_argument("--max-len", type=int, default=128, help="tokens per input, special tokens included (default 128)")
+    s.add_argument("--stride", type=int, default=None, help="qa: tokens shared by consecutive context windows")
+    s.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better score")
+    s.add_argument("--from-scratch", action="store_true", help="random weights (FROM's config and tokenizer)")
+    s.add_argument("--tokenizer", metavar="DIR", help="preset + --from-scratch: tokenizer to use "
+                                                      "(default: train a WordPiece one on the training texts)")
+    s.add_argument("--vocab-size", type=int, default=8192, help="size of that WordPiece tokenizer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.add_argument("--json", action="store_true", help="print the final evaluation metrics as one JSON object")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("predict", help="predictions of a fine-tuned run for a file (JSONL out)")
+    s.add_argument("run", metavar="RUN", help="a run folder made by 'pretrainer finetune'")
+    s.add_argument("--input", required=True, metavar="FILE", help="rows in the run's training format (labels not needed)")
+    s.add_argument("--out", required=True, metavar="FILE", help="JSONL: one prediction per input row")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_predict)

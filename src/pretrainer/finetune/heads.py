@@ -1,0 +1,152 @@
+"""Task heads on either backbone, and how inputs are laid out for each.
+
+An encoder (BERT) reads ``<cls> a <sep> b <sep>`` with segment (token-type) ids 0 for the first
+part and 1 for the second; a sequence head reads BERT's pooled ``<cls>`` state (the pooler, or the
+raw ``<cls>`` state for a model without one). A decoder (GPT) reads GPT-1's layout ``<bos> a <sep>
+b <eos>`` (``<bos> a <eos>`` for one text); with causal attention only the last token has seen the
+whole input, so a sequence head reads the final non-pad token's state. Batches are padded on the
+right, so for a decoder the padding comes after every real token and never reaches their states.
+
+Token heads (tagging, the start/end logits of extractive QA) read every position on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..tokenization import Tok
+
+# Special tokens under our names, then the names Hugging Face BERT / GPT-2 tokenizers use.
+_ALIASES = {
+    "pad": ("<pad>", "[PAD]"),
+    "cls": ("<cls>", "[CLS]", "<s>"),
+    "sep": ("<sep>", "[SEP]", "</s>"),
+    "bos": ("<bos>", "<s>", "<|endoftext|>"),
+    "eos": ("<eos>", "</s>", "<|endoftext|>"),
+}
+
+
+def _find(tok: Tok, name: str) -> int | None:
+    for text in _ALIASES[name]:
+        i = tok.token_to_id(text)
+        if i is not None:
+            return i
+    return None
+
+
+@dataclass
+class InputFormat:
+    """Where the special tokens go for one backbone (``arch`` encoder or decoder)."""
+
+    arch: str
+    start_id: int  # <cls> (encoder) or <bos> (decoder)
+    sep_id: int  # between the two texts (and the end of an encoder input)
+    end_id: int  # <sep> (encoder) or <eos> (decoder): closes the input
+    pad_id: int
+    type_ids: bool  # whether the backbone has segment embeddings to feed
+
+    @classmethod
+    def for_backbone(cls, arch: str, tok: Tok, type_vocab_size: int = 0) -> "InputFormat":
+        pad = _find(tok, "pad")
+        if arch == "encoder":
+            start, sep = _find(tok, "cls"), _find(tok, "sep")
+            end = sep
+        else:
+            eos = _find(tok, "eos")
+            start = _find(tok, "bos")
+            start = start if start is not None else eos
+            sep = _find(tok, "sep")
+            sep = sep if sep is not None else eos
+            end = eos
+        if start is None or sep is None or end is None:
+            from ..errors import DataError
+
+            need = "<cls> and <sep>" if arch == "encoder" else "<bos>/<eos> (and <sep>)"
+            raise DataError(f"tokenizer has no {need} token; an {arch} needs them to lay out inputs")
+        return cls(arch, start, sep, end, pad if pad is not None else end, type_vocab_size >= 2)
+
+    #: special tokens around one text / a pair
+    def overhead(self, pair: bool) -> int:
+        return 3 if pair else 2
+
+    def build(self, a: list[int], b: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """``(input_ids, token_type_ids)``; ``a`` starts at position 1, ``b`` at ``len(a) + 2``."""
+        ids = [self.start_id] + a + [self.sep_id if b is not None else self.end_id]
+        types = [0] * len(ids)
+        if b is not None:
+            ids += b + [self.end_id]
+            types += [1 if self.type_ids else 0] * (len(b) + 1)
+        return ids, types
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def truncate_pair(a: list[int], b: list[int] | None, room: int) -> tuple[list[int], list[int] | None]:
+    """Cut the longer of the two until both fit in ``room`` tokens (BERT's longest-first)."""
+    if b is None:
+        return a[:room], None
+    a, b = list(a), list(b)
+    while len(a) + len(b) > room:
+        (a if len(a) >= len(b) else b).pop()
+    return a, b
+
+
+class SequenceHead(nn.Module):
+    """Dropout and a linear layer on one summary vector per input (classes, or 1 for regression)."""
+
+    def __init__(self, d_model: int, n_out: int, dropout: float = 0.1):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(d_model, n_out)
+        nn.init.normal_(self.out.weight, 0.0, 0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(h))
+
+
+class TokenHead(SequenceHead):
+    """The same on every position: tags, or (``n_out=2``) QA start/end logits."""
+
+
+class TaskModel(nn.Module):
+    """A backbone (``EncoderLM`` or ``DecoderLM``) with a task head.
+
+    ``reads="sequence"``: the head sees one vector per input (the pooled ``<cls>`` state, or the last
+    non-pad token's state on a decoder) and returns [B, n_out]; ``reads="tokens"``: every position,
+    [B, T, n_out]. The backbone keeps its pretraining output layer (unused here), so a checkpoint
+    holds a complete model; ``cfg`` and ``tied_output`` let the checkpoint helpers store the tied
+    output matrix once.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, reads: str):
+        super().__init__()
+        self.backbone, self.head, self.reads = backbone, head, reads
+        self.cfg = backbone.cfg
+        self.tied_output = "backbone." + backbone.tied_output
+        self.arch = backbone.cfg.arch
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.arch == "encoder":
+            types = token_type_ids if self.backbone.type_emb is not None else None
+            return self.backbone.hidden_states(input_ids, types, attention_mask)
+        return self.backbone.hidden_states(input_ids)  # causal: right padding is never seen
+
+    def summary(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One vector per input: pooled ``<cls>`` (encoder) or the last non-pad token (decoder)."""
+        if self.arch == "encoder":
+            return self.backbone.pooled(h) if self.backbone.pooler is not None else h[:, 0]
+        last = attention_mask.long().sum(dim=1) - 1
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.states(input_ids, attention_mask, token_type_ids)
+        if self.reads == "sequence":
+            h = self.summary(h, attention_mask)
+        return self.head(h)

@@ -1,0 +1,284 @@
+"""The fine-tuning loop: :func:`finetune` trains a task head (and the backbone under it) and
+writes a run folder.
+
+``OUT/`` holds ``config.yaml`` (the task, its columns and labels, where the backbone came from, the
+model config, the input layout and every setting), ``labels.json``, ``tokenizer/``,
+``metrics.jsonl`` (training-loss lines and one evaluation line per epoch), ``checkpoints/`` with
+the best epoch's weights only (safetensors, written atomically), and ``predictions.jsonl``: the
+best model's prediction for every evaluation example, beside the gold answer.
+
+Optimisation is BERT's recipe: AdamW (decay on matrices only), linear warmup over ``warmup`` of
+the steps, then linear decay to zero, gradient clipping at 1. The data order and dropout are seeded
+by ``seed``: the same command gives the same numbers on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, save_checkpoint
+from ..train.optim import lr_at, make_optimizer
+from .backbone import load_backbone
+from .heads import InputFormat
+from .tasks import Task, make_task
+
+
+@dataclasses.dataclass
+class FinetuneOptions:
+    """Settings of :func:`finetune` (the CLI flags of ``pretrainer finetune``)."""
+
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: float = 0.1  # fraction of the optimizer steps
+    weight_decay: float = 0.01
+    max_len: int = 128  # tokens per input, specials included (capped at the model's context)
+    stride: int | None = None  # qa: tokens shared by consecutive windows (default: a quarter)
+    patience: int | None = None  # stop after this many epochs without improvement
+    dropout: float = 0.1  # on the head's input
+    from_scratch: bool = False
+    tokenizer: str | None = None  # preset + from_scratch: a tokenizer folder (else trained)
+    vocab_size: int = 8192  # preset + from_scratch without a tokenizer: WordPiece size
+    seed: int = 0
+    device: str = "auto"
+    quiet: bool = False
+    log_every: int | None = None  # steps between progress lines (default: about 5 per epoch)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "max_len", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"--warmup {self.warmup}: expected a fraction of the steps in [0, 1)")
+        if self.patience is not None and self.patience <= 0:
+            raise ConfigError(f"--patience {self.patience}: expected a positive number of epochs")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolve_eval(train: str, eval_source: str | None) -> str | None:
+    """The evaluation data: ``eval``, or for a built-in training task without one, the same
+    built-in task (whose ``eval`` split is held out by file)."""
+    if eval_source is None and train.startswith("builtin:"):
+        return train
+    return eval_source
+
+
+@torch.no_grad()
+def infer(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int, pad_id: int,
+          device: torch.device) -> list[torch.Tensor]:
+    """The model's outputs for every feature (float32 on the CPU; token outputs cut to the
+    feature's length), in batches of similar length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["ids"]))
+    outputs: list[torch.Tensor | None] = [None] * len(feats)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        batch = task.collate([feats[i] for i in idx], pad_id)
+        batch = {name: t.to(device) for name, t in batch.items()}
+        out = task.forward(model, batch).float().cpu()
+        for row, i in enumerate(idx):
+            outputs[i] = out[row, :len(feats[i]["ids"])] if out.dim() == 3 else out[row]
+    model.train(was_training)
+    return outputs
+
+
+def evaluate(task: Task, model, examples: list[dict], feats: list[dict], batch_size: int, pad_id: int,
+             device: torch.device) -> tuple[dict, list[dict]]:
+    """``(metrics, predictions)`` on labelled examples."""
+    preds = task.decode(examples, feats, infer(task, model, feats, batch_size, pad_id, device))
+    return task.metrics(examples, preds), preds
+
+
+def write_predictions(path: Path, task: Task, examples: list[dict], preds: list[dict],
+                      with_gold: bool) -> None:
+    lines = []
+    for i, (ex, p) in enumerate(zip(examples, preds)):
+        rec = {"index": i, **p}
+        if with_gold:
+            rec["gold"] = task.gold(ex)
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def finetune(source: str, task: str, train: str, out: str, eval: str | None = None, **options) -> dict:
+    """Fine-tune ``source`` (a run folder, a Hugging Face folder, or a preset name with
+    ``from_scratch=True``) on ``task`` (``classification``, ``regression``, ``tagging``, ``qa``)
+    with the examples in ``train``, evaluating on ``eval`` after every epoch; writes the run folder
+    ``out`` and returns the best epoch's evaluation metrics (``accuracy``, ``f1``, ... as fit the
+    task) with ``epoch``, ``run`` and a few counts. ``options`` are :class:`FinetuneOptions` fields.
+
+    ``train``/``eval`` are files (CSV, TSV, JSONL, CoNLL, SQuAD JSON) or a built-in task
+    (``builtin:stdlib-package``, ``builtin:stdlib-docstring``), whose held-out split is the
+    evaluation data when ``eval`` is omitted or names the same built-in task.
+    """
+    opts = FinetuneOptions(**options)
+    opts.validate()
+    run = Path(out)
+    if list_checkpoints(run):
+        raise ConfigError(f"--out {run}: already holds a fine-tuning or training run; choose another folder")
+    t0 = time.perf_counter()
+    say = lambda text: _say(opts.quiet, text)  # noqa: E731
+    device = _device(opts.device)
+
+    kw = dict(text_column=opts.text_column, text_pair_column=opts.text_pair_column, label_column=opts.label_column)
+    if task == "qa":
+        kw["stride"] = opts.stride
+    the_task = make_task(task, **kw)
+    train_ex = the_task.load(train, "train")
+    the_task.fit_labels(train_ex)
+    eval_source = resolve_eval(train, eval)
+    eval_ex = the_task.load(eval_source, "eval") if eval_source else None
+
+    torch.manual_seed(opts.seed)
+    backbone = load_backbone(source, opts.from_scratch, opts.tokenizer, opts.vocab_size,
+                             texts=lambda: the_task.texts(train_ex), warn=say)
+    cfg, tok = backbone.model.cfg, backbone.tok
+    fmt = InputFormat.for_backbone(cfg.arch, tok, cfg.type_vocab_size)
+    max_len = opts.max_len
+    if cfg.position == "learned" and max_len > cfg.max_seq_len:
+        say(f"note: --max-len {max_len} capped at the model's context, {cfg.max_seq_len}")
+        max_len = cfg.max_seq_len
+    train_feats = the_task.encode(train_ex, tok, fmt, max_len)
+    eval_feats = the_task.encode(eval_ex, tok, fmt, max_len) if eval_ex else None
+    model = the_task.build_model(backbone.model, opts.dropout).to(device)
+
+    steps_per_epoch = math.ceil(len(train_feats) / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    tcfg = TrainConfig(lr=opts.lr, weight_decay=opts.weight_decay, beta1=0.9, beta2=0.999, eps=1e-8,
+                       warmup_steps=int(opts.warmup * total), max_steps=total, schedule="linear",
+                       min_lr_ratio=0.0)
+    optimizer = make_optimizer(model, tcfg, device.type)
+    log_every = opts.log_every or max(1, steps_per_epoch // 5)
+
+    # the run folder: settings first, weights when an epoch is done
+    run.mkdir(parents=True, exist_ok=True)
+    tok.save(run / "tokenizer")
+    settings = {
+        **the_task.state(),
+        "from": str(source), "from_scratch": opts.from_scratch, "origin": backbone.origin,
+        "train": str(train) + (" (train split)" if train.startswith("builtin:") else ""),
+        "eval": (eval_source + " (eval split)") if (eval_source or "").startswith("builtin:") else eval_source,
+        "max_len": max_len, "format": fmt.to_dict(),
+        "options": {k: v for k, v in dataclasses.asdict(opts).items()
+                    if k not in ("text_column", "text_pair_column", "label_column", "quiet")},
+        "model": dataclasses.asdict(cfg),
+        "best": None,
+    }
+    write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+    if the_task.labels is not None:
+        write_atomic(run / "labels.json", json.dumps(the_task.labels, ensure_ascii=False, indent=1) + "\n")
+    metrics_path = run / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"fine-tuning {cfg.preset or cfg.arch} ({n_params:,} parameters, "
+        f"{'random weights' if opts.from_scratch else 'pretrained'}) for {task}: "
+        f"{len(train_ex):,} training examples ({len(train_feats):,} inputs), "
+        f"{len(eval_ex) if eval_ex else 0:,} evaluation examples, {opts.epochs} epochs x "
+        f"{steps_per_epoch} steps on {device}")
+
+    best, best_metrics, bad_epochs, step, epoch = None, None, 0, 0, 0
+    model.train()
+    for epoch in range(1, opts.epochs + 1):
+        order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
+        window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+        for k in range(steps_per_epoch):
+            idx = order[k * opts.batch_size:(k + 1) * opts.batch_size].tolist()
+            batch = the_task.collate([train_feats[i] for i in idx], fmt.pad_id)
+            batch = {name: t.to(device) for name, t in batch.items()}
+            lr = lr_at(step, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = the_task.loss(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss += float(loss.detach()) * len(idx)
+            window_n += len(idx)
+            if step % log_every == 0 or k == steps_per_epoch - 1:
+                dt = time.perf_counter() - window_t
+                rec = {"epoch": epoch, "step": step, "loss": window_loss / window_n, "lr": lr,
+                       "examples_per_s": window_n / dt if dt > 0 else None}
+                log(rec)
+                say(f"epoch {epoch}/{opts.epochs} | step {step:>5}/{total} | loss {rec['loss']:.4f} | "
+                    f"lr {lr:.2e} | {rec['examples_per_s'] or 0:,.1f} ex/s")
+                window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+
+        if eval_ex is None:  # nothing to choose by: keep the latest epoch
+            save_checkpoint(run, model, None, {"step": step, "epoch": epoch}, keep=1)
+            best = epoch
+            continue
+        scores, _ = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
+        value = scores[the_task.main_metric]
+        improved = best_metrics is None or value > best_metrics[the_task.main_metric]
+        log({"epoch": epoch, "step": step, "split": "eval", **scores})
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        say(f"epoch {epoch}/{opts.epochs} | eval {shown}{' | best so far' if improved else ''}")
+        if improved:
+            best, best_metrics, bad_epochs = epoch, scores, 0
+            save_checkpoint(run, model, None, {"step": step, "epoch": epoch, "metric": the_task.main_metric,
+                                               "value": value, "metrics": scores}, keep=1)
+        else:
+            bad_epochs += 1
+            if opts.patience and bad_epochs >= opts.patience:
+                say(f"early stop: no better {the_task.main_metric} for {bad_epochs} epochs (--patience)")
+                break
+
+    ckpt, _ = latest_checkpoint(run)
+    load_weights(model, ckpt)
+    summary = {"run": str(run), "task": task, "epoch": best, "epochs_run": epoch, "steps": step,
+               "train_examples": len(train_ex), "seconds": round(time.perf_counter() - t0, 1)}
+    if eval_ex is not None:
+        scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
+        write_predictions(run / "predictions.jsonl", the_task, eval_ex, preds, with_gold=True)
+        summary = {**scores, **summary, "eval_examples": len(eval_ex)}
+        settings["best"] = {"epoch": best, "metric": the_task.main_metric, "metrics": scores,
+                            "checkpoint": str(ckpt.relative_to(run))}
+    else:
+        settings["best"] = {"epoch": best, "checkpoint": str(ckpt.relative_to(run))}
+    write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+    return summary
