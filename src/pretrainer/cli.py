@@ -75,7 +75,7 @@ def cmd_prepare(args) -> None:
     manifest = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
                        split=args.split, seed=args.seed,
                        text_field=args.text_field, doc_separator=args.doc_separator,
-                       overwrite=args.overwrite, progress=not args.json)
+                       sentinels=args.sentinels, overwrite=args.overwrite, progress=not args.json)
     if args.json:
         return _json_out(manifest)
     s = manifest["splits"]
@@ -162,7 +162,8 @@ def cmd_evaluate(args) -> None:
     n_windows = (len(split) - 1) // seq_len
     max_batches = args.max_batches or math.ceil(n_windows / args.batch_size)
     scores = evaluate_split(model, split, seq_len, args.batch_size, max_batches,
-                            objective=cfg.objective, masking=cfg.masking)  # mlm adds val_accuracy
+                            objective=cfg.objective, masking=cfg.masking,
+                            noise=cfg.noise)  # mlm adds val_accuracy
     loss = scores["val_loss"]
     tokens = min(n_windows, max_batches * args.batch_size) * seq_len
     result = {"run": args.run, "data": str(data), "split": args.split, **scores,
@@ -279,7 +280,7 @@ def cmd_scaling_sweep(args) -> None:
 
     opts = {k: getattr(args, k) for k in ("sizes", "tokens", "isoflop", "lr_search", "lr_scaling", "base_width",
                                           "lr_search_tokens", "corpus", "tokenizer", "evals", "min_steps",
-                                          "converge_tol", "plan_compute", "bootstrap", "targets")}
+                                          "converge_tol", "plan_compute", "bootstrap", "targets", "jobs", "threads")}
     r = run_sweep(args.config, args.out, args.overrides, print_commands=args.print_commands, quiet=args.json, **opts)
     if "commands" in r:
         return _json_out(r["commands"]) if args.json else print("\n".join(r["commands"]))
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--text-field", default="text")
     s.add_argument("--doc-separator", default=None, help=r"split text files into documents on this string, e.g. '\n\n'")
+    s.add_argument("--sentinels", type=int, default=0,
+                   help="T5 sentinel tokens <extra_id_0..N-1> added to a trained tokenizer (objective=span: 100)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_prepare)
@@ -447,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", help="losses for the sample-efficiency table (default: from the curves)")
     t.add_argument("--plan-compute", help="compute budget for the plan (default: 10x the largest run's)")
     t.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the fits (200)")
+    t.add_argument("--jobs", type=int, default=None, help="runs trained at once, as child processes (default 1: in this process)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's choice; 1 per job with --jobs)")
     t.add_argument("--print-commands", action="store_true", help="print one 'pretrainer pretrain' command per "
                    "unfinished run (for a cluster) instead of training; run the sweep again to collect")
     t.add_argument("--json", action="store_true")

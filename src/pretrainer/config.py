@@ -5,8 +5,10 @@ A run is described by one :class:`RunConfig`::
     model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
     data:   a folder made by ``pretrainer prepare``
     out:    the run folder
-    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM)
+    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | span (T5 span
+               corruption) | denoise (BART noising) | prefix_lm (encoder-decoder LM)
     masking: what mlm selects: token (BERT) | word (whole words) | span (SpanBERT)
+    noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
 Values come, in order, from the defaults, a YAML file, then command-line overrides such as
@@ -37,22 +39,28 @@ from .errors import ConfigError
 class ModelConfig:
     """Architecture options of the one transformer core; a family is a preset of these."""
 
-    arch: str = "decoder"  # decoder (GPT/Llama) | encoder (BERT); encoder-decoder comes with its mode
-    n_layer: int = 4
+    arch: str = "decoder"  # decoder (GPT/Llama) | encoder (BERT) | encoder-decoder (T5/BART)
+    n_layer: int = 4  # encoder-decoder: the encoder's layers
+    n_decoder_layer: int | None = None  # encoder-decoder: the decoder's layers (None = n_layer)
     n_head: int = 4
     n_kv_heads: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
     d_model: int = 256
     d_ff: int | None = None  # None = 4 * d_model
+    d_head: int | None = None  # None = d_model // n_head (T5 v1.1 small: 6 heads of 64 in 512)
     vocab_size: int | None = None  # None = taken from the data folder's tokenizer when training
     max_seq_len: int = 256
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     prenorm: bool = True  # pre-norm (GPT-2, Llama) or post-norm (original Transformer, GPT-1, BERT)
-    position: str = "learned"  # learned | rope | sinusoidal | none
+    position: str = "learned"  # learned | rope | sinusoidal | relative (T5 bias) | none
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu
+    rel_buckets: int = 32  # relative: T5's log-spaced distance buckets, one bias per head and bucket
+    rel_max_distance: int = 128  # relative: distances beyond this share the last bucket
+    attn_scale: bool = True  # scores divided by sqrt(head_dim); T5 folds that into its init (false)
+    mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu | geglu_tanh (T5 v1.1)
     bias: bool = True  # biases in linear layers and norms
     tie_embeddings: bool = True
+    scale_tied_output: bool = False  # T5 (v1.0): hidden states times d_model**-0.5 before a tied head
     dropout: float = 0.0
     init_std: float = 0.02
     scaled_residual_init: bool = True  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
@@ -72,19 +80,23 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layer or self.n_layer
 
     def validate(self, where: str = "model") -> None:
-        _choice(where, "arch", self.arch, ["decoder", "encoder"])
+        _choice(where, "arch", self.arch, list(ARCH_NAMES))
         _choice(where, "norm", self.norm, ["layernorm", "rmsnorm"])
-        _choice(where, "position", self.position, ["learned", "rope", "sinusoidal", "none"])
-        _choice(where, "mlp", self.mlp, ["gelu", "gelu_tanh", "relu", "swiglu", "geglu"])
-        for name in ("n_layer", "n_head", "d_model", "max_seq_len"):
+        _choice(where, "position", self.position, ["learned", "rope", "sinusoidal", "relative", "none"])
+        _choice(where, "mlp", self.mlp, ["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh"])
+        for name in ("n_layer", "n_head", "d_model", "max_seq_len", "rel_buckets", "rel_max_distance"):
             _positive(where, name, getattr(self, name))
-        for name in ("n_kv_heads", "d_ff", "vocab_size"):
+        for name in ("n_kv_heads", "d_ff", "vocab_size", "n_decoder_layer", "d_head"):
             if getattr(self, name) is not None:
                 _positive(where, name, getattr(self, name))
-        if self.d_model % self.n_head:
+        if self.d_head is None and self.d_model % self.n_head:
             raise ConfigError(
                 f"{where}.d_model={self.d_model} must be divisible by {where}.n_head={self.n_head}"
             )
@@ -98,9 +110,18 @@ class ModelConfig:
             raise ConfigError(f"{where}.dropout={self.dropout}: expected a value in [0, 1)")
         if self.type_vocab_size < 0:
             raise ConfigError(f"{where}.type_vocab_size={self.type_vocab_size}: expected a value >= 0")
-        if self.arch == "decoder" and (self.type_vocab_size or self.pooler):
+        if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
             name = "type_vocab_size" if self.type_vocab_size else "pooler"
             raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=encoder only")
+        if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
+            raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
+        if self.position == "relative" and self.rel_buckets < 4:
+            raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
+
+
+#: The model architectures and what each is.
+ARCH_NAMES = {"decoder": "decoder-only (GPT, Llama)", "encoder": "encoder-only (BERT)",
+              "encoder-decoder": "encoder-decoder (T5, BART)"}
 
 
 _GPT2 = dict(
@@ -115,6 +136,18 @@ _BERT = dict(
     arch="encoder", position="learned", norm="layernorm", norm_eps=1e-12, prenorm=False, mlp="gelu",
     bias=True, tie_embeddings=True, vocab_size=30522, max_seq_len=512, embed_norm=True,
     type_vocab_size=2, pooler=True, mlm_head=True, scaled_residual_init=False,
+)
+
+_T5 = dict(
+    arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
+    mlp="relu", bias=False, tie_embeddings=True, scale_tied_output=True, attn_scale=False,
+    vocab_size=32128, max_seq_len=512, scaled_residual_init=False,
+)
+_T5_V1_1 = dict(_T5, mlp="geglu_tanh", tie_embeddings=False, scale_tied_output=False)
+_BART = dict(
+    arch="encoder-decoder", position="learned", norm="layernorm", norm_eps=1e-5, prenorm=False,
+    mlp="gelu", bias=True, tie_embeddings=True, embed_norm=True, vocab_size=50265,
+    max_seq_len=1024, scaled_residual_init=False,
 )
 
 #: Presets as data: each is a set of ModelConfig fields. Published sizes are checked in the tests.
@@ -149,6 +182,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-medium": dict(_BERT, n_layer=8, n_head=8, d_model=512),
     "bert-base": dict(_BERT, n_layer=12, n_head=12, d_model=768),
     "bert-large": dict(_BERT, n_layer=24, n_head=16, d_model=1024),
+    # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
+    # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
+    "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,
+                    max_seq_len=512),
+    "t5-small": dict(_T5, n_layer=6, n_head=8, d_model=512, d_ff=2048),
+    "t5-base": dict(_T5, n_layer=12, n_head=12, d_model=768, d_ff=3072),
+    "t5-large": dict(_T5, n_layer=24, n_head=16, d_model=1024, d_ff=4096),
+    "t5-v1_1-small": dict(_T5_V1_1, n_layer=8, n_head=6, d_head=64, d_model=512, d_ff=1024),
+    # BART (Lewis et al. 2020): post-norm, learned positions, a norm on the embeddings.
+    "bart-base": dict(_BART, n_layer=6, n_head=12, d_model=768, d_ff=3072),
 }
 
 
@@ -212,7 +255,8 @@ class TrainConfig:
 
 
 #: Objectives and the architecture each trains.
-OBJECTIVES = {"clm": "decoder", "mlm": "encoder"}
+OBJECTIVES = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder",
+              "denoise": "encoder-decoder", "prefix_lm": "encoder-decoder"}
 #: What masked-LM selection picks (15 % of the tokens in every case).
 MASKING = ["token", "word", "span"]
 
@@ -223,17 +267,45 @@ def default_objective(arch: str) -> str:
 
 
 @dataclass
+class NoiseConfig:
+    """How the encoder-decoder objectives corrupt their input. ``span`` (T5, Raffel et al. 2020):
+    ``noise_density`` of the tokens in spans of mean length ``mean_span_length``, each span one
+    sentinel. ``denoise`` (BART, Lewis et al. 2020), combinable: text infilling of ``mask_ratio``
+    of the tokens in Poisson(``poisson_lambda``) spans, ``token_mask_ratio`` single-token masking,
+    ``delete_ratio`` deletion, sentence permutation (sentences end at a newline or a full stop) and
+    document rotation. The defaults are each paper's choice."""
+
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    mask_ratio: float = 0.3
+    poisson_lambda: float = 3.0
+    token_mask_ratio: float = 0.0
+    delete_ratio: float = 0.0
+    permute_sentences: bool = True
+    rotate: bool = False
+
+    def validate(self) -> None:
+        for name in ("noise_density", "mask_ratio", "token_mask_ratio", "delete_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"noise.{name}={getattr(self, name)}: expected a value in [0, 1)")
+        if self.mean_span_length < 1 or self.poisson_lambda <= 0:
+            raise ConfigError("noise.mean_span_length must be >= 1 and noise.poisson_lambda > 0")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
     out: str | None = None  # the run folder
     objective: str = "clm"
     masking: str = "token"  # mlm only: token | word | span
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
         self.model.validate()
         self.train.validate()
+        self.noise.validate()
         _choice("", "objective", self.objective, list(OBJECTIVES))
         if OBJECTIVES[self.objective] != self.model.arch:
             raise ConfigError(f"objective={self.objective} trains arch={OBJECTIVES[self.objective]} "
@@ -393,7 +465,7 @@ def _flatten(raw: dict, prefix: str = ""):
 
 def _all_keys() -> list[str]:
     keys = []
-    for name, sub in (("model", ModelConfig), ("train", TrainConfig)):
+    for name, sub in (("model", ModelConfig), ("train", TrainConfig), ("noise", NoiseConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]
     return keys

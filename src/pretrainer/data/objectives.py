@@ -191,19 +191,56 @@ def word_continuations(tok, vocab_size: int) -> torch.Tensor:
     return table
 
 
-def make_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, masking: str = "token"):
-    """The training batch builder of ``objective`` (``masking``: what mlm selects)."""
+def make_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, masking: str = "token",
+                 noise=None):
+    """The training batch builder of ``objective`` (``masking``: what mlm selects; ``noise``: a
+    :class:`~pretrainer.config.NoiseConfig` for span / denoise)."""
     if objective == "mlm":
         batches = MLMBatches(split, seq_len, seed, masking)
-        batches.order  # a split too small for one window is refused now, not at the first step
-        return batches
-    return CLMBatches(split, seq_len, seed)
+    elif objective in SEQ2SEQ:
+        batches = seq2seq_batches(objective, split, seq_len, seed, noise)
+    else:
+        return CLMBatches(split, seq_len, seed)
+    batches.order  # a split too small for one window is refused now, not at the first step
+    return batches
+
+
+#: Objectives of encoder-decoders: (input_ids, labels) of different lengths.
+SEQ2SEQ = ("span", "denoise", "prefix_lm")
+
+
+def seq2seq_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, noise=None):
+    """The builder of an encoder-decoder objective; ``seq_len`` is the encoder input length."""
+    from ..config import NoiseConfig
+    from ..tokenization import load_tokenizer
+    from . import seq2seq
+
+    noise = noise or NoiseConfig()
+    ids = split.manifest["special_ids"]
+    if objective == "prefix_lm":
+        return seq2seq.PrefixLMBatches(split, seq_len, seed, ids["eos"], ids["pad"])
+    tok = load_tokenizer(split.dir / split.manifest["tokenizer"]["path"])
+    if objective == "span":
+        if not tok.sentinel_ids:
+            raise DataError(f"{split.dir}: objective=span needs T5 sentinel tokens in the tokenizer; "
+                            f"prepare the data with --sentinels 100")
+        return seq2seq.SpanCorruptionBatches(split, seq_len, seed, tok.sentinel_ids, ids["eos"],
+                                             ids["pad"], noise.noise_density, noise.mean_span_length)
+    if ids.get("mask") is None:
+        raise DataError(f"{split.dir}: objective=denoise needs a <mask> token in the tokenizer")
+    ends = seq2seq.sentence_end_ids(tok) if noise.permute_sentences else []
+    return seq2seq.DenoiseBatches(split, seq_len, seed, ids["mask"], ids["eos"], ids["pad"], noise, ends)
 
 
 def eval_batches(objective: str, split: TokenSplit, seq_len: int, batch_size: int,
-                 max_batches: int, masking: str = "token") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 max_batches: int, masking: str = "token",
+                 noise=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed validation batches: consecutive windows from the start of the split, in order (for
-    ``mlm`` with masks from seed 0, the same at every evaluation)."""
+    ``mlm`` and the encoder-decoder objectives with noise from seed 0, the same at every
+    evaluation)."""
+    if objective in SEQ2SEQ:
+        yield from seq2seq_batches(objective, split, seq_len, 0, noise).eval_batches(batch_size, max_batches)
+        return
     if objective != "mlm":
         yield from clm_eval_batches(split, seq_len, batch_size, max_batches)
         return

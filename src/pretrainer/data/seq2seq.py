@@ -40,6 +40,7 @@ from functools import cached_property
 import torch
 
 from ..errors import DataError
+from ..model.encdec import shift_right  # noqa: F401 - decoder inputs of these batches
 from ..model.loss import IGNORE
 from .objectives import sample_generator
 from .tokens import TokenSplit, WindowOrder, fixed_windows
@@ -189,17 +190,39 @@ def pad_stack(rows: Iterable[torch.Tensor], length: int, value: int) -> torch.Te
     return out
 
 
-def shift_right(labels: torch.Tensor, decoder_start_id: int, pad_id: int) -> torch.Tensor:
-    """Decoder inputs for teacher forcing: ``labels`` shifted right by one with
-    ``decoder_start_id`` first (T5 starts the decoder with ``<pad>``), ``-100`` turned into
-    ``pad_id``."""
-    shifted = torch.full_like(labels, pad_id)
-    shifted[..., 0] = decoder_start_id
-    shifted[..., 1:] = labels[..., :-1]
-    return shifted.masked_fill(shifted == IGNORE, pad_id)
+class _Windows:
+    """Shared part of the window-based builders: the seeded window order over the split, and
+    ``batch(first, count)`` as a pure function of the sample indices."""
+
+    raw_length: int
+    inputs_length: int
+    targets_length: int
+    pad_id: int
+
+    @cached_property
+    def order(self) -> WindowOrder:
+        return WindowOrder(len(self.split), self.raw_length, self.seed)
+
+    def example(self, start: int, index: int, seed: int | None = None):
+        raise NotImplementedError
+
+    def corrupted(self, items, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``(input_ids, labels)`` of the windows at ``(start, sample index)`` ``items``:
+        inputs padded with ``pad_id``, labels with ``-100``."""
+        pairs = [self.example(start, index, seed) for start, index in items]
+        return (pad_stack((p[0] for p in pairs), self.inputs_length, self.pad_id),
+                pad_stack((p[1] for p in pairs), self.targets_length, IGNORE))
+
+    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.corrupted((self.order.start(g), g) for g in range(first, first + count))
+
+    def eval_batches(self, batch_size: int, max_batches: int):
+        """Fixed validation batches: consecutive windows from the start, corrupted with seed 0."""
+        for items in fixed_windows(self.split, self.raw_length, batch_size, max_batches):
+            yield self.corrupted(items, 0)
 
 
-class SpanCorruptionBatches:
+class SpanCorruptionBatches(_Windows):
     """T5 span-corruption batches over a prepared token split.
 
     Windows of ``raw_length`` tokens (:func:`t5_lengths`) are cut from the token stream in the
@@ -225,25 +248,12 @@ class SpanCorruptionBatches:
                             f"per window and needs {spans + 1} sentinels; the tokenizer has "
                             f"{len(self.sentinel_ids)} (prepare the data with more sentinels)")
 
-    @cached_property
-    def order(self) -> WindowOrder:
-        return WindowOrder(len(self.split), self.raw_length, self.seed)
-
     def example(self, start: int, index: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)`` of the window at ``start`` corrupted for sample ``index``."""
         gen = sample_generator(self.seed if seed is None else seed, index)
         tokens = torch.from_numpy(self.split.read(start, self.raw_length))
         mask = random_spans_noise_mask(self.raw_length, self.noise_density, self.mean_span_length, gen)
         return span_corrupt(tokens, mask, self.sentinel_ids, self.eos_id)
-
-    def corrupted(self, items, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded ``(input_ids, labels)`` of the windows at ``(start, sample index)`` ``items``."""
-        pairs = [self.example(start, index, seed) for start, index in items]
-        return (pad_stack((p[0] for p in pairs), self.inputs_length, self.pad_id),
-                pad_stack((p[1] for p in pairs), self.targets_length, IGNORE))
-
-    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.corrupted((self.order.start(g), g) for g in range(first, first + count))
 
 
 def span_eval_batches(split: TokenSplit, inputs_length: int, batch_size: int, max_batches: int,
@@ -252,8 +262,7 @@ def span_eval_batches(split: TokenSplit, inputs_length: int, batch_size: int, ma
     """Fixed validation batches: consecutive raw windows from the start of the split, corrupted
     with seed 0 (the same at every evaluation)."""
     builder = SpanCorruptionBatches(split, inputs_length, 0, sentinel_ids, eos_id, pad_id, **kw)
-    for items in fixed_windows(split, builder.raw_length, batch_size, max_batches):
-        yield builder.corrupted(items, 0)
+    yield from builder.eval_batches(batch_size, max_batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,3 +395,65 @@ def bart_noise(tokens: torch.Tensor, mask_id: int, generator: torch.Generator,
     if mask_ratio > 0:
         x = infill(x, min(_count(mask_ratio, n), len(x)), mask_id, poisson_lambda, generator)
     return x.clone() if x is tokens else x, target
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch builders of the noising and prefix-LM objectives
+# ---------------------------------------------------------------------------------------------
+
+def sentence_end_ids(tok) -> list[int]:
+    """Ids of the tokens that end a sentence for BART's permutation: those whose text ends with a
+    newline or a full stop (code and prose alike)."""
+    ends = []
+    for i in range(tok.vocab_size):
+        text = tok.decode([i])
+        if text.rstrip(" ").endswith(("\n", ".")):
+            ends.append(i)
+    return ends
+
+
+class DenoiseBatches(_Windows):
+    """BART batches: windows of ``seq_len - 1`` tokens noised by :func:`bart_noise` (``noise``: a
+    :class:`~pretrainer.config.NoiseConfig`); input = noised + ``<eos>`` (cut to ``seq_len`` in the
+    rare case insertions make it longer), target = original + ``<eos>``."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, mask_id: int, eos_id: int,
+                 pad_id: int, noise, sentence_ends: Sequence[int] = ()):
+        if seq_len < 3:
+            raise DataError(f"objective=denoise: seq_len={seq_len} is too short")
+        self.split, self.seed, self.noise = split, seed, noise
+        self.mask_id, self.eos_id, self.pad_id = mask_id, eos_id, pad_id
+        self.sentence_ends = list(sentence_ends)
+        self.raw_length = seq_len - 1
+        self.inputs_length = self.targets_length = seq_len
+
+    def example(self, start: int, index: int, seed: int | None = None):
+        gen = sample_generator(self.seed if seed is None else seed, index)
+        tokens = torch.from_numpy(self.split.read(start, self.raw_length))
+        n = self.noise
+        noised, target = bart_noise(tokens, self.mask_id, gen, mask_ratio=n.mask_ratio,
+                                    poisson_lambda=n.poisson_lambda, delete_ratio=n.delete_ratio,
+                                    token_mask_ratio=n.token_mask_ratio,
+                                    permute_sentences=n.permute_sentences,
+                                    sentence_end_ids=self.sentence_ends, rotate=n.rotate)
+        eos = torch.tensor([self.eos_id])
+        return torch.cat([noised[:self.inputs_length - 1], eos]), torch.cat([target, eos])
+
+
+class PrefixLMBatches(_Windows):
+    """Prefix-LM for an encoder-decoder (Raffel et al. 2020, 3.3.1): a window of ``seq_len`` tokens
+    is split at a uniformly drawn point; the encoder reads the prefix, the decoder predicts the
+    rest followed by ``<eos>``."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, eos_id: int, pad_id: int):
+        if seq_len < 3:
+            raise DataError(f"objective=prefix_lm: seq_len={seq_len} is too short")
+        self.split, self.seed, self.eos_id, self.pad_id = split, seed, eos_id, pad_id
+        self.raw_length = self.inputs_length = seq_len
+        self.targets_length = seq_len
+
+    def example(self, start: int, index: int, seed: int | None = None):
+        gen = sample_generator(self.seed if seed is None else seed, index)
+        tokens = torch.from_numpy(self.split.read(start, self.raw_length))
+        cut = int(torch.randint(1, self.raw_length, (1,), generator=gen))
+        return tokens[:cut], torch.cat([tokens[cut:], torch.tensor([self.eos_id])])

@@ -15,6 +15,11 @@ Three families have an exact Hugging Face counterpart:
   head. Our fused [q; k; v] matrix is split into BERT's query, key and value. Our pooler is
   exported as ``bert.pooler`` (``BertForMaskedLM`` ignores it, ``BertModel`` loads it); a folder
   without one imports as a model without a pooler.
+- T5 (``T5ForConditionalGeneration``, v1.0 and v1.1): relative position bias in the first layer of
+  each stack, RMSNorm pre-norm, no biases, ReLU or gated-GELU MLPs.
+- BART (``BartForConditionalGeneration``): learned positions (Hugging Face keeps two unused rows
+  in front of each table: exported as zeros, dropped on import), post-norm, a norm on the
+  embeddings, and a ``final_logits_bias`` that we export as zeros and import only when it is zero.
 
 A configuration without a counterpart (post-norm, sinusoidal or no positions, ...) is refused with
 a one-line :class:`~pretrainer.errors.PretrainerError` naming the option. ``transformers`` is not
@@ -41,6 +46,7 @@ from tokenizers import Tokenizer
 from ..config import ModelConfig
 from ..errors import PretrainerError
 from ..model import make_model
+from ..train.checkpoint import is_tied_copy
 
 #: Special-token ids of every pretrainer tokenizer (see ``pretrainer.tokenization``).
 DEFAULT_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -59,9 +65,14 @@ _BERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 # table, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
                       r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
-#: Our tensor name of the tied output matrix and the name Hugging Face checkpoints may repeat it as.
-_TIED = {"gpt2": ("lm_head.weight", "lm_head.weight"), "llama": ("lm_head.weight", "lm_head.weight"),
-         "bert": ("mlm.out.weight", "cls.predictions.decoder.weight")}
+#: The names Hugging Face checkpoints may repeat the token embedding as, when the output is tied
+#: (and, for encoder-decoders, always: each stack's copy of the shared embedding).
+_TIED = {"gpt2": ("lm_head.weight",), "llama": ("lm_head.weight",),
+         "bert": ("cls.predictions.decoder.weight",),
+         "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
+_SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+           "bart": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")}
+_BART_POS_OFFSET = 2  # BartLearnedPositionalEmbedding: positions start at row 2
 
 
 class _Tensor(NamedTuple):
@@ -71,6 +82,7 @@ class _Tensor(NamedTuple):
     hf: tuple[str, ...]
     rows: tuple[int, ...] = ()  # row count of each HF piece when there is more than one
     conv1d: bool = False  # GPT-2 Conv1D weight: stored transposed
+    lead_rows: int = 0  # HF rows in front of ours that no input reaches (BART's position offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +97,8 @@ def hf_family(cfg: ModelConfig) -> str:
     """
     if cfg.arch == "encoder":
         return _bert_family(cfg)
+    if cfg.arch == "encoder-decoder":
+        return _seq2seq_family(cfg)
     if cfg.embed_norm:
         raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2 and Llama have no embedding norm")
     if not cfg.prenorm:
@@ -122,6 +136,33 @@ def _bert_family(cfg: ModelConfig) -> str:
     if cfg.type_vocab_size < 1:
         raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "BERT has segment embeddings")
     return "bert"
+
+
+_T5_MLP = {"relu": "relu", "geglu_tanh": "gated-gelu"}
+_BART_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def _seq2seq_family(cfg: ModelConfig) -> str:
+    if cfg.position == "relative":
+        family, mlps = "t5", _T5_MLP
+        wanted = dict(norm="rmsnorm", prenorm=True, bias=False, embed_norm=False, attn_scale=False,
+                      scale_tied_output=cfg.tie_embeddings)
+    elif cfg.position == "learned":
+        family, mlps = "bart", _BART_ACT
+        wanted = dict(norm="layernorm", prenorm=False, bias=True, embed_norm=True, attn_scale=True,
+                      tie_embeddings=True, scale_tied_output=False)
+    else:
+        raise _no_equivalent("position", cfg.position, "T5 takes relative positions, BART learned")
+    for field, value in wanted.items():
+        if getattr(cfg, field) != value:
+            raise _no_equivalent(field, getattr(cfg, field), f"{family.upper()} has {field}={value}")
+    if cfg.mlp not in mlps:
+        raise _no_equivalent("mlp", cfg.mlp, f"{family.upper()} takes {', '.join(mlps)}")
+    if cfg.kv_heads != cfg.n_head:
+        raise _no_equivalent("n_kv_heads", cfg.n_kv_heads, f"{family.upper()} has no grouped-query attention")
+    if family == "bart" and cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise _no_equivalent("d_head", cfg.d_head, "BART's heads split d_model")
+    return family
 
 
 def _no_equivalent(field: str, value, why: str) -> PretrainerError:
@@ -198,8 +239,72 @@ def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     return names
 
 
+def _t5_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    inner, ff = cfg.n_head * cfg.head_dim, cfg.ff_dim
+    names = [_Tensor("encoder.tok_emb.weight", ("shared.weight",))]
+    for stack, layers in (("encoder", cfg.n_layer), ("decoder", cfg.decoder_layers)):
+        names.append(_Tensor(f"{stack}.rel_bias.bias.weight",
+                             (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)))
+        for i in range(layers):
+            ours, hf = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
+            att = f"{hf}0.SelfAttention."
+            names += [_Tensor(f"{ours}norm1.weight", (f"{hf}0.layer_norm.weight",)),
+                      _Tensor(f"{ours}attn.qkv.weight", tuple(f"{att}{p}.weight" for p in "qkv"),
+                              rows=(inner, inner, inner)),
+                      _Tensor(f"{ours}attn.proj.weight", (f"{att}o.weight",))]
+            ff_layer = 1
+            if stack == "decoder":
+                ff_layer, x = 2, f"{hf}1.EncDecAttention."
+                names += [_Tensor(f"{ours}norm_x.weight", (f"{hf}1.layer_norm.weight",)),
+                          _Tensor(f"{ours}xattn.q.weight", (f"{x}q.weight",)),
+                          _Tensor(f"{ours}xattn.kv.weight", (f"{x}k.weight", f"{x}v.weight"),
+                                  rows=(inner, inner)),
+                          _Tensor(f"{ours}xattn.proj.weight", (f"{x}o.weight",))]
+            mlp = f"{hf}{ff_layer}.DenseReluDense."
+            up = ((f"{mlp}wi_0.weight", f"{mlp}wi_1.weight") if cfg.mlp == "geglu_tanh"
+                  else (f"{mlp}wi.weight",))
+            names += [_Tensor(f"{ours}norm2.weight", (f"{hf}{ff_layer}.layer_norm.weight",)),
+                      _Tensor(f"{ours}mlp.up.weight", up, rows=(ff, ff) if len(up) == 2 else ()),
+                      _Tensor(f"{ours}mlp.down.weight", (f"{mlp}wo.weight",))]
+        names.append(_Tensor(f"{stack}.norm_f.weight", (f"{stack}.final_layer_norm.weight",)))
+    if not cfg.tie_embeddings:
+        names.append(_Tensor("lm_head.weight", ("lm_head.weight",)))
+    return names
+
+
+def _bart_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    d = cfg.d_model
+
+    def both(ours: str, hf: str, rows: tuple[int, ...] = ()) -> list[_Tensor]:
+        parts = (hf,) if isinstance(hf, str) else hf
+        return [_Tensor(f"{ours}.{kind}", tuple(f"{p}.{kind}" for p in parts), rows=rows)
+                for kind in ("weight", "bias")]
+
+    names = [_Tensor("encoder.tok_emb.weight", ("model.shared.weight",))]
+    for stack, layers in (("encoder", cfg.n_layer), ("decoder", cfg.decoder_layers)):
+        top = f"model.{stack}."
+        names.append(_Tensor(f"{stack}.pos_emb.weight", (f"{top}embed_positions.weight",),
+                             lead_rows=_BART_POS_OFFSET))
+        names += both(f"{stack}.embed_norm", f"{top}layernorm_embedding")
+        for i in range(layers):
+            ours, hf = f"{stack}.blocks.{i}.", f"{top}layers.{i}."
+            names += both(f"{ours}attn.qkv", tuple(f"{hf}self_attn.{p}_proj" for p in "qkv"), (d, d, d))
+            names += both(f"{ours}attn.proj", f"{hf}self_attn.out_proj")
+            names += both(f"{ours}norm1", f"{hf}self_attn_layer_norm")
+            if stack == "decoder":
+                names += both(f"{ours}xattn.q", f"{hf}encoder_attn.q_proj")
+                names += both(f"{ours}xattn.kv", (f"{hf}encoder_attn.k_proj", f"{hf}encoder_attn.v_proj"),
+                              (d, d))
+                names += both(f"{ours}xattn.proj", f"{hf}encoder_attn.out_proj")
+                names += both(f"{ours}norm_x", f"{hf}encoder_attn_layer_norm")
+            names += both(f"{ours}mlp.up", f"{hf}fc1") + both(f"{ours}mlp.down", f"{hf}fc2")
+            names += both(f"{ours}norm2", f"{hf}final_layer_norm")
+    return names
+
+
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
-    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "bert": _bert_tensors}[family](cfg)
+    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "bert": _bert_tensors,
+            "t5": _t5_tensors, "bart": _bart_tensors}[family](cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +326,30 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout, position_embedding_type="absolute",
             **{k: v for k, v in common.items() if k != "use_cache"},
+        )
+    if family == "t5":
+        return dict(
+            model_type="t5", architectures=["T5ForConditionalGeneration"], is_encoder_decoder=True,
+            d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.ff_dim, num_layers=cfg.n_layer,
+            num_decoder_layers=cfg.decoder_layers, num_heads=cfg.n_head,
+            relative_attention_num_buckets=cfg.rel_buckets,
+            relative_attention_max_distance=cfg.rel_max_distance, dropout_rate=cfg.dropout,
+            layer_norm_epsilon=cfg.norm_eps, feed_forward_proj=_T5_MLP[cfg.mlp],
+            dense_act_fn="gelu_new" if cfg.mlp == "geglu_tanh" else "relu",
+            is_gated_act=cfg.mlp == "geglu_tanh", initializer_factor=1.0,
+            decoder_start_token_id=DEFAULT_SPECIAL_IDS["pad_token_id"], **common,
+        )
+    if family == "bart":
+        return dict(
+            model_type="bart", architectures=["BartForConditionalGeneration"], is_encoder_decoder=True,
+            d_model=cfg.d_model, encoder_layers=cfg.n_layer, decoder_layers=cfg.decoder_layers,
+            encoder_attention_heads=cfg.n_head, decoder_attention_heads=cfg.n_head,
+            encoder_ffn_dim=cfg.ff_dim, decoder_ffn_dim=cfg.ff_dim,
+            activation_function=_BART_ACT[cfg.mlp], max_position_embeddings=cfg.max_seq_len,
+            scale_embedding=False, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+            activation_dropout=cfg.dropout, init_std=cfg.init_std,
+            decoder_start_token_id=DEFAULT_SPECIAL_IDS["pad_token_id"],
+            forced_eos_token_id=DEFAULT_SPECIAL_IDS["eos_token_id"], **common,
         )
     if family == "gpt2":
         return dict(
@@ -257,7 +386,11 @@ def to_hf_state_dict(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tens
         pieces = ours[t.ours].detach().split(t.rows) if t.rows else [ours[t.ours].detach()]
         for name, piece in zip(t.hf, pieces):
             piece = piece.t() if t.conv1d else piece
+            if t.lead_rows:
+                piece = torch.cat([piece.new_zeros(t.lead_rows, *piece.shape[1:]), piece])
             weights[name] = piece.clone(memory_format=torch.contiguous_format)
+    if family == "bart":
+        weights["final_logits_bias"] = torch.zeros(1, cfg.vocab_size, dtype=model.tok_emb.weight.dtype)
     return hf_config(cfg, model.tok_emb.weight.dtype), weights
 
 
@@ -278,10 +411,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
         config.update(ids)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    generation = {k: config[k] for k in DEFAULT_SPECIAL_IDS}
+    generation = {k: config[k] for k in (*DEFAULT_SPECIAL_IDS, "decoder_start_token_id") if k in config}
     _write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     _write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    if model.cfg.arch == "decoder":
+    if model.cfg.arch != "encoder":
         _write(out / "generation_config.json",
                lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
     for src in tok_files:
@@ -367,9 +500,13 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _llama_config(f)
     elif model_type == "bert":
         cfg = _bert_config(f)
+    elif model_type == "t5":
+        cfg = _t5_config(f)
+    elif model_type == "bart":
+        cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, {', '.join(_LLAMA_TYPES)}, bert")
+                              f"gpt2, {', '.join(_LLAMA_TYPES)}, bert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -401,6 +538,44 @@ def _bert_config(f: _Fields) -> ModelConfig:
         mlp=f.choice("hidden_act", "gelu", _BERT_ACT_IN), bias=True, tie_embeddings=True,
         embed_norm=True, pooler=True, mlm_head=True, dropout=f.get("hidden_dropout_prob", 0.1),
         init_std=f.get("initializer_range", 0.02), scaled_residual_init=False,
+    )
+
+
+def _t5_config(f: _Fields) -> ModelConfig:
+    proj = f.get("feed_forward_proj", "relu")
+    mlp = {"relu": "relu", "gated-gelu": "geglu_tanh"}.get(proj)
+    if mlp is None:
+        raise PretrainerError(f"{f.where}: feed_forward_proj={proj!r} has no pretrainer equivalent "
+                              f"(expected relu or gated-gelu)")
+    tied = f.get("tie_word_embeddings", True)
+    d_model, n_head, d_kv = f.get("d_model"), f.get("num_heads"), f.get("d_kv")
+    return ModelConfig(
+        arch="encoder-decoder", n_layer=f.get("num_layers"),
+        n_decoder_layer=f.get("num_decoder_layers", f.get("num_layers")), n_head=n_head,
+        d_model=d_model, d_head=None if d_kv * n_head == d_model else d_kv, d_ff=f.get("d_ff"),
+        vocab_size=f.get("vocab_size"), max_seq_len=512, norm="rmsnorm",
+        norm_eps=f.get("layer_norm_epsilon", 1e-6), prenorm=True, position="relative",
+        rel_buckets=f.get("relative_attention_num_buckets", 32),
+        rel_max_distance=f.get("relative_attention_max_distance", 128), attn_scale=False, mlp=mlp,
+        bias=False, tie_embeddings=tied, scale_tied_output=tied, dropout=f.get("dropout_rate", 0.1),
+        scaled_residual_init=False,
+    )
+
+
+def _bart_config(f: _Fields) -> ModelConfig:
+    f.expect("scale_embedding", False, False)
+    f.expect("tie_word_embeddings", True, True)
+    f.expect("decoder_attention_heads", f.get("encoder_attention_heads"), f.get("encoder_attention_heads"))
+    f.expect("decoder_ffn_dim", f.get("encoder_ffn_dim"), f.get("encoder_ffn_dim"))
+    return ModelConfig(
+        arch="encoder-decoder", n_layer=f.get("encoder_layers"),
+        n_decoder_layer=f.get("decoder_layers", f.get("encoder_layers")),
+        n_head=f.get("encoder_attention_heads"), d_model=f.get("d_model"), d_ff=f.get("encoder_ffn_dim"),
+        vocab_size=f.get("vocab_size"), max_seq_len=f.get("max_position_embeddings", 1024),
+        norm="layernorm", norm_eps=1e-5, prenorm=False, position="learned",
+        mlp=f.choice("activation_function", "gelu", {v: k for k, v in _BART_ACT.items()}), bias=True,
+        tie_embeddings=True, embed_norm=True, dropout=f.get("dropout", 0.1),
+        init_std=f.get("init_std", 0.02), scaled_residual_init=False,
     )
 
 
@@ -438,8 +613,8 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     a pooler. A missing, unexpected or misshapen tensor raises a PretrainerError naming it.
     """
     family = hf_family(cfg)
-    prefix = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}[family]
-    heads = ("lm_head.", "cls.")
+    prefix = {"gpt2": "transformer.", "llama": "model.", "bert": "bert.", "t5": "", "bart": "model."}[family]
+    heads = ("lm_head.", "cls.", "final_logits_bias")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
     if family == "bert" and cfg.pooler and "bert.pooler.dense.weight" not in weights:
@@ -453,6 +628,7 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
                 raise PretrainerError(f"{where}: missing tensor '{name}'")
         pieces = [weights[name].t() if t.conv1d else weights[name] for name in t.hf]
         tensor = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        tensor = tensor[t.lead_rows:]
         if tensor.shape != expected[t.ours].shape:
             shapes = " + ".join(f"{n} {list(weights[n].shape)}" for n in t.hf)
             raise PretrainerError(f"{where}: {shapes} does not fit {list(expected[t.ours].shape)} "
@@ -460,14 +636,20 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
         ours[t.ours] = tensor
         used.update(t.hf)
     # a tied output matrix is the token embedding; a checkpoint may still carry a copy of it
-    tied_ours, tied_hf = _TIED[family]
-    ignored = {tied_hf} if cfg.tie_embeddings else set()
+    ignored = set(_SHARED.get(family, ())) | (set(_TIED[family]) if cfg.tie_embeddings else set())
+    if family == "bart" and "final_logits_bias" in weights:
+        if bool(weights["final_logits_bias"].any()):
+            raise PretrainerError(f"{where}: final_logits_bias is not zero; pretrainer's BART has "
+                                  f"no output bias")
+        ignored.add("final_logits_bias")
     unexpected = [k for k in weights if k not in used and k not in ignored and not _IGNORED.search(k)]
     if unexpected:
         raise PretrainerError(f"{where}: unexpected tensor '{unexpected[0]}' "
                               f"({len(unexpected)} in all) for a {family} model")
-    if cfg.tie_embeddings:
-        ours[tied_ours] = ours["tok_emb.weight"]
+    embedding = _tensors(cfg, family)[0].ours  # every family lists its token embedding first
+    for key in expected:
+        if key not in ours and is_tied_copy(model, key):
+            ours[key] = ours[embedding]
     model.load_state_dict(ours)
     return model.eval()
 

@@ -9,13 +9,14 @@ import torch
 
 from ..config import ModelConfig, model_preset, set_key
 from .decoder import DecoderLM, LMOutput
+from .encdec import EncoderDecoderLM, Seq2SeqOutput
 from .encoder import EncoderLM, EncoderOutput
 
-__all__ = ["DecoderLM", "EncoderLM", "EncoderOutput", "LMOutput", "build_model", "make_model",
-           "model_config"]
+__all__ = ["DecoderLM", "EncoderDecoderLM", "EncoderLM", "EncoderOutput", "LMOutput",
+           "Seq2SeqOutput", "build_model", "make_model", "model_config"]
 
 #: The model class of each ``model.arch``.
-ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM}
+ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder-decoder": EncoderDecoderLM}
 
 
 def make_model(cfg: ModelConfig) -> torch.nn.Module:

@@ -34,7 +34,8 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     with torch.device("meta"):
         model = make_model(cfg)
     emb = model.tok_emb.weight.numel()
-    pos = sum(m.weight.numel() for m in (model.pos_emb, model.type_emb) if m is not None)
+    stacks = [model.encoder, model.decoder] if cfg.arch == "encoder-decoder" else [model]
+    pos = sum(m.weight.numel() for s in stacks for m in (s.pos_emb, s.type_emb) if m is not None)
     if cfg.arch == "encoder":
         tied = {id(model.tok_emb.weight)}
         mlm_head = sum(p.numel() for p in model.mlm.parameters() if id(p) not in tied)
@@ -47,6 +48,8 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     non_emb = total - emb - pos - head
     T = seq_len or cfg.max_seq_len
     L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
+    if cfg.arch == "encoder-decoder":  # attention FLOPs: both stacks' self-attention, plus cross
+        L = cfg.n_layer + 2 * cfg.decoder_layers
     matmul_params = non_emb + mlm_head + V * d
     stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
@@ -56,7 +59,9 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "params_non_embedding": non_emb,
         "params_embedding": emb + pos + head,
         **({"params_mlm_head": mlm_head} if cfg.arch == "encoder" else {}),
-        "n_layer": L, "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
+        "n_layer": cfg.n_layer, **({"n_decoder_layer": cfg.decoder_layers}
+                                   if cfg.arch == "encoder-decoder" else {}),
+        "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
         "d_ff": cfg.ff_dim, "vocab_size": V, "max_seq_len": cfg.max_seq_len, "seq_len": T,
         "flops_per_token_kaplan": 6 * non_emb + 6 * L * T * d,
         "flops_per_token": 6 * matmul_params + 12 * L * d * T,

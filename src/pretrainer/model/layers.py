@@ -1,9 +1,10 @@
 """The pieces every model is built from: norms, positions, attention, MLPs and the block.
 
 One implementation covers the families by options (see :class:`~pretrainer.config.ModelConfig`):
-LayerNorm or RMSNorm, pre- or post-norm; learned, sinusoidal or rotary positions; multi-head,
-grouped-query or multi-query attention through ``n_kv_heads``; GELU, ReLU, SwiGLU or GeGLU MLPs.
-Attention always goes through ``F.scaled_dot_product_attention``.
+LayerNorm or RMSNorm, pre- or post-norm; learned, sinusoidal, rotary or T5 relative positions;
+multi-head, grouped-query or multi-query attention through ``n_kv_heads``; cross-attention for
+encoder-decoders; GELU, ReLU, SwiGLU or GeGLU MLPs. Attention always goes through
+``F.scaled_dot_product_attention``.
 
 Weight layout follows the Hugging Face Llama/GPT-2 conventions where it matters for conversion:
 rotary embeddings rotate the two halves of each head (``rotate_half``), and the fused projections
@@ -79,6 +80,46 @@ class Rotary(nn.Module):
         return out
 
 
+def relative_buckets(rel: torch.Tensor, bidirectional: bool, n_buckets: int,
+                     max_distance: int) -> torch.Tensor:
+    """T5's bucket of each relative position ``rel = key - query`` (Raffel et al. 2020, 2.1).
+
+    Half the buckets hold the exact distances 0 .. n/2 - 1, the other half cover n/2 ..
+    ``max_distance`` on a log scale, and anything further shares the last bucket. A bidirectional
+    stack splits the buckets in two, keys after the query taking the upper half; a causal one only
+    sees keys at or before the query."""
+    if bidirectional:
+        n_buckets //= 2
+        offset = (rel > 0).long() * n_buckets
+        dist = rel.abs()
+    else:
+        offset = torch.zeros_like(rel)
+        dist = (-rel).clamp(min=0)
+    exact = n_buckets // 2
+    log_ratio = torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (n_buckets - exact)).long()).clamp(max=n_buckets - 1)
+    return offset + torch.where(dist < exact, dist, far)
+
+
+class RelativeBias(nn.Module):
+    """One learned scalar per (head, distance bucket), added to the attention scores; computed
+    once per forward pass and shared by all layers of a stack, as in T5."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.n_buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
+        self.bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+
+    def forward(self, q_start: int, q_len: int, k_len: int) -> torch.Tensor:
+        """Bias [1, heads, q_len, k_len] for queries at ``q_start ..`` and keys at ``0 .. k_len-1``."""
+        device = self.bias.weight.device
+        q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+        k = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_buckets(k - q, self.bidirectional, self.n_buckets, self.max_distance)
+        return self.bias(buckets).permute(2, 0, 1)[None]
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention
 
@@ -93,6 +134,14 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0  # positions filled (same for every layer once a forward pass completes)
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer  # enc-dec
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (in that order): beam search follows its surviving beams."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.length, self.length + k.shape[-2]
@@ -113,14 +162,17 @@ class SelfAttention(nn.Module):
         self.layer_idx = layer_idx
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv.query_rows = self.n_head * self.head_dim
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_out = True
         self.dropout = cfg.dropout
+        self.scale = None if cfg.attn_scale else 1.0
 
     def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None):
-        """``attn_mask`` (bidirectional attention only): a boolean [B, 1, 1, T] mask of the keys
-        that take part (``True``), e.g. to leave out padding."""
+        """``attn_mask``: a boolean mask of the keys that take part (``True``), [B, 1, 1, T], e.g.
+        to leave out padding, or an additive float mask [B or 1, H, T, S] (a position bias). For a
+        causal layer, a given mask must already hold the causal part."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, T, D]
@@ -135,7 +187,7 @@ class SelfAttention(nn.Module):
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
         mask, is_causal = attn_mask, False
-        if self.causal:
+        if self.causal and attn_mask is None:
             if start == 0:
                 is_causal = T > 1
             elif T > 1:  # a chunk after cached positions: query i sees keys <= start + i
@@ -143,8 +195,48 @@ class SelfAttention(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
         )
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to every encoder output (``memory``). Keys and values depend on the
+    memory only, so generation computes them once and keeps them in ``cache.cross``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx
+        self.q = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
+        self.q.query_rows = self.n_head * self.head_dim
+        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.proj.is_residual_out = True
+        self.dropout = cfg.dropout
+        self.scale = None if cfg.attn_scale else 1.0
+
+    def forward(self, x, memory: torch.Tensor, cache: KVCache | None = None,
+                memory_mask: torch.Tensor | None = None):
+        """``memory_mask``: boolean [B, 1, 1, S], ``True`` for the encoder positions that are not
+        padding."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        kv = cache.cross[self.layer_idx] if cache is not None else None
+        if kv is None:
+            S = memory.shape[1]
+            k, v = self.kv(memory).view(B, S, 2 * Hkv, D).transpose(1, 2).split([Hkv, Hkv], dim=1)
+            if cache is not None:
+                cache.cross[self.layer_idx] = (k, v)
+        else:
+            k, v = kv
+        q = self.q(x).view(B, T, H, D).transpose(1, 2)
+        if Hkv != H:
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -158,7 +250,9 @@ _ACTIVATIONS = {
     "relu": F.relu,
     "swiglu": F.silu,
     "geglu": F.gelu,
+    "geglu_tanh": lambda t: F.gelu(t, approximate="tanh"),
 }
+GATED = ("swiglu", "geglu", "geglu_tanh")
 
 
 def activation(mlp: str):
@@ -171,7 +265,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.gated = cfg.mlp in GATED
         hidden = cfg.ff_dim
         self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
@@ -193,22 +287,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention then MLP, each in a residual branch, normed before (pre-norm) or after (post-norm)."""
+    """Self-attention, cross-attention to an encoder's output (``cross``, encoder-decoder decoders
+    only), then the MLP, each in a residual branch normed before (pre-norm) or after (post-norm)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool, cross: bool = False):
         super().__init__()
         self.prenorm = cfg.prenorm
         self.norm1 = make_norm(cfg)
         self.attn = SelfAttention(cfg, layer_idx, causal)
+        self.norm_x = make_norm(cfg) if cross else None
+        self.xattn = CrossAttention(cfg, layer_idx) if cross else None
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotary=None, cache=None, attn_mask=None):
+    def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None):
         if self.prenorm:
             x = x + self.drop(self.attn(self.norm1(x), rotary, cache, attn_mask))
+            if self.xattn is not None:
+                x = x + self.drop(self.xattn(self.norm_x(x), memory, cache, memory_mask))
             return x + self.drop(self.mlp(self.norm2(x)))
         x = self.norm1(x + self.drop(self.attn(x, rotary, cache, attn_mask)))
+        if self.xattn is not None:
+            x = self.norm_x(x + self.drop(self.xattn(x, memory, cache, memory_mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
@@ -223,15 +324,19 @@ class Transformer(nn.Module):
     rotary in every attention); segment embeddings ``type_emb`` when ``type_vocab_size`` > 0; a
     norm on the summed embeddings when ``embed_norm`` (BERT); dropout; ``n_layer`` blocks, causal or
     bidirectional; a final norm for pre-norm stacks (post-norm blocks already end with one).
-    Subclasses add their heads, then call :meth:`reset_parameters`.
+    With ``position="relative"`` a T5 bias (:class:`RelativeBias`) is added in every attention.
+    An encoder-decoder's decoder stack has ``cross`` attention and shares the encoder's
+    ``embedding``. Subclasses add their heads, then call :meth:`reset_parameters`.
     """
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False,
+                 embedding: nn.Embedding | None = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is not set (a preset with vocab from data needs it)")
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.causal = causal
+        self.tok_emb = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
@@ -240,20 +345,25 @@ class Transformer(nn.Module):
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
                        if cfg.position == "rope" else None)
+        self.rel_bias = RelativeBias(cfg, bidirectional=not causal) if cfg.position == "relative" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, causal=causal) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, causal=causal, cross=cross) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.prenorm else nn.Identity()
 
     def reset_parameters(self) -> None:
         """N(0, init_std) for matrices and embeddings, zero biases, unit norms; GPT-2 scales the
         residual output projections by 1/sqrt(2 n_layer) so the residual stream's variance does not
-        grow with depth."""
+        grow with depth. Without ``attn_scale`` (T5) the query rows start 1/sqrt(head_dim) smaller,
+        so the first scores have the size that scaled attention would give them."""
         std = self.cfg.init_std
         resid_std = std / math.sqrt(2 * self.cfg.n_layer) if self.cfg.scaled_residual_init else std
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 s = resid_std if getattr(module, "is_residual_out", False) else std
                 nn.init.normal_(module.weight, 0.0, s)
+                if not self.cfg.attn_scale and hasattr(module, "query_rows"):
+                    with torch.no_grad():
+                        module.weight[:module.query_rows] /= math.sqrt(self.cfg.head_dim)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -265,8 +375,12 @@ class Transformer(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                token_type_ids: torch.Tensor | None = None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states [B, T, d_model] of ``input_ids`` [B, T] (after the last norm)."""
+               attn_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+               memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, d_model] of ``input_ids`` [B, T] (after the last norm).
+        ``attn_mask``: boolean [B, 1, 1, T] keys that take part (padding left out; bidirectional
+        stacks). ``memory`` [B, S, d_model] and ``memory_mask`` [B, 1, 1, S]: the encoder output
+        that a decoder stack cross-attends to."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -282,8 +396,25 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
+        if self.rel_bias is not None:
+            attn_mask = self.position_bias(start, T, attn_mask, x.dtype)
         for block in self.blocks:
-            x = block(x, self.rotary, cache, attn_mask)
+            x = block(x, self.rotary, cache, attn_mask, memory, memory_mask)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
+
+    def position_bias(self, start: int, T: int, key_mask: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask [B or 1, H, T, start + T] of a relative-position stack: T5's bias, with
+        the causal part (causal stacks) and the masked-out keys (``key_mask``) at the dtype's
+        lowest value (not -inf, so that no row is ever all -inf)."""
+        S = start + T
+        bias = self.rel_bias(start, T, S).to(dtype)
+        low = torch.finfo(dtype).min
+        if self.causal and T > 1:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=bias.device).tril(diagonal=start)
+            bias = bias.masked_fill(~allowed, low)
+        if key_mask is not None:
+            bias = bias.masked_fill(~key_mask, low)
+        return bias

@@ -104,7 +104,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read weights ({e})") from None
     own = model.state_dict()
-    missing = [k for k in own if k not in tensors and not _is_tied_copy(model, k)]
+    missing = [k for k in own if k not in tensors and not is_tied_copy(model, k)]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"{file}: weights do not match the model "
@@ -140,14 +140,16 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict for saving: a tied output matrix is stored once (as the embedding)."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if not _is_tied_copy(model, k)}
+            if not is_tied_copy(model, k)}
 
 
-def _is_tied_copy(model: torch.nn.Module, key: str) -> bool:
+def is_tied_copy(model: torch.nn.Module, key: str) -> bool:
     """Whether ``key`` is the output matrix that ``tie_embeddings`` shares with the embedding
-    (each model names it in ``tied_output``)."""
-    return (key == getattr(model, "tied_output", None)
-            and getattr(getattr(model, "cfg", None), "tie_embeddings", False))
+    (each model names it in ``tied_output``) or another name of a shared tensor
+    (``shared_copies``: an encoder-decoder's decoder embedding)."""
+    return key in getattr(model, "shared_copies", ()) or (
+        key == getattr(model, "tied_output", None)
+        and getattr(getattr(model, "cfg", None), "tie_embeddings", False))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

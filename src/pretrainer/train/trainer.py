@@ -219,7 +219,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         log.say(f"warning: {cfg.data} has {len(val_split)} validation tokens, fewer than one window "
                 f"of seq_len={t.seq_len}; training without validation")
         val_split = None
-    batches = make_batches(cfg.objective, train_split, t.seq_len, t.seed, cfg.masking)
+    batches = make_batches(cfg.objective, train_split, t.seq_len, t.seed, cfg.masking, cfg.noise)
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
 
@@ -270,7 +270,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
         prints them."""
         r = evaluate_split(model, val_split, t.seq_len, t.batch_size, t.eval_batches, env,
-                           cfg.objective, cfg.masking)
+                           cfg.objective, cfg.masking, cfg.noise)
         v = r["val_loss"]
         rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
         acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
@@ -372,7 +372,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 
 @torch.no_grad()
 def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
-                   env: Env | None = None, objective: str = "clm", masking: str = "token") -> dict:
+                   env: Env | None = None, objective: str = "clm", masking: str = "token",
+                   noise=None) -> dict:
     """``{"val_loss": ...}``: the mean cross-entropy over the predicted tokens of the first
     ``max_batches * world`` validation batches of ``batch_size`` windows (the same windows for the
     same global batch, whatever the number of processes: each process takes every world-th batch
@@ -383,7 +384,7 @@ def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_
     device = env.device if env else next(model.parameters()).device
     rank, world = (env.rank, env.world) if env else (0, 1)
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, correct
-    batches = eval_batches(objective, split, seq_len, batch_size, max_batches * world, masking)
+    batches = eval_batches(objective, split, seq_len, batch_size, max_batches * world, masking, noise)
     for i, (x, y) in enumerate(batches):
         if i % world != rank:
             continue
@@ -398,8 +399,9 @@ def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_
                 total[2] += (logits.argmax(-1) == y).sum()
             else:
                 loss = model(x, y).loss
-        total[0] += loss.double() * y.numel()
-        total[1] += y.numel()
+        counted = (y != IGNORE).sum()
+        total[0] += loss.double() * counted
+        total[1] += counted
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
