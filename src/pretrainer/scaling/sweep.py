@@ -28,6 +28,12 @@ Warnings (recorded in each row's ``warnings``): ``epochs`` > 1 (the run repeats 
 the last 20 % of the steps (mean logged loss over steps 70-80 % vs 90-100 % of the run, relative
 to the latter), i.e. the run stopped far from converged. Both bend a fit.
 
+Runs go one after another in this process (``threads``: torch CPU threads), or ``jobs`` at a time
+as ``pretrainer pretrain`` child processes of ``threads`` threads each (default 1; their output in
+``DIR/logs/``). On a small shared CPU, 2 jobs x 1 thread avoids the thread oversubscription that
+makes 2-thread runs crawl when other processes compete. ``wall_s`` is each run's own wall time,
+which concurrent jobs stretch.
+
 Resumable: a run whose folder holds a checkpoint at its last step and a final validation loss is
 finished and is not trained again; a run with earlier checkpoints resumes from the newest.
 ``print_commands`` writes each run's config under ``DIR/configs/`` and prints one
@@ -44,6 +50,8 @@ import math
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,7 +74,7 @@ DEFAULTS = {
     "sizes": None, "tokens": None, "isoflop": None, "lr_search": None, "lr_scaling": "fixed",
     "base_width": None, "lr_search_tokens": None, "corpus": None, "tokenizer": "char",
     "evals": 8, "min_steps": 20, "converge_tol": 0.03, "plan_compute": None, "bootstrap": 200,
-    "targets": None,
+    "targets": None, "jobs": 1, "threads": None,
 }
 
 
@@ -409,6 +417,9 @@ def _options(raw_sweep: dict, given: dict) -> dict:
         raise ConfigError(f"sweep: unknown key '{sorted(unknown)[0]}' (known: {', '.join(DEFAULTS)})")
     opts = dict(DEFAULTS)
     opts.update(raw_sweep)
+    for a, b in (("tokens", "isoflop"), ("isoflop", "tokens")):  # budgets given on the command line win
+        if given.get(a) is not None:
+            opts[b] = None
     opts.update({k: v for k, v in given.items() if v is not None})
     if opts["lr_scaling"] not in ("fixed", "mup"):
         raise ConfigError(f"lr_scaling '{opts['lr_scaling']}': expected fixed or mup")
@@ -508,48 +519,120 @@ def plan_sweep(base: RunConfig, out: Path, opts: dict) -> tuple[list[RunSpec], d
     return specs, search
 
 
-def _command(spec: RunSpec, out: Path) -> str:
+def _command_args(spec: RunSpec, out: Path) -> list[str]:
+    """``pretrainer`` arguments that train (or resume) ``spec``; its config is written under DIR/configs."""
+    from ..train.checkpoint import list_checkpoints
+
     cfg_file = out / "configs" / f"{spec.name}.yaml"
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
     save_config(spec.cfg, cfg_file)
-    run = Path(spec.cfg.out)
-    from ..train.checkpoint import list_checkpoints
-
-    if list_checkpoints(run):
-        return f"pretrainer pretrain --quiet --resume {shlex.quote(str(run))}"
-    return f"pretrainer pretrain --quiet -c {shlex.quote(str(cfg_file))}"
+    if list_checkpoints(spec.cfg.out):
+        return ["pretrain", "--quiet", "--resume", str(spec.cfg.out)]
+    return ["pretrain", "--quiet", "-c", str(cfg_file)]
 
 
-def _train_one(spec: RunSpec, out: Path, train_tokens: int, opts: dict, say, i: int, n: int) -> dict:
+def _command(spec: RunSpec, out: Path) -> str:
+    return "pretrainer " + shlex.join(_command_args(spec, out))
+
+
+def _train_in_process(spec: RunSpec) -> None:
     from ..train.checkpoint import list_checkpoints
     from ..train.trainer import train
 
-    run = Path(spec.cfg.out)
-    resume = bool(list_checkpoints(run))
-    say(f"[{i}/{n}] {spec.name}: N={spec.N:,}, D={spec.tokens:,} tokens, lr {spec.lr:.3g} ({spec.lr_rule})"
-        f"{' - resuming' if resume else ''}")
-    t0 = time.perf_counter()
-    train(copy.deepcopy(spec.cfg), resume=resume, quiet=True)
-    wall = time.perf_counter() - t0
-    rec = record_for(spec, out, train_tokens, opts["converge_tol"], wall)
-    say(f"        val loss {rec['loss']:.4f} (best {rec['best_val_loss']:.4f}) in {wall:.0f} s"
-        + "".join(f"\n        warning: {w}" for w in rec["warnings"]))
-    return rec
+    train(copy.deepcopy(spec.cfg), resume=bool(list_checkpoints(spec.cfg.out)), quiet=True)
 
 
-def _collect(spec, out, train_tokens, opts, known: dict, say, counter, total, print_commands, commands):
-    """The record of ``spec``: known, collected from a finished folder, trained, or a command."""
-    if spec.name in known:
-        return known[spec.name], False
-    run = Path(spec.cfg.out)
-    if is_finished(run, spec.steps):
-        rec = record_for(spec, out, train_tokens, opts["converge_tol"], None)
-        return rec, True
+def _child(spec: RunSpec, out: Path, threads: int) -> subprocess.Popen:
+    """``pretrainer pretrain`` for ``spec`` in a child process with ``threads`` CPU threads."""
+    args = _command_args(spec, out)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(logs / f"{spec.name}.log", "a") as log:
+        return subprocess.Popen([sys.executable, "-m", "pretrainer", *args], stdout=log, stderr=log, env=env)
+
+
+class Interrupted(PretrainerError):
+    pass
+
+
+def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, known: dict, file: Path,
+               say, counter: list[int], print_commands: bool, commands: list[str]) -> bool:
+    """Records every spec of a phase into ``known`` (and ``file``): already known, collected from a
+    finished folder, or trained (``jobs`` at a time). With ``print_commands``, commands instead.
+    Returns whether every spec has a record."""
+    pending = []
+    for spec in specs:
+        if spec.name in known:
+            continue
+        if is_finished(Path(spec.cfg.out), spec.steps):  # trained elsewhere, or before a crash of the sweep
+            known[spec.name] = record_for(spec, out, train_tokens, opts["converge_tol"], None)
+            _append_jsonl(file, known[spec.name])
+        elif spec.name not in {p.name for p in pending}:
+            pending.append(spec)
     if print_commands:
-        commands.append(_command(spec, out))
-        return None, False
-    counter[0] += 1
-    return _train_one(spec, out, train_tokens, opts, say, counter[0], total), True
+        commands += [_command(spec, out) for spec in pending]
+        return not pending
+    jobs, threads = int(opts["jobs"]), opts["threads"]
+
+    def start(spec):
+        counter[0] += 1
+        resume = (Path(spec.cfg.out) / "checkpoints").is_dir() and any((Path(spec.cfg.out) / "checkpoints").iterdir())
+        say(f"[{counter[0]}/{counter[1]}] {spec.name}: N={spec.N:,}, D={spec.tokens:,} tokens, lr {spec.lr:.3g} "
+            f"({spec.lr_rule}){' - resuming' if resume else ''}")
+        return time.perf_counter()
+
+    def finish(spec, t0):
+        wall = time.perf_counter() - t0
+        if not is_finished(Path(spec.cfg.out), spec.steps):
+            raise Interrupted(f"{spec.name} stopped before step {spec.steps}; run the same command again to resume "
+                              f"(log: {out / 'logs' / (spec.name + '.log')} with --jobs > 1)")
+        rec = record_for(spec, out, train_tokens, opts["converge_tol"], wall)
+        known[spec.name] = rec
+        _append_jsonl(file, rec)
+        say(f"        {spec.name}: val loss {rec['loss']:.4f} (best {rec['best_val_loss']:.4f}) in {wall:.0f} s"
+            + "".join(f"\n        warning: {w}" for w in rec["warnings"]))
+
+    if jobs <= 1:
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        for spec in pending:
+            t0 = start(spec)
+            _train_in_process(spec)
+            finish(spec, t0)
+        return True
+    running: list[tuple[RunSpec, subprocess.Popen, float]] = []
+    queue = list(pending)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)  # SIGTERM stops the children cleanly too
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                spec = queue.pop(0)
+                t0 = start(spec)
+                running.append((spec, _child(spec, out, int(threads or 1)), t0))
+            time.sleep(0.5)
+            for item in list(running):
+                spec, proc, t0 = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    finish(spec, t0)
+    finally:
+        for _, proc, _ in running:  # interrupted: let each child checkpoint and stop
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in running:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        signal.signal(signal.SIGTERM, old_term)
+    return True
 
 
 def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quiet: bool = False, **given) -> dict:
@@ -560,6 +643,9 @@ def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quie
     base, raw_sweep = load_base(config, overrides)
     opts = _options(raw_sweep, given)
     base.out = str(out)
+    parse_sizes(opts["sizes"], base.model)  # bad input fails before any data is prepared
+    for key in ("tokens", "isoflop", "lr_search"):
+        [parse_count(v, key) for v in _items(opts[key])]
     out.mkdir(parents=True, exist_ok=True)
     manifest = _prepare_data(base, out, opts, say)
     train_tokens = int(manifest["splits"]["train"]["tokens"])
@@ -569,38 +655,30 @@ def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quie
     sweep_file, search_file = out / SWEEP_FILE, out / LR_SEARCH_FILE
     known, known_search = _read_jsonl(sweep_file), _read_jsonl(search_file)
     commands: list[str] = []
-    n_search = sum(len(v) for v in search.values())
-    total = sum(1 for s in specs if s.name not in known) + sum(
-        1 for v in search.values() for s in v if s.name not in known_search)
-    counter = [0]
+    search_specs = [s for runs in search.values() for s in runs]
+    todo = {s.name for s in search_specs if s.name not in known_search} | {
+        s.name for s in specs if s.name not in known and not (search and s.name in known_search)}
+    counter = [0, len(todo)]  # an upper bound: main runs equal to a search run are trained once
 
     # 1. learning-rate search: per size, the candidate rates on the short budget
     best_lr: dict[Size, dict] = {}
-    search_pending = False
-    for runs in search.values():
-        recs = []
-        for spec in runs:
-            rec, new = _collect(spec, out, train_tokens, opts, known_search, say, counter, total,
-                                print_commands, commands)
-            if rec is None:
-                search_pending = True
-                continue
-            if new:
-                _append_jsonl(search_file, rec)
-                known_search[spec.name] = rec
-            recs.append(rec)
-        if len(recs) == len(runs):
+    if search_specs:
+        if not _run_phase(search_specs, out, train_tokens, opts, known_search, search_file, say, counter,
+                          print_commands, commands):
+            commands.append(f"# then run the same 'pretrainer scaling sweep ... --print-commands' again for the main "
+                            f"runs: their learning rates come from these {len(search_specs)} search runs")
+            return {"commands": commands}
+        for runs in search.values():
+            recs = [known_search[s.name] for s in runs]
             best = min(recs, key=lambda r: r["loss"])
-            best_lr[runs[0].size] = {"lr": best["lr"], "losses": {f"{r['lr']:.3g}": r["loss"] for r in recs}}
+            rates = sorted(r["lr"] for r in recs)
+            best_lr[runs[0].size] = {"lr": best["lr"], "losses": {f"{r['lr']:.3g}": r["loss"] for r in recs},
+                                     "at_edge": len(rates) > 1 and best["lr"] in (rates[0], rates[-1])}
             say(f"lr search {runs[0].size.label}: " + ", ".join(f"{r['lr']:.3g} -> {r['loss']:.4f}" for r in recs)
                 + f"; best {best['lr']:.3g}")
-    if search_pending:
-        commands.append(f"# then run the same 'pretrainer scaling sweep ... --print-commands' again for the main runs "
-                        f"(their learning rates come from these {n_search} search runs)")
-        return {"commands": commands}
 
     # 2. the main runs, at the chosen rates
-    records = []
+    main = []
     for spec in specs:
         if spec.size in best_lr:
             spec = make_spec(base, out, spec.size, spec.steps, best_lr[spec.size]["lr"], "search", spec.role,
@@ -610,17 +688,12 @@ def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quie
                 known[spec.name] = {**known_search[spec.name], "role": spec.role, **spec.extra,
                                     **({"C_target": spec.c_target} if spec.c_target else {})}
                 _append_jsonl(sweep_file, known[spec.name])
-        rec, new = _collect(spec, out, train_tokens, opts, known, say, counter, total, print_commands, commands)
-        if rec is None:
-            continue
-        if new:
-            _append_jsonl(sweep_file, rec)
-            known[spec.name] = rec
-        records.append(rec)
+        main.append(spec)
+    _run_phase(main, out, train_tokens, opts, known, sweep_file, say, counter, print_commands, commands)
     if print_commands:
         return {"commands": commands}
-    summary = analyse(records, out, opts, best_lr={s.label: v for s, v in best_lr.items()})
-    return summary
+    records = [known[s.name] for s in main]
+    return analyse(records, out, opts, best_lr={s.label: v for s, v in best_lr.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,7 +740,12 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
         _write_atomic(out / "fit_kaplan.json", json.dumps(kaplan, indent=2) + "\n")
     c_max = max(r["C"] for r in records) if records else 0
     compute = float(parse_count(opts["plan_compute"], "plan_compute")) if opts.get("plan_compute") else 10 * c_max
-    the_plan = plan(fit, compute) if fit is not None and compute > 0 else None
+    the_plan = None
+    if fit is not None and compute > 0:
+        try:
+            the_plan = plan(fit, compute)
+        except PretrainerError as e:
+            warnings.append(f"plan: {e}")
     if the_plan is not None:
         _write_atomic(out / "plan.json", json.dumps(the_plan, indent=2) + "\n")
     se = sample_efficiency(records, opts.get("targets") and [parse_count(t, "targets") for t in _items(opts["targets"])])
@@ -695,6 +773,10 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
     if best_lr:
         summary["lr_search"] = best_lr
     summary["lr_rule"] = sorted({r["lr_rule"] for r in records})
+    for label, v in (best_lr or {}).items():
+        if v.get("at_edge"):
+            warnings.append(f"lr search {label}: the best rate {v['lr']:.3g} is the edge of the candidates; "
+                            "the optimum may lie beyond them")
     summary["warnings"] = warnings + [f"{r['name']}: {w}" for r in records for w in r["warnings"]]
     summary["wall_s_total"] = round(sum(r["wall_s"] or 0 for r in records), 1)
 
