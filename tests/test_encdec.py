@@ -190,3 +190,31 @@ def synthetic_t5_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("t5data") / "data"
     prepare("builtin:synthetic", "unigram:400", out, sentinels=50, progress=False)
     return out
+
+
+def test_embed_and_generate_commands(tmp_path, synthetic_t5_data, capsys):
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "model=t5-tiny", "model.n_layer=1", "model.d_model=64", "model.n_head=2",
+                 "model.d_ff=128", "objective=span", f"data={synthetic_t5_data}", f"out={run}",
+                 "train.max_steps=2", "train.batch_size=2", "train.seq_len=32", "train.eval_every=0",
+                 "train.plot=false", "--quiet"]) == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the red cat sees a dog .\ncolor = blue ; size = 3 ; name = ada\n")
+    assert main(["embed", str(run), "--input", str(texts), "--out", str(tmp_path / "e.npy")]) == 0
+    assert main(["embed", str(run), "--input", str(texts), "--pooling", "tokens",
+                 "--out", str(tmp_path / "e.jsonl")]) == 0
+    assert main(["embed", str(run), "--input", str(texts), "--batch-size", "1",
+                 "--out", str(tmp_path / "one.npy")]) == 0
+    mean = np.load(tmp_path / "e.npy")
+    rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert mean.shape == (2, 64)
+    for m, row in zip(mean, rows):  # the mean of the per-token vectors, padding left out
+        assert np.allclose(np.asarray(row["embedding"]).mean(0), m, atol=1e-5)
+    assert np.allclose(np.load(tmp_path / "one.npy"), mean, atol=1e-5)  # batching changes nothing
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "the red cat", "--beams", "3",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["prompt"] == "the red cat" and isinstance(out[0]["text"], str)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import PretrainerError
+from .eval import cli as icl_cli
 from .finetune import cli as finetune_cli
 
 
@@ -113,14 +114,30 @@ def _load_run_and_tokenizer(run: str, device: str = "cpu"):
 
 
 def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
-                     top_k: int | None, top_p: float | None, seed: int) -> list[str]:
-    """Complete each prompt. A prompt starts a new document: it is preceded by the ``<eos>``
-    separator the model saw between documents in training. Generation stops at ``<eos>``."""
+                     top_k: int | None, top_p: float | None, seed: int, beams: int = 1) -> list[str]:
+    """Complete each prompt (decoder-only) or answer it (encoder-decoder).
+
+    A decoder-only prompt starts a new document: it is preceded by the ``<eos>`` separator the
+    model saw between documents in training, and the text returned is the prompt plus its
+    continuation. An encoder-decoder reads the prompt (ended by ``<eos>``, as in training) and the
+    text returned is the decoder's output alone. Generation stops at ``<eos>``; ``beams`` > 1
+    (encoder-decoders) searches instead of sampling."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    seq2seq = getattr(model.cfg, "arch", "") == "encoder-decoder"
+    if beams > 1 and not seq2seq:
+        raise PretrainerError("--beams applies to encoder-decoder runs (T5, BART); sample or use "
+                              "--temperature 0 for greedy decoding")
     out = []
     for prompt in prompts:
+        if seq2seq:
+            x = torch.tensor([tok.encode(prompt) + [tok.eos_id]])
+            y = model.generate(x, max_new_tokens, num_beams=beams, temperature=temperature,
+                               top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=gen)
+            new = [i for i in y[0].tolist() if i not in (tok.eos_id, tok.pad_id)]
+            out.append(tok.decode(new))
+            continue
         ids = [tok.eos_id] + tok.encode(prompt)
         x = torch.tensor([ids])
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -138,12 +155,28 @@ def cmd_generate(args) -> None:
     if not prompts:
         prompts = [""]
     texts = generate_samples(model, tok, prompts * args.num_samples, args.max_new_tokens,
-                             args.temperature, args.top_k, args.top_p, args.seed)
+                             args.temperature, args.top_k, args.top_p, args.seed, args.beams)
     if args.json:
         return _json_out([{"prompt": p, "text": t} for p, t in zip(prompts * args.num_samples, texts)])
     for t in texts:
         print(t)
         print("-" * 40)
+
+
+def cmd_embed(args) -> None:
+    from .embed import embed_texts, read_texts, write_embeddings
+
+    model, tok = _load_run_and_tokenizer(args.run, args.device)
+    texts = read_texts(args.input, args.text_field)
+    vectors = embed_texts(model, tok, texts, args.pooling, args.batch_size, args.max_len)
+    if args.out:
+        write_embeddings(args.out, texts, vectors, args.pooling)
+    summary = {"run": args.run, "texts": len(texts), "pooling": args.pooling,
+               "dim": int(vectors[0].shape[-1]), "out": args.out}
+    if args.json:
+        return _json_out(summary if args.out else {**summary, "embeddings": [v.tolist() for v in vectors]})
+    print(f"{len(texts)} texts embedded ({args.pooling}, {summary['dim']} dimensions)"
+          + (f" -> {args.out}" if args.out else ""))
 
 
 def cmd_evaluate(args) -> None:
@@ -366,11 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the final summary as JSON")
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser("generate", help="sample text from a trained run")
+    s = sub.add_parser("generate", help="sample text from a trained run (or answer, for T5/BART)")
     s.add_argument("run", help="run folder, checkpoint folder or HF folder")
     s.add_argument("--prompt", default=None)
-    s.add_argument("--input", help="file with one prompt per line")
+    s.add_argument("--input", help="file with one prompt (encoder-decoder: one source) per line")
     s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--beams", type=int, default=1, help="beam search width (encoder-decoder runs; 1 = sample or greedy)")
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
@@ -379,6 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("embed", help="encoder representations of texts (T5/BART encoder or BERT), frozen")
+    s.add_argument("run", help="run folder or HF folder of an encoder-decoder or encoder model")
+    s.add_argument("--input", required=True, help="one text per line, or .jsonl rows with --text-field")
+    s.add_argument("--out", help=".npy (mean pooling: [N, d_model]) or .jsonl (text + embedding per row)")
+    s.add_argument("--pooling", choices=["mean", "tokens"], default="mean",
+                   help="mean over the text's tokens, or one vector per token")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--max-len", type=int, default=512, help="tokens per text (longer texts are cut)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_embed)
 
     s = sub.add_parser("evaluate", help="validation loss and perplexity of a run")
     s.add_argument("run")
@@ -458,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_scaling_sweep)
 
     finetune_cli.register(sub)  # finetune, predict
+
+    icl_cli.register(sub)  # icl
 
     s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
     s.add_argument("--out", default="runs/quickstart")
