@@ -43,7 +43,9 @@ def cmd_info(args) -> None:
     if args.json:
         return _json_out(info)
     mem = info["memory_bytes"]
-    print(f"{args.model}: {cfg.n_layer} layers x {cfg.d_model} wide, {cfg.n_head} heads "
+    layers = (f"{cfg.n_layer}+{cfg.decoder_layers} (encoder+decoder)" if cfg.arch == "encoder-decoder"
+              else str(cfg.n_layer))
+    print(f"{args.model}: {layers} layers x {cfg.d_model} wide, {cfg.n_head} heads "
           f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
     print(f"  parameters              {info['params']:>16,}")
     print(f"  non-embedding (Kaplan)  {info['params_non_embedding']:>16,}")
