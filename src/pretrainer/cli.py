@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as e:  # noqa: BLE001 - last resort: one line unless --debug
         if args.debug:
             raise
