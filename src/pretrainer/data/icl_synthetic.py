@@ -5,7 +5,8 @@ of the four distinct choices; the others are the answers a confused model would 
 
 - ``copy``: ``kqdw => kqdw`` (3 to 5 lowercase letters, never a palindrome);
 - ``reverse``: ``kqdw => wdqk`` (the same inputs as copy: without examples the two are ambiguous);
-- ``successor``: ``41 => 42``, ``m => n`` (a number 1..97 or a letter b..x);
+- ``successor``: ``41 => 42``, ``kq => kr``, ``kz => la`` (a number 1..997, or two letters counted
+  in base 26);
 - ``lookup``: ``c=4 k=7 x=1 ? k => 7`` (a record of three keys with distinct digit values).
 
 Every example is written with the template ``{input} => {target}`` and examples are separated by a
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 TASKS = ("copy", "reverse", "successor", "lookup")
 TEMPLATE = "{input} => {target}"
@@ -62,12 +63,16 @@ def _copy_or_reverse(rng: random.Random, reverse: bool) -> dict:
 
 def _successor(rng: random.Random) -> dict:
     if rng.random() < 0.5:
-        n = rng.randint(1, 97)
+        n = rng.randint(1, 997)
         x, nxt, alts = str(n), str(n + 1), [str(n), str(n + 2), str(n - 1)]
-    else:
-        i = rng.randint(1, 23)
-        x, nxt, alts = _LETTERS[i], _LETTERS[i + 1], [_LETTERS[i], _LETTERS[i + 2], _LETTERS[i - 1]]
+    else:  # two letters counted in base 26: "kq" -> "kr", "kz" -> "la"
+        i = rng.randint(1, 26 * 26 - 3)
+        x, nxt, alts = _letters2(i), _letters2(i + 1), [_letters2(i), _letters2(i + 2), _letters2(i - 1)]
     return {"input": x, "target": nxt, "choices": _distinct(nxt, alts, lambda: "")}
+
+
+def _letters2(i: int) -> str:
+    return _LETTERS[i // 26] + _LETTERS[i % 26]
 
 
 def _lookup(rng: random.Random) -> dict:
@@ -113,13 +118,13 @@ def task_rows(task: str, n: int, split: str, seed: int = 0) -> list[dict]:
         return test
     seen = {row["input"] for row in test}
     pool = []
-    for row in stream("pool"):
+    for row, _ in zip(stream("pool"), range(100 * n + 100)):
         if len(pool) == n:
-            return pool
+            break
         if row["input"] not in seen:
             pool.append(row)
             seen.add(row["input"])
-    raise AssertionError("unreachable")
+    return pool
 
 
 def format_example(row: dict) -> str:
