@@ -116,6 +116,18 @@ def _split_by_file(items: list[dict]) -> dict[str, list[dict]]:
     return split
 
 
+def held_out_files(source: str = "builtin:stdlib-package") -> list[str]:
+    """The standard-library files (relative paths) whose functions make up a built-in task's eval
+    split; a pretraining corpus without them shares no text with the evaluation examples."""
+    name, _ = _parse(source)
+    items = stdlib_functions()
+    if name == "stdlib-docstring":
+        groups = [[f for f in items if f["doc"] and f["doc"].strip()]]
+    else:
+        groups = [[f for f in items if f["package"] == p] for p in PACKAGES]
+    return sorted({f["file"] for g in groups for f in _split_by_file(g)["eval"]})
+
+
 def _parse(source: str) -> tuple[str, int | None]:
     name, _, count = source.removeprefix("builtin:").partition(":")
     if name not in BUILTIN_TASKS:
