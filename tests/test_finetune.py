@@ -13,7 +13,6 @@ import torch
 
 from pretrainer.cli import main
 from pretrainer.config import ModelConfig
-from pretrainer.errors import DataError
 from pretrainer.finetune import Predictor, finetune
 from pretrainer.finetune import metrics as M
 from pretrainer.finetune.files import read_conll, read_rows, read_squad
@@ -487,3 +486,25 @@ def test_builtin_tasks_are_deterministic_balanced_and_split_by_file():
     t = make_task("classification")
     ex = t.load("builtin:stdlib-docstring:40", "train")
     assert t.columns["text_pair"] == "text_pair" and "text_pair" in ex[0]
+
+
+def test_backbones_from_hugging_face_and_run_folders(tmp_path):
+    from pretrainer.finetune.backbone import load_backbone
+    from pretrainer.interop.hf import export_hf, import_run
+    from pretrainer.model import model_config
+
+    tok = Tok.train(["some words to make a small vocabulary from"] * 3, "wordpiece", 60)
+    tok.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = make_model(model_config("bert-tiny", vocab_size=tok.vocab_size, n_layer=1, max_seq_len=32))
+    export_hf(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
+    w = "blocks.0.attn.qkv.weight"
+    hf = load_backbone(str(tmp_path / "hf"))
+    assert torch.equal(hf.model.state_dict()[w], model.state_dict()[w])
+    assert hf.tok.vocab_size == tok.vocab_size and hf.origin["kind"] == "hf"
+    import_run(tmp_path / "hf", tmp_path / "run")
+    run = load_backbone(str(tmp_path / "run"))
+    assert torch.equal(run.model.state_dict()[w], model.state_dict()[w]) and run.origin["kind"] == "run"
+    scratch = load_backbone(str(tmp_path / "run"), from_scratch=True)
+    assert scratch.model.cfg == run.model.cfg and scratch.tok.vocab_size == run.tok.vocab_size
+    assert not torch.equal(scratch.model.state_dict()[w], model.state_dict()[w])
