@@ -246,3 +246,49 @@ def test_cli_bad_sizes_is_one_line(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "32y2" in r.stderr
+
+
+def test_jobs_train_in_child_processes(tmp_path):
+    cfg = micro_config(tmp_path)
+    out = tmp_path / "jobs"
+    s = run_sweep(cfg, out, quiet=True, sizes="16x1", tokens="4k,8k", jobs=2, threads=1)
+    recs = rows(out / "sweep.jsonl")
+    assert s["n_runs"] == 2 and {r["steps"] for r in recs} == {31, 62}
+    for r in recs:
+        assert (out / "logs" / f"{r['name']}.log").is_file() and r["wall_s"] > 0
+        assert r["loss"] == rows(out / r["run"] / "metrics.jsonl")[-1]["val_loss"]
+
+
+@pytest.mark.slow
+def test_acceptance_sweep_on_the_embedded_corpus(tmp_path):
+    """Issue 5: 5 sizes x 3 budgets on builtin:stdlib (configs/sweep-stdlib.yaml), about half an hour
+    on 2 cores: loss falls with N at every D, L(N) has R² >= 0.95, a plan, and larger models need
+    fewer tokens to reach the same loss."""
+    from pretrainer.config import CONFIG_DIR
+
+    s = run_sweep(str(CONFIG_DIR / "sweep-stdlib.yaml"), tmp_path / "sweep", quiet=True)
+    assert s["n_runs"] == 15
+    Ns = [r["N"] for r in s["records"]]
+    assert max(Ns) / min(Ns) >= 30
+    assert all(s["loss_falls_with_N_at_fixed_D"].values())
+    assert s["L_of_N"]["r2"] >= 0.95 and s["L_of_N"]["alpha_N"] > 0
+    assert s["plan"]["ours"] is not None or s["plan"]["flags"]["reasons"]
+    assert any(s["sample_efficiency"]["larger_needs_fewer"].values())
+
+
+def test_sample_efficiency_on_hand_made_curves():
+    from pretrainer.scaling.sweep import sample_efficiency
+
+    def rec(N, curve):
+        return {"name": f"n{N}", "N": N, "d_model": N, "n_layer": 1, "D": curve[-1][0], "curve": curve}
+
+    small = rec(10, [[0, 5.0], [100, 3.0], [200, 2.5], [400, 2.2]])
+    big = rec(100, [[0, 5.0], [100, 2.5], [200, 2.0], [400, 1.8]])
+    se = sample_efficiency([big, small])
+    assert se["targets"][-1] == 2.2  # the lowest loss every size reaches
+    assert se["sizes"][0]["N"] == 10 and se["sizes"][0]["tokens_to_target"]["2.2"] == pytest.approx(400)
+    assert se["sizes"][1]["tokens_to_target"]["2.2"] == pytest.approx(160)  # 2.5 -> 2.0 between 100 and 200
+    assert all(se["larger_needs_fewer"].values()) and se["log_tokens_vs_log_N_slope"]["2.2"] < 0
+    se = sample_efficiency([big, small], targets=[3.0])
+    assert se["sizes"][0]["tokens_to_target"]["3"] == pytest.approx(100)
+    assert se["sizes"][1]["tokens_to_target"]["3"] == pytest.approx(20 + 60)  # 5.0 -> 2.5 between 0 and 100

@@ -338,6 +338,8 @@ def tokens_to_reach(curve, target: float) -> float | None:
 def sample_efficiency(records: list[dict], targets=None) -> dict:
     """Tokens each model size needs to reach target losses, from the validation curve of its
     longest run. Default targets: the lowest loss every size reaches (L*), and 1.05 L*, 1.1 L*."""
+    import numpy as np
+
     by_size: dict[tuple, dict] = {}
     for r in records:
         key = (r["d_model"], r["n_layer"])
@@ -354,14 +356,22 @@ def sample_efficiency(records: list[dict], targets=None) -> dict:
     for r in longest:
         sizes.append({"name": r["name"], "N": r["N"], "d_model": r["d_model"], "n_layer": r["n_layer"],
                       "D": r["D"], "tokens_to_target": {f"{t:g}": tokens_to_reach(r["curve"], t) for t in targets}})
-    verdict = {}
+    verdict, pairs, slope = {}, {}, {}
     for t in targets:
         need = [s["tokens_to_target"][f"{t:g}"] for s in sizes]
         reached = [x for x in need if x is not None]
         verdict[f"{t:g}"] = (len(reached) == len(need) and len(need) >= 2
                              and all(b <= a for a, b in zip(need, need[1:])))
+        ok = [(a, b) for a, b in zip(need, need[1:]) if a is not None and b is not None]
+        pairs[f"{t:g}"] = f"{sum(b <= a for a, b in ok)}/{len(ok)}"
+        pts = [(s["N"], x) for s, x in zip(sizes, need) if x]
+        if len({n for n, _ in pts}) >= 2:
+            slope[f"{t:g}"] = float(np.polyfit(np.log([n for n, _ in pts]), np.log([x for _, x in pts]), 1)[0])
     return {"targets": targets, "method": "validation curve of each size's longest run, linear interpolation "
-            "in tokens between evaluations", "sizes": sizes, "larger_needs_fewer": verdict}
+            "in tokens between evaluations", "sizes": sizes,
+            "larger_needs_fewer": verdict,  # every larger size needs no more tokens than the next smaller
+            "adjacent_pairs_in_order": pairs,  # larger size needs <= tokens, of the pairs that both reach it
+            "log_tokens_vs_log_N_slope": slope}  # < 0: larger models need fewer tokens
 
 
 def isoflop_minimum(N, L) -> dict | None:
