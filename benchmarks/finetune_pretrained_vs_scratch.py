@@ -9,8 +9,9 @@ function comes from), against the same model, config and tokenizer fine-tuned fr
    functions (so pretraining never sees an evaluation example, not even unlabeled), WordPiece 8192.
 2. ``pretrain``: ``configs/bert-mini-stdlib.yaml`` (MLM 15 %, 128 tokens, batch 32) with the model
    ``--model`` (default ``bert-tiny``, 2 x 128: on a shared 2-core CPU a few minutes buy more
-   for the smaller model) for ``--steps`` steps; ``--reuse`` keeps an existing pretraining run
-   (and data) in ``--work``.
+   for the smaller model) for ``--steps`` steps; ``--reuse`` keeps the data folder and the
+   pretraining run in ``--work``, and extends that run to ``--steps`` when it has fewer (an exact
+   resume; the learning-rate schedule is recomputed for the new length).
 3. ``finetune``: pretrained, then ``--from-scratch``, with the same settings (``--epochs``,
    ``--lr``, batch 32, 128 tokens, seed); from scratch is also given each rate of
    ``--scratch-lrs`` (a model trained from random weights usually wants a larger one) and its
@@ -77,7 +78,7 @@ def main() -> None:
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
-    from pretrainer.train.trainer import train
+    from pretrainer.train.trainer import resume_config, train
 
     work = Path(args.work)
     data, pre = work / "data", work / "pretrain"
@@ -92,7 +93,16 @@ def main() -> None:
         prepare(str(corpus), "wordpiece:8192", data, overwrite=True, progress=False)
         timings["prepare_s"] = time.perf_counter() - t0
 
-    if not (args.reuse and (pre / "config.yaml").is_file()):
+    done_steps = 0
+    if args.reuse and (pre / "config.yaml").is_file():
+        done_steps = max((json.loads(line).get("step", 0) for line in (pre / "metrics.jsonl").read_text().splitlines()
+                          if line.strip()), default=0)
+    if args.reuse and 0 < done_steps < args.steps:  # extend the existing run (exact resume)
+        t0 = time.perf_counter()
+        print(f"[2/3] continuing pretraining from step {done_steps} to {args.steps}", flush=True)
+        train(resume_config(pre, [f"train.max_steps={args.steps}"]), resume=True)
+        timings["pretrain_more_s"] = time.perf_counter() - t0
+    elif not (args.reuse and (pre / "config.yaml").is_file()):
         t0 = time.perf_counter()
         print(f"[2/3] pretraining {args.model} with MLM for {args.steps} steps", flush=True)
         cfg = load_config(str(REPO / "configs" / "bert-mini-stdlib.yaml"),

@@ -13,6 +13,7 @@ import torch
 
 from pretrainer.cli import main
 from pretrainer.config import ModelConfig
+from pretrainer.errors import DataError
 from pretrainer.finetune import Predictor, finetune
 from pretrainer.finetune import metrics as M
 from pretrainer.finetune.files import read_conll, read_rows, read_squad
@@ -508,3 +509,13 @@ def test_backbones_from_hugging_face_and_run_folders(tmp_path):
     scratch = load_backbone(str(tmp_path / "run"), from_scratch=True)
     assert scratch.model.cfg == run.model.cfg and scratch.tok.vocab_size == run.tok.vocab_size
     assert not torch.equal(scratch.model.state_dict()[w], model.state_dict()[w])
+
+
+def test_conll_prediction_input_needs_no_tags(tmp_path):
+    f = tmp_path / "new.conll"
+    f.write_text("Peter\nlives\n\nEU B-ORG\n")
+    task = TaggingTask(labels=["B-ORG", "O"])
+    ex = task.load(str(f), require_labels=False)
+    assert [e["words"] for e in ex] == [["Peter", "lives"], ["EU"]]
+    with pytest.raises(DataError, match="new.conll line 1: expected a token and its tag"):
+        task.load(str(f))

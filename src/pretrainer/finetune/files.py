@@ -123,16 +123,22 @@ def _read_json_rows(path: Path) -> Rows:
 
 def read_conll(path: str | Path) -> Rows:
     """Sentences of a CoNLL file as rows ``{"tokens": [...], "tags": [...]}``; ``where`` is the
-    sentence's first line."""
+    sentence's first line. A line with a token only (prediction input) gets the tag ``None`` and
+    its sentence ``untagged_line``, the first such line."""
     p = _existing(path)
     rows: Rows = []
-    tokens, tags, first = [], [], 0
+    tokens, tags, first, untagged = [], [], 0, None
 
     def flush():
+        nonlocal untagged
         if tokens:
-            rows.append((f"{p} line {first}", {"tokens": list(tokens), "tags": list(tags)}))
+            row = {"tokens": list(tokens), "tags": list(tags)}
+            if untagged is not None:
+                row["untagged_line"] = untagged
+            rows.append((f"{p} line {first}", row))
         tokens.clear()
         tags.clear()
+        untagged = None
 
     try:
         with open(p, encoding="utf-8-sig") as f:
@@ -144,13 +150,12 @@ def read_conll(path: str | Path) -> Rows:
                 if parts[0] == "-DOCSTART-":
                     flush()
                     continue
-                if len(parts) < 2:
-                    raise DataError(f"{p} line {lineno}: expected a token and its tag separated by "
-                                    f"whitespace (CoNLL), got '{line.strip()[:40]}'")
                 if not tokens:
                     first = lineno
+                if len(parts) < 2 and untagged is None:
+                    untagged = lineno  # fine for prediction input; training needs the tag
                 tokens.append(parts[0])
-                tags.append(parts[-1])
+                tags.append(parts[-1] if len(parts) > 1 else None)
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text (byte {e.start} of a read block)") from None
     flush()

@@ -173,7 +173,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     cfg, tok = backbone.model.cfg, backbone.tok
     fmt = InputFormat.for_backbone(cfg.arch, tok, cfg.type_vocab_size)
     max_len = opts.max_len
-    if cfg.position == "learned" and max_len > cfg.max_seq_len:
+    if max_len > cfg.max_seq_len:
         say(f"note: --max-len {max_len} capped at the model's context, {cfg.max_seq_len}")
         max_len = cfg.max_seq_len
     train_feats = the_task.encode(train_ex, tok, fmt, max_len)

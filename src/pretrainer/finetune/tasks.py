@@ -407,6 +407,9 @@ class TaggingTask(Task):
         col = self.columns["label"]
         if not require_labels:
             return ex
+        if "untagged_line" in row:
+            raise DataError(f"{where.rsplit(' line ', 1)[0]} line {row['untagged_line']}: expected a token "
+                            f"and its tag separated by whitespace (CoNLL), got a token only")
         if col in row:
             tags = self._words(row, col, where, tags=True)
             if len(tags) != len(words):
