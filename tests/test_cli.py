@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrainer.cli import main
 from pretrainer.config import load_config
@@ -31,7 +32,15 @@ def one_line_error(result, *needles):
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load_and_validate(config):
-    cfg = load_config(str(REPO / "configs" / config))
+    path = REPO / "configs" / config
+    if "sweep" in (yaml.safe_load(path.read_text()) or {}):  # a base run config plus a 'sweep:' section
+        from pretrainer.scaling.sweep import _options, load_base, parse_sizes
+
+        cfg, sweep = load_base(str(path))
+        parse_sizes(_options(sweep, {})["sizes"], cfg.model)
+        cfg.validate(need_paths=False)
+        return
+    cfg = load_config(str(path))
     cfg.validate()
 
 

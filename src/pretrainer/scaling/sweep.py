@@ -256,19 +256,30 @@ def late_drop(train_curve: list[tuple[int, float]], steps: int) -> float | None:
     return (means[0] - means[1]) / means[1]
 
 
-def record_for(spec: RunSpec, out: Path, train_tokens: int, converge_tol: float, wall_s: float | None) -> dict:
-    """The sweep.jsonl row of a finished run, from its metrics.jsonl."""
+def _logged_seconds(rows: list[dict], upto: int | None = None) -> float:
+    """Training time from the logged step times (evaluations excluded), for steps <= ``upto``."""
+    total, prev = 0.0, 0
+    for r in rows:
+        if "ms_per_step" in r and (upto is None or r["step"] <= upto):
+            total += r["ms_per_step"] * (r["step"] - prev) / 1000
+            prev = r["step"]
+    return total
+
+
+def record_for(spec: RunSpec, out: Path, train_tokens: int, converge_tol: float, wall_s: float | None,
+               resumed_at: int = 0) -> dict:
+    """The sweep.jsonl row of a finished run, from its metrics.jsonl. ``wall_s``: measured by the
+    sweep (plus the logged time of the steps before ``resumed_at``), or None: the logged step times."""
     run = Path(spec.cfg.out)
     rows = _metrics(run)
     val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if not val:
         raise DataError(f"{run / 'metrics.jsonl'}: no validation loss (expected a finished run)")
-    if wall_s is None:  # trained elsewhere (--print-commands): the logged step times
-        wall_s, prev = 0.0, 0
-        for s, r in ((r["step"], r) for r in rows if "ms_per_step" in r):
-            wall_s += r["ms_per_step"] * (s - prev) / 1000
-            prev = s
+    if wall_s is None:  # trained elsewhere (--print-commands)
+        wall_s = _logged_seconds(rows)
+    elif resumed_at:  # the part trained before an interruption
+        wall_s += _logged_seconds(rows, resumed_at)
     D = spec.tokens
     drop = late_drop(train, spec.steps)
     epochs = D / train_tokens
@@ -586,18 +597,24 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
     jobs, threads = int(opts["jobs"]), opts["threads"]
 
     def start(spec):
+        from ..train.checkpoint import latest_checkpoint
+
         counter[0] += 1
-        resume = (Path(spec.cfg.out) / "checkpoints").is_dir() and any((Path(spec.cfg.out) / "checkpoints").iterdir())
+        try:
+            resume = latest_checkpoint(spec.cfg.out, warn=lambda s: None)[1]["step"]
+        except CheckpointError:
+            resume = 0
         say(f"[{counter[0]}/{counter[1]}] {spec.name}: N={spec.N:,}, D={spec.tokens:,} tokens, lr {spec.lr:.3g} "
-            f"({spec.lr_rule}){' - resuming' if resume else ''}")
-        return time.perf_counter()
+            f"({spec.lr_rule}){f' - resuming at step {resume}' if resume else ''}")
+        return time.perf_counter(), resume
 
     def finish(spec, t0):
+        t0, resumed_at = t0
         wall = time.perf_counter() - t0
         if not is_finished(Path(spec.cfg.out), spec.steps):
             raise Interrupted(f"{spec.name} stopped before step {spec.steps}; run the same command again to resume "
                               f"(log: {out / 'logs' / (spec.name + '.log')} with --jobs > 1)")
-        rec = record_for(spec, out, train_tokens, opts["converge_tol"], wall)
+        rec = record_for(spec, out, train_tokens, opts["converge_tol"], wall, resumed_at)
         known[spec.name] = rec
         _append_jsonl(file, rec)
         say(f"        {spec.name}: val loss {rec['loss']:.4f} (best {rec['best_val_loss']:.4f}) in {wall:.0f} s"
