@@ -519,3 +519,13 @@ def test_conll_prediction_input_needs_no_tags(tmp_path):
     assert [e["words"] for e in ex] == [["Peter", "lives"], ["EU"]]
     with pytest.raises(DataError, match="new.conll line 1: expected a token and its tag"):
         task.load(str(f))
+
+
+def test_patience_stops_when_the_score_stops_improving(sentiment, tmp_path):
+    train, dev, _ = sentiment
+    # a learning rate too small to change any prediction: the score never improves after epoch 1
+    r = finetune("bert-tiny", "classification", str(train), str(tmp_path / "p"), eval=str(dev), epochs=5,
+                 patience=1, lr=1e-12, batch_size=64, max_len=12, from_scratch=True, vocab_size=120, quiet=True)
+    assert (r["epoch"], r["epochs_run"]) == (1, 2)
+    state = json.loads(next((tmp_path / "p" / "checkpoints").iterdir()).joinpath("state.json").read_text())
+    assert state["epoch"] == 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import DataError
 from ..tokenization import Tok
 
 # Special tokens under our names, then the names Hugging Face BERT / GPT-2 tokenizers use.
@@ -62,8 +63,6 @@ class InputFormat:
             sep = sep if sep is not None else eos
             end = eos
         if start is None or sep is None or end is None:
-            from ..errors import DataError
-
             need = "<cls> and <sep>" if arch == "encoder" else "<bos>/<eos> (and <sep>)"
             raise DataError(f"tokenizer has no {need} token; an {arch} needs them to lay out inputs")
         return cls(arch, start, sep, end, pad if pad is not None else end, type_vocab_size >= 2)
