@@ -364,9 +364,13 @@ def test_task_yaml_with_template_data_and_pool(tiny_run, tmp_path, capsys):
 def test_accuracy_rises_with_shots_after_pretraining_on_icl_synthetic(tmp_path):
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "icl_shots.py"
     out = tmp_path / "bench"
-    r = subprocess.run([sys.executable, str(bench), "--minutes", "4", "--limit", "100", "--out", str(out),
-                        "--json", str(tmp_path / "icl_shots.json")], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([sys.executable, str(bench), "--limit", "100", "--out", str(out),
+                        "--json", str(tmp_path / "icl_shots.json")], capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "icl_shots.json").read_text())
+    acc = res["accuracy"]
+    # without examples copy and reverse look alike; a few examples tell them apart
+    for task in ("copy", "reverse"):
+        assert acc[task]["8"]["accuracy"] > acc[task]["0"]["accuracy"] + 0.2, acc[task]
     mean = res["mean_accuracy_by_shots"]
-    assert mean["8"] > mean["0"] + 0.2, mean
+    assert mean["8"] > mean["0"] + 0.1, mean
