@@ -64,6 +64,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     scaled_residual_init: bool = True  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+    init_scheme: str = "normal"  # normal: N(0, init_std) | t5: N(0, 1/fan_in) matrices, N(0, 1) embeddings
     embed_norm: bool = False  # a norm on the summed embeddings (BERT)
     type_vocab_size: int = 0  # segment (token-type) embeddings; encoder only (BERT: 2)
     pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
@@ -90,6 +91,7 @@ class ModelConfig:
         _choice(where, "arch", self.arch, list(ARCH_NAMES))
         _choice(where, "norm", self.norm, ["layernorm", "rmsnorm"])
         _choice(where, "position", self.position, ["learned", "rope", "sinusoidal", "relative", "none"])
+        _choice(where, "init_scheme", self.init_scheme, ["normal", "t5"])
         _choice(where, "mlp", self.mlp, ["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh"])
         for name in ("n_layer", "n_head", "d_model", "max_seq_len", "rel_buckets", "rel_max_distance"):
             _positive(where, name, getattr(self, name))
@@ -141,7 +143,7 @@ _BERT = dict(
 _T5 = dict(
     arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
     mlp="relu", bias=False, tie_embeddings=True, scale_tied_output=True, attn_scale=False,
-    vocab_size=32128, max_seq_len=512, scaled_residual_init=False,
+    vocab_size=32128, max_seq_len=512, scaled_residual_init=False, init_scheme="t5",
 )
 _T5_V1_1 = dict(_T5, mlp="geglu_tanh", tie_embeddings=False, scale_tied_output=False)
 _BART = dict(

@@ -131,7 +131,9 @@ def _from_preset(name: str, tokenizer: str | None, vocab_size: int,
     else:
         if texts is None:
             raise ConfigError(f"FROM '{name}' --from-scratch needs a tokenizer: pass --tokenizer DIR")
-        tok = Tok.train(texts(), "wordpiece", vocab_size)
-        origin_tok = f"wordpiece:{vocab_size} trained on the training texts"
+        # WordPiece for encoders (BERT's); Unigram for text-to-text, whose outputs are decoded
+        kind = "unigram" if PRESETS[name].get("arch") == "encoder-decoder" else "wordpiece"
+        tok = Tok.train(texts(), kind, vocab_size)
+        origin_tok = f"{kind}:{vocab_size} trained on the training texts"
     cfg = model_config(name, vocab_size=tok.vocab_size)
     return Backbone(make_model(cfg), tok, {"kind": "preset", "preset": name, "tokenizer": origin_tok})

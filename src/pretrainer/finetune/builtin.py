@@ -7,6 +7,9 @@ Python version gives the same examples in the same order.
   The text is the function's source (methods included, nested functions inside their parent),
   dedented, with its docstring removed. At most 300 training and 75 evaluation examples per
   package (fewer for the small packages).
+- ``builtin:stdlib-summarize`` (text2text, code summarisation): ``summarize: `` + a function's
+  source without its docstring -> the docstring's first sentence (3 to 40 words), from the
+  packages above: about 1,300 training and 370 evaluation functions on Python 3.11.
 - ``builtin:stdlib-docstring`` (text-pair classification, ``matched``/``shuffled``): a docstring
   (text) and a function's source without it (text pair); half the pairs are the function's own
   docstring, half another function's, drawn from the same split; every function of the packages
@@ -33,7 +36,9 @@ from ..errors import DataError
 PACKAGES = ("asyncio", "email", "http", "idlelib", "importlib", "multiprocessing", "tkinter",
             "unittest", "urllib", "xml")
 #: builtin task name -> (fine-tuning task, default training cap)
-BUILTIN_TASKS = {"stdlib-package": ("classification", 300), "stdlib-docstring": ("classification", 2000)}
+BUILTIN_TASKS = {"stdlib-package": ("classification", 300), "stdlib-docstring": ("classification", 2000),
+                 "stdlib-summarize": ("text2text", 3000)}
+SUMMARIZE_PREFIX = "summarize: "
 SPLITS = ("train", "eval")
 EVAL_SHARE = 0.2
 _TEST_DIRS = {"test", "tests", "idle_test"}
@@ -123,6 +128,8 @@ def held_out_files(source: str = "builtin:stdlib-package") -> list[str]:
     items = stdlib_functions()
     if name == "stdlib-docstring":
         groups = [[f for f in items if f["doc"] and f["doc"].strip()]]
+    elif name == "stdlib-summarize":
+        groups = [_summarizable()]
     else:
         groups = [[f for f in items if f["package"] == p] for p in PACKAGES]
     return sorted({f["file"] for g in groups for f in _split_by_file(g)["eval"]})
@@ -150,7 +157,8 @@ def builtin_rows(source: str, split: str) -> tuple[str, list[tuple[str, dict]]]:
     task, default_cap = BUILTIN_TASKS[name]
     cap = cap or default_cap
     limit = cap if split == "train" else max(1, cap // 4)
-    rows = _package_rows(split, limit) if name == "stdlib-package" else _docstring_rows(split, limit)
+    rows = {"stdlib-package": _package_rows, "stdlib-docstring": _docstring_rows,
+            "stdlib-summarize": _summarize_rows}[name](split, limit)
     return task, [(f"builtin:{name} {split} {where}", row) for where, row in rows]
 
 
@@ -179,3 +187,26 @@ def _docstring_rows(split: str, limit: int) -> list[tuple[str, dict]]:
             doc, label = pool[j]["doc"], "shuffled"
         rows.append((f"{f['file']}:{f['line']}", {"text": doc, "text_pair": f["code"], "label": label}))
     return rows
+
+
+def first_sentence(doc: str) -> str | None:
+    """The first sentence of a docstring's first paragraph (lines joined), or None when it is not
+    3 to 40 words of prose."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    cut = paragraph.find(". ")
+    sentence = paragraph[:cut + 1] if cut >= 0 else paragraph
+    words = sentence.split()
+    if not 3 <= len(words) <= 40 or not sentence[:1].isalpha():
+        return None
+    return sentence
+
+
+@functools.lru_cache(maxsize=1)
+def _summarizable() -> list[dict]:
+    return [f for f in stdlib_functions() if f["doc"] and first_sentence(f["doc"])]
+
+
+def _summarize_rows(split: str, limit: int) -> list[tuple[str, dict]]:
+    pool = sorted(_split_by_file(_summarizable())[split], key=lambda f: _key(f["file"], f["line"]))[:limit]
+    return [(f"{f['file']}:{f['line']}", {"input": SUMMARIZE_PREFIX + f["code"],
+                                          "target": first_sentence(f["doc"])}) for f in pool]

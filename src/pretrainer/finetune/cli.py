@@ -17,7 +17,10 @@ def cmd_finetune(args) -> None:
                       max_len=args.max_len, stride=args.stride, patience=args.patience,
                       from_scratch=args.from_scratch, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size, seed=args.seed, device=args.device,
-                      quiet=args.quiet or args.json)
+                      quiet=args.quiet or args.json, input_column=args.input_column,
+                      target_column=args.target_column, prefix=args.prefix, mixing=args.mixing,
+                      mixing_temperature=args.mixing_temperature,
+                      max_target_len=args.max_target_len, beams=args.beams)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -44,17 +47,30 @@ def register(sub) -> None:
             "Fine-tune FROM (a run folder, a Hugging Face folder, or a preset name with "
             "--from-scratch) on TRAIN, evaluating on EVAL every epoch; the best epoch is kept in "
             "OUT. Files: CSV/TSV (header row; GLUE's 'sentence<TAB>label' works as is), JSONL, "
-            "CoNLL (tagging), SQuAD JSON (qa); or builtin:stdlib-package / builtin:stdlib-docstring "
+            "CoNLL (tagging), SQuAD JSON (qa), input/target rows (text2text); or builtin:stdlib-package / "
+            "builtin:stdlib-docstring / builtin:stdlib-summarize "
             "(their held-out split is the evaluation data when --eval is omitted)."))
     s.add_argument("source", metavar="FROM", help="run folder, Hugging Face folder, or preset name (with --from-scratch)")
     s.add_argument("--task", required=True, metavar="TASK",
-                   help="classification, regression, tagging or qa (the registry pretrainer.finetune.TASKS)")
+                   help="classification, regression, tagging, qa, or text2text (encoder-decoder "
+                        "backbones; the registry pretrainer.finetune.TASKS)")
     s.add_argument("--train", required=True, metavar="FILE", help="training data (a file or builtin:NAME)")
     s.add_argument("--eval", metavar="FILE", help="evaluation data (default for builtin:NAME: its eval split)")
     s.add_argument("--out", required=True, metavar="RUN", help="the new run folder")
     s.add_argument("--text-column", metavar="C", help="default: text, sentence or sentence1 (tagging: tokens or words)")
     s.add_argument("--text-pair-column", metavar="C", help="second text of a pair (default: text_pair or sentence2 when present)")
     s.add_argument("--label-column", metavar="C", help="default: label (tagging: tags, ner_tags or labels)")
+    t = s.add_argument_group("text2text (T5, BART)")
+    t.add_argument("--input-column", metavar="C", help="default: input, source or text")
+    t.add_argument("--target-column", metavar="C", help="default: target, summary or output")
+    t.add_argument("--prefix", default="", help='put before every input, e.g. "summarize: " (a row\'s own '
+                                                '"prefix" field wins; a "task" field names its task)')
+    t.add_argument("--mixing", choices=["proportional", "temperature"], default="proportional",
+                   help="several tasks in one file: each example once per epoch, or T5's "
+                        "temperature-scaled rates")
+    t.add_argument("--mixing-temperature", type=float, default=2.0)
+    t.add_argument("--max-target-len", type=int, default=64, help="target tokens (training and generation)")
+    t.add_argument("--beams", type=int, default=1, help="beam search width when evaluating (1 = greedy)")
     s.add_argument("--epochs", type=int, default=3)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")

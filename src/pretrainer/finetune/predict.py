@@ -21,7 +21,7 @@ from ..tokenization import load_tokenizer
 from ..train.checkpoint import latest_checkpoint, load_weights
 from .backbone import is_finetune_run
 from .heads import InputFormat
-from .runner import _device, infer, write_atomic
+from .runner import _device, write_atomic
 from .tasks import task_from_state
 
 
@@ -44,6 +44,7 @@ class Predictor:
         ckpt, _ = latest_checkpoint(self.run)
         load_weights(self.model, ckpt)
         self.model.to(self.device).eval()
+        self.task.bind(self.tok)
 
     @property
     def labels(self) -> list[str] | None:
@@ -77,7 +78,7 @@ class Predictor:
         if not examples:
             return []
         feats = self.task.encode(examples, self.tok, self.fmt, self.max_len)
-        outputs = infer(self.task, self.model, feats, self.batch_size, self.fmt.pad_id, self.device)
+        outputs = self.task.infer(self.model, feats, self.batch_size, self.fmt.pad_id, self.device)
         return self.task.decode(examples, feats, outputs)
 
     def predict_file(self, path: str) -> list[dict]:

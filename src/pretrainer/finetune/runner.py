@@ -57,6 +57,14 @@ class FinetuneOptions:
     device: str = "auto"
     quiet: bool = False
     log_every: int | None = None  # steps between progress lines (default: about 5 per epoch)
+    # text2text (encoder-decoder) only
+    input_column: str | None = None
+    target_column: str | None = None
+    prefix: str = ""  # put before every input, e.g. "summarize: "
+    mixing: str = "proportional"  # proportional | temperature (several tasks in one file)
+    mixing_temperature: float = 2.0
+    max_target_len: int = 64  # target tokens in training, and the generation limit
+    beams: int = 1  # beam search width when evaluating
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_len", "vocab_size"):
@@ -123,7 +131,7 @@ def infer(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int
 def evaluate(task: Task, model, examples: list[dict], feats: list[dict], batch_size: int, pad_id: int,
              device: torch.device) -> tuple[dict, list[dict]]:
     """``(metrics, predictions)`` on labelled examples."""
-    preds = task.decode(examples, feats, infer(task, model, feats, batch_size, pad_id, device))
+    preds = task.decode(examples, feats, task.infer(model, feats, batch_size, pad_id, device))
     return task.metrics(examples, preds), preds
 
 
@@ -161,6 +169,11 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     kw = dict(text_column=opts.text_column, text_pair_column=opts.text_pair_column, label_column=opts.label_column)
     if task == "qa":
         kw["stride"] = opts.stride
+    if task == "text2text":
+        kw = dict(input_column=opts.input_column or opts.text_column,
+                  target_column=opts.target_column or opts.label_column, prefix=opts.prefix,
+                  mixing=opts.mixing, mixing_temperature=opts.mixing_temperature,
+                  max_target_len=opts.max_target_len, beams=opts.beams)
     the_task = make_task(task, **kw)
     train_ex = the_task.load(train, "train")
     the_task.fit_labels(train_ex)
@@ -178,6 +191,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         max_len = cfg.max_seq_len
     train_feats = the_task.encode(train_ex, tok, fmt, max_len)
     eval_feats = the_task.encode(eval_ex, tok, fmt, max_len) if eval_ex else None
+    the_task.bind(tok)
     model = the_task.build_model(backbone.model, opts.dropout).to(device)
 
     steps_per_epoch = math.ceil(len(train_feats) / opts.batch_size)
@@ -222,10 +236,11 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     best, best_metrics, bad_epochs, step, epoch = None, None, 0, 0, 0
     model.train()
     for epoch in range(1, opts.epochs + 1):
-        order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(opts.seed * 1000 + epoch))
+        order = the_task.epoch_order(train_ex, train_feats,
+                                     torch.Generator().manual_seed(opts.seed * 1000 + epoch))
         window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
         for k in range(steps_per_epoch):
-            idx = order[k * opts.batch_size:(k + 1) * opts.batch_size].tolist()
+            idx = order[k * opts.batch_size:(k + 1) * opts.batch_size]
             batch = the_task.collate([train_feats[i] for i in idx], fmt.pad_id)
             batch = {name: t.to(device) for name, t in batch.items()}
             lr = lr_at(step, tcfg)

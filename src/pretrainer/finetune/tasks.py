@@ -200,7 +200,20 @@ class Task:
     def loss_from(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def epoch_order(self, examples: list[dict], feats: list[dict], generator: torch.Generator) -> list[int]:
+        """The order of the training features in one epoch (a seeded shuffle)."""
+        return torch.randperm(len(feats), generator=generator).tolist()
+
     # -- predictions ---------------------------------------------------------------------------
+    def bind(self, tok) -> None:
+        """Called with the run's tokenizer before predictions are made (tasks that decode text)."""
+
+    def infer(self, model, feats: list[dict], batch_size: int, pad_id: int, device) -> list[torch.Tensor]:
+        """The model's outputs per feature (a forward pass; generating tasks override this)."""
+        from .runner import infer
+
+        return infer(self, model, feats, batch_size, pad_id, device)
+
     def decode(self, examples: list[dict], feats: list[dict], outputs: list[torch.Tensor]) -> list[dict]:
         """One prediction per example from the per-feature outputs (float32, on the CPU)."""
         raise NotImplementedError
@@ -641,6 +654,9 @@ TASKS: dict[str, type[Task]] = {
     "tagging": TaggingTask,
     "qa": QATask,
 }
+
+
+from . import text2text  # noqa: E402,F401 - builds on Task and adds "text2text" to TASKS
 
 
 def make_task(name: str, **kw) -> Task:

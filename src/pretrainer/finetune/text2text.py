@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..model.loss import IGNORE
-from .tasks import Task, _show, _text
+from .tasks import TASKS, Task, _show, _text
 
 MIXING = ("proportional", "temperature")
 
@@ -79,6 +79,7 @@ class Text2TextTask(Task):
         super().__init__(input_column, None, target_column, labels=None)
         self.prefix, self.mixing, self.mixing_temperature = prefix, mixing, mixing_temperature
         self.max_target_len, self.beams = max_target_len, beams
+        self._need_targets = True
         mixing_rates({"a": 1}, mixing, mixing_temperature)  # validates both
 
     def state(self) -> dict:
@@ -98,6 +99,10 @@ class Text2TextTask(Task):
         fields = list(first)
         for key, candidates, flag in (("text", self.text_columns, "--input-column"),
                                       ("label", self.target_columns, "--target-column")):
+            if key == "label" and not self._need_targets:
+                self.columns[key] = self.columns[key] or next((c for c in candidates if c in first),
+                                                              candidates[0])
+                continue
             if self.columns[key] is None:
                 self.columns[key] = next((c for c in candidates if c in first), None)
                 if self.columns[key] is None:
@@ -119,6 +124,7 @@ class Text2TextTask(Task):
         else:
             from pathlib import Path
 
+            self._need_targets = require_labels
             rows = self.read_file(Path(source))
         return [self.example(row, where, require_labels) for where, row in rows]
 
@@ -226,3 +232,6 @@ class Text2TextTask(Task):
             return {}
         scores = generation_metrics([p["prediction"] for p in preds], [e["label"] for e in examples])
         return {k: (round(v, 6) if not math.isnan(v) else v) for k, v in scores.items()}
+
+
+TASKS[Text2TextTask.name] = Text2TextTask

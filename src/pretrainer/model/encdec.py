@@ -67,8 +67,8 @@ class EncoderDecoderLM(nn.Module):
         self.encoder.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.encoder.tok_emb.weight
-        else:
-            nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
+        else:  # T5 v1.1 draws its untied output like its embeddings
+            nn.init.normal_(self.lm_head.weight, 0.0, 1.0 if cfg.init_scheme == "t5" else cfg.init_std)
 
     @property
     def tok_emb(self) -> nn.Embedding:

@@ -354,7 +354,14 @@ class Transformer(nn.Module):
         """N(0, init_std) for matrices and embeddings, zero biases, unit norms; GPT-2 scales the
         residual output projections by 1/sqrt(2 n_layer) so the residual stream's variance does not
         grow with depth. Without ``attn_scale`` (T5) the query rows start 1/sqrt(head_dim) smaller,
-        so the first scores have the size that scaled attention would give them."""
+        so the first scores have the size that scaled attention would give them.
+
+        ``init_scheme="t5"`` is Mesh TensorFlow's, as T5 was trained: each matrix N(0, 1/fan_in),
+        embeddings N(0, 1), the relative position bias N(0, 1/d_model). (T5's tied output is scaled
+        by d_model**-0.5, which is what keeps N(0, 1) embeddings from giving huge logits.)"""
+        if self.cfg.init_scheme == "t5":
+            self._t5_init()
+            return
         std = self.cfg.init_std
         resid_std = std / math.sqrt(2 * self.cfg.n_layer) if self.cfg.scaled_residual_init else std
         for module in self.modules():
@@ -418,3 +425,22 @@ class Transformer(nn.Module):
         if key_mask is not None:
             bias = bias.masked_fill(~key_mask, low)
         return bias
+
+    def _t5_init(self) -> None:
+        d, head = self.cfg.d_model, self.cfg.head_dim
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, module.in_features ** -0.5)
+                if hasattr(module, "query_rows"):  # no 1/sqrt(head_dim) in the scores: start small
+                    with torch.no_grad():
+                        module.weight[:module.query_rows] /= math.sqrt(head)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RelativeBias):
+                nn.init.normal_(module.bias.weight, 0.0, d ** -0.5)
+            elif isinstance(module, nn.Embedding) and module is self.tok_emb:
+                nn.init.normal_(module.weight, 0.0, 1.0)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.ndim == 1:
+                nn.init.ones_(module.weight)
