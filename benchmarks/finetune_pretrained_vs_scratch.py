@@ -11,7 +11,8 @@ function comes from), against the same model, config and tokenizer fine-tuned fr
    ``--model`` (default ``bert-tiny``, 2 x 128: on a shared 2-core CPU a few minutes buy more
    for the smaller model) for ``--steps`` steps; ``--reuse`` keeps the data folder and the
    pretraining run in ``--work``, and extends that run to ``--steps`` when it has fewer (an exact
-   resume; the learning-rate schedule is recomputed for the new length).
+   resume; the learning-rate schedule is recomputed for the new length); it also reuses a finished
+   fine-tuning run of the same settings.
 3. ``finetune``: pretrained, then ``--from-scratch``, with the same settings (``--epochs``,
    ``--lr``, batch 32, 128 tokens, seed); from scratch is also given each rate of
    ``--scratch-lrs`` (a model trained from random weights usually wants a larger one) and its
@@ -78,6 +79,8 @@ def main() -> None:
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
+    from pretrainer.finetune.builtin import builtin_rows
+    from pretrainer.train.checkpoint import latest_checkpoint
     from pretrainer.train.trainer import resume_config, train
 
     work = Path(args.work)
@@ -95,8 +98,7 @@ def main() -> None:
 
     done_steps = 0
     if args.reuse and (pre / "config.yaml").is_file():
-        done_steps = max((json.loads(line).get("step", 0) for line in (pre / "metrics.jsonl").read_text().splitlines()
-                          if line.strip()), default=0)
+        done_steps = latest_checkpoint(pre)[1]["step"]
     if args.reuse and 0 < done_steps < args.steps:  # extend the existing run (exact resume)
         t0 = time.perf_counter()
         print(f"[2/3] continuing pretraining from step {done_steps} to {args.steps}", flush=True)
@@ -116,15 +118,24 @@ def main() -> None:
         timings["pretrain_s"] = time.perf_counter() - t0
     lines = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in lines if "val_loss" in r]
+    ckpt, state = latest_checkpoint(pre)  # what fine-tuning starts from
     pre_model = yaml.safe_load((pre / "config.yaml").read_text())["model"]
     pretrain_info = {"model": f"{pre_model['preset']} ({pre_model['n_layer']} x {pre_model['d_model']}, "
                               f"vocab {pre_model['vocab_size']}; configs/bert-mini-stdlib.yaml otherwise)",
-                     "steps": evals[-1]["step"],
-                     "tokens": evals[-1]["tokens"], "val_loss_first": evals[0]["val_loss"],
-                     "val_loss": evals[-1]["val_loss"], "val_masked_accuracy": evals[-1].get("val_accuracy")}
+                     "steps": state["step"], "tokens": state["tokens"],
+                     "val_loss_first": evals[0]["val_loss"], "val_loss": evals[-1]["val_loss"],
+                     "val_masked_accuracy": evals[-1].get("val_accuracy"), "val_at_step": evals[-1]["step"]}
 
     def run_finetune(name: str, scratch: bool, lr: float) -> dict:
         out = work / f"ft-{name}-lr{lr:g}"
+        done = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
+        opts = (done or {}).get("options", {})
+        if (args.reuse and done and done.get("best") and opts.get("epochs") == args.epochs
+                and opts.get("lr") == lr and opts.get("seed") == args.seed and opts.get("from_scratch") == scratch):
+            best = done["best"]["metrics"]
+            print(f"[3/3] reusing {out} (lr {lr:g}): accuracy {best['accuracy']:.4f}", flush=True)
+            return {"lr": lr, **{k: best[k] for k in ("accuracy", "f1", "mcc")}, "epoch": done["best"]["epoch"],
+                    "reused": True}
         if out.exists():
             shutil.rmtree(out)
         print(f"[3/3] fine-tuning {name} (lr {lr:g}) on builtin:stdlib-package", flush=True)
@@ -133,7 +144,7 @@ def main() -> None:
                      lr=lr, batch_size=32, max_len=128, from_scratch=scratch, seed=args.seed)
         timings[f"finetune_{name}_lr{lr:g}_s"] = time.perf_counter() - t0
         print(f"      accuracy {r['accuracy']:.4f}, macro F1 {r['f1']:.4f} (best epoch {r['epoch']})", flush=True)
-        return {"lr": lr, **{k: r[k] for k in ("accuracy", "f1", "mcc", "epoch", "train_examples", "eval_examples")}}
+        return {"lr": lr, **{k: r[k] for k in ("accuracy", "f1", "mcc", "epoch")}}
 
     pretrained = run_finetune("pretrained", False, args.lr)
     scratch_runs = [run_finetune("scratch", True, args.lr)]
@@ -143,8 +154,8 @@ def main() -> None:
     acc_p, acc_s = pretrained["accuracy"], scratch["accuracy"]
     result = {
         "task": "builtin:stdlib-package (10 classes)",
-        "train_examples": pretrained["train_examples"],
-        "eval_examples": pretrained["eval_examples"],
+        "train_examples": len(builtin_rows("builtin:stdlib-package", "train")[1]),
+        "eval_examples": len(builtin_rows("builtin:stdlib-package", "eval")[1]),
         "pretrain": pretrain_info,
         "finetune_settings": {"epochs": args.epochs, "batch_size": 32, "max_len": 128, "seed": args.seed,
                               "warmup": 0.1, "schedule": "linear", "lr_pretrained": args.lr,
