@@ -53,8 +53,8 @@ def sentence(rng: random.Random) -> tuple[str, str]:
     subj_en, subj_fr, plural = noun_phrase(rng)
     (en_sg, en_pl), (fr_sg, fr_pl) = rng.choice(sorted(VERBS.items()))
     obj_en, obj_fr, _ = noun_phrase(rng)
-    en = f"{subj_en} {en_pl if plural else en_sg} {obj_en} ."
-    fr = f"{subj_fr} {fr_pl if plural else fr_sg} {obj_fr} ."
+    en = f"{subj_en} {en_pl if plural else en_sg} {obj_en}."
+    fr = f"{subj_fr} {fr_pl if plural else fr_sg} {obj_fr}."
     return en[0].upper() + en[1:], fr[0].upper() + fr[1:]
 
 
