@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -40,26 +39,6 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def corpus_without_eval(folder: Path) -> int:
-    """A folder of links to every stdlib ``.py`` file except the task's held-out files."""
-    from pretrainer.data.corpus import stdlib_files
-    from pretrainer.finetune.builtin import held_out_files
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    held = set(held_out_files("builtin:stdlib-package"))
-    n = 0
-    for path in stdlib_files():
-        rel = path.relative_to(root).as_posix()
-        if rel in held:
-            continue
-        link = folder / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            os.symlink(path, link)
-        n += 1
-    return n
 
 
 def main() -> None:
@@ -79,6 +58,7 @@ def main() -> None:
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
+    from pretrainer.finetune.builtin import corpus_without_eval
     from pretrainer.finetune.builtin import builtin_rows
     from pretrainer.train.checkpoint import latest_checkpoint
     from pretrainer.train.trainer import resume_config, train
@@ -91,7 +71,7 @@ def main() -> None:
         t0 = time.perf_counter()
         corpus = work / "corpus"
         corpus.mkdir(parents=True, exist_ok=True)
-        n_files = corpus_without_eval(corpus)
+        n_files = corpus_without_eval(corpus, "builtin:stdlib-package")
         print(f"[1/3] preparing {n_files} stdlib files (eval files held out) with WordPiece 8192", flush=True)
         prepare(str(corpus), "wordpiece:8192", data, overwrite=True, progress=False)
         timings["prepare_s"] = time.perf_counter() - t0

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -36,26 +35,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TASK = "builtin:stdlib-summarize"
-
-
-def corpus_without_eval(folder: Path) -> int:
-    """A folder of links to every stdlib ``.py`` file except the task's held-out files."""
-    from pretrainer.data.corpus import stdlib_files
-    from pretrainer.finetune.builtin import held_out_files
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    held = set(held_out_files(TASK))
-    n = 0
-    for path in stdlib_files():
-        rel = path.relative_to(root).as_posix()
-        if rel in held:
-            continue
-        link = folder / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            os.symlink(path, link)
-        n += 1
-    return n
 
 
 def main() -> None:
@@ -73,6 +52,7 @@ def main() -> None:
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
+    from pretrainer.finetune.builtin import corpus_without_eval
     from pretrainer.train.trainer import train
 
     work = Path(args.work)
@@ -83,7 +63,7 @@ def main() -> None:
         t0 = time.perf_counter()
         corpus = work / "corpus"
         corpus.mkdir(parents=True, exist_ok=True)
-        n_files = corpus_without_eval(corpus)
+        n_files = corpus_without_eval(corpus, TASK)
         print(f"[1/3] preparing {n_files} stdlib files (eval files held out), byte-level BPE 8192 + 100 sentinels",
               flush=True)
         prepare(str(corpus), "bpe:8192", data, sentinels=100, overwrite=True, progress=False)

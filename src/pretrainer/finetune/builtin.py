@@ -135,6 +135,27 @@ def held_out_files(source: str = "builtin:stdlib-package") -> list[str]:
     return sorted({f["file"] for g in groups for f in _split_by_file(g)["eval"]})
 
 
+def corpus_without_eval(folder: str | Path, source: str) -> int:
+    """Fill ``folder`` with links to every standard-library file except the ones holding
+    ``source``'s evaluation functions (:func:`held_out_files`): a pretraining corpus that never sees
+    an evaluation example, not even unlabeled. Returns the number of files linked."""
+    import os
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held = set(held_out_files(source))
+    n = 0
+    for path in stdlib_files():
+        rel = path.relative_to(root).as_posix()
+        if rel in held:
+            continue
+        link = Path(folder) / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.symlink(path, link)
+        n += 1
+    return n
+
+
 def _parse(source: str) -> tuple[str, int | None]:
     name, _, count = source.removeprefix("builtin:").partition(":")
     if name not in BUILTIN_TASKS:
