@@ -123,16 +123,21 @@ def hf_family(cfg: ModelConfig) -> str:
     raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama rope")
 
 
-def _bert_family(cfg: ModelConfig) -> str:
-    wanted = dict(prenorm=False, position="learned", norm="layernorm", bias=True, embed_norm=True,
-                  mlm_head=True, tie_embeddings=True)
+def _require(cfg: ModelConfig, family: str, wanted: dict, mlps: dict) -> None:
+    """Refuse the first field that differs from ``wanted``, an MLP not in ``mlps``, or grouped-query
+    attention: what an encoder or encoder-decoder family must have to convert exactly."""
     for field, value in wanted.items():
         if getattr(cfg, field) != value:
-            raise _no_equivalent(field, getattr(cfg, field), f"BERT has {field}={value}")
-    if cfg.mlp not in _BERT_ACT:
-        raise _no_equivalent("mlp", cfg.mlp, f"BERT takes {', '.join(_BERT_ACT)}")
+            raise _no_equivalent(field, getattr(cfg, field), f"{family} has {field}={value}")
+    if cfg.mlp not in mlps:
+        raise _no_equivalent("mlp", cfg.mlp, f"{family} takes {', '.join(mlps)}")
     if cfg.kv_heads != cfg.n_head:
-        raise _no_equivalent("n_kv_heads", cfg.n_kv_heads, "BERT has no grouped-query attention")
+        raise _no_equivalent("n_kv_heads", cfg.n_kv_heads, f"{family} has no grouped-query attention")
+
+
+def _bert_family(cfg: ModelConfig) -> str:
+    _require(cfg, "BERT", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+                               embed_norm=True, mlm_head=True, tie_embeddings=True), _BERT_ACT)
     if cfg.type_vocab_size < 1:
         raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "BERT has segment embeddings")
     return "bert"
@@ -153,13 +158,7 @@ def _seq2seq_family(cfg: ModelConfig) -> str:
                       tie_embeddings=True, scale_tied_output=False)
     else:
         raise _no_equivalent("position", cfg.position, "T5 takes relative positions, BART learned")
-    for field, value in wanted.items():
-        if getattr(cfg, field) != value:
-            raise _no_equivalent(field, getattr(cfg, field), f"{family.upper()} has {field}={value}")
-    if cfg.mlp not in mlps:
-        raise _no_equivalent("mlp", cfg.mlp, f"{family.upper()} takes {', '.join(mlps)}")
-    if cfg.kv_heads != cfg.n_head:
-        raise _no_equivalent("n_kv_heads", cfg.n_kv_heads, f"{family.upper()} has no grouped-query attention")
+    _require(cfg, family.upper(), wanted, mlps)
     if family == "bart" and cfg.head_dim * cfg.n_head != cfg.d_model:
         raise _no_equivalent("d_head", cfg.d_head, "BART's heads split d_model")
     return family
