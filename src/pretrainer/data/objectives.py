@@ -17,6 +17,7 @@ and the fixed validation batches come from :func:`eval_batches`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from functools import cached_property
@@ -209,27 +210,38 @@ def make_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, mas
 SEQ2SEQ = ("span", "denoise", "prefix_lm")
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer_ids(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(sentinel ids, sentence-end ids)`` of a data folder's tokenizer, read once per process:
+    every evaluation builds its batches again, and finding the sentence ends decodes the whole
+    vocabulary."""
+    from ..tokenization import load_tokenizer
+    from .seq2seq import sentence_end_ids
+
+    tok = load_tokenizer(path)
+    return tuple(tok.sentinel_ids), tuple(sentence_end_ids(tok))
+
+
 def seq2seq_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, noise=None):
     """The builder of an encoder-decoder objective; ``seq_len`` is the encoder input length."""
     from ..config import NoiseConfig
-    from ..tokenization import load_tokenizer
     from . import seq2seq
 
     noise = noise or NoiseConfig()
     ids = split.manifest["special_ids"]
     if objective == "prefix_lm":
         return seq2seq.PrefixLMBatches(split, seq_len, seed, ids["eos"], ids["pad"])
-    tok = load_tokenizer(split.dir / split.manifest["tokenizer"]["path"])
+    sentinels, ends = _tokenizer_ids(str(split.dir / split.manifest["tokenizer"]["path"]))
     if objective == "span":
-        if not tok.sentinel_ids:
+        if not sentinels:
             raise DataError(f"{split.dir}: objective=span needs T5 sentinel tokens in the tokenizer; "
                             f"prepare the data with --sentinels 100")
-        return seq2seq.SpanCorruptionBatches(split, seq_len, seed, tok.sentinel_ids, ids["eos"],
+        return seq2seq.SpanCorruptionBatches(split, seq_len, seed, sentinels, ids["eos"],
                                              ids["pad"], noise.noise_density, noise.mean_span_length)
     if ids.get("mask") is None:
         raise DataError(f"{split.dir}: objective=denoise needs a <mask> token in the tokenizer")
-    ends = seq2seq.sentence_end_ids(tok) if noise.permute_sentences else []
-    return seq2seq.DenoiseBatches(split, seq_len, seed, ids["mask"], ids["eos"], ids["pad"], noise, ends)
+    return seq2seq.DenoiseBatches(split, seq_len, seed, ids["mask"], ids["eos"], ids["pad"], noise,
+                                  ends if noise.permute_sentences else ())
 
 
 def eval_batches(objective: str, split: TokenSplit, seq_len: int, batch_size: int,

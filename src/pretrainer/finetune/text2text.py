@@ -214,12 +214,11 @@ class Text2TextTask(Task):
         return outputs
 
     # -- predictions ---------------------------------------------------------------------------
-    def decode(self, examples, feats, outputs, tok=None) -> list[dict]:
+    def decode(self, examples, feats, outputs) -> list[dict]:
         preds = [None] * len(examples)
         for f, out in zip(feats, outputs):
             ids = out.tolist()
-            eos = self._eos
-            ids = ids[:ids.index(eos)] if eos in ids else ids
+            ids = ids[:ids.index(self._eos)] if self._eos in ids else ids
             preds[f["ex"]] = {"prediction": self._tok.decode([i for i in ids if i != 0]).strip()}
         return preds
 
