@@ -139,6 +139,16 @@ def test_load_points_formats_and_errors(tmp_path):
             f.write(json.dumps({"N": n, "D": d, "loss": l, "run": "x"}) + "\n")
     pts = load_points(sweep, require=("N", "D"))
     assert len(pts) == 60 and pts[0]["C"] == pytest.approx(6 * N[0] * D[0])
+    # a sweep run again with other settings appends its rows; its summary.json names the current ones
+    resweep = tmp_path / "resweep"
+    resweep.mkdir()
+    rows = [{"name": f"r{i}", "N": n, "D": d, "loss": l} for i, (n, d, l) in enumerate(zip(N, D, L))]
+    stale = {"name": "r0-old-lr", "N": N[0], "D": D[0], "loss": 99.0}
+    (resweep / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [stale, *rows]))
+    assert len(load_points(resweep)) == 61
+    (resweep / "summary.json").write_text(json.dumps({"records": [{"name": r["name"]} for r in rows]}))
+    kept = load_points(resweep)
+    assert len(kept) == 60 and max(p["loss"] for p in kept) < 99
 
     with pytest.raises(DataError, match=r"bad\.csv.*'loss'"):
         load_points(write_csv(tmp_path / "bad.csv", ["N", "D", "los"], [(1, 2, 3)]))

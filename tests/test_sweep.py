@@ -12,7 +12,7 @@ import pytest
 
 from pretrainer.errors import ConfigError
 from pretrainer.scaling.sweep import (Size, isoflop_minimum, late_drop, load_base, model_for, parse_count,
-                                      parse_sizes, plan_sweep, run_sweep, tokens_to_reach, _options)
+                                      parse_sizes, pick_rate, plan_sweep, run_sweep, tokens_to_reach, _options)
 
 MICRO = """
 model:
@@ -147,6 +147,23 @@ def test_lr_search_keeps_the_rate_with_the_lowest_loss(tmp_path):
     assert s["lr_search"]["d16-l1"]["at_edge"] and any("edge of the candidates" in w for w in s["warnings"])
     # the search run at the best rate is the 4k grid run: trained once
     assert len(list((out / "runs").iterdir())) == 3
+
+
+def test_pick_rate_takes_the_smallest_of_tied_rates():
+    recs = [{"lr": 3e-3, "loss": 2.0512}, {"lr": 7e-3, "loss": 1.9994}, {"lr": 1.5e-2, "loss": 1.9975},
+            {"lr": 3e-2, "loss": 2.3666}]
+    pick = pick_rate(recs, 0.005)  # 1.9994 is 0.1 % above 1.9975: a tie, the smaller rate is kept
+    assert pick["lr"] == 7e-3 and pick["tied"] == [7e-3, 1.5e-2] and not pick["at_edge"]
+    assert pick_rate(recs, 0.0)["lr"] == 1.5e-2  # no tolerance: the lowest loss
+    assert pick_rate(recs, 0.05)["lr"] == 3e-3 and pick_rate(recs, 0.05)["at_edge"]
+    assert list(pick["losses"]) == ["0.003", "0.007", "0.015", "0.03"]
+
+
+def test_bad_lr_search_tie_is_one_line(tmp_path):
+    cfg = micro_config(tmp_path)
+    with pytest.raises(ConfigError, match="lr_search_tie 'x'"):
+        run_sweep(cfg, tmp_path / "o", quiet=True, sizes="16x1", tokens="4k", lr_search="1e-3,1e-2",
+                  lr_search_tie="x")
 
 
 def test_repeat_data_warning(tmp_path):

@@ -314,7 +314,7 @@ def cmd_scaling_sweep(args) -> None:
     from .scaling.sweep import run_sweep
 
     opts = {k: getattr(args, k) for k in ("sizes", "tokens", "isoflop", "lr_search", "lr_scaling", "base_width",
-                                          "lr_search_tokens", "corpus", "tokenizer", "evals", "min_steps",
+                                          "lr_search_tokens", "lr_search_tie", "corpus", "tokenizer", "evals", "min_steps",
                                           "converge_tol", "plan_compute", "bootstrap", "targets", "jobs", "threads")}
     r = run_sweep(args.config, args.out, args.overrides, print_commands=args.print_commands, quiet=args.json, **opts)
     if "commands" in r:
@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--isoflop", help="compute budgets C = 6ND, e.g. 1e12,3e12: every size at D = C/6N (instead of --tokens)")
     t.add_argument("--lr-search", help="candidate learning rates per size, e.g. 1e-3,3e-3,1e-2 (best on the short budget)")
     t.add_argument("--lr-search-tokens", help="budget of the search runs (default: the sweep's smallest)")
+    t.add_argument("--lr-search-tie", type=float, default=None,
+                   help="rates within this fraction of the best search loss tie; the smallest is kept (0.005)")
     t.add_argument("--lr-scaling", choices=["fixed", "mup"], default=None,
                    help="fixed: the base train.lr; mup: lr x base_width / width (default fixed)")
     t.add_argument("--base-width", type=int, default=None, help="width at which mup uses train.lr (default: the base model's)")

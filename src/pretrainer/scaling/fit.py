@@ -49,11 +49,16 @@ def load_points(path, require: tuple[str, ...] = ()) -> list[dict]:
     as 6 N D where a row has N and D but no C. Column names are matched case-insensitively.
     """
     p = Path(path)
+    keep = None  # a sweep folder: only the runs of its latest settings (sweep.jsonl keeps older ones)
     if p.is_dir():
         f = p / SWEEP_FILE
         if not f.is_file():
             raise DataError(f"{p}: no {SWEEP_FILE} in this folder "
                             "(expected a sweep folder, or a .csv/.jsonl file of N, D, loss rows)")
+        try:
+            keep = {r["name"] for r in json.loads((p / "summary.json").read_text())["records"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            keep = None
         p = f
     if not p.is_file():
         raise DataError(f"{p}: no such file (expected a .csv or .jsonl file of N, D, loss rows, or a sweep folder)")
@@ -61,7 +66,7 @@ def load_points(path, require: tuple[str, ...] = ()) -> list[dict]:
     if suffix == ".csv":
         header, rows = _read_csv(p)
     elif suffix in (".jsonl", ".ndjson"):
-        header, rows = _read_jsonl(p)
+        header, rows = _read_jsonl(p, keep)
     else:
         raise DataError(f"{p}: unknown format '{suffix}' (expected .csv, .jsonl or a sweep folder)")
     if not rows:
@@ -118,7 +123,8 @@ def _read_csv(p: Path):
     return set(cols), rows
 
 
-def _read_jsonl(p: Path):
+def _read_jsonl(p: Path, names: set | None = None):
+    """``names``: keep only the rows whose ``name`` is one of them."""
     rows, header = [], None
     with open(p, encoding="utf-8") as f:
         for i, text in enumerate(f, start=1):
@@ -130,6 +136,8 @@ def _read_jsonl(p: Path):
                 raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{i}: expected a JSON object with N, D, loss")
+            if names is not None and obj.get("name") not in names:
+                continue
             row = {_CANONICAL.get(str(k).lower(), str(k)): v for k, v in obj.items()}
             keys = {k for k, v in row.items() if v is not None}
             header = keys if header is None else header & keys  # a column must be in every row

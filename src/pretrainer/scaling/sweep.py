@@ -20,7 +20,9 @@ Learning rate, recorded per run as ``lr`` and ``lr_rule``:
   rates, not full µP;
 * ``search``: for each size, the candidate rates are trained on a short budget (the smallest of the
   sweep unless given) and the rate with the lowest final validation loss is used for every budget
-  of that size. Search runs are recorded in ``DIR/lr_search.jsonl``; the search run at the best
+  of that size; rates whose loss is within ``lr_search_tie`` (relative, default 0.5 %) of the
+  lowest count as tied, and the smallest tied rate is taken, because a difference that small is
+  within evaluation noise and the best rate falls as runs get longer. Search runs are recorded in ``DIR/lr_search.jsonl``; the search run at the best
   rate *is* the grid run when the budgets agree (same name, trained once).
 
 Warnings (recorded in each row's ``warnings``): ``epochs`` > 1 (the run repeats training data), and
@@ -72,7 +74,7 @@ _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 #: sweep options and their defaults; a ``sweep:`` section of the base YAML may set any of them
 DEFAULTS = {
     "sizes": None, "tokens": None, "isoflop": None, "lr_search": None, "lr_scaling": "fixed",
-    "base_width": None, "lr_search_tokens": None, "corpus": None, "tokenizer": "char",
+    "base_width": None, "lr_search_tokens": None, "lr_search_tie": 0.005, "corpus": None, "tokenizer": "char",
     "evals": 8, "min_steps": 20, "converge_tol": 0.03, "plan_compute": None, "bootstrap": 200,
     "targets": None, "jobs": 1, "threads": None,
 }
@@ -446,6 +448,13 @@ def _options(raw_sweep: dict, given: dict) -> dict:
         raise ConfigError(f"lr_scaling '{opts['lr_scaling']}': expected fixed or mup")
     if opts["lr_search"] and opts["lr_scaling"] == "mup":
         raise ConfigError("lr_search and lr_scaling=mup exclude each other: search the rates, or scale them")
+    try:
+        opts["lr_search_tie"] = float(opts["lr_search_tie"])
+    except (TypeError, ValueError):
+        opts["lr_search_tie"] = -1.0
+    if not opts["lr_search_tie"] >= 0:
+        raise ConfigError(f"lr_search_tie '{raw_sweep.get('lr_search_tie', given.get('lr_search_tie'))}': "
+                          "expected a fraction >= 0, such as 0.005")
     if bool(opts["tokens"]) == bool(opts["isoflop"]):
         raise ConfigError("give token budgets (--tokens 1M,3M) or compute budgets (--isoflop 1e13,3e13), one of the two")
     return opts
@@ -697,12 +706,11 @@ def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quie
             return {"commands": commands}
         for runs in search.values():
             recs = [known_search[s.name] for s in runs]
-            best = min(recs, key=lambda r: r["loss"])
-            rates = sorted(r["lr"] for r in recs)
-            best_lr[runs[0].size] = {"lr": best["lr"], "losses": {f"{r['lr']:.3g}": r["loss"] for r in recs},
-                                     "at_edge": len(rates) > 1 and best["lr"] in (rates[0], rates[-1])}
+            best_lr[runs[0].size] = pick = pick_rate(recs, float(opts["lr_search_tie"]))
+            tied = f" (tied within {pick['tie']:.1%}: {', '.join(f'{x:.3g}' for x in pick['tied'])})" \
+                if len(pick["tied"]) > 1 else ""
             say(f"lr search {runs[0].size.label}: " + ", ".join(f"{r['lr']:.3g} -> {r['loss']:.4f}" for r in recs)
-                + f"; best {best['lr']:.3g}")
+                + f"; best {pick['lr']:.3g}{tied}")
 
     # 2. the main runs, at the chosen rates
     main = []
@@ -721,6 +729,20 @@ def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quie
         return {"commands": commands}
     records = [known[s.name] for s in main]
     return analyse(records, out, opts, best_lr={s.label: v for s, v in best_lr.items()})
+
+
+def pick_rate(recs: list[dict], tie: float = 0.005) -> dict:
+    """The learning rate kept from a size's search runs (``lr`` and final ``loss`` each): the
+    smallest rate whose loss is within ``tie`` (relative) of the lowest. Also the losses by rate,
+    the tied rates, and ``at_edge``: the kept rate is the smallest or largest candidate."""
+    if tie < 0:
+        raise ConfigError(f"lr_search_tie {tie}: expected a fraction >= 0, such as 0.005")
+    lowest = min(r["loss"] for r in recs)
+    tied = sorted(r["lr"] for r in recs if r["loss"] <= lowest * (1 + tie))
+    rates = sorted(r["lr"] for r in recs)
+    lr = tied[0]
+    return {"lr": lr, "losses": {f"{r['lr']:.3g}": r["loss"] for r in sorted(recs, key=lambda r: r["lr"])},
+            "tie": tie, "tied": tied, "at_edge": len(rates) > 1 and lr in (rates[0], rates[-1])}
 
 
 # ----------------------------------------------------------------------------------------------
