@@ -41,6 +41,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def _same_file(a, b) -> bool:
+    """Whether two paths name the same checkpoint (a pretrained fine-tune is stale once pretraining
+    has gone on)."""
+    return a is not None and Path(a).resolve() == Path(b).resolve()
+
+
 def main() -> None:
     t_process = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -111,7 +117,8 @@ def main() -> None:
         done = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
         opts = (done or {}).get("options", {})
         if (args.reuse and done and done.get("best") and opts.get("epochs") == args.epochs
-                and opts.get("lr") == lr and opts.get("seed") == args.seed and opts.get("from_scratch") == scratch):
+                and opts.get("lr") == lr and opts.get("seed") == args.seed and opts.get("from_scratch") == scratch
+                and (scratch or _same_file((done.get("origin") or {}).get("checkpoint"), ckpt))):
             best = done["best"]["metrics"]
             print(f"[3/3] reusing {out} (lr {lr:g}): accuracy {best['accuracy']:.4f}", flush=True)
             return {"lr": lr, **{k: best[k] for k in ("accuracy", "f1", "mcc")}, "epoch": done["best"]["epoch"],
