@@ -15,9 +15,9 @@ function comes from), against the same model, config and tokenizer fine-tuned fr
    fine-tuning run of the same settings.
 3. ``finetune``: pretrained, then ``--from-scratch``, with the same settings (``--epochs``,
    ``--lr``, batch 32, 128 tokens, seed); from scratch is also given each rate of
-   ``--scratch-lrs`` (a model trained from random weights usually wants a larger one) and its
-   best result is the one compared, so the margin is not an artefact of a rate chosen for the
-   pretrained model.
+   ``--scratch-lrs`` (a model trained from random weights usually wants a larger one), the
+   pretrained model each of ``--pretrained-lrs``, and each side's best result is the one
+   compared, so the margin is not an artefact of a rate chosen for one side.
 
 Prints both accuracies, the margin and the ratio; writes
 ``benchmarks/results/finetune_pretrained_vs_scratch.json``.
@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse the data folder and pretraining run in --work")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak learning rate")
+    p.add_argument("--pretrained-lrs", default="", help="more rates tried for the pretrained model (comma-separated)")
     p.add_argument("--scratch-lrs", default="1e-3", help="more rates tried from scratch (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(HERE / "results" / "finetune_pretrained_vs_scratch.json"))
@@ -133,7 +134,10 @@ def main() -> None:
         print(f"      accuracy {r['accuracy']:.4f}, macro F1 {r['f1']:.4f} (best epoch {r['epoch']})", flush=True)
         return {"lr": lr, **{k: r[k] for k in ("accuracy", "f1", "mcc", "epoch")}}
 
-    pretrained = run_finetune("pretrained", False, args.lr)
+    pretrained_runs = [run_finetune("pretrained", False, args.lr)]
+    pretrained_runs += [run_finetune("pretrained", False, float(x)) for x in args.pretrained_lrs.split(",")
+                        if x.strip() and float(x) != args.lr]
+    pretrained = max(pretrained_runs, key=lambda r: r["accuracy"])
     scratch_runs = [run_finetune("scratch", True, args.lr)]
     scratch_runs += [run_finetune("scratch", True, float(x)) for x in args.scratch_lrs.split(",") if x.strip()
                      and float(x) != args.lr]
@@ -145,9 +149,10 @@ def main() -> None:
         "eval_examples": len(builtin_rows("builtin:stdlib-package", "eval")[1]),
         "pretrain": pretrain_info,
         "finetune_settings": {"epochs": args.epochs, "batch_size": 32, "max_len": 128, "seed": args.seed,
-                              "warmup": 0.1, "schedule": "linear", "lr_pretrained": args.lr,
+                              "warmup": 0.1, "schedule": "linear", "lrs_pretrained": [r["lr"] for r in pretrained_runs],
                               "lrs_scratch": [r["lr"] for r in scratch_runs]},
         "pretrained": pretrained,
+        "pretrained_all": pretrained_runs,
         "scratch": scratch,
         "scratch_same_lr": scratch_runs[0],
         "scratch_all": scratch_runs,
@@ -161,7 +166,8 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"pretrained: accuracy {acc_p:.4f} (macro F1 {pretrained['f1']:.4f}, lr {args.lr:g})")
+    tried_p = ", ".join(f"{r['lr']:g}" for r in pretrained_runs)
+    print(f"pretrained: accuracy {acc_p:.4f} (macro F1 {pretrained['f1']:.4f}, best of lr {tried_p})")
     tried = ", ".join(f"{r['lr']:g}" for r in scratch_runs)
     print(f"scratch:    accuracy {acc_s:.4f} (macro F1 {scratch['f1']:.4f}, best of lr {tried})")
     print(f"margin {acc_p - acc_s:+.4f}, ratio {result['accuracy_ratio']:.2f}x; written to {args.json}")
