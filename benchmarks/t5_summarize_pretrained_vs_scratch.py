@@ -39,17 +39,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from _reuse import finished_finetune
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TASK = "builtin:stdlib-summarize"
 KEYS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")
-
-
-def _same_file(a, b) -> bool:
-    """Whether two paths name the same checkpoint (a pretrained fine-tune is stale once pretraining
-    has gone on)."""
-    return a is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def main() -> None:
@@ -130,14 +125,12 @@ def main() -> None:
 
     def run_finetune(name: str, scratch: bool, lr: float) -> dict:
         out = work / f"ft-{name}-lr{lr:g}"
-        done = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
-        opts = (done or {}).get("options", {})
-        if (args.reuse and done and done.get("best") and opts.get("epochs") == args.epochs
-                and opts.get("lr") == lr and opts.get("seed") == args.seed and opts.get("from_scratch") == scratch
-                and (scratch or _same_file((done.get("origin") or {}).get("checkpoint"), ckpt))):
-            best = done["best"]["metrics"]
+        done = finished_finetune(out, epochs=args.epochs, lr=lr, seed=args.seed, scratch=scratch,
+                                 checkpoint=ckpt) if args.reuse else None
+        if done:
+            best = done["metrics"]
             print(f"[3/3] reusing {out} (lr {lr:g}): ROUGE-L {best['rougeL']:.4f}", flush=True)
-            return {"lr": lr, **{k: best[k] for k in KEYS if k in best}, "epoch": done["best"]["epoch"],
+            return {"lr": lr, **{k: best[k] for k in KEYS if k in best}, "epoch": done["epoch"],
                     "reused": True}
         if out.exists():
             shutil.rmtree(out)

@@ -1,0 +1,26 @@
+"""What the pretrained-vs-scratch benchmarks share: whether a fine-tuning run left by an earlier
+invocation can be reused instead of trained again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: bool, checkpoint) -> dict | None:
+    """The best epoch (``{"epoch", "metrics"}``) of the fine-tuning run in ``out`` when it finished
+    with these settings; a pretrained one must also have started from ``checkpoint`` (it is stale
+    once pretraining has gone on). None when it must be trained (again)."""
+    file = Path(out) / "config.yaml"
+    if not file.is_file():
+        return None
+    done = yaml.safe_load(file.read_text()) or {}
+    opts = done.get("options", {})
+    if not (done.get("best") and opts.get("epochs") == epochs and opts.get("lr") == lr
+            and opts.get("seed") == seed and opts.get("from_scratch") == scratch):
+        return None
+    started = (done.get("origin") or {}).get("checkpoint")
+    if not scratch and (started is None or Path(started).resolve() != Path(checkpoint).resolve()):
+        return None
+    return done["best"]
