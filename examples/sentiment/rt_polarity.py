@@ -21,6 +21,12 @@ already in ``--work``.
 
 Every step is a ``pretrainer`` command, printed before it runs; the last prints the accuracy (and
 F1, MCC) on the dev split as JSON and leaves the run in ``WORK/finetune``.
+
+Measured 2026-11-23 on a 2-core CPU, one thread: from scratch, accuracy 0.773 (best of 4 epochs,
+158 s). With ``--pretrain-steps 2000`` (8.2M IMDB tokens, about one pass; MLM validation loss
+6.28, 11 minutes in all): 0.740. At that budget the pretrained ``bert-tiny`` is still on the MLM
+plateau and does not help yet; the stdlib benchmark (``benchmarks/finetune_pretrained_vs_scratch.py``)
+shows where the gain appears.
 """
 
 from __future__ import annotations
