@@ -16,10 +16,9 @@ settings and seed. The score is ROUGE-L on the held-out functions (split by file
    ``--steps`` steps; ``--reuse`` keeps the data folder and the pretraining run in ``--work``,
    extends that run to ``--steps`` when it has fewer (an exact resume), and reuses a finished
    fine-tuning run of the same settings.
-3. ``finetune --task text2text``: pretrained at ``--lr``, then ``--from-scratch`` at ``--lr`` and
-   at each rate of ``--scratch-lrs`` (from random weights a model usually wants a larger rate; its
-   best result is the one compared, so the margin is no artefact of a rate chosen for the
-   pretrained side); ``--epochs``, batch 32, 192 input tokens, 48 target tokens, greedy decoding,
+3. ``finetune --task text2text``: pretrained at ``--lr`` and each rate of ``--pretrained-lrs``,
+   then ``--from-scratch`` at ``--lr`` and each rate of ``--scratch-lrs``; each side's best result
+   is the one compared, so the margin is no artefact of a rate chosen for one side; ``--epochs``, batch 32, 192 input tokens, 48 target tokens, greedy decoding,
    the best epoch's ROUGE-L kept.
 
 Prints both scores, the margin and the ratio; writes
@@ -47,6 +46,30 @@ TASK = "builtin:stdlib-summarize"
 KEYS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")
 
 
+def encoder_use(run: Path, data: Path, batches: int = 8) -> dict:
+    """How much the pretrained model reads its encoder: span-corruption loss on validation batches
+    with each row's own corrupted input, and with the inputs of other rows (the same targets). Equal
+    losses mean the decoder has learned a language model of the targets and ignores the input,
+    so fine-tuning can gain nothing from the encoder."""
+    from pretrainer.data.seq2seq import span_eval_batches
+    from pretrainer.data.tokens import TokenSplit
+    from pretrainer.finetune.backbone import load_backbone
+
+    bb = load_backbone(str(run))
+    model, tok = bb.model.eval(), bb.tok
+    own = other = 0.0
+    n = 0
+    with torch.no_grad():
+        for x, y in span_eval_batches(TokenSplit(data, "val"), 128, 32, batches, tok.sentinel_ids, tok.eos_id,
+                                      tok.pad_id):
+            perm = torch.roll(torch.arange(len(x)), 1) if len(x) > 1 else torch.arange(len(x))
+            own += model(x, labels=y, return_logits=False).loss.item()
+            other += model(x[perm], labels=y, return_logits=False).loss.item()
+            n += 1
+    return {"val_loss_own_inputs": own / max(1, n), "val_loss_other_rows_inputs": other / max(1, n),
+            "batches": n}
+
+
 def main() -> None:
     t_process = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -59,6 +82,7 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse the data folder and pretraining run in --work")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
+    p.add_argument("--pretrained-lrs", default="", help="more rates tried for the pretrained model (comma-separated)")
     p.add_argument("--scratch-lrs", default="3e-3", help="more rates tried from scratch (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(HERE / "results" / "t5_summarize_pretrained_vs_scratch.json"))
@@ -123,6 +147,8 @@ def main() -> None:
                      "tokens": state["tokens"], "val_loss_first": evals[0]["val_loss"],
                      "val_loss": evals[-1]["val_loss"], "val_at_step": evals[-1]["step"]}
 
+    pretrain_info["encoder_use"] = encoder_use(pre, data)
+
     def run_finetune(name: str, scratch: bool, lr: float) -> dict:
         out = work / f"ft-{name}-lr{lr:g}"
         done = finished_finetune(out, epochs=args.epochs, lr=lr, seed=args.seed, scratch=scratch,
@@ -143,7 +169,10 @@ def main() -> None:
         return {"lr": lr, **{k: r[k] for k in KEYS}, "epoch": r["epoch"],
                 "train_examples": r["train_examples"], "eval_examples": r["eval_examples"]}
 
-    pretrained = run_finetune("pretrained", False, args.lr)
+    pretrained_runs = [run_finetune("pretrained", False, args.lr)]
+    pretrained_runs += [run_finetune("pretrained", False, float(x)) for x in args.pretrained_lrs.split(",")
+                        if x.strip() and float(x) != args.lr]
+    pretrained = max(pretrained_runs, key=lambda r: r["rougeL"])
     scratch_runs = [run_finetune("scratch", True, args.lr)]
     scratch_runs += [run_finetune("scratch", True, float(x)) for x in args.scratch_lrs.split(",") if x.strip()
                      and float(x) != args.lr]
@@ -156,9 +185,10 @@ def main() -> None:
         "eval_examples": len(builtin_rows(TASK, "eval")[1]),
         "pretrain": pretrain_info,
         "finetune_settings": {"epochs": args.epochs, "batch_size": 32, "max_len": 192, "max_target_len": 48,
-                              "seed": args.seed, "decoding": "greedy", "lr_pretrained": args.lr,
+                              "seed": args.seed, "decoding": "greedy", "lrs_pretrained": [r["lr"] for r in pretrained_runs],
                               "lrs_scratch": [r["lr"] for r in scratch_runs]},
         "pretrained": pretrained,
+        "pretrained_all": pretrained_runs,
         "scratch": scratch,
         "scratch_same_lr": scratch_runs[0],
         "scratch_all": scratch_runs,
@@ -173,7 +203,8 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"pretrained: ROUGE-L {r_p:.4f} (ROUGE-1 {pretrained['rouge1']:.4f}, lr {args.lr:g})")
+    tried_p = ", ".join(f"{r['lr']:g}" for r in pretrained_runs)
+    print(f"pretrained: ROUGE-L {r_p:.4f} (ROUGE-1 {pretrained['rouge1']:.4f}, best of lr {tried_p})")
     tried = ", ".join(f"{r['lr']:g}" for r in scratch_runs)
     print(f"scratch:    ROUGE-L {r_s:.4f} (ROUGE-1 {scratch['rouge1']:.4f}, best of lr {tried})")
     ratio = f"{result['rougeL_ratio']:.2f}x" if result["rougeL_ratio"] else "n/a"
