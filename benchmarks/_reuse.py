@@ -24,3 +24,12 @@ def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: 
     if not scratch and (started is None or Path(started).resolve() != Path(checkpoint).resolve()):
         return None
     return done["best"]
+
+
+def rates(first: float, more: str) -> list[float]:
+    """``first`` then the comma-separated rates of ``more`` that differ from it, in order."""
+    out = [first]
+    for x in more.split(","):
+        if x.strip() and float(x) not in out:
+            out.append(float(x))
+    return out

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _reuse import finished_finetune
+from _reuse import finished_finetune, rates
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -127,13 +127,9 @@ def main() -> None:
         print(f"      accuracy {r['accuracy']:.4f}, macro F1 {r['f1']:.4f} (best epoch {r['epoch']})", flush=True)
         return {"lr": lr, **{k: r[k] for k in ("accuracy", "f1", "mcc", "epoch")}}
 
-    pretrained_runs = [run_finetune("pretrained", False, args.lr)]
-    pretrained_runs += [run_finetune("pretrained", False, float(x)) for x in args.pretrained_lrs.split(",")
-                        if x.strip() and float(x) != args.lr]
+    pretrained_runs = [run_finetune("pretrained", False, lr) for lr in rates(args.lr, args.pretrained_lrs)]
+    scratch_runs = [run_finetune("scratch", True, lr) for lr in rates(args.lr, args.scratch_lrs)]
     pretrained = max(pretrained_runs, key=lambda r: r["accuracy"])
-    scratch_runs = [run_finetune("scratch", True, args.lr)]
-    scratch_runs += [run_finetune("scratch", True, float(x)) for x in args.scratch_lrs.split(",") if x.strip()
-                     and float(x) != args.lr]
     scratch = max(scratch_runs, key=lambda r: r["accuracy"])
     acc_p, acc_s = pretrained["accuracy"], scratch["accuracy"]
     result = {

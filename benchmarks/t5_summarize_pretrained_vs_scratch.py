@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _reuse import finished_finetune
+from _reuse import finished_finetune, rates
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -169,13 +169,9 @@ def main() -> None:
         return {"lr": lr, **{k: r[k] for k in KEYS}, "epoch": r["epoch"],
                 "train_examples": r["train_examples"], "eval_examples": r["eval_examples"]}
 
-    pretrained_runs = [run_finetune("pretrained", False, args.lr)]
-    pretrained_runs += [run_finetune("pretrained", False, float(x)) for x in args.pretrained_lrs.split(",")
-                        if x.strip() and float(x) != args.lr]
+    pretrained_runs = [run_finetune("pretrained", False, lr) for lr in rates(args.lr, args.pretrained_lrs)]
+    scratch_runs = [run_finetune("scratch", True, lr) for lr in rates(args.lr, args.scratch_lrs)]
     pretrained = max(pretrained_runs, key=lambda r: r["rougeL"])
-    scratch_runs = [run_finetune("scratch", True, args.lr)]
-    scratch_runs += [run_finetune("scratch", True, float(x)) for x in args.scratch_lrs.split(",") if x.strip()
-                     and float(x) != args.lr]
     scratch = max(scratch_runs, key=lambda r: r["rougeL"])
     r_p, r_s = pretrained["rougeL"], scratch["rougeL"]
     from pretrainer.finetune.builtin import builtin_rows
