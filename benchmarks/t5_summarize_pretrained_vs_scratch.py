@@ -78,7 +78,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=3, help="encoder layers (and as many decoder layers)")
     p.add_argument("--steps", type=int, default=3000, help="pretraining steps")
     p.add_argument("--batch", type=int, default=32, help="pretraining batch (x 128 input tokens)")
-    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--pretrain-lr", type=float, default=2e-2,
+                   help="pretraining peak rate (times each tensor's RMS with --lr-scale rms)")
+    p.add_argument("--lr-scale", choices=["rms", "none"], default="rms",
+                   help="train.lr_scale of pretraining (rms: rates relative to each tensor's size)")
     p.add_argument("--reuse", action="store_true", help="reuse the data folder and pretraining run in --work")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
@@ -117,6 +120,11 @@ def main() -> None:
         if (old["d_model"], old["n_layer"]) != (args.d_model, args.layers):
             sys.exit(f"{pre}: holds a {old['d_model']} x {old['n_layer']} model, not --d-model {args.d_model} "
                      f"--layers {args.layers}; drop --reuse or choose another --work")
+        old_train = yaml.safe_load((pre / "config.yaml").read_text())["train"]
+        if (old_train.get("lr_scale", "none"), old_train["lr"]) != (args.lr_scale, args.pretrain_lr):
+            sys.exit(f"{pre}: was pretrained with lr {old_train['lr']:g}, lr_scale "
+                     f"{old_train.get('lr_scale', 'none')}, not --pretrain-lr {args.pretrain_lr:g} --lr-scale "
+                     f"{args.lr_scale}; drop --reuse or choose another --work")
         done_steps = latest_checkpoint(pre)[1]["step"]
     if args.reuse and 0 < done_steps < args.steps:  # extend the existing run (exact resume)
         t0 = time.perf_counter()
@@ -129,7 +137,7 @@ def main() -> None:
               f"for {args.steps} steps", flush=True)
         cfg = load_config(None, ["model=t5-tiny", *size, "objective=span", f"data={data}", f"out={pre}",
                                  f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-                                 "train.seq_len=128", f"train.lr={args.pretrain_lr}", "train.weight_decay=0.01",
+                                 "train.seq_len=128", f"train.lr={args.pretrain_lr}", f"train.lr_scale={args.lr_scale}", "train.weight_decay=0.01",
                                  f"train.warmup_steps={min(100, args.steps // 10)}",
                                  "train.eval_every=500", "train.checkpoint_every=500",
                                  "train.log_every=50", "train.plot=false"])
@@ -141,9 +149,12 @@ def main() -> None:
     evals = [r for r in lines if "val_loss" in r]
     ckpt, state = latest_checkpoint(pre)  # what fine-tuning starts from
     m = yaml.safe_load((pre / "config.yaml").read_text())["model"]
+    pre_train = yaml.safe_load((pre / "config.yaml").read_text())["train"]
+    old_lr, old_scale = pre_train["lr"], pre_train.get("lr_scale", "none")
     pretrain_info = {"model": (f"t5-tiny recipe at {m['d_model']} wide, {m['n_layer']}+{m['n_layer']} layers, "
                                f"{m['n_head']} heads, FFN {m['d_ff']}, vocab {m['vocab_size']}"),
                      "objective": "span (noise density 0.15, mean span 3)", "steps": state["step"],
+                     "optimizer": f"AdamW, peak lr {old_lr:g}, lr_scale {old_scale}",
                      "tokens": state["tokens"], "val_loss_first": evals[0]["val_loss"],
                      "val_loss": evals[-1]["val_loss"], "val_at_step": evals[-1]["step"]}
 

@@ -167,3 +167,40 @@ def test_fused_head_loss_and_gradients_equal_the_plain_path(name):
     torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2.0 * ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_hand_written_backwards_match_autograd_of_the_plain_formulas():
+    """The attention head split (with and without rotary) and SwiGLU have their own backward
+    passes; gradients must equal autograd's through the textbook expressions (float64)."""
+    from pretrainer.model.layers import Rotary, _SplitHeads, _SwiGLU
+
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 5, 4, 2, 8
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, dtype=torch.float64, requires_grad=True)
+    rot = Rotary(D, 16, 10000.0).double()
+    cos, sin = rot.tables(3, T, torch.float64)
+    sin_full = torch.cat([sin, sin], dim=-1)
+
+    def rotate(x):  # x [B, h, T, D]: x * cos + rotate_half(x) * sin (Su et al. 2021; HF Llama)
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin_full
+
+    w = [torch.randn(B, n, T, D, dtype=torch.float64) for n in (H, Hkv, Hkv)]
+    for rotary in (True, False):
+        got = _SplitHeads.apply(qkv, cos if rotary else None, sin if rotary else None, H, Hkv)
+        heads = qkv.transpose(1, 2)
+        ref = (heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:])
+        if rotary:
+            ref = (rotate(ref[0]), rotate(ref[1]), ref[2])
+        for a, b in zip(got, ref):
+            assert torch.allclose(a, b)
+        g_got = torch.autograd.grad(sum((a * wi).sum() for a, wi in zip(got, w)), qkv)[0]
+        g_ref = torch.autograd.grad(sum((b * wi).sum() for b, wi in zip(ref, w)), qkv)[0]
+        assert torch.allclose(g_got, g_ref)
+
+    h = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 7, 6, dtype=torch.float64)
+    got = _SwiGLU.apply(h)
+    ref = torch.nn.functional.silu(h[..., :6]) * h[..., 6:]
+    assert torch.allclose(got, ref)
+    assert torch.allclose(torch.autograd.grad((got * dy).sum(), h)[0], torch.autograd.grad((ref * dy).sum(), h)[0])

@@ -74,11 +74,28 @@ def test_weight_decay_only_on_matrices():
     assert n == sum(p.numel() for p in model.parameters())
 
 
-def test_resume_is_bit_exact(synthetic_data, tmp_path):
+def test_rms_lr_scale_gives_each_tensor_a_rate_in_proportion_to_its_size():
+    from pretrainer.model import build_model
+
+    model = build_model("t5-tiny", n_layer=1, d_model=32, n_head=2, d_ff=64, vocab_size=64)
+    groups = param_groups(model, 0.1, "rms")
+    assert len(groups) == len(list(model.parameters()))
+    for g in groups:
+        (p,) = g["params"]
+        assert g["lr_scale"] == pytest.approx(max(1e-3, p.detach().pow(2).mean().sqrt().item()))
+        assert g["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0)
+    by_id = {id(g["params"][0]): g["lr_scale"] for g in groups}
+    emb, down = by_id[id(model.tok_emb.weight)], by_id[id(model.encoder.blocks[0].mlp.down.weight)]
+    assert emb == pytest.approx(1.0, rel=0.05)  # T5 draws embeddings N(0, 1)
+    assert down == pytest.approx(64 ** -0.5, rel=0.1)  # and matrices N(0, 1/fan_in)
+
+
+@pytest.mark.parametrize("lr_scale", ["none", "rms"])
+def test_resume_is_bit_exact(synthetic_data, tmp_path, lr_scale):
     full = tmp_path / "full"
-    train(tiny_cfg(synthetic_data, full), quiet=True)
+    train(tiny_cfg(synthetic_data, full, lr_scale=lr_scale), quiet=True)
     part = tmp_path / "part"
-    train(tiny_cfg(synthetic_data, part), stop_at=15, quiet=True)
+    train(tiny_cfg(synthetic_data, part, lr_scale=lr_scale), stop_at=15, quiet=True)
     assert max(logged(part)) == 15
     from pretrainer.train.trainer import resume_config
 

@@ -223,6 +223,7 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.1  # on matrices and embeddings (>= 2-D); never on biases or norm gains
+    lr_scale: str = "none"  # none | rms: each tensor's rate times its RMS at the start (for T5's init)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -250,6 +251,7 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1]")
         _choice("train", "schedule", self.schedule, ["cosine", "linear", "constant"])
+        _choice("train", "lr_scale", self.lr_scale, ["none", "rms"])
         _choice("train", "dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _choice("train", "compile", str(self.compile).lower(), ["auto", "true", "false"])
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

@@ -65,19 +65,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate ``x`` [B, H, T, D] as positions ``start .. start+T-1``:
-        ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, written on the
-        halves so that no concatenated copy is made."""
-        T = x.shape[-2]
-        cos = self.cos[start:start + T].to(x.dtype)
-        sin = self.sin[start:start + T, : x.shape[-1] // 2].to(x.dtype)  # both halves are equal
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        out = x * cos
-        out[..., :half].sub_(x2 * sin)
-        out[..., half:].add_(x1 * sin)
-        return out
+    def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` [length, head_dim] and ``sin`` [length, head_dim // 2] (both halves of a row
+        are equal) of positions ``start .. start+length-1``."""
+        return (self.cos[start:start + length].to(dtype),
+                self.sin[start:start + length, : self.cos.shape[-1] // 2].to(dtype))
 
 
 def relative_buckets(rel: torch.Tensor, bidirectional: bool, n_buckets: int,
@@ -122,6 +114,48 @@ class RelativeBias(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Attention
+
+
+class _SplitHeads(torch.autograd.Function):
+    """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
+    [B, heads, T, D], the queries and keys rotated (``cos``/``sin`` [T, D], or None for no rotary).
+
+    Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
+    tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
+    sizeable part of a small model's step. Here the backward writes each gradient, rotated back
+    (the inverse rotation: ``sin`` negated), straight into one buffer laid out as ``qkv``."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
+        n_qk = n_q + n_kv
+        ctx.n_q, ctx.n_qk, ctx.rotary = n_q, n_qk, cos is not None
+        qk, v = qkv[:, :, :n_qk], qkv[:, :, n_qk:]
+        if cos is not None:
+            half = qkv.shape[-1] // 2
+            c, s = cos[:, None, :], sin[:, None, :half]
+            qk_out = torch.mul(qk, c)  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+            qk_out[..., :half].addcmul_(qk[..., half:], s, value=-1.0)
+            qk_out[..., half:].addcmul_(qk[..., :half], s)
+            ctx.save_for_backward(c, s)
+            qk = qk_out
+        return qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        B, _, T, D = dv.shape
+        g = dv.new_empty(B, T, ctx.n_qk + dv.shape[1], D)
+        g[:, :, ctx.n_qk:].copy_(dv.transpose(1, 2))
+        for grad, out in ((dq, g[:, :, :ctx.n_q]), (dk, g[:, :, ctx.n_q:ctx.n_qk])):
+            grad = grad.transpose(1, 2)
+            if not ctx.rotary:
+                out.copy_(grad)
+                continue
+            c, s = ctx.saved_tensors
+            half = D // 2
+            torch.mul(grad, c, out=out)
+            out[..., :half].addcmul_(grad[..., half:], s)
+            out[..., half:].addcmul_(grad[..., :half], s, value=-1.0)
+        return g, None, None, None, None
 
 
 class KVCache:
@@ -175,12 +209,11 @@ class SelfAttention(nn.Module):
         causal layer, a given mask must already hold the causal part."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, T, D]
-        qk, v = qkv.split([H + Hkv, Hkv], dim=1)
         start = cache.length if cache is not None else 0
+        cos = sin = None
         if rotary is not None:  # queries and keys rotated in one pass
-            qk = rotary(qk, start)
-        q, k = qk.split([H, Hkv], dim=1)
+            cos, sin = rotary.tables(start, T, x.dtype)
+        q, k, v = _SplitHeads.apply(self.qkv(x).view(B, T, H + 2 * Hkv, D), cos, sin, H, Hkv)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if Hkv != H:  # grouped-query: each key/value head serves H // Hkv query heads
@@ -260,6 +293,28 @@ def activation(mlp: str):
     return _ACTIVATIONS[mlp]
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of ``h = [gate, up]`` (the fused projection's output), with a backward
+    that writes both halves of the gradient into one buffer instead of concatenating two."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        a = F.silu(gate)
+        ctx.save_for_backward(h, a)
+        return a * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, a = ctx.saved_tensors
+        n = a.shape[-1]
+        gate, up = h.chunk(2, dim=-1)
+        g = torch.empty_like(h)
+        torch.mul(dy, a, out=g[..., n:])
+        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=g[..., :n])
+        return g
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
 
@@ -271,10 +326,13 @@ class MLP(nn.Module):
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.down.is_residual_out = True
         self.act = activation(cfg.mlp)
+        self.swiglu = cfg.mlp == "swiglu"
 
     def forward(self, x):
         h = self.up(x)
-        if self.gated:
+        if self.swiglu:
+            h = _SwiGLU.apply(h)
+        elif self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:

@@ -9,9 +9,22 @@ import torch
 from ..config import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: str = "none") -> list[dict]:
     """Decay every parameter of two or more dimensions (weight matrices and embeddings); leave
-    vectors (biases, norm gains) undecayed. Tied weights appear once."""
+    vectors (biases, norm gains) undecayed. Tied weights appear once.
+
+    ``lr_scale="rms"`` gives every tensor its own group whose rate is the schedule's times the
+    tensor's root-mean-square value now (at least 1e-3): a step then moves each tensor by about
+    the same fraction of its size, as Adafactor's relative steps do (Shazeer & Stern 2018). This
+    is what T5's initialisation was made for: N(0, 1) embeddings next to N(0, 1/fan_in) matrices
+    leave plain AdamW moving the embeddings 10-100x more slowly, relative to their size, than the
+    matrices (nanoT5, Nawrot 2023, found the same and scales AdamW this way). The factors are fixed
+    here, from the weights the optimizer starts on, and are saved with the optimizer state, so a
+    resumed run keeps them. The trainer multiplies each group's ``lr_scale`` into its rate."""
+    if lr_scale == "rms":
+        return [{"params": [p], "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
+                 "lr_scale": max(1e-3, p.detach().float().pow(2).mean().sqrt().item())}
+                for p in model.parameters() if p.requires_grad]
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() already yields a tied tensor once
         if p.requires_grad:
@@ -24,7 +37,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
     # the fused kernel: one pass over all parameters (on a 2-core CPU about 4x faster than the
     # default per-tensor loop); available for CPU and CUDA
     fused = device_type in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_scale), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 

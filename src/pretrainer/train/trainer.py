@@ -304,7 +304,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         while step < t.max_steps:
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(t.grad_accum):
                 first = samples + (micro * env.world + env.rank) * t.batch_size
