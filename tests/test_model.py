@@ -170,7 +170,7 @@ def test_fused_head_loss_and_gradients_equal_the_plain_path(name):
 
 
 def test_hand_written_backwards_match_autograd_of_the_plain_formulas():
-    """The attention head split (with and without rotary) and SwiGLU have their own backward
+    """The attention head split (with and without rotary), RMSNorm and SwiGLU have their own backward
     passes; gradients must equal autograd's through the textbook expressions (float64)."""
     from pretrainer.model.layers import Rotary, _SplitHeads, _SwiGLU
 
@@ -197,6 +197,17 @@ def test_hand_written_backwards_match_autograd_of_the_plain_formulas():
         g_got = torch.autograd.grad(sum((a * wi).sum() for a, wi in zip(got, w)), qkv)[0]
         g_ref = torch.autograd.grad(sum((b * wi).sum() for b, wi in zip(ref, w)), qkv)[0]
         assert torch.allclose(g_got, g_ref)
+
+    from pretrainer.model.layers import _RMSNorm
+
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 7, 16, dtype=torch.float64)
+    got = _RMSNorm.apply(x, w, 1e-6)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # Zhang & Sennrich (2019)
+    assert torch.allclose(got, ref)
+    for a, b in zip(torch.autograd.grad((got * dy).sum(), (x, w)), torch.autograd.grad((ref * dy).sum(), (x, w))):
+        assert torch.allclose(a, b)
 
     h = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(3, 7, 6, dtype=torch.float64)
