@@ -146,6 +146,8 @@ def test_config_typos_and_bad_values_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.device='gpu'"):
         cfg.train.device = "gpu"
         cfg.validate(need_paths=False)
+    with pytest.raises(ConfigError, match="train.lr_scale='relative'"):
+        load_config(None, ["train.lr_scale=relative"]).validate(need_paths=False)
 
 
 def _torchrun(nproc, args, env):
