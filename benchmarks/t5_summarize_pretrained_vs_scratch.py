@@ -161,7 +161,7 @@ def main() -> None:
     pretrain_info["encoder_use"] = encoder_use(pre, data)
 
     def run_finetune(name: str, scratch: bool, lr: float) -> dict:
-        out = work / f"ft-{name}-lr{lr:g}"
+        out = work / (f"ft-{name}-lr{lr:g}" + (f"-seed{args.seed}" if args.seed else ""))
         done = finished_finetune(out, epochs=args.epochs, lr=lr, seed=args.seed, scratch=scratch,
                                  checkpoint=ckpt) if args.reuse else None
         if done:
