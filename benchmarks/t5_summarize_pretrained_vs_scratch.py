@@ -4,7 +4,7 @@ function, docstring removed -> the first sentence of its docstring), against the
 and tokenizer fine-tuned from random weights (``--from-scratch``), with identical fine-tuning
 settings and seed. The score is ROUGE-L on the held-out functions (split by file).
 
-    python benchmarks/t5_summarize_pretrained_vs_scratch.py [--steps 3000] [--reuse] [--work DIR]
+    python benchmarks/t5_summarize_pretrained_vs_scratch.py [--steps 3000] [--seeds 0,1,2] [--reuse] [--work DIR]
 
 1. ``prepare``: the standard library **without** the files that hold the task's evaluation
    functions (pretraining never sees an evaluation function or docstring), byte-level BPE 8192
@@ -13,13 +13,17 @@ settings and seed. The score is ROUGE-L on the held-out functions (split by file
    ``--d-model`` x ``--layers`` (encoder and decoder each; default 128 x 3, FFN 4x, 4 heads: on a
    2-core CPU a small model pretrained for longer beats a larger one pretrained briefly),
    ``objective=span`` (15 % noise, mean span 3), inputs of 128 tokens, batch ``--batch``, for
-   ``--steps`` steps; ``--reuse`` keeps the data folder and the pretraining run in ``--work``,
-   extends that run to ``--steps`` when it has fewer (an exact resume), and reuses a finished
-   fine-tuning run of the same settings.
+   ``--steps`` steps, AdamW at ``--pretrain-lr`` with ``train.lr_scale=rms`` (each tensor's rate
+   relative to its size: T5's N(0, 1) embeddings barely move under plain AdamW at 2e-3);
+   ``--reuse`` keeps the data folder and the pretraining run in ``--work``, extends that run to
+   ``--steps`` when it has fewer (an exact resume with the longer schedule), and reuses finished
+   fine-tuning runs of the same settings.
 3. ``finetune --task text2text``: pretrained at ``--lr`` and each rate of ``--pretrained-lrs``,
-   then ``--from-scratch`` at ``--lr`` and each rate of ``--scratch-lrs``; each side's best result
-   is the one compared, so the margin is no artefact of a rate chosen for one side; ``--epochs``, batch 32, 192 input tokens, 48 target tokens, greedy decoding,
-   the best epoch's ROUGE-L kept.
+   then ``--from-scratch`` at ``--lr`` and each rate of ``--scratch-lrs``, each with every seed of
+   ``--seeds``; ``--epochs``, batch 32, 192 input tokens, 48 target tokens, greedy decoding. A
+   run's score is its best epoch's ROUGE-L (the tool keeps that epoch), averaged over the seeds;
+   each side's best rate is the one compared, so the margin is no artefact of a rate chosen for
+   one side. The last epoch's ROUGE-L (no choice on the evaluation set) is reported beside it.
 
 Prints both scores, the margin and the ratio; writes
 ``benchmarks/results/t5_summarize_pretrained_vs_scratch.json``.
@@ -32,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,7 +92,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     p.add_argument("--pretrained-lrs", default="", help="more rates tried for the pretrained model (comma-separated)")
     p.add_argument("--scratch-lrs", default="3e-3", help="more rates tried from scratch (comma-separated)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="fine-tuning seeds (comma-separated); scores are means over them")
     p.add_argument("--json", default=str(HERE / "results" / "t5_summarize_pretrained_vs_scratch.json"))
     args = p.parse_args()
 
@@ -160,31 +165,49 @@ def main() -> None:
 
     pretrain_info["encoder_use"] = encoder_use(pre, data)
 
-    def run_finetune(name: str, scratch: bool, lr: float) -> dict:
-        out = work / (f"ft-{name}-lr{lr:g}" + (f"-seed{args.seed}" if args.seed else ""))
-        done = finished_finetune(out, epochs=args.epochs, lr=lr, seed=args.seed, scratch=scratch,
+    def last_epoch(out: Path) -> dict:
+        """The last evaluation of a fine-tuning run (no choice of epoch on the evaluation set)."""
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return [r for r in rows if r.get("split") == "eval"][-1]
+
+    def run_finetune(name: str, scratch: bool, lr: float, seed: int) -> dict:
+        out = work / (f"ft-{name}-lr{lr:g}" + (f"-seed{seed}" if seed else ""))
+        done = finished_finetune(out, epochs=args.epochs, lr=lr, seed=seed, scratch=scratch,
                                  checkpoint=ckpt) if args.reuse else None
         if done:
             best = done["metrics"]
-            print(f"[3/3] reusing {out} (lr {lr:g}): ROUGE-L {best['rougeL']:.4f}", flush=True)
-            return {"lr": lr, **{k: best[k] for k in KEYS if k in best}, "epoch": done["epoch"],
-                    "reused": True}
-        if out.exists():
-            shutil.rmtree(out)
-        print(f"[3/3] fine-tuning {name} (lr {lr:g}) on {TASK}", flush=True)
-        t0 = time.perf_counter()
-        r = finetune(str(pre), "text2text", TASK, str(out), epochs=args.epochs, lr=lr, batch_size=32,
-                     max_len=192, max_target_len=48, from_scratch=scratch, seed=args.seed)
-        timings[f"finetune_{name}_lr{lr:g}_s"] = time.perf_counter() - t0
-        print(f"      ROUGE-L {r['rougeL']:.4f}, ROUGE-1 {r['rouge1']:.4f} (best epoch {r['epoch']})", flush=True)
-        return {"lr": lr, **{k: r[k] for k in KEYS}, "epoch": r["epoch"],
-                "train_examples": r["train_examples"], "eval_examples": r["eval_examples"]}
+            print(f"[3/3] reusing {out} (lr {lr:g}, seed {seed}): ROUGE-L {best['rougeL']:.4f}", flush=True)
+            rec = {"lr": lr, "seed": seed, **{k: best[k] for k in KEYS if k in best}, "epoch": done["epoch"],
+                   "reused": True}
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            print(f"[3/3] fine-tuning {name} (lr {lr:g}, seed {seed}) on {TASK}", flush=True)
+            t0 = time.perf_counter()
+            r = finetune(str(pre), "text2text", TASK, str(out), epochs=args.epochs, lr=lr, batch_size=32,
+                         max_len=192, max_target_len=48, from_scratch=scratch, seed=seed)
+            timings[f"finetune_{name}_lr{lr:g}_seed{seed}_s"] = time.perf_counter() - t0
+            print(f"      ROUGE-L {r['rougeL']:.4f}, ROUGE-1 {r['rouge1']:.4f} (best epoch {r['epoch']})", flush=True)
+            rec = {"lr": lr, "seed": seed, **{k: r[k] for k in KEYS}, "epoch": r["epoch"]}
+        rec["rougeL_last_epoch"] = last_epoch(out)["rougeL"]
+        return rec
 
-    pretrained_runs = [run_finetune("pretrained", False, lr) for lr in rates(args.lr, args.pretrained_lrs)]
-    scratch_runs = [run_finetune("scratch", True, lr) for lr in rates(args.lr, args.scratch_lrs)]
-    pretrained = max(pretrained_runs, key=lambda r: r["rougeL"])
-    scratch = max(scratch_runs, key=lambda r: r["rougeL"])
+    def side(name: str, scratch: bool, lrs: list[float]) -> tuple[dict, list[dict]]:
+        """Every (rate, seed) run of one side, and the rate with the best mean ROUGE-L over seeds."""
+        runs = [run_finetune(name, scratch, lr, seed) for lr in lrs for seed in seeds]
+        by_lr = []
+        for lr in lrs:
+            mine = [r for r in runs if r["lr"] == lr]
+            by_lr.append({"lr": lr, **{k: statistics.mean(r[k] for r in mine) for k in (*KEYS, "rougeL_last_epoch")},
+                          "rougeL_per_seed": [r["rougeL"] for r in mine],
+                          "rougeL_last_epoch_per_seed": [r["rougeL_last_epoch"] for r in mine]})
+        return max(by_lr, key=lambda r: r["rougeL"]), runs
+
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    pretrained, pretrained_runs = side("pretrained", False, rates(args.lr, args.pretrained_lrs))
+    scratch, scratch_runs = side("scratch", True, rates(args.lr, args.scratch_lrs))
     r_p, r_s = pretrained["rougeL"], scratch["rougeL"]
+    wins = sum(p > s for p, s in zip(pretrained["rougeL_per_seed"], scratch["rougeL_per_seed"]))
     from pretrainer.finetune.builtin import builtin_rows
     result = {
         "task": f"{TASK} (function source -> first sentence of its docstring)",
@@ -192,15 +215,19 @@ def main() -> None:
         "eval_examples": len(builtin_rows(TASK, "eval")[1]),
         "pretrain": pretrain_info,
         "finetune_settings": {"epochs": args.epochs, "batch_size": 32, "max_len": 192, "max_target_len": 48,
-                              "seed": args.seed, "decoding": "greedy", "lrs_pretrained": [r["lr"] for r in pretrained_runs],
-                              "lrs_scratch": [r["lr"] for r in scratch_runs]},
+                              "seeds": seeds, "decoding": "greedy",
+                              "lrs_pretrained": rates(args.lr, args.pretrained_lrs),
+                              "lrs_scratch": rates(args.lr, args.scratch_lrs),
+                              "scores": "rougeL: each run's best epoch on the evaluation set, averaged over seeds; "
+                                        "rougeL_last_epoch: its last epoch (no choice made on the evaluation set)"},
         "pretrained": pretrained,
-        "pretrained_all": pretrained_runs,
         "scratch": scratch,
-        "scratch_same_lr": scratch_runs[0],
-        "scratch_all": scratch_runs,
         "rougeL_margin": r_p - r_s,
         "rougeL_ratio": r_p / r_s if r_s else None,
+        "rougeL_last_epoch_margin": pretrained["rougeL_last_epoch"] - scratch["rougeL_last_epoch"],
+        "seeds_won_by_pretrained": f"{wins}/{len(seeds)}",
+        "pretrained_all": pretrained_runs,
+        "scratch_all": scratch_runs,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "process_s": round(time.perf_counter() - t_process, 1),
         "threads": torch.get_num_threads(),
@@ -210,12 +237,13 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    tried_p = ", ".join(f"{r['lr']:g}" for r in pretrained_runs)
-    print(f"pretrained: ROUGE-L {r_p:.4f} (ROUGE-1 {pretrained['rouge1']:.4f}, best of lr {tried_p})")
-    tried = ", ".join(f"{r['lr']:g}" for r in scratch_runs)
-    print(f"scratch:    ROUGE-L {r_s:.4f} (ROUGE-1 {scratch['rouge1']:.4f}, best of lr {tried})")
+    for label, r in (("pretrained", pretrained), ("scratch", scratch)):
+        per_seed = ", ".join(f"{x:.4f}" for x in r["rougeL_per_seed"])
+        print(f"{label:11s} ROUGE-L {r['rougeL']:.4f} (mean of seeds {per_seed}; lr {r['lr']:g}), "
+              f"last epoch {r['rougeL_last_epoch']:.4f}")
     ratio = f"{result['rougeL_ratio']:.2f}x" if result["rougeL_ratio"] else "n/a"
-    print(f"margin {r_p - r_s:+.4f}, ratio {ratio}; written to {args.json}")
+    print(f"margin {r_p - r_s:+.4f}, ratio {ratio}, last-epoch margin {result['rougeL_last_epoch_margin']:+.4f}, "
+          f"seeds won {result['seeds_won_by_pretrained']}; written to {args.json}")
 
 
 if __name__ == "__main__":
