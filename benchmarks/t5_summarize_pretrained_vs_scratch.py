@@ -37,6 +37,7 @@ import os
 import platform
 import shutil
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -190,7 +191,25 @@ def main() -> None:
             print(f"      ROUGE-L {r['rougeL']:.4f}, ROUGE-1 {r['rouge1']:.4f} (best epoch {r['epoch']})", flush=True)
             rec = {"lr": lr, "seed": seed, **{k: r[k] for k in KEYS}, "epoch": r["epoch"]}
         rec["rougeL_last_epoch"] = last_epoch(out)["rougeL"]
+        preds = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()
+                 if line.strip()]
+        rec["distinct_predictions"] = len(set(preds))  # at the kept epoch, of eval_examples
+        top, n = Counter(preds).most_common(1)[0]
+        rec["most_common_prediction"] = {"text": top, "share": n / len(preds)}
         return rec
+
+    def constant_baseline(extra: list[str], candidates: int = 50) -> dict:
+        """ROUGE-L of writing one sentence for every function: the best of the training set's most
+        frequent targets and of each run's most common prediction (chosen on the evaluation set, as
+        the best epoch is). A kept epoch that writes nearly one sentence everywhere scores this."""
+        from pretrainer.finetune.text2text import generation_metrics
+
+        train_targets = [row["target"] for _, row in builtin_rows(TASK, "train")[1]]
+        golds = [row["target"] for _, row in builtin_rows(TASK, "eval")[1]]
+        scored = [(generation_metrics([c] * len(golds), golds)["rougeL"], c)
+                  for c in {c for c, _ in Counter(train_targets).most_common(candidates)} | set(extra)]
+        best = max(scored)
+        return {"sentence": best[1], "rougeL": best[0], "candidates": len(scored)}
 
     def side(name: str, scratch: bool, lrs: list[float]) -> tuple[dict, list[dict]]:
         """Every (rate, seed) run of one side, and the rate with the best mean ROUGE-L over seeds."""
@@ -200,15 +219,17 @@ def main() -> None:
             mine = [r for r in runs if r["lr"] == lr]
             by_lr.append({"lr": lr, **{k: statistics.mean(r[k] for r in mine) for k in (*KEYS, "rougeL_last_epoch")},
                           "rougeL_per_seed": [r["rougeL"] for r in mine],
+                          "distinct_predictions_per_seed": [r["distinct_predictions"] for r in mine],
                           "rougeL_last_epoch_per_seed": [r["rougeL_last_epoch"] for r in mine]})
         return max(by_lr, key=lambda r: r["rougeL"]), runs
+
+    from pretrainer.finetune.builtin import builtin_rows
 
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     pretrained, pretrained_runs = side("pretrained", False, rates(args.lr, args.pretrained_lrs))
     scratch, scratch_runs = side("scratch", True, rates(args.lr, args.scratch_lrs))
     r_p, r_s = pretrained["rougeL"], scratch["rougeL"]
     wins = sum(p > s for p, s in zip(pretrained["rougeL_per_seed"], scratch["rougeL_per_seed"]))
-    from pretrainer.finetune.builtin import builtin_rows
     result = {
         "task": f"{TASK} (function source -> first sentence of its docstring)",
         "train_examples": len(builtin_rows(TASK, "train")[1]),
@@ -226,6 +247,8 @@ def main() -> None:
         "rougeL_ratio": r_p / r_s if r_s else None,
         "rougeL_last_epoch_margin": pretrained["rougeL_last_epoch"] - scratch["rougeL_last_epoch"],
         "seeds_won_by_pretrained": f"{wins}/{len(seeds)}",
+        "constant_baseline": constant_baseline([r["most_common_prediction"]["text"]
+                                                for r in pretrained_runs + scratch_runs]),
         "pretrained_all": pretrained_runs,
         "scratch_all": scratch_runs,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -241,6 +264,8 @@ def main() -> None:
         per_seed = ", ".join(f"{x:.4f}" for x in r["rougeL_per_seed"])
         print(f"{label:11s} ROUGE-L {r['rougeL']:.4f} (mean of seeds {per_seed}; lr {r['lr']:g}), "
               f"last epoch {r['rougeL_last_epoch']:.4f}")
+    c = result["constant_baseline"]
+    print(f"one sentence for every function ('{c['sentence']}'): ROUGE-L {c['rougeL']:.4f}")
     ratio = f"{result['rougeL_ratio']:.2f}x" if result["rougeL_ratio"] else "n/a"
     print(f"margin {r_p - r_s:+.4f}, ratio {ratio}, last-epoch margin {result['rougeL_last_epoch_margin']:+.4f}, "
           f"seeds won {result['seeds_won_by_pretrained']}; written to {args.json}")
