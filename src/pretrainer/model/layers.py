@@ -241,10 +241,11 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         start = cache.length if cache is not None else 0
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
         cos = sin = None
-        if rotary is not None:  # queries and keys rotated in one pass
-            cos, sin = rotary.tables(start, T, x.dtype)
-        q, k, v = _SplitHeads.apply(self.qkv(x).view(B, T, H + 2 * Hkv, D), cos, sin, H, Hkv)
+        if rotary is not None:  # queries and keys rotated in one pass, in the projection's dtype
+            cos, sin = rotary.tables(start, T, qkv.dtype)
+        q, k, v = _SplitHeads.apply(qkv, cos, sin, H, Hkv)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if Hkv != H:  # grouped-query: each key/value head serves H // Hkv query heads
