@@ -122,11 +122,11 @@ def main() -> None:
             f"model.n_head={max(1, args.d_model // 32)}", f"model.d_ff={4 * args.d_model}"]
     done_steps = 0
     if args.reuse and (pre / "config.yaml").is_file():
-        old = yaml.safe_load((pre / "config.yaml").read_text())["model"]
+        saved = yaml.safe_load((pre / "config.yaml").read_text())
+        old, old_train = saved["model"], saved["train"]
         if (old["d_model"], old["n_layer"]) != (args.d_model, args.layers):
             sys.exit(f"{pre}: holds a {old['d_model']} x {old['n_layer']} model, not --d-model {args.d_model} "
                      f"--layers {args.layers}; drop --reuse or choose another --work")
-        old_train = yaml.safe_load((pre / "config.yaml").read_text())["train"]
         if (old_train.get("lr_scale", "none"), old_train["lr"]) != (args.lr_scale, args.pretrain_lr):
             sys.exit(f"{pre}: was pretrained with lr {old_train['lr']:g}, lr_scale "
                      f"{old_train.get('lr_scale', 'none')}, not --pretrain-lr {args.pretrain_lr:g} --lr-scale "
@@ -143,7 +143,8 @@ def main() -> None:
               f"for {args.steps} steps", flush=True)
         cfg = load_config(None, ["model=t5-tiny", *size, "objective=span", f"data={data}", f"out={pre}",
                                  f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
-                                 "train.seq_len=128", f"train.lr={args.pretrain_lr}", f"train.lr_scale={args.lr_scale}", "train.weight_decay=0.01",
+                                 "train.seq_len=128", f"train.lr={args.pretrain_lr}",
+                                 f"train.lr_scale={args.lr_scale}", "train.weight_decay=0.01",
                                  f"train.warmup_steps={min(100, args.steps // 10)}",
                                  "train.eval_every=500", "train.checkpoint_every=500",
                                  "train.log_every=50", "train.plot=false"])
@@ -154,13 +155,12 @@ def main() -> None:
     lines = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in lines if "val_loss" in r]
     ckpt, state = latest_checkpoint(pre)  # what fine-tuning starts from
-    m = yaml.safe_load((pre / "config.yaml").read_text())["model"]
-    pre_train = yaml.safe_load((pre / "config.yaml").read_text())["train"]
-    old_lr, old_scale = pre_train["lr"], pre_train.get("lr_scale", "none")
+    saved = yaml.safe_load((pre / "config.yaml").read_text())
+    m, pre_train = saved["model"], saved["train"]
     pretrain_info = {"model": (f"t5-tiny recipe at {m['d_model']} wide, {m['n_layer']}+{m['n_layer']} layers, "
                                f"{m['n_head']} heads, FFN {m['d_ff']}, vocab {m['vocab_size']}"),
                      "objective": "span (noise density 0.15, mean span 3)", "steps": state["step"],
-                     "optimizer": f"AdamW, peak lr {old_lr:g}, lr_scale {old_scale}",
+                     "optimizer": f"AdamW, peak lr {pre_train['lr']:g}, lr_scale {pre_train.get('lr_scale', 'none')}",
                      "tokens": state["tokens"], "val_loss_first": evals[0]["val_loss"],
                      "val_loss": evals[-1]["val_loss"], "val_at_step": evals[-1]["step"]}
 
@@ -204,8 +204,8 @@ def main() -> None:
         the best epoch is). A kept epoch that writes nearly one sentence everywhere scores this."""
         from pretrainer.finetune.text2text import generation_metrics
 
-        train_targets = [row["target"] for _, row in builtin_rows(TASK, "train")[1]]
-        golds = [row["target"] for _, row in builtin_rows(TASK, "eval")[1]]
+        train_targets = [row["target"] for _, row in train_rows]
+        golds = [row["target"] for _, row in eval_rows]
         scored = [(generation_metrics([c] * len(golds), golds)["rougeL"], c)
                   for c in {c for c, _ in Counter(train_targets).most_common(candidates)} | set(extra)]
         best = max(scored)
@@ -225,20 +225,21 @@ def main() -> None:
 
     from pretrainer.finetune.builtin import builtin_rows
 
+    train_rows, eval_rows = builtin_rows(TASK, "train")[1], builtin_rows(TASK, "eval")[1]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    pretrained, pretrained_runs = side("pretrained", False, rates(args.lr, args.pretrained_lrs))
-    scratch, scratch_runs = side("scratch", True, rates(args.lr, args.scratch_lrs))
+    lrs_pretrained, lrs_scratch = rates(args.lr, args.pretrained_lrs), rates(args.lr, args.scratch_lrs)
+    pretrained, pretrained_runs = side("pretrained", False, lrs_pretrained)
+    scratch, scratch_runs = side("scratch", True, lrs_scratch)
     r_p, r_s = pretrained["rougeL"], scratch["rougeL"]
     wins = sum(p > s for p, s in zip(pretrained["rougeL_per_seed"], scratch["rougeL_per_seed"]))
     result = {
         "task": f"{TASK} (function source -> first sentence of its docstring)",
-        "train_examples": len(builtin_rows(TASK, "train")[1]),
-        "eval_examples": len(builtin_rows(TASK, "eval")[1]),
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
         "pretrain": pretrain_info,
         "finetune_settings": {"epochs": args.epochs, "batch_size": 32, "max_len": 192, "max_target_len": 48,
                               "seeds": seeds, "decoding": "greedy",
-                              "lrs_pretrained": rates(args.lr, args.pretrained_lrs),
-                              "lrs_scratch": rates(args.lr, args.scratch_lrs),
+                              "lrs_pretrained": lrs_pretrained, "lrs_scratch": lrs_scratch,
                               "scores": "rougeL: each run's best epoch on the evaluation set, averaged over seeds; "
                                         "rougeL_last_epoch: its last epoch (no choice made on the evaluation set)"},
         "pretrained": pretrained,

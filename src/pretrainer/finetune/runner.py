@@ -28,7 +28,7 @@ import yaml
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, save_checkpoint
-from ..train.optim import lr_at, make_optimizer
+from ..train.optim import lr_at, make_optimizer, set_lr
 from .backbone import load_backbone
 from .heads import InputFormat
 from .tasks import Task, make_task
@@ -244,8 +244,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
             batch = the_task.collate([train_feats[i] for i in idx], fmt.pad_id)
             batch = {name: t.to(device) for name, t in batch.items()}
             lr = lr_at(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             loss = the_task.loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -149,7 +149,8 @@ class RelativeBias(nn.Module):
 
 class _SplitHeads(torch.autograd.Function):
     """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
-    [B, heads, T, D], the queries and keys rotated (``cos``/``sin`` [T, D], or None for no rotary).
+    [B, heads, T, D], the queries and keys rotated (``cos`` [T, D] and ``sin`` [T, D/2] from
+    :meth:`Rotary.tables`, or None for no rotary).
 
     Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
     tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
@@ -159,16 +160,12 @@ class _SplitHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
         n_qk = n_q + n_kv
-        ctx.n_q, ctx.n_qk, ctx.rotary = n_q, n_qk, cos is not None
+        ctx.n_q, ctx.n_qk = n_q, n_qk
         qk, v = qkv[:, :, :n_qk], qkv[:, :, n_qk:]
         if cos is not None:
-            half = qkv.shape[-1] // 2
-            c, s = cos[:, None, :], sin[:, None, :half]
-            qk_out = torch.mul(qk, c)  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-            qk_out[..., :half].addcmul_(qk[..., half:], s, value=-1.0)
-            qk_out[..., half:].addcmul_(qk[..., :half], s)
+            c, s = cos[:, None, :], sin[:, None, :]
+            qk = _rotate(qk, c, s, qk.new_empty(qk.shape), 1.0)
             ctx.save_for_backward(c, s)
-            qk = qk_out
         return qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)
 
     @staticmethod
@@ -176,17 +173,24 @@ class _SplitHeads(torch.autograd.Function):
         B, _, T, D = dv.shape
         g = dv.new_empty(B, T, ctx.n_qk + dv.shape[1], D)
         g[:, :, ctx.n_qk:].copy_(dv.transpose(1, 2))
+        rotation = ctx.saved_tensors  # (cos, sin), or () without rotary
         for grad, out in ((dq, g[:, :, :ctx.n_q]), (dk, g[:, :, ctx.n_q:ctx.n_qk])):
-            grad = grad.transpose(1, 2)
-            if not ctx.rotary:
-                out.copy_(grad)
-                continue
-            c, s = ctx.saved_tensors
-            half = D // 2
-            torch.mul(grad, c, out=out)
-            out[..., :half].addcmul_(grad[..., half:], s)
-            out[..., half:].addcmul_(grad[..., :half], s, value=-1.0)
+            if rotation:  # the inverse rotation: the same with sin negated
+                _rotate(grad.transpose(1, 2), *rotation, out, -1.0)
+            else:
+                out.copy_(grad.transpose(1, 2))
         return g, None, None, None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float) -> torch.Tensor:
+    """``out = x * cos + rotate_half(x) * sign * sin`` with ``rotate_half(x) = [-x2, x1]`` (Su et al.
+    2021, half-split layout as Hugging Face Llama), written on the halves so that no concatenated
+    copy is made. ``sin`` holds one half (both halves of a row are equal)."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin, value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin, value=sign)
+    return out
 
 
 class KVCache:

@@ -20,7 +20,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: str = "n
     leave plain AdamW moving the embeddings 10-100x more slowly, relative to their size, than the
     matrices (nanoT5, Nawrot 2023, found the same and scales AdamW this way). The factors are fixed
     here, from the weights the optimizer starts on, and are saved with the optimizer state, so a
-    resumed run keeps them. The trainer multiplies each group's ``lr_scale`` into its rate."""
+    resumed run keeps them. :func:`set_lr` multiplies each group's ``lr_scale`` into its rate."""
     if lr_scale == "rms":
         return [{"params": [p], "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
                  "lr_scale": max(1e-3, p.detach().float().pow(2).mean().sqrt().item())}
@@ -39,6 +39,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
     fused = device_type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_scale), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set this step's rate: ``lr`` times each group's ``lr_scale`` (1 unless ``lr_scale="rms"``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

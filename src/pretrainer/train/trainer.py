@@ -34,7 +34,7 @@ from ..model import make_model
 from ..model.loss import IGNORE, cross_entropy
 from ..model.info import human, model_info
 from .checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, set_lr
 
 #: Peak dense bf16 throughput (FLOP/s) of accelerators we know, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
@@ -303,8 +303,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     with _StopFlag() as flag:
         while step < t.max_steps:
             lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(t.grad_accum):
                 first = samples + (micro * env.world + env.rank) * t.batch_size
