@@ -8,10 +8,12 @@ from pathlib import Path
 import yaml
 
 
-def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: bool, checkpoint) -> dict | None:
+def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: bool, checkpoint,
+                      selected_by: str | None = None) -> dict | None:
     """The best epoch (``{"epoch", "metrics"}``) of the fine-tuning run in ``out`` when it finished
-    with these settings; a pretrained one must also have started from ``checkpoint`` (it is stale
-    once pretraining has gone on). None when it must be trained (again)."""
+    with these settings (and kept its epoch by ``selected_by``, when given); a pretrained one must
+    also have started from ``checkpoint`` (it is stale once pretraining has gone on). None when it
+    must be trained (again)."""
     file = Path(out) / "config.yaml"
     if not file.is_file():
         return None
@@ -19,6 +21,8 @@ def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: 
     opts = done.get("options", {})
     if not (done.get("best") and opts.get("epochs") == epochs and opts.get("lr") == lr
             and opts.get("seed") == seed and opts.get("from_scratch") == scratch):
+        return None
+    if selected_by is not None and done["best"].get("metric") != selected_by:
         return None
     started = (done.get("origin") or {}).get("checkpoint")
     if not scratch and (started is None or Path(started).resolve() != Path(checkpoint).resolve()):

@@ -13,6 +13,7 @@ import torch
 
 from pretrainer.cli import main
 from pretrainer.config import ModelConfig
+from pretrainer.errors import ConfigError
 from pretrainer.errors import DataError
 from pretrainer.finetune import Predictor, finetune
 from pretrainer.finetune import metrics as M
@@ -347,7 +348,7 @@ def test_easy_task_is_learned_and_the_run_folder_is_complete(encoder_run):
     run, result = encoder_run
     best = yaml_load(run / "config.yaml")["best"]
     assert best["metrics"]["accuracy"] >= 0.95  # chance is 0.5; one word decides the label
-    assert set(best["metrics"]) == {"accuracy", "f1", "f1_macro", "mcc"}
+    assert set(best["metrics"]) == {"accuracy", "f1", "f1_macro", "mcc", "eval_loss"}
     assert json.loads((run / "labels.json").read_text()) == ["0", "1"]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "accuracy" in line]
     assert len(evals) == 3 and max(e["accuracy"] for e in evals) == best["metrics"]["accuracy"]
@@ -519,6 +520,23 @@ def test_conll_prediction_input_needs_no_tags(tmp_path):
     assert [e["words"] for e in ex] == [["Peter", "lives"], ["EU"]]
     with pytest.raises(DataError, match="new.conll line 1: expected a token and its tag"):
         task.load(str(f))
+
+
+def test_select_loss_keeps_the_epoch_with_the_lowest_eval_loss(sentiment, tmp_path):
+    train, dev, _ = sentiment
+    r = finetune("bert-tiny", "classification", str(train), str(tmp_path / "s"), eval=str(dev), epochs=3,
+                 select="loss", lr=3e-3, batch_size=64, max_len=12, from_scratch=True, vocab_size=120, quiet=True)
+    evals = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert [e["epoch"] for e in evals] == [1, 2, 3] and all("eval_loss" in e for e in evals)
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert r["selected_by"] == "eval_loss" and r["epoch"] == best["epoch"]
+    assert r["accuracy"] == best["accuracy"]  # the kept weights are that epoch's
+    state = json.loads(next((tmp_path / "s" / "checkpoints").iterdir()).joinpath("state.json").read_text())
+    assert (state["epoch"], state["metric"]) == (best["epoch"], "eval_loss")
+    with pytest.raises(ConfigError, match="--select best: expected one of metric, loss"):
+        finetune("bert-tiny", "classification", str(train), str(tmp_path / "x"), eval=str(dev), select="best",
+                 from_scratch=True, vocab_size=120, quiet=True)
 
 
 def test_patience_stops_when_the_score_stops_improving(sentiment, tmp_path):

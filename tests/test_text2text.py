@@ -102,6 +102,11 @@ def test_finetune_text2text_learns_and_predicts(t5_run, tmp_path, capsys):
     assert result["rouge1"] > 0.7, result  # reversing a few words: the words come right first
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 40 and {"prediction", "gold"} <= set(preds[0])
+    # text2text keeps the epoch with the lowest evaluation loss, not the highest ROUGE-L
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 6 and result["selected_by"] == "eval_loss"
+    assert result["epoch"] == min(evals, key=lambda r: r["eval_loss"])["epoch"]
+    assert result["eval_loss"] == min(r["eval_loss"] for r in evals)
     # predict on a file without targets
     (tmp_path / "in.jsonl").write_text(json.dumps({"source": "red cat"}) + "\n")
     assert main(["predict", str(out), "--input", str(tmp_path / "in.jsonl"),
@@ -116,3 +121,36 @@ def test_text2text_errors_are_one_line(t5_run, tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "target" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_eval_loss_is_the_mean_over_target_tokens(t5_run, tmp_path):
+    """The evaluation loss does not depend on the batch size: it weights each batch by its target
+    tokens, and equals the cross-entropy of all target tokens at once."""
+    import torch.nn.functional as F
+
+    from pretrainer.finetune.backbone import load_backbone
+    from pretrainer.finetune.heads import InputFormat
+    from pretrainer.finetune.runner import eval_loss
+    from pretrainer.finetune.text2text import Text2TextTask
+
+    _rows(tmp_path / "eval.jsonl", 13, 1)
+    task = Text2TextTask(max_target_len=12)
+    ex = task.load(str(tmp_path / "eval.jsonl"))
+    backbone = load_backbone(str(t5_run), False, None, 8192, texts=None, warn=print)
+    model, tok = backbone.model, backbone.tok
+    fmt = InputFormat.for_backbone(model.cfg.arch, tok, model.cfg.type_vocab_size)
+    feats = task.encode(ex, tok, fmt, 32)
+    dev = torch.device("cpu")
+    by_batch = [eval_loss(task, model, feats, b, fmt.pad_id, dev) for b in (1, 4, 13)]
+    with torch.no_grad():
+        model.eval()
+        nll, n = 0.0, 0
+        for f in feats:
+            batch = task.collate([f], fmt.pad_id)
+            logits = model(batch["input_ids"], labels=batch["labels"]).logits
+            nll += float(F.cross_entropy(logits[0].double(), batch["labels"][0], reduction="sum"))
+            n += len(f["labels"])
+    lengths = {len(f["labels"]) for f in feats}
+    assert len(lengths) > 1  # uneven targets: a per-batch mean would differ
+    for value in by_batch:
+        assert abs(value - nll / n) < 1e-5, (by_batch, nll / n)

@@ -14,7 +14,7 @@ def cmd_finetune(args) -> None:
                       text_column=args.text_column, text_pair_column=args.text_pair_column,
                       label_column=args.label_column, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                      max_len=args.max_len, stride=args.stride, patience=args.patience,
+                      max_len=args.max_len, stride=args.stride, patience=args.patience, select=args.select,
                       from_scratch=args.from_scratch, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size, seed=args.seed, device=args.device,
                       quiet=args.quiet or args.json, input_column=args.input_column,
@@ -24,9 +24,11 @@ def cmd_finetune(args) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    skip = {"run", "task", "epoch", "epochs_run", "steps", "train_examples", "eval_examples", "seconds"}
+    skip = {"run", "task", "epoch", "epochs_run", "steps", "train_examples", "eval_examples", "seconds",
+            "selected_by"}
     scores = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in skip)
-    print(f"done: best epoch {result['epoch']} of {result['epochs_run']}"
+    rule = f" (by {result['selected_by']})" if "selected_by" in result else ""
+    print(f"done: best epoch {result['epoch']}{rule} of {result['epochs_run']}"
           f"{' | ' + scores if scores else ''} | {result['seconds']:.0f} s | run folder {result['run']}")
 
 
@@ -79,6 +81,9 @@ def register(sub) -> None:
     s.add_argument("--max-len", type=int, default=128, help="tokens per input, special tokens included (default 128)")
     s.add_argument("--stride", type=int, default=None, help="qa: tokens shared by consecutive context windows")
     s.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better score")
+    s.add_argument("--select", choices=["metric", "loss"], default=None,
+                   help="the epoch kept: best task metric (accuracy, f1, pearson; the default) or lowest "
+                        "evaluation loss (the default for text2text, whose ROUGE-L favours generic outputs)")
     s.add_argument("--from-scratch", action="store_true", help="random weights (FROM's config and tokenizer)")
     s.add_argument("--tokenizer", metavar="DIR", help="preset + --from-scratch: tokenizer to use "
                                                       "(default: train a WordPiece one on the training texts)")

@@ -3,9 +3,11 @@ writes a run folder.
 
 ``OUT/`` holds ``config.yaml`` (the task, its columns and labels, where the backbone came from, the
 model config, the input layout and every setting), ``labels.json``, ``tokenizer/``,
-``metrics.jsonl`` (training-loss lines and one evaluation line per epoch), ``checkpoints/`` with
-the best epoch's weights only (safetensors, written atomically), and ``predictions.jsonl``: the
-best model's prediction for every evaluation example, beside the gold answer.
+``metrics.jsonl`` (training-loss lines and one evaluation line per epoch: the task's metrics and
+``eval_loss``), ``checkpoints/`` with the best epoch's weights only (safetensors, written
+atomically), and ``predictions.jsonl``: the best model's prediction for every evaluation example,
+beside the gold answer. The best epoch is the one with the highest task metric (accuracy, f1,
+pearson), or with ``select="loss"`` (text2text's default) the lowest evaluation loss.
 
 Optimisation is BERT's recipe: AdamW (decay on matrices only), linear warmup over ``warmup`` of
 the steps, then linear decay to zero, gradient clipping at 1. The data order and dropout are seeded
@@ -27,11 +29,15 @@ import yaml
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..model.loss import IGNORE
 from ..train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, save_checkpoint
 from ..train.optim import lr_at, make_optimizer, set_lr
 from .backbone import load_backbone
 from .heads import InputFormat
 from .tasks import Task, make_task
+
+
+SELECT = ("metric", "loss")
 
 
 @dataclasses.dataclass
@@ -49,6 +55,7 @@ class FinetuneOptions:
     max_len: int = 128  # tokens per input, specials included (capped at the model's context)
     stride: int | None = None  # qa: tokens shared by consecutive windows (default: a quarter)
     patience: int | None = None  # stop after this many epochs without improvement
+    select: str | None = None  # keep the epoch with the best "metric" or the lowest eval "loss" (default: the task's)
     dropout: float = 0.1  # on the head's input
     from_scratch: bool = False
     tokenizer: str | None = None  # preset + from_scratch: a tokenizer folder (else trained)
@@ -79,6 +86,8 @@ class FinetuneOptions:
             raise ConfigError(f"--patience {self.patience}: expected a positive number of epochs")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+        if self.select not in (None, *SELECT):
+            raise ConfigError(f"--select {self.select}: expected one of {', '.join(SELECT)}")
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -126,6 +135,33 @@ def infer(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int
             outputs[i] = out[row, :len(feats[i]["ids"])] if out.dim() == 3 else out[row]
     model.train(was_training)
     return outputs
+
+
+def _has_targets(batch: dict) -> bool:
+    return not set(batch) <= {"input_ids", "attention_mask", "token_type_ids"}
+
+
+@torch.no_grad()
+def eval_loss(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int, pad_id: int,
+              device: torch.device) -> float | None:
+    """The task's training loss on the evaluation features with dropout off: the mean over target
+    tokens when the labels are per token (text2text, tagging), else over features. ``None`` when
+    the features carry no targets."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for k in range(0, len(feats), batch_size):
+        batch = task.collate(feats[k:k + batch_size], pad_id)
+        if not _has_targets(batch):
+            model.train(was_training)
+            return None
+        batch = {name: t.to(device) for name, t in batch.items()}
+        labels = batch.get("labels")
+        n = int((labels != IGNORE).sum()) if labels is not None and labels.dim() == 2 else len(batch["input_ids"])
+        total += float(task.loss(model, batch)) * n
+        count += n
+    model.train(was_training)
+    return total / count if count else None
 
 
 def evaluate(task: Task, model, examples: list[dict], feats: list[dict], batch_size: int, pad_id: int,
@@ -233,6 +269,11 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         f"{len(eval_ex) if eval_ex else 0:,} evaluation examples, {opts.epochs} epochs x "
         f"{steps_per_epoch} steps on {device}")
 
+    select = opts.select or the_task.select
+    if select == "loss" and eval_ex is not None and not _has_targets(the_task.collate(eval_feats[:1], fmt.pad_id)):
+        raise ConfigError(f"--select loss: the {task} evaluation data gives no loss (no targets); "
+                          f"use --select metric")
+    criterion = "eval_loss" if select == "loss" else the_task.main_metric
     best, best_metrics, bad_epochs, step, epoch = None, None, 0, 0, 0
     model.train()
     for epoch in range(1, opts.epochs + 1):
@@ -267,19 +308,24 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
             best = epoch
             continue
         scores, _ = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
-        value = scores[the_task.main_metric]
-        improved = best_metrics is None or value > best_metrics[the_task.main_metric]
+        loss_now = eval_loss(the_task, model, eval_feats, opts.batch_size, fmt.pad_id, device)
+        if loss_now is not None:
+            scores["eval_loss"] = round(loss_now, 6)
+        value = scores[criterion]
+        improved = best_metrics is None or (value < best_metrics[criterion] if select == "loss"
+                                            else value > best_metrics[criterion])
         log({"epoch": epoch, "step": step, "split": "eval", **scores})
         shown = " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
         say(f"epoch {epoch}/{opts.epochs} | eval {shown}{' | best so far' if improved else ''}")
         if improved:
             best, best_metrics, bad_epochs = epoch, scores, 0
-            save_checkpoint(run, model, None, {"step": step, "epoch": epoch, "metric": the_task.main_metric,
+            save_checkpoint(run, model, None, {"step": step, "epoch": epoch, "metric": criterion,
                                                "value": value, "metrics": scores}, keep=1)
         else:
             bad_epochs += 1
             if opts.patience and bad_epochs >= opts.patience:
-                say(f"early stop: no better {the_task.main_metric} for {bad_epochs} epochs (--patience)")
+                say(f"early stop: no {'lower' if select == 'loss' else 'better'} {criterion} for "
+                    f"{bad_epochs} epochs (--patience)")
                 break
 
     ckpt, _ = latest_checkpoint(run)
@@ -289,8 +335,9 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     if eval_ex is not None:
         scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
         write_predictions(run / "predictions.jsonl", the_task, eval_ex, preds, with_gold=True)
-        summary = {**scores, **summary, "eval_examples": len(eval_ex)}
-        settings["best"] = {"epoch": best, "metric": the_task.main_metric, "metrics": scores,
+        scores = {**scores, **({"eval_loss": best_metrics["eval_loss"]} if "eval_loss" in best_metrics else {})}
+        summary = {**scores, **summary, "eval_examples": len(eval_ex), "selected_by": criterion}
+        settings["best"] = {"epoch": best, "metric": criterion, "metrics": scores,
                             "checkpoint": str(ckpt.relative_to(run))}
     else:
         settings["best"] = {"epoch": best, "checkpoint": str(ckpt.relative_to(run))}

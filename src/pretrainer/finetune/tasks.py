@@ -76,7 +76,8 @@ class Task:
 
     name: ClassVar[str]
     reads: ClassVar[str] = "sequence"  # what the head sees: "sequence" or "tokens"
-    main_metric: ClassVar[str]  # picks the best epoch (higher is better)
+    main_metric: ClassVar[str]  # higher is better; picks the best epoch when select is "metric"
+    select: ClassVar[str] = "metric"  # the default rule for the kept epoch: "metric" or lowest eval "loss"
     #: column names tried, in order, when the user names none
     text_columns: ClassVar[tuple[str, ...]] = ("text", "sentence", "sentence1")
     pair_columns: ClassVar[tuple[str, ...]] = ("text_pair", "sentence2")
