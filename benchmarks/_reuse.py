@@ -9,9 +9,10 @@ import yaml
 
 
 def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: bool, checkpoint,
-                      selected_by: str | None = None) -> dict | None:
+                      selected_by: str | None = None, **same_options) -> dict | None:
     """The best epoch (``{"epoch", "metrics"}``) of the fine-tuning run in ``out`` when it finished
-    with these settings (and kept its epoch by ``selected_by``, when given); a pretrained one must
+    with these settings (and kept its epoch by ``selected_by``, when given, with the options
+    ``same_options`` as given, a missing option counting as 0); a pretrained one must
     also have started from ``checkpoint`` (it is stale once pretraining has gone on). None when it
     must be trained (again)."""
     file = Path(out) / "config.yaml"
@@ -23,6 +24,8 @@ def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: 
             and opts.get("seed") == seed and opts.get("from_scratch") == scratch):
         return None
     if selected_by is not None and done["best"].get("metric") != selected_by:
+        return None
+    if any(opts.get(k, 0) != v for k, v in same_options.items()):
         return None
     started = (done.get("origin") or {}).get("checkpoint")
     if not scratch and (started is None or Path(started).resolve() != Path(checkpoint).resolve()):

@@ -20,7 +20,8 @@ settings and seed. The score is ROUGE-L on the held-out functions (split by file
    fine-tuning runs of the same settings.
 3. ``finetune --task text2text``: pretrained at ``--lr`` and each rate of ``--pretrained-lrs``,
    then ``--from-scratch`` at ``--lr`` and each rate of ``--scratch-lrs``, each with every seed of
-   ``--seeds``; ``--epochs``, batch 32, 192 input tokens, 48 target tokens, greedy decoding. A
+   ``--seeds``; ``--epochs``, batch 32, 192 input tokens, 48 target tokens, greedy decoding that
+   never repeats a 3-gram (``--no-repeat-ngram``; plain greedy loops "list of list of ..."). A
    run's score is the ROUGE-L of the epoch the tool keeps (the lowest teacher-forced evaluation
    loss, text2text's rule), averaged over the seeds; each side's best rate is the one compared, so
    the margin is no artefact of a rate chosen for one side. Beside it: the last epoch's ROUGE-L (no
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     p.add_argument("--pretrained-lrs", default="", help="more rates tried for the pretrained model (comma-separated)")
     p.add_argument("--scratch-lrs", default="3e-3", help="more rates tried from scratch (comma-separated)")
+    p.add_argument("--no-repeat-ngram", type=int, default=3,
+                   help="decoding on both sides never repeats an n-gram of this many tokens (0 = plain greedy)")
     p.add_argument("--seeds", default="0", help="fine-tuning seeds (comma-separated); scores are means over them")
     p.add_argument("--json", default=str(HERE / "results" / "t5_summarize_pretrained_vs_scratch.json"))
     args = p.parse_args()
@@ -180,7 +183,8 @@ def main() -> None:
     def run_finetune(name: str, scratch: bool, lr: float, seed: int) -> dict:
         out = work / (f"ft-{name}-lr{lr:g}" + (f"-seed{seed}" if seed else ""))
         done = finished_finetune(out, epochs=args.epochs, lr=lr, seed=seed, scratch=scratch,
-                                 checkpoint=ckpt, selected_by="eval_loss") if args.reuse else None
+                                 checkpoint=ckpt, selected_by="eval_loss",
+                                 no_repeat_ngram=args.no_repeat_ngram) if args.reuse else None
         if done:
             best = done["metrics"]
             print(f"[3/3] reusing {out} (lr {lr:g}, seed {seed}): ROUGE-L {best['rougeL']:.4f}", flush=True)
@@ -192,7 +196,8 @@ def main() -> None:
             print(f"[3/3] fine-tuning {name} (lr {lr:g}, seed {seed}) on {TASK}", flush=True)
             t0 = time.perf_counter()
             r = finetune(str(pre), "text2text", TASK, str(out), epochs=args.epochs, lr=lr, batch_size=32,
-                         max_len=192, max_target_len=48, from_scratch=scratch, seed=seed, select="loss")
+                         max_len=192, max_target_len=48, from_scratch=scratch, seed=seed, select="loss",
+                         no_repeat_ngram=args.no_repeat_ngram)
             timings[f"finetune_{name}_lr{lr:g}_seed{seed}_s"] = time.perf_counter() - t0
             print(f"      ROUGE-L {r['rougeL']:.4f}, ROUGE-1 {r['rouge1']:.4f} (epoch {r['epoch']}, "
                   f"lowest eval loss {r['eval_loss']:.4f})", flush=True)
@@ -254,7 +259,8 @@ def main() -> None:
         "eval_examples": len(eval_rows),
         "pretrain": pretrain_info,
         "finetune_settings": {"epochs": args.epochs, "batch_size": 32, "max_len": 192, "max_target_len": 48,
-                              "seeds": seeds, "decoding": "greedy",
+                              "seeds": seeds, "decoding": "greedy" + (f", no repeated {args.no_repeat_ngram}-gram"
+                                                                     if args.no_repeat_ngram else ""),
                               "lrs_pretrained": lrs_pretrained, "lrs_scratch": lrs_scratch,
                               "scores": "rougeL (and the other metrics): the epoch each run keeps, the one with "
                                         "the lowest evaluation loss (text2text's rule), averaged over seeds; "

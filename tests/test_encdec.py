@@ -218,3 +218,50 @@ def test_embed_and_generate_commands(tmp_path, synthetic_t5_data, capsys):
                  "--max-new-tokens", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["prompt"] == "the red cat" and isinstance(out[0]["text"], str)
+
+
+def _first_repeat(seq: list[int], n: int, start: int = 0) -> int | None:
+    """The first position from ``start`` on whose token completes an n-gram seen earlier in ``seq``."""
+    seen = set()
+    for t in range(n - 1, len(seq)):
+        gram = tuple(seq[t - n + 1:t + 1])
+        if gram in seen and t >= start:
+            return t
+        seen.add(gram)
+    return None
+
+
+def test_repeated_ngram_bans_by_hand():
+    from pretrainer.model.generation import repeated_ngram_bans
+
+    ids = torch.tensor([[5, 6, 7, 5, 6], [1, 1, 1, 2, 1]])
+    assert repeated_ngram_bans(ids, 3) == [[7], []]  # "5 6" was followed by 7; "2 1" never came before
+    assert repeated_ngram_bans(ids, 2) == [[7], [1, 1, 2]]  # 6 was followed by 7; 1 by 1, 1 and 2
+    assert repeated_ngram_bans(ids, 1) == [[5, 6, 7, 5, 6], [1, 1, 1, 2, 1]]
+    assert repeated_ngram_bans(ids, 6) == [[], []] and repeated_ngram_bans(ids, 0) == [[], []]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_blocks_only_what_it_must(n):
+    """Greedy and beam search with ``no_repeat_ngram_size=n`` never repeat an n-gram, and greedy
+    agrees with plain greedy up to the first place where plain greedy repeated one."""
+    torch.manual_seed(3)
+    model = build_model("t5-tiny", vocab_size=40, n_layer=1, d_model=32, n_head=2, d_ff=64).eval()
+    x = torch.randint(7, 40, (4, 6))
+    plain = model.generate(x, max_new_tokens=16, eos_id=None).tolist()
+    blocked = model.generate(x, max_new_tokens=16, eos_id=None, no_repeat_ngram_size=n).tolist()
+    beams = model.generate(x, max_new_tokens=16, eos_id=None, num_beams=3, no_repeat_ngram_size=n).tolist()
+    assert any(_first_repeat(p, n) is not None for p in plain)  # the test has something to block
+    for p, b, bm in zip(plain, blocked, beams):
+        assert _first_repeat(b, n) is None and _first_repeat(bm, n) is None
+        t = _first_repeat(p, n)
+        assert b[:t] == p[:t] and (t is None or b[t] != p[t])
+    # decoder-only: the prompt counts as well
+    torch.manual_seed(3)
+    gpt = build_model("gpt-nano", vocab_size=40).eval()
+    prompt = torch.tensor([[7, 8, 9, 7, 8]])
+    plain = gpt.generate(prompt, max_new_tokens=20)[0].tolist()
+    out = gpt.generate(prompt, max_new_tokens=20, no_repeat_ngram_size=n)[0].tolist()
+    assert _first_repeat(plain, n, start=5) is not None and _first_repeat(out, n, start=5) is None
+    t = _first_repeat(plain, n, start=5)
+    assert out[:t] == plain[:t]

@@ -116,14 +116,16 @@ def _load_run_and_tokenizer(run: str, device: str = "cpu"):
 
 
 def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
-                     top_k: int | None, top_p: float | None, seed: int, beams: int = 1) -> list[str]:
+                     top_k: int | None, top_p: float | None, seed: int, beams: int = 1,
+                     no_repeat_ngram: int = 0) -> list[str]:
     """Complete each prompt (decoder-only) or answer it (encoder-decoder).
 
     A decoder-only prompt starts a new document: it is preceded by the ``<eos>`` separator the
     model saw between documents in training, and the text returned is the prompt plus its
     continuation. An encoder-decoder reads the prompt (ended by ``<eos>``, as in training) and the
     text returned is the decoder's output alone. Generation stops at ``<eos>``; ``beams`` > 1
-    (encoder-decoders) searches instead of sampling."""
+    (encoder-decoders) searches instead of sampling; ``no_repeat_ngram`` = n > 0 never repeats an
+    n-gram."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -136,14 +138,15 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
         if seq2seq:
             x = torch.tensor([tok.encode(prompt) + [tok.eos_id]])
             y = model.generate(x, max_new_tokens, num_beams=beams, temperature=temperature,
-                               top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=gen)
+                               top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=gen,
+                               no_repeat_ngram_size=no_repeat_ngram)
             new = [i for i in y[0].tolist() if i not in (tok.eos_id, tok.pad_id)]
             out.append(tok.decode(new))
             continue
         ids = [tok.eos_id] + tok.encode(prompt)
         x = torch.tensor([ids])
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eos_id=tok.eos_id, generator=gen)
+                           eos_id=tok.eos_id, generator=gen, no_repeat_ngram_size=no_repeat_ngram)
         new = [i for i in y[0, len(ids):].tolist() if i != tok.eos_id]
         out.append(prompt + tok.decode(new))
     return out
@@ -157,7 +160,8 @@ def cmd_generate(args) -> None:
     if not prompts:
         prompts = [""]
     texts = generate_samples(model, tok, prompts * args.num_samples, args.max_new_tokens,
-                             args.temperature, args.top_k, args.top_p, args.seed, args.beams)
+                             args.temperature, args.top_k, args.top_p, args.seed, args.beams,
+                             args.no_repeat_ngram)
     if args.json:
         return _json_out([{"prompt": p, "text": t} for p, t in zip(prompts * args.num_samples, texts)])
     for t in texts:
@@ -410,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="never repeat an n-gram of N tokens (0 = off; 3 is common for summaries)")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")

@@ -20,7 +20,8 @@ def cmd_finetune(args) -> None:
                       quiet=args.quiet or args.json, input_column=args.input_column,
                       target_column=args.target_column, prefix=args.prefix, mixing=args.mixing,
                       mixing_temperature=args.mixing_temperature,
-                      max_target_len=args.max_target_len, beams=args.beams)
+                      max_target_len=args.max_target_len, beams=args.beams,
+                      no_repeat_ngram=args.no_repeat_ngram)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -73,6 +74,8 @@ def register(sub) -> None:
     t.add_argument("--mixing-temperature", type=float, default=2.0)
     t.add_argument("--max-target-len", type=int, default=64, help="target tokens (training and generation)")
     t.add_argument("--beams", type=int, default=1, help="beam search width when evaluating (1 = greedy)")
+    t.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="when evaluating, never repeat an n-gram of N tokens (0 = off; 3 is common for summaries)")
     s.add_argument("--epochs", type=int, default=3)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")

@@ -72,8 +72,11 @@ class FinetuneOptions:
     mixing_temperature: float = 2.0
     max_target_len: int = 64  # target tokens in training, and the generation limit
     beams: int = 1  # beam search width when evaluating
+    no_repeat_ngram: int = 0  # when evaluating, never repeat an n-gram of this many tokens (0 = off)
 
     def validate(self) -> None:
+        if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
+            raise ConfigError(f"--no-repeat-ngram {self.no_repeat_ngram}: expected 0 (off) or a positive integer")
         for name in ("epochs", "batch_size", "max_len", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -209,7 +212,8 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         kw = dict(input_column=opts.input_column or opts.text_column,
                   target_column=opts.target_column or opts.label_column, prefix=opts.prefix,
                   mixing=opts.mixing, mixing_temperature=opts.mixing_temperature,
-                  max_target_len=opts.max_target_len, beams=opts.beams)
+                  max_target_len=opts.max_target_len, beams=opts.beams,
+                  no_repeat_ngram=opts.no_repeat_ngram)
     the_task = make_task(task, **kw)
     train_ex = the_task.load(train, "train")
     the_task.fit_labels(train_ex)

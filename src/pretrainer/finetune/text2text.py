@@ -78,24 +78,25 @@ class Text2TextTask(Task):
 
     def __init__(self, input_column: str | None = None, target_column: str | None = None,
                  prefix: str = "", mixing: str = "proportional", mixing_temperature: float = 2.0,
-                 max_target_len: int = 64, beams: int = 1, **_):
+                 max_target_len: int = 64, beams: int = 1, no_repeat_ngram: int = 0, **_):
         super().__init__(input_column, None, target_column, labels=None)
         self.prefix, self.mixing, self.mixing_temperature = prefix, mixing, mixing_temperature
-        self.max_target_len, self.beams = max_target_len, beams
+        self.max_target_len, self.beams, self.no_repeat_ngram = max_target_len, beams, no_repeat_ngram
         self._need_targets = True
         mixing_rates({"a": 1}, mixing, mixing_temperature)  # validates both
 
     def state(self) -> dict:
         return {**super().state(), "prefix": self.prefix, "mixing": self.mixing,
                 "mixing_temperature": self.mixing_temperature,
-                "max_target_len": self.max_target_len, "beams": self.beams}
+                "max_target_len": self.max_target_len, "beams": self.beams,
+                "no_repeat_ngram": self.no_repeat_ngram}
 
     @classmethod
     def from_state(cls, state: dict) -> "Text2TextTask":
         cols = state.get("columns") or {}
         return cls(cols.get("text"), cols.get("label"), state.get("prefix", ""),
                    state.get("mixing", "proportional"), state.get("mixing_temperature", 2.0),
-                   state.get("max_target_len", 64), state.get("beams", 1))
+                   state.get("max_target_len", 64), state.get("beams", 1), state.get("no_repeat_ngram", 0))
 
     # -- reading -------------------------------------------------------------------------------
     def resolve_columns(self, first: dict, path) -> None:
@@ -201,7 +202,8 @@ class Text2TextTask(Task):
 
     @torch.no_grad()
     def infer(self, model, feats: list[dict], batch_size: int, pad_id: int, device) -> list[torch.Tensor]:
-        """Generated target ids per feature (greedy, or beam search with ``beams``)."""
+        """Generated target ids per feature (greedy, or beam search with ``beams``; no n-gram of
+        ``no_repeat_ngram`` tokens twice when it is set)."""
         was_training = model.training
         model.eval()
         order = sorted(range(len(feats)), key=lambda i: len(feats[i]["ids"]))
@@ -210,7 +212,8 @@ class Text2TextTask(Task):
             idx = order[k:k + batch_size]
             batch = self.collate([feats[i] for i in idx], pad_id)
             out = model.generate(batch["input_ids"].to(device), max_new_tokens=self.max_target_len,
-                                 num_beams=self.beams, attention_mask=batch["attention_mask"].to(device))
+                                 num_beams=self.beams, attention_mask=batch["attention_mask"].to(device),
+                                 no_repeat_ngram_size=self.no_repeat_ngram)
             for row, i in enumerate(idx):
                 outputs[i] = out[row].cpu()
         model.train(was_training)

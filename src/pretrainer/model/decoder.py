@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .generation import sample_next
+from .generation import block_repeated_ngrams, sample_next
 from .loss import cross_entropy, linear_cross_entropy
 from .layers import KVCache, Transformer
 
@@ -64,7 +64,8 @@ class DecoderLM(Transformer):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                 eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 eos_id: int | None = None, generator: torch.Generator | None = None,
+                 no_repeat_ngram_size: int = 0) -> torch.Tensor:
         """Extend ``input_ids`` [B, T] by up to ``max_new_tokens`` tokens.
 
         ``temperature=0`` is greedy; otherwise sample from the softmax at that temperature,
@@ -73,6 +74,7 @@ class DecoderLM(Transformer):
         when all have. With ``use_cache`` the keys/values of past positions are kept, so each step
         costs one position; without it every step recomputes the whole (cropped) context. When the
         context reaches ``max_seq_len``, the oldest tokens are dropped (and the cache rebuilt).
+        ``no_repeat_ngram_size=n`` > 0 never lets a row repeat an n-gram it holds (prompt included).
         """
         was_training = self.training
         self.eval()
@@ -91,7 +93,8 @@ class DecoderLM(Transformer):
                 fed = ids.shape[1]
             else:
                 logits = self(ids[:, -window:], last_only=True).logits
-            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            nxt = sample_next(block_repeated_ngrams(logits[:, -1].float(), ids, no_repeat_ngram_size),
+                              temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id

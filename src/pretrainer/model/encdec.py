@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .generation import sample_next
+from .generation import block_repeated_ngrams, sample_next
 from .layers import KVCache, Transformer
 from .loss import IGNORE, cross_entropy, linear_cross_entropy
 
@@ -126,7 +126,8 @@ class EncoderDecoderLM(nn.Module):
                  use_cache: bool = True, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = EOS_ID,
                  attention_mask: torch.Tensor | None = None, length_penalty: float = 1.0,
-                 early_stopping: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                 early_stopping: bool = True, generator: torch.Generator | None = None,
+                 no_repeat_ngram_size: int = 0) -> torch.Tensor:
         """Target ids [B, L] for the sources ``input_ids`` [B, S] (the decoder-start token not
         included; a row that ended at ``eos_id`` is padded with ``<pad>`` after it).
 
@@ -134,7 +135,8 @@ class EncoderDecoderLM(nn.Module):
         ``num_beams>1``: beam search; a finished hypothesis scores its summed log-probability over
         ``length ** length_penalty``. With ``early_stopping`` a batch row stops once it has
         ``num_beams`` finished hypotheses; otherwise once no running beam can still beat the worst
-        of them.
+        of them. ``no_repeat_ngram_size=n`` > 0: no n-gram appears twice in a target (greedy,
+        sampling and beams alike).
         """
         was_training = self.training
         self.eval()
@@ -142,14 +144,15 @@ class EncoderDecoderLM(nn.Module):
             memory, mask = self.encode(input_ids, attention_mask)
             if num_beams > 1:
                 return self._beam_search(memory, mask, max_new_tokens, num_beams, use_cache, eos_id,
-                                         length_penalty, early_stopping)
+                                         length_penalty, early_stopping, no_repeat_ngram_size)
             B = input_ids.shape[0]
             ids = torch.full((B, 1), PAD_ID, dtype=torch.long, device=input_ids.device)
             cache = self.new_cache(B, max_new_tokens + 1) if use_cache else None
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for _ in range(max_new_tokens):
-                nxt = sample_next(self._next_logits(ids, memory, mask, cache), temperature, top_k,
-                                  top_p, generator)
+                logits = block_repeated_ngrams(self._next_logits(ids, memory, mask, cache), ids[:, 1:],
+                                               no_repeat_ngram_size)
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
                 nxt = nxt.masked_fill(done, PAD_ID)
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 if eos_id is not None:
@@ -161,7 +164,7 @@ class EncoderDecoderLM(nn.Module):
             self.train(was_training)
 
     def _beam_search(self, memory, mask, max_new_tokens, K, use_cache, eos_id, length_penalty,
-                     early_stopping) -> torch.Tensor:
+                     early_stopping, no_repeat_ngram_size: int = 0) -> torch.Tensor:
         B, device = memory.shape[0], memory.device
         memory = memory.repeat_interleave(K, dim=0)
         mask = mask.repeat_interleave(K, dim=0) if mask is not None else None
@@ -176,7 +179,8 @@ class EncoderDecoderLM(nn.Module):
             return score / (length ** length_penalty)
 
         for step in range(1, max_new_tokens + 1):
-            logp = torch.log_softmax(self._next_logits(ids, memory, mask, cache), dim=-1)
+            logp = block_repeated_ngrams(torch.log_softmax(self._next_logits(ids, memory, mask, cache), dim=-1),
+                                         ids[:, 1:], no_repeat_ngram_size)
             V = logp.shape[-1]
             cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
             top_scores, top_idx = cand.topk(2 * K, dim=-1)

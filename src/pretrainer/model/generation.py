@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p) sampling."""
+"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p) sampling,
+and blocking repeated n-grams (``no_repeat_ngram_size``, as in Hugging Face ``generate``)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,27 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def repeated_ngram_bans(ids: torch.Tensor, n: int) -> list[list[int]]:
+    """For each row of ``ids`` [B, L]: the tokens that would complete an n-gram the row already
+    holds (the tokens that followed each earlier occurrence of its last ``n - 1`` tokens; for
+    ``n = 1``, every token it holds). Empty lists when ``n <= 0``."""
+    out: list[list[int]] = []
+    for seq in ids.tolist():
+        if n <= 0 or len(seq) < n:
+            out.append([])
+            continue
+        tail = seq[len(seq) - n + 1:]
+        out.append([seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == tail])
+    return out
+
+
+def block_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``logits`` [B, V] with -inf for every token that would repeat an n-gram of its row of
+    ``ids`` (in place; returned for chaining). Does nothing for ``n <= 0``."""
+    if n > 0:
+        for row, banned in enumerate(repeated_ngram_bans(ids, n)):
+            if banned:
+                logits[row, banned] = float("-inf")
+    return logits
