@@ -68,10 +68,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, grad = ctx.saved_tensors
-        g = grad.mul_(grad_out).to(ctx.mm_dtype)  # in place: the graph is used once
-        grads = ((g @ weight.to(g.dtype)).to(h.dtype), (g.t() @ h.to(g.dtype)).to(weight.dtype))
+        g = grad.to(ctx.mm_dtype)
+        # the upstream gradient scales the two small products, not the vocabulary-wide buffer
+        dh = (g @ weight.to(g.dtype)).mul_(grad_out)
+        dw = (g.t() @ h.to(g.dtype)).mul_(grad_out)
         _lent.discard(id(grad))
-        return grads + (None, None)
+        return dh.to(h.dtype), dw.to(weight.dtype), None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
