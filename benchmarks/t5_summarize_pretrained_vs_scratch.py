@@ -57,6 +57,9 @@ KEYS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")
 #: ROUGE-L of three rules for the epoch a run ends with: the one the tool keeps (lowest evaluation
 #: loss), the last one (no choice), and the one with the highest ROUGE-L on the evaluation set itself
 PROTOCOLS = ("rougeL", "rougeL_last_epoch", "rougeL_best_epoch")
+#: the best one-sentence-for-everything answer an earlier run of this benchmark produced (a from-scratch
+#: model's most common output): kept among the candidates so the baseline never looks weaker than it is
+FOUND_CONSTANTS = ["Return a list of the."]
 
 
 def encoder_use(run: Path, data: Path, batches: int = 8) -> dict:
@@ -274,7 +277,7 @@ def main() -> None:
         "rougeL_best_epoch_margin": pretrained["rougeL_best_epoch"] - scratch["rougeL_best_epoch"],
         "seeds_won_by_pretrained": {k: wins(k) for k in PROTOCOLS},
         "constant_baseline": constant_baseline([r["most_common_prediction"]["text"]
-                                                for r in pretrained_runs + scratch_runs]),
+                                                for r in pretrained_runs + scratch_runs] + FOUND_CONSTANTS),
         "pretrained_all": pretrained_runs,
         "scratch_all": scratch_runs,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
