@@ -4,7 +4,7 @@ function, docstring removed -> the first sentence of its docstring), against the
 and tokenizer fine-tuned from random weights (``--from-scratch``), with identical fine-tuning
 settings and seed. The score is ROUGE-L on the held-out functions (split by file).
 
-    python benchmarks/t5_summarize_pretrained_vs_scratch.py [--steps 3000] [--seeds 0,1,2] [--reuse] [--work DIR]
+    python benchmarks/t5_summarize_pretrained_vs_scratch.py [--steps 6000] [--seeds 0,1,2] [--reuse] [--work DIR]
 
 1. ``prepare``: the standard library **without** the files that hold the task's evaluation
    functions (pretraining never sees an evaluation function or docstring), byte-level BPE 8192
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--work", default=str(REPO / "runs" / "bench-t5-summarize"), help="data and run folders")
     p.add_argument("--d-model", type=int, default=128, help="model width (heads of 32, FFN 4x)")
     p.add_argument("--layers", type=int, default=3, help="encoder layers (and as many decoder layers)")
-    p.add_argument("--steps", type=int, default=3000, help="pretraining steps")
+    p.add_argument("--steps", type=int, default=6000, help="pretraining steps")
     p.add_argument("--batch", type=int, default=32, help="pretraining batch (x 128 input tokens)")
     p.add_argument("--pretrain-lr", type=float, default=2e-2,
                    help="pretraining peak rate (times each tensor's RMS with --lr-scale rms)")
@@ -101,11 +101,11 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse the data folder and pretraining run in --work")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
-    p.add_argument("--pretrained-lrs", default="", help="more rates tried for the pretrained model (comma-separated)")
+    p.add_argument("--pretrained-lrs", default="3e-3", help="more rates tried for the pretrained model (comma-separated)")
     p.add_argument("--scratch-lrs", default="3e-3", help="more rates tried from scratch (comma-separated)")
     p.add_argument("--no-repeat-ngram", type=int, default=3,
                    help="decoding on both sides never repeats an n-gram of this many tokens (0 = plain greedy)")
-    p.add_argument("--seeds", default="0", help="fine-tuning seeds (comma-separated); scores are means over them")
+    p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (comma-separated); scores are means over them")
     p.add_argument("--json", default=str(HERE / "results" / "t5_summarize_pretrained_vs_scratch.json"))
     args = p.parse_args()
 
