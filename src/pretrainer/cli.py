@@ -128,6 +128,10 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
     n-gram."""
     import torch
 
+    if beams < 1:
+        raise PretrainerError(f"--beams {beams}: expected a positive width (1 = no beam search)")
+    if no_repeat_ngram < 0:
+        raise PretrainerError(f"--no-repeat-ngram {no_repeat_ngram}: expected 0 (off) or a positive n-gram length")
     gen = torch.Generator().manual_seed(seed)
     seq2seq = getattr(model.cfg, "arch", "") == "encoder-decoder"
     if beams > 1 and not seq2seq:
