@@ -54,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TASK = "builtin:stdlib-summarize"
 KEYS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match")
+KEPT = (*KEYS, "eval_loss")  # what each run reports of the epoch it keeps
 #: ROUGE-L of three rules for the epoch a run ends with: the one the tool keeps (lowest evaluation
 #: loss), the last one (no choice), and the one with the highest ROUGE-L on the evaluation set itself
 PROTOCOLS = ("rougeL", "rougeL_last_epoch", "rougeL_best_epoch")
@@ -191,7 +192,7 @@ def main() -> None:
         if done:
             best = done["metrics"]
             print(f"[3/3] reusing {out} (lr {lr:g}, seed {seed}): ROUGE-L {best['rougeL']:.4f}", flush=True)
-            rec = {"lr": lr, "seed": seed, **{k: best[k] for k in (*KEYS, "eval_loss") if k in best},
+            rec = {"lr": lr, "seed": seed, **{k: best[k] for k in KEPT if k in best},
                    "epoch": done["epoch"], "reused": True}
         else:
             if out.exists():
@@ -204,7 +205,7 @@ def main() -> None:
             timings[f"finetune_{name}_lr{lr:g}_seed{seed}_s"] = time.perf_counter() - t0
             print(f"      ROUGE-L {r['rougeL']:.4f}, ROUGE-1 {r['rouge1']:.4f} (epoch {r['epoch']}, "
                   f"lowest eval loss {r['eval_loss']:.4f})", flush=True)
-            rec = {"lr": lr, "seed": seed, **{k: r[k] for k in (*KEYS, "eval_loss")}, "epoch": r["epoch"]}
+            rec = {"lr": lr, "seed": seed, **{k: r[k] for k in KEPT}, "epoch": r["epoch"]}
         evals = epochs_of(out)
         rec["rougeL_last_epoch"] = evals[-1]["rougeL"]
         top = max(evals, key=lambda e: e["rougeL"])
@@ -238,9 +239,8 @@ def main() -> None:
         for lr in lrs:
             mine = [r for r in runs if r["lr"] == lr]
             by_lr.append({"lr": lr, **{k: statistics.mean(r[k] for r in mine) for k in (*KEYS, *PROTOCOLS[1:])},
-                          "rougeL_per_seed": [r["rougeL"] for r in mine],
                           "distinct_predictions_per_seed": [r["distinct_predictions"] for r in mine],
-                          **{f"{k}_per_seed": [r[k] for r in mine] for k in PROTOCOLS[1:]}})
+                          **{f"{k}_per_seed": [r[k] for r in mine] for k in PROTOCOLS}})
         return max(by_lr, key=lambda r: r["rougeL"]), runs
 
     from pretrainer.finetune.builtin import builtin_rows
@@ -271,10 +271,8 @@ def main() -> None:
                                         "highest ROUGE-L on the evaluation set itself (chosen on what it reports)"},
         "pretrained": pretrained,
         "scratch": scratch,
-        "rougeL_margin": r_p - r_s,
+        **{f"{k}_margin": pretrained[k] - scratch[k] for k in PROTOCOLS},
         "rougeL_ratio": r_p / r_s if r_s else None,
-        "rougeL_last_epoch_margin": pretrained["rougeL_last_epoch"] - scratch["rougeL_last_epoch"],
-        "rougeL_best_epoch_margin": pretrained["rougeL_best_epoch"] - scratch["rougeL_best_epoch"],
         "seeds_won_by_pretrained": {k: wins(k) for k in PROTOCOLS},
         "constant_baseline": constant_baseline([r["most_common_prediction"]["text"]
                                                 for r in pretrained_runs + scratch_runs] + FOUND_CONSTANTS),

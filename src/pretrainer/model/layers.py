@@ -58,10 +58,10 @@ class _RMSNorm(torch.autograd.Function):
         x2, weight, r = ctx.saved_tensors
         dy = dy.reshape(x2.shape)
         xhat = torch.mul(x2, r)
-        p = dy * xhat  # one product serves both: dweight sums it over positions, and
+        p = dy * xhat  # serves both gradients: dweight sums it over positions, and
         dweight = p.sum(0) if ctx.needs_input_grad[1] else None
         c = (p @ weight).div_(x2.shape[-1])[:, None]  # mean(g x^) = (dy x^) . weight / d
-        dx = torch.mul(dy, weight, out=p).sub_(xhat.mul_(c)).mul_(r)  # g written over p
+        dx = torch.mul(dy, weight, out=p).sub_(xhat.mul_(c)).mul_(r)  # g, written over p
         return dx.view(ctx.shape), dweight, None
 
 
