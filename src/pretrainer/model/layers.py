@@ -41,8 +41,9 @@ class _RMSNorm(torch.autograd.Function):
     """``x / rms(x) * weight`` with a hand-written backward (float32 training on a CPU, where
     ``F.rms_norm`` is a composite whose autograd walks over the activations about twice as often).
 
-    With ``r = 1/rms(x)``, ``x^ = x r`` and ``g = dy * weight``:
-    ``dx = r (g - x^ mean(g x^))`` and ``dweight = sum over positions of dy x^``."""
+    With ``r = 1/rms(x)``, ``x^ = x r`` and ``g = dy * weight``, ``dx = r (g - x^ mean(g x^))`` and
+    ``dweight = sum over positions of dy x^``. Both come from ``q = dy x`` (``x^`` is never formed):
+    ``dweight = q^T r`` and ``dx = r (dy weight) - x r^3 (q . weight) / d``."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
@@ -57,11 +58,10 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, r = ctx.saved_tensors
         dy = dy.reshape(x2.shape)
-        xhat = torch.mul(x2, r)
-        p = dy * xhat  # serves both gradients: dweight sums it over positions, and
-        dweight = p.sum(0) if ctx.needs_input_grad[1] else None
-        c = (p @ weight).div_(x2.shape[-1])[:, None]  # mean(g x^) = (dy x^) . weight / d
-        dx = torch.mul(dy, weight, out=p).sub_(xhat.mul_(c)).mul_(r)  # g, written over p
+        q = dy * x2
+        dweight = (q.t() @ r).squeeze(1) if ctx.needs_input_grad[1] else None
+        k = (q @ weight)[:, None].mul_(r.pow(3)).div_(-x2.shape[-1])  # -r^3 (q . weight) / d per row
+        dx = torch.mul(dy, weight, out=q).mul_(r).addcmul_(x2, k)  # written over q: 3 passes
         return dx.view(ctx.shape), dweight, None
 
 
