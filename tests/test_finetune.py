@@ -13,8 +13,7 @@ import torch
 
 from pretrainer.cli import main
 from pretrainer.config import ModelConfig
-from pretrainer.errors import ConfigError
-from pretrainer.errors import DataError
+from pretrainer.errors import ConfigError, DataError
 from pretrainer.finetune import Predictor, finetune
 from pretrainer.finetune import metrics as M
 from pretrainer.finetune.files import read_conll, read_rows, read_squad
