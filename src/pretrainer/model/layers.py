@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..config import ModelConfig
 
 
@@ -43,21 +44,31 @@ class _RMSNorm(torch.autograd.Function):
 
     With ``r = 1/rms(x)``, ``x^ = x r`` and ``g = dy * weight``, ``dx = r (g - x^ mean(g x^))`` and
     ``dweight = sum over positions of dy x^``. Both come from ``q = dy x`` (``x^`` is never formed):
-    ``dweight = q^T r`` and ``dx = r (dy weight) - x r^3 (q . weight) / d``."""
+    ``dweight = q^T r`` and ``dx = r (dy weight) - x r^3 (q . weight) / d``. With the fused CPU
+    kernels (:mod:`pretrainer.kernels`) each direction is one pass instead."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         x2 = x.reshape(-1, x.shape[-1])
+        ctx.shape = x.shape
+        ctx.kernel = kernels.usable(x2, weight)
+        if ctx.kernel:  # one pass (pretrainer.kernels)
+            x2 = x2.contiguous()
+            y, r = kernels.rms_norm_forward(x2, weight, eps)
+            ctx.save_for_backward(x2, weight, r)
+            return y.view(x.shape)
         r = torch.rsqrt(torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps))
         y = torch.mul(x2, r).mul_(weight)
         ctx.save_for_backward(x2, weight, r)
-        ctx.shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, r = ctx.saved_tensors
         dy = dy.reshape(x2.shape)
+        if ctx.kernel:
+            dx, dweight = kernels.rms_norm_backward(dy, x2, weight, r)
+            return dx.view(ctx.shape), dweight if ctx.needs_input_grad[1] else None, None
         q = dy * x2
         dweight = (q.t() @ r).squeeze(1) if ctx.needs_input_grad[1] else None
         k = (q @ weight)[:, None].mul_(r.pow(3)).div_(-x2.shape[-1])  # -r^3 (q . weight) / d per row
@@ -186,6 +197,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
     """``out = x * cos + rotate_half(x) * sign * sin`` with ``rotate_half(x) = [-x2, x1]`` (Su et al.
     2021, half-split layout as Hugging Face Llama), written on the halves so that no concatenated
     copy is made. ``sin`` holds one half (both halves of a row are equal)."""
+    if kernels.usable(x, cos, sin, out) and out.stride(-1) == 1:  # one pass (pretrainer.kernels)
+        return kernels.rotary(x, cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), out, sign)
     half = x.shape[-1] // 2
     torch.mul(x, cos, out=out)
     out[..., :half].addcmul_(x[..., half:], sin, value=-sign)
@@ -335,6 +348,10 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h):
+        ctx.kernel = kernels.usable(h)
+        if ctx.kernel:  # one pass each way, silu recomputed in the backward (pretrainer.kernels)
+            ctx.save_for_backward(h)
+            return kernels.swiglu_forward(h)
         gate, up = h.chunk(2, dim=-1)
         a = F.silu(gate)
         ctx.save_for_backward(h, a)
@@ -342,6 +359,8 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.kernel:
+            return kernels.swiglu_backward(dy, ctx.saved_tensors[0])
         h, a = ctx.saved_tensors
         n = a.shape[-1]
         gate, up = h.chunk(2, dim=-1)

@@ -2,7 +2,9 @@
 
 Training needs the loss and its gradient, not the logits. After one matrix product for the logits,
 the softmax and its gradient (softmax minus one-hot, over the number of counted tokens) are
-computed a few rows at a time, in place in the logits buffer, while each block is still in cache.
+computed in place in the logits buffer while each block of rows is still in cache: one row at a
+time by a fused kernel for float32 on a CPU (:mod:`pretrainer.kernels`), else a few rows at a time
+with PyTorch ops.
 The plain path instead keeps the logits, a log-softmax copy and a zero-filled gradient, and walks
 over each several times. The matrix products are the same three (logits, the hidden states'
 gradient, the weight's gradient), each done once at full size.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import kernels
 
 IGNORE = -100
 
@@ -51,9 +55,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(h, weight.t(), out=grad)
         else:  # a bf16/fp16 product, softmax in float32
             grad.copy_(h.to(ctx.mm_dtype) @ weight.to(ctx.mm_dtype).t())
+        scale = valid.float() / count
+        if kernels.usable(grad):  # one pass per row, from its maximum to its gradient
+            loss = kernels.softmax_cross_entropy_(grad, safe_t, scale)
+            ctx.save_for_backward(h, weight, grad)
+            return (loss * valid).sum() / count
         picked = grad.gather(1, safe_t[:, None]).squeeze(1)
         lse = torch.empty_like(picked)
-        scale = valid.float() / count
         for i in range(0, grad.shape[0], rows):
             block = grad[i:i + rows]
             top = block.amax(dim=-1, keepdim=True)

@@ -1,0 +1,147 @@
+/* Fused float32 kernels for training steps on a CPU (see __init__.py for how they are built and
+ * when they are used).
+ *
+ * Each function does in one pass over memory what PyTorch's eager ops do in three to six: on a
+ * CPU the activations of even a small model do not fit in the core's cache, so every extra pass
+ * over them costs about as much as the arithmetic. Rows are split among the OpenMP threads of the
+ * process (PyTorch's own pool: the library is linked against the same libgomp), and the inner
+ * loops are written so that the compiler vectorises them, exp included (glibc's libmvec).
+ *
+ * All tensors are float32 and contiguous unless a stride is passed; sizes are int64_t.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#ifndef PRETRAINER_NO_VECTOR_MATH
+/* lets the compiler call the vector expf of libmvec inside `omp simd` loops */
+#pragma omp declare simd notinbranch
+float expf(float);
+#endif
+
+static inline float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
+
+/* SwiGLU (Shazeer 2020) on the fused projection h = [gate, up] ([N, 2n]):
+ * y[i, j] = silu(gate) * up, with silu(g) = g * sigmoid(g). */
+void swiglu_forward(const float *h, float *y, int64_t N, int64_t n) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *g = h + i * 2 * n, *u = g + n;
+        float *yi = y + i * n;
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++) yi[j] = g[j] * sigmoid(g[j]) * u[j];
+    }
+}
+
+/* Gradient of the above into dh ([N, 2n], laid out as h): d up = dy * silu(g),
+ * d gate = dy * up * silu'(g) with silu'(g) = s + g s (1 - s), s = sigmoid(g). */
+void swiglu_backward(const float *dy, const float *h, float *dh, int64_t N, int64_t n) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *g = h + i * 2 * n, *u = g + n, *d = dy + i * n;
+        float *dg = dh + i * 2 * n, *du = dg + n;
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            float s = sigmoid(g[j]);
+            float a = g[j] * s;
+            du[j] = d[j] * a;
+            dg[j] = d[j] * u[j] * (s + a * (1.f - s));
+        }
+    }
+}
+
+/* RMSNorm (Zhang & Sennrich 2019) over rows of x [N, d]: r = 1 / sqrt(mean(x^2) + eps),
+ * y = x * r * w. r [N] is kept for the backward. */
+void rms_norm_forward(const float *x, const float *w, float *y, float *r, int64_t N, int64_t d, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *xi = x + i * d;
+        float *yi = y + i * d;
+        float ss = 0.f;
+        #pragma omp simd reduction(+:ss)
+        for (int64_t j = 0; j < d; j++) ss += xi[j] * xi[j];
+        float ri = 1.f / sqrtf(ss / (float)d + eps);
+        r[i] = ri;
+        #pragma omp simd
+        for (int64_t j = 0; j < d; j++) yi[j] = xi[j] * ri * w[j];
+    }
+}
+
+/* dx = r (dy w) - x r^3 (sum_j dy w x) / d and dw = sum over rows of dy x r. Each thread adds its
+ * rows' share of dw into its own row of partial [threads, d]; the caller sums those rows. */
+void rms_norm_backward(const float *dy, const float *x, const float *w, const float *r, float *dx,
+                       float *partial, int64_t N, int64_t d, int64_t threads) {
+    memset(partial, 0, sizeof(float) * threads * d);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *p = partial + omp_get_thread_num() * d;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; i++) {
+            const float *dyi = dy + i * d, *xi = x + i * d;
+            float *dxi = dx + i * d;
+            float ri = r[i], t = 0.f;
+            #pragma omp simd reduction(+:t)
+            for (int64_t j = 0; j < d; j++) t += dyi[j] * w[j] * xi[j];
+            float k = ri * ri * ri * t / (float)d;
+            #pragma omp simd
+            for (int64_t j = 0; j < d; j++) {
+                dxi[j] = ri * dyi[j] * w[j] - xi[j] * k;
+                p[j] += dyi[j] * xi[j] * ri;
+            }
+        }
+    }
+}
+
+/* Rotary embedding (Su et al. 2021), half-split layout: out = x cos + rotate_half(x) sign sin with
+ * rotate_half(x) = [-x2, x1]; sign -1 is the inverse rotation (the backward). x and out are
+ * [B, T, H, D] with strides xs / os for the first three dimensions (the last is contiguous);
+ * cos [T, D] and sin [T, D/2] have row strides cs / ss. */
+void rotary(const float *x, const int64_t *xs, float *out, const int64_t *os, const float *cos_,
+            int64_t cs, const float *sin_, int64_t ss, int64_t B, int64_t T, int64_t H, int64_t D,
+            float sign) {
+    int64_t half = D / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        int64_t b = bt / T, t = bt % T;
+        const float *c = cos_ + t * cs, *s = sin_ + t * ss;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xi = x + b * xs[0] + t * xs[1] + h * xs[2];
+            float *oi = out + b * os[0] + t * os[1] + h * os[2];
+            #pragma omp simd
+            for (int64_t j = 0; j < half; j++) {
+                float x1 = xi[j], x2 = xi[j + half];
+                oi[j] = x1 * c[j] - sign * x2 * s[j];
+                oi[j + half] = x2 * c[j + half] + sign * x1 * s[j];
+            }
+        }
+    }
+}
+
+/* Cross-entropy over logits [N, V], in place: loss[i] = logsumexp(row i) - row i at target[i]
+ * (read before anything is written), then row i becomes its softmax times scale[i] minus scale[i]
+ * at target[i]: the gradient of sum_i scale[i] * loss[i]. A row is in cache from the first read
+ * (its maximum) to the last write. */
+void softmax_cross_entropy(float *x, const int64_t *target, const float *scale, float *loss,
+                           int64_t N, int64_t V) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        float *xi = x + i * V;
+        float picked = xi[target[i]];
+        float m = xi[0];
+        #pragma omp simd reduction(max:m)
+        for (int64_t j = 0; j < V; j++) m = xi[j] > m ? xi[j] : m;
+        float total = 0.f;
+        #pragma omp simd reduction(+:total)
+        for (int64_t j = 0; j < V; j++) {
+            float e = expf(xi[j] - m);
+            xi[j] = e;
+            total += e;
+        }
+        float k = scale[i] / total;
+        #pragma omp simd
+        for (int64_t j = 0; j < V; j++) xi[j] *= k;
+        loss[i] = m + logf(total) - picked;
+        xi[target[i]] -= scale[i];
+    }
+}

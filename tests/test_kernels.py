@@ -1,0 +1,137 @@
+"""The fused float32 CPU kernels (pretrainer.kernels) against the textbook formulas in float64, and
+the fallback to PyTorch ops when they are turned off or cannot be built."""
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrainer import build_model, kernels
+from pretrainer.model.layers import Rotary, _RMSNorm, _SplitHeads, _SwiGLU
+from pretrainer.model.loss import linear_cross_entropy
+
+needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="fused CPU kernels not built here")
+
+
+@pytest.fixture
+def fresh_kernels():
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+def close(a, b, tol=2e-5):
+    """float32 results against float64 references, relative to the reference's scale."""
+    a, b = a.double(), b.double()
+    assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item()), (a - b).abs().max().item()
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("cc")),
+                    reason="the kernels are expected to build on Linux x86-64 with a C compiler")
+def test_kernels_build_where_a_compiler_exists():
+    assert kernels.load() is not None  # else CI would test only the fallback
+
+
+@needs_kernels
+def test_swiglu_kernel_matches_the_formula():
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 2 * 45, dtype=torch.float64) * 3
+    dy = torch.randn(3, 7, 45, dtype=torch.float64)
+    h32 = h.float().requires_grad_()
+    got = _SwiGLU.apply(h32)
+    h64 = h.clone().requires_grad_()
+    ref = F.silu(h64[..., :45]) * h64[..., 45:]  # Shazeer (2020)
+    close(got, ref)
+    close(torch.autograd.grad((got * dy.float()).sum(), h32)[0], torch.autograd.grad((ref * dy).sum(), h64)[0])
+
+
+@needs_kernels
+def test_rms_norm_kernel_matches_the_formula():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 77, dtype=torch.float64) * 2
+    w = torch.randn(77, dtype=torch.float64)
+    dy = torch.randn(3, 7, 77, dtype=torch.float64)
+    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
+    got = _RMSNorm.apply(x32, w32, 1e-6)
+    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64  # Zhang & Sennrich (2019)
+    close(got, ref)
+    for a, b in zip(torch.autograd.grad((got * dy.float()).sum(), (x32, w32)),
+                    torch.autograd.grad((ref * dy).sum(), (x64, w64))):
+        close(a, b)
+
+
+@needs_kernels
+def test_rotary_kernel_matches_the_formula_with_grouped_heads_and_an_offset():
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 5, 4, 2, 10
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, dtype=torch.float64)
+    rot = Rotary(D, 16, 10000.0)
+    cos, sin = rot.tables(3, T, torch.float32)  # positions 3..7: the slices a KV cache uses
+    c64, s64 = cos.double(), torch.cat([sin, sin], dim=-1).double()
+
+    def rotate(x):  # x [B, h, T, D]: x * cos + rotate_half(x) * sin (Su et al. 2021; HF Llama)
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return x * c64 + torch.cat([-x2, x1], dim=-1) * s64
+
+    q32 = qkv.float().requires_grad_()
+    got = _SplitHeads.apply(q32, cos, sin, H, Hkv)
+    q64 = qkv.clone().requires_grad_()
+    heads = q64.transpose(1, 2)
+    ref = (rotate(heads[:, :H]), rotate(heads[:, H:H + Hkv]), heads[:, H + Hkv:])
+    for a, b in zip(got, ref):
+        close(a, b)
+    # upstream gradients with other layouts than the outputs' (as attention's backward gives them)
+    w = [torch.randn(B, T, n, D, dtype=torch.float64).transpose(1, 2) for n in (H, Hkv, Hkv)]
+    close(torch.autograd.grad(sum((a * wi.float()).sum() for a, wi in zip(got, w)), q32)[0],
+          torch.autograd.grad(sum((b * wi).sum() for b, wi in zip(ref, w)), q64)[0])
+
+
+@needs_kernels
+def test_cross_entropy_kernel_matches_the_formula_with_ignored_targets():
+    torch.manual_seed(0)
+    N, d, V = 37, 16, 1003
+    h = torch.randn(N, d, dtype=torch.float64)
+    W = torch.randn(V, d, dtype=torch.float64) * 2
+    t = torch.randint(0, V, (N,))
+    t[::5] = -100
+    h32, W32 = h.float().requires_grad_(), W.float().requires_grad_()
+    got = linear_cross_entropy(h32, W32, t)
+    h64, W64 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = F.cross_entropy(h64 @ W64.t(), t, ignore_index=-100)
+    close(got, ref)
+    for a, b in zip(torch.autograd.grad(3 * got, (h32, W32)), torch.autograd.grad(3 * ref, (h64, W64))):
+        close(a, b)
+    with pytest.raises(IndexError, match="target ids"):
+        linear_cross_entropy(h32, W32, torch.full((N,), V))
+
+
+def test_turned_off_kernels_leave_the_same_training_step(fresh_kernels, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=2, d_ff=96,
+                        vocab_size=101, max_seq_len=32)
+    x = torch.randint(0, 101, (3, 24))
+
+    def step():
+        loss = model(x, x, return_logits=False).loss
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    loss_k, grads_k = step()
+    monkeypatch.setenv("PRETRAINER_KERNELS", "0")
+    kernels.reset()
+    assert kernels.load() is None and not kernels.usable(x.float())
+    loss_t, grads_t = step()
+    torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_k, grads_t):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failed_build_warns_once_and_falls_back(fresh_kernels, monkeypatch, tmp_path):
+    monkeypatch.setenv("PRETRAINER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="kernels unavailable.*no C compiler"):
+        assert kernels.load() is None
+    assert kernels.load() is None  # decided once: no second warning, no second attempt
+    assert not kernels.usable(torch.zeros(2))
