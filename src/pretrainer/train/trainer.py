@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
 from ..data.objectives import eval_batches, make_batches
 from ..data.tokens import TokenSplit
@@ -260,11 +261,13 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                                                               find_unused_parameters=unused)
 
     if step == 0:
+        fused = env.device.type == "cpu" and env.dtype == torch.float32 and kernels.load() is not None
         log.say(f"model {cfg.model.preset or 'custom'}: {info['params']:,} parameters "
                 f"({info['params_non_embedding']:,} non-embedding), {human(info['flops_per_token'])}"
                 f"FLOP/token; {t.max_steps} steps x {tokens_per_step:,} tokens on {env.device}"
                 f"{' x' + str(env.world) if env.world > 1 else ''} ({str(env.dtype).replace('torch.', '')}"
-                f"{', compiled' if env.compile else ''}); data {len(train_split):,} train tokens")
+                f"{', compiled' if env.compile else ''}{', fused CPU kernels' if fused else ''}); "
+                f"data {len(train_split):,} train tokens")
 
     def evaluate() -> dict:
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
