@@ -3,14 +3,14 @@
 On a CPU, a small model's step is mostly matrix products (MKL, already near the machine's peak)
 plus elementwise work that PyTorch's eager ops do in several passes over activations that do not
 fit in cache: SwiGLU, RMSNorm and their backward passes, the rotary embedding, the softmax of the
-fused cross-entropy head. ``cpu.c`` does each in one pass. On a 2-core machine that is about 9 %
-of a Llama-style step (benchmarks/throughput.py; numbers in benchmarks/README.md).
+fused cross-entropy head. ``cpu.c`` does each in one pass. On a 2-core machine that takes about
+8 % off a Llama-style step (numbers in benchmarks/README.md).
 
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``), for the
 machine's own CPU (``-march=native``), into a cache folder keyed by the source, the flags, the
 compiler and the CPU (``$PRETRAINER_CACHE`` or ``~/.cache/pretrainer``); that takes under a
-second. It is loaded with :mod:`ctypes` after torch, so its OpenMP calls run on PyTorch's own
-thread pool. Without a compiler, or when the build fails, a warning says so once and every caller
+second. It is loaded with :mod:`ctypes` after torch, so the ``libgomp.so.1`` it asks for is the
+copy PyTorch has already loaded and its OpenMP loops run on PyTorch's own threads. Without a compiler, or when the build fails, a warning says so once and every caller
 keeps its PyTorch implementation (the same results to float32 rounding). ``PRETRAINER_KERNELS=0``
 turns the kernels off.
 """

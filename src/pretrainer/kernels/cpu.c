@@ -4,7 +4,7 @@
  * Each function does in one pass over memory what PyTorch's eager ops do in three to six: on a
  * CPU the activations of even a small model do not fit in the core's cache, so every extra pass
  * over them costs about as much as the arithmetic. Rows are split among the OpenMP threads of the
- * process (PyTorch's own pool: the library is linked against the same libgomp), and the inner
+ * process (PyTorch's own: libgomp.so.1 resolves to the copy torch loaded first), and the inner
  * loops are written so that the compiler vectorises them, exp included (glibc's libmvec).
  *
  * All tensors are float32 and contiguous unless a stride is passed; sizes are int64_t.
