@@ -103,3 +103,19 @@ def test_generate_and_evaluate_on_a_tiny_run(tmp_path, synthetic_data):
     assert res["val_loss"] > 0 and abs(res["val_ppl"] - 2.718281828 ** res["val_loss"]) < 1e-6 * res["val_ppl"]
     one_line_error(run_cli("generate", str(run), "--no-repeat-ngram", "-1"), "--no-repeat-ngram -1")
     one_line_error(run_cli("generate", str(run), "--beams", "0"), "--beams 0", "expected a positive width")
+
+
+def test_kernel_fallback_is_one_warning_line(tmp_path, synthetic_data):
+    """Without a C compiler the run goes on with PyTorch ops and says so in one line."""
+    import os
+
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), PRETRAINER_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-m", "pretrainer", "pretrain", "model=gpt-nano",
+                          f"data={synthetic_data}", f"out={tmp_path / 'run'}", "train.max_steps=2",
+                          "train.seq_len=32", "train.batch_size=4"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stderr.splitlines() if "kernels" in line]
+    assert notes == [f"warning: pretrainer: fused CPU kernels unavailable, using PyTorch ops "
+                     f"(no C compiler ('{tmp_path / 'no-such-cc'}' not found))"], out.stderr
+    assert "UserWarning" not in out.stderr and "(float32)" in out.stderr + out.stdout

@@ -11,9 +11,10 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import PretrainerError
+from .errors import KernelWarning, PretrainerError
 from .eval import cli as icl_cli
 from .finetune import cli as finetune_cli
 
@@ -538,6 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    plain_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        # the kernels' fallback notice is for the user, not a traceback to a source line
+        if issubclass(category, KernelWarning) and not args.debug:
+            return f"warning: {message}\n"
+        return plain_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
     try:
         args.func(args)
     except PretrainerError as e:
@@ -556,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain_format
     return 0
 
 

@@ -19,3 +19,8 @@ class DataError(PretrainerError):
 
 class CheckpointError(PretrainerError):
     """A checkpoint is missing, truncated or does not match the model."""
+
+
+class KernelWarning(UserWarning):
+    """The fused CPU kernels (pretrainer.kernels) could not be built or loaded; PyTorch ops are
+    used instead."""

@@ -30,10 +30,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import KernelWarning
+
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 # first with the vector exp of glibc's libmvec, then without it (other C libraries)
 VARIANTS = [(FLAGS, ["-lmvec", "-lm"]), (FLAGS + ["-DPRETRAINER_NO_VECTOR_MATH"], ["-lm"])]
+
+
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -120,7 +124,8 @@ def load() -> ctypes.CDLL | None:
                 getattr(lib, name).restype = None
             _lib = lib
         except Exception as e:  # any failure leaves the PyTorch implementations in place
-            warnings.warn(f"pretrainer: fused CPU kernels unavailable, using PyTorch ops ({e})", stacklevel=2)
+            warnings.warn(f"pretrainer: fused CPU kernels unavailable, using PyTorch ops ({e})",
+                          KernelWarning, stacklevel=2)
         _tried = True
         return _lib
 
