@@ -4,7 +4,9 @@ The configuration of ../shared/ANCHORS.md: 4 layers x 256 wide, 4 heads, vocabul
 8 x 256 tokens, float32, AdamW; FFN 1024 for GPT-2 style, 688 (SwiGLU) for Llama style. A step is
 forward + backward + AdamW step + zero_grad on fresh random tokens. Both sides use the fused AdamW
 kernel: ours because the trainer does (``make_optimizer``), transformers because its Trainer
-defaults to ``adamw_torch_fused`` with torch >= 2.8.
+defaults to ``adamw_torch_fused`` with torch >= 2.8. Ours runs as its trainer would: with its fused CPU
+kernels (``pretrainer.kernels``) when they build on the machine, which the table and the JSON
+say.
 
 Each implementation lives in its own process (so none inherits another's allocator or thread
 state), built and warmed up once; then the processes take turns of a few steps each, one at a
@@ -88,7 +90,13 @@ def worker(impl: str, warmup: int) -> None:
     for _ in range(warmup):
         step()
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"ready": impl, "params": params, "threads": torch.get_num_threads()}), flush=True)
+    fused = None
+    if impl.startswith("ours"):  # whether pretrainer's fused CPU kernels were in use
+        from pretrainer import kernels
+
+        fused = kernels.load() is not None
+    print(json.dumps({"ready": impl, "params": params, "threads": torch.get_num_threads(),
+                      "fused_kernels": fused}), flush=True)
     for line in sys.stdin:
         print(json.dumps({"ms": [step() for _ in range(int(line))]}), flush=True)
 
@@ -173,7 +181,7 @@ def main() -> None:
         ms = statistics.median(times[impl])
         rows[impl] = {"ms_per_step": ms, "tokens_per_s": B * T / ms * 1000,
                       "tokens_per_s_overall": B * T * len(times[impl]) / sum(times[impl]) * 1000,
-                      "params": w.info["params"],
+                      "params": w.info["params"], "fused_kernels": w.info["fused_kernels"],
                       "threads": w.info["threads"], "ms_quartiles": quartiles(times[impl]),
                       "ms_all": times[impl]}
     ratios = {ours: rows[ours]["tokens_per_s"] / rows[hf]["tokens_per_s"] for ours, hf in pairs}
@@ -192,8 +200,9 @@ def main() -> None:
     print(f"{'implementation':12s} {'ms/step':>8s} {'quartiles':>17s} {'tokens/s':>9s} {'params':>10s}")
     for impl, row in rows.items():
         q = row["ms_quartiles"]
+        note = {True: "  (fused CPU kernels)", False: "  (PyTorch ops only)"}.get(row["fused_kernels"], "")
         print(f"{impl:12s} {row['ms_per_step']:8.1f} {q[0]:8.1f}-{q[2]:<8.1f} {row['tokens_per_s']:9.0f} "
-              f"{row['params']:10,}")
+              f"{row['params']:10,}{note}")
     for ours, hf in pairs:
         q = result["per_round_speedup_quartiles"][ours]
         print(f"{ours} / {hf}: {ratios[ours]:.2f}x tokens/s (target >= 1.3x); all timed tokens over all "
