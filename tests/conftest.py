@@ -18,3 +18,23 @@ def synthetic_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
     prepare("builtin:synthetic", "bpe:300", out, progress=False)
     return out
+
+
+def tiny_llama():
+    """A seeded 2-layer Llama-style model (grouped-query attention, SwiGLU, RoPE) and one batch."""
+    import torch
+
+    from pretrainer import build_model
+
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=2, d_ff=96,
+                        vocab_size=101, max_seq_len=32)
+    return model, torch.randint(0, 101, (3, 24))
+
+
+def step_grads(model, x, forward=None):
+    """The training loss of ``x`` (targets = inputs) and the gradients of every parameter."""
+    import torch
+
+    loss = (model if forward is None else forward)(x, x, return_logits=False).loss
+    return loss, torch.autograd.grad(loss, list(model.parameters()))

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrainer import build_model, kernels
+from conftest import step_grads, tiny_llama
+from pretrainer import kernels
 from pretrainer.model.layers import Rotary, _RMSNorm, _SplitHeads, _SwiGLU
 from pretrainer.model.loss import linear_cross_entropy
 
@@ -109,20 +110,12 @@ def test_cross_entropy_kernel_matches_the_formula_with_ignored_targets():
 
 
 def test_turned_off_kernels_leave_the_same_training_step(fresh_kernels, monkeypatch):
-    torch.manual_seed(0)
-    model = build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=2, d_ff=96,
-                        vocab_size=101, max_seq_len=32)
-    x = torch.randint(0, 101, (3, 24))
-
-    def step():
-        loss = model(x, x, return_logits=False).loss
-        return loss, torch.autograd.grad(loss, list(model.parameters()))
-
-    loss_k, grads_k = step()
+    model, x = tiny_llama()
+    loss_k, grads_k = step_grads(model, x)
     monkeypatch.setenv("PRETRAINER_KERNELS", "0")
     kernels.reset()
     assert kernels.load() is None and not kernels.usable(x.float())
-    loss_t, grads_t = step()
+    loss_t, grads_t = step_grads(model, x)
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_k, grads_t):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -141,14 +134,9 @@ def test_a_failed_build_warns_once_and_falls_back(fresh_kernels, monkeypatch, tm
 def test_a_compiled_model_gives_the_same_step():
     """torch.compile runs through the kernel-backed functions (their calls stay eager): same loss and
     gradients as the eager model. About 30 s of compilation on 2 cores."""
-    torch.manual_seed(0)
-    model = build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=2, d_ff=96,
-                        vocab_size=101, max_seq_len=32)
-    x = torch.randint(0, 101, (3, 24))
-    ref = model(x, x, return_logits=False).loss
-    g_ref = torch.autograd.grad(ref, list(model.parameters()))
-    loss = torch.compile(model)(x, x, return_logits=False).loss
-    g = torch.autograd.grad(loss, list(model.parameters()))
+    model, x = tiny_llama()
+    ref, g_ref = step_grads(model, x)
+    loss, g = step_grads(model, x, torch.compile(model))
     torch.testing.assert_close(loss, ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)

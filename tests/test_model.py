@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pretrainer
+from conftest import step_grads, tiny_llama
 from pretrainer.config import ModelConfig
 from pretrainer.errors import ConfigError
 from pretrainer.model import build_model
@@ -220,15 +221,10 @@ def test_hand_written_backwards_match_autograd_of_the_plain_formulas():
 def test_bf16_autocast_training_step_on_cpu_matches_float32_closely():
     """train.dtype=bfloat16 runs the fused pieces under autocast: queries, keys and values come
     out in the projection's dtype and the gradients stay close to a float32 step."""
-    torch.manual_seed(0)
-    model = build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=2, d_ff=128,
-                        vocab_size=64, max_seq_len=32)
-    x = torch.randint(0, 64, (4, 24))
-    ref = model(x, x, return_logits=False).loss
-    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    model, x = tiny_llama()
+    ref, g_ref = step_grads(model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x, x, return_logits=False).loss
-    g = torch.autograd.grad(loss, list(model.parameters()))
+        loss, g = step_grads(model, x)
     assert abs(loss.item() - ref.item()) < 0.05
     cos = [torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten(), dim=0).item()
            for a, b in zip(g, g_ref)]
