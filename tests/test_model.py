@@ -229,3 +229,22 @@ def test_bf16_autocast_training_step_on_cpu_matches_float32_closely():
     cos = [torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten(), dim=0).item()
            for a, b in zip(g, g_ref)]
     assert min(cos) > 0.95
+
+
+def test_grouped_query_attention_shares_heads_like_copies():
+    """Keys/values shared by groups of query heads (enable_gqa on a CPU) give what copying each
+    key/value head to its group gives (the path used elsewhere), causal and with a padding mask."""
+    import torch.nn.functional as F
+
+    from pretrainer.model.layers import _share_kv_heads
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
+    k2, v2, extra = _share_kv_heads(k, v, 6)
+    copies = (k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+    for kw in (dict(is_causal=True), dict(attn_mask=mask)):
+        got = F.scaled_dot_product_attention(q, k2, v2, **kw, **extra)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, *copies, **kw))
+    assert _share_kv_heads(k, v, 3)[2] == {}  # as many key/value heads as query heads: untouched
