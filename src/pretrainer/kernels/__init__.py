@@ -41,6 +41,8 @@ VARIANTS = [(FLAGS, ["-lmvec", "-lm"]), (FLAGS + ["-DPRETRAINER_NO_VECTOR_MATH"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+#: the kernels that have run in this process (callers may clear it to watch a stretch of work)
+used: set[str] = set()
 _lock = threading.Lock()
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -87,11 +89,11 @@ def _build() -> Path:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not found)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     source = SOURCE.read_bytes()
-    errors = []
+    errors, cache = [], _cache_dir()
     for flags, libs in VARIANTS:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags + libs).encode(), cc.encode(),
                                          version.encode(), _cpu_signature().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"pretrainer_cpu_{key}.so"
+        target = cache / f"pretrainer_cpu_{key}.so"
         if target.exists():
             return target
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -157,6 +159,7 @@ def swiglu_forward(h: torch.Tensor) -> torch.Tensor:
     h = h.contiguous()
     n = h.shape[-1] // 2
     y = h.new_empty(*h.shape[:-1], n)
+    used.add("swiglu")
     _lib.swiglu_forward(_ptr(h), _ptr(y), h.numel() // h.shape[-1], n)
     return y
 
@@ -165,6 +168,7 @@ def swiglu_backward(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The gradient with respect to ``h`` (laid out as ``h``, contiguous)."""
     dy, h = dy.contiguous(), h.contiguous()
     dh = torch.empty_like(h)
+    used.add("swiglu")
     _lib.swiglu_backward(_ptr(dy), _ptr(h), _ptr(dh), dy.numel() // dy.shape[-1], dy.shape[-1])
     return dh
 
@@ -174,6 +178,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
     x2, weight = x2.contiguous(), weight.contiguous()
     y = torch.empty_like(x2)
     r = x2.new_empty(x2.shape[0], 1)
+    used.add("rms_norm")
     _lib.rms_norm_forward(_ptr(x2), _ptr(weight), _ptr(y), _ptr(r), x2.shape[0], x2.shape[1], eps)
     return y, r
 
@@ -185,6 +190,7 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty_like(x2)
     threads = max(1, torch.get_num_threads())
     partial = x2.new_empty(threads, x2.shape[1])
+    used.add("rms_norm")
     _lib.rms_norm_backward(_ptr(dy), _ptr(x2), _ptr(weight), _ptr(r), _ptr(dx), _ptr(partial),
                            x2.shape[0], x2.shape[1], threads)
     return dx, partial.sum(0)
@@ -202,6 +208,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     assert out.stride(-1) == 1, "rotary: the output's last dimension must be contiguous"
     B, T, H, D = x.shape
     xs, os_ = (ctypes.c_int64 * 3)(*x.stride()[:3]), (ctypes.c_int64 * 3)(*out.stride()[:3])
+    used.add("rotary")
     _lib.rotary(_ptr(x), xs, _ptr(out), os_, _ptr(cos), cos.stride(0), _ptr(sin), sin.stride(0),
                 B, T, H, D, sign)
     return out
@@ -218,6 +225,7 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: t
                          f"{int(targets.min())} .. {int(targets.max())}")
     scale = scale.to(torch.float32).contiguous()
     loss = logits.new_empty(logits.shape[0])
+    used.add("softmax_cross_entropy")
     _lib.softmax_cross_entropy(_ptr(logits), _ptr(targets), _ptr(scale), _ptr(loss), logits.shape[0],
                                logits.shape[1])
     return loss

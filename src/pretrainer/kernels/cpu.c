@@ -1,7 +1,7 @@
 /* Fused float32 kernels for training steps on a CPU (see __init__.py for how they are built and
  * when they are used).
  *
- * Each function does in one pass over memory what PyTorch's eager ops do in three to six: on a
+ * Each function does in one pass over memory what PyTorch's eager ops do in two to six: on a
  * CPU the activations of even a small model do not fit in the core's cache, so every extra pass
  * over them costs about as much as the arithmetic. Rows are split among the OpenMP threads of the
  * process (PyTorch's own: libgomp.so.1 resolves to the copy torch loaded first), and the inner

@@ -55,10 +55,9 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.kernel:  # one pass (pretrainer.kernels)
             x2 = x2.contiguous()
             y, r = kernels.rms_norm_forward(x2, weight, eps)
-            ctx.save_for_backward(x2, weight, r)
-            return y.view(x.shape)
-        r = torch.rsqrt(torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps))
-        y = torch.mul(x2, r).mul_(weight)
+        else:
+            r = torch.rsqrt(torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps))
+            y = torch.mul(x2, r).mul_(weight)
         ctx.save_for_backward(x2, weight, r)
         return y.view(x.shape)
 

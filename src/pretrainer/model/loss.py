@@ -58,20 +58,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = valid.float() / count
         if kernels.usable(grad):  # one pass per row, from its maximum to its gradient
             loss = kernels.softmax_cross_entropy_(grad, safe_t, scale)
-            ctx.save_for_backward(h, weight, grad)
-            return (loss * valid).sum() / count
-        picked = grad.gather(1, safe_t[:, None]).squeeze(1)
-        lse = torch.empty_like(picked)
-        for i in range(0, grad.shape[0], rows):
-            block = grad[i:i + rows]
-            top = block.amax(dim=-1, keepdim=True)
-            block.sub_(top).exp_()
-            total = block.sum(dim=-1, keepdim=True)
-            lse[i:i + rows] = (total.log() + top).squeeze(1)
-            block.mul_(scale[i:i + rows, None] / total)  # softmax / count, 0 on ignored rows
-        grad[torch.arange(len(targets), device=h.device), safe_t] -= scale  # minus one-hot / count
+        else:
+            picked = grad.gather(1, safe_t[:, None]).squeeze(1)
+            lse = torch.empty_like(picked)
+            for i in range(0, grad.shape[0], rows):
+                block = grad[i:i + rows]
+                top = block.amax(dim=-1, keepdim=True)
+                block.sub_(top).exp_()
+                total = block.sum(dim=-1, keepdim=True)
+                lse[i:i + rows] = (total.log() + top).squeeze(1)
+                block.mul_(scale[i:i + rows, None] / total)  # softmax / count, 0 on ignored rows
+            grad[torch.arange(len(targets), device=h.device), safe_t] -= scale  # minus one-hot / count
+            loss = lse - picked
         ctx.save_for_backward(h, weight, grad)
-        return ((lse - picked) * valid).sum() / count
+        return (loss * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -261,13 +261,11 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                                                               find_unused_parameters=unused)
 
     if step == 0:
-        fused = env.device.type == "cpu" and env.dtype == torch.float32 and kernels.load() is not None
         log.say(f"model {cfg.model.preset or 'custom'}: {info['params']:,} parameters "
                 f"({info['params_non_embedding']:,} non-embedding), {human(info['flops_per_token'])}"
                 f"FLOP/token; {t.max_steps} steps x {tokens_per_step:,} tokens on {env.device}"
                 f"{' x' + str(env.world) if env.world > 1 else ''} ({str(env.dtype).replace('torch.', '')}"
-                f"{', compiled' if env.compile else ''}{', fused CPU kernels' if fused else ''}); "
-                f"data {len(train_split):,} train tokens")
+                f"{', compiled' if env.compile else ''}); data {len(train_split):,} train tokens")
 
     def evaluate() -> dict:
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
@@ -303,6 +301,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         window_loss, window_steps = resumed_window
     run_t0 = time.perf_counter()
     last_val = None
+    kernels.used.clear()  # what the training steps run, reported after the first one
     with _StopFlag() as flag:
         while step < t.max_steps:
             lr = lr_at(step, t)
@@ -323,6 +322,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if step == start_step + 1 and kernels.used:
+                log.say(f"fused CPU kernels: {', '.join(sorted(kernels.used))}")
             samples += global_batch
             window_steps += 1
             window_tokens += tokens_per_step
