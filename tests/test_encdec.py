@@ -9,7 +9,7 @@ import torch
 from pretrainer.cli import main
 from pretrainer.interop.hf import export_hf, import_hf
 from pretrainer.model import build_model
-from pretrainer.model.encdec import shift_right
+from pretrainer.common import shift_right
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import objective
 from pretrainer.config import model_preset
 from pretrainer.errors import ConfigError, PretrainerError
 from pretrainer.interop.hf import export_hf, hf_family, import_hf
@@ -84,14 +85,13 @@ def test_loss_counts_only_labelled_positions():
     ids, _, _ = _inputs()
     labels = torch.full_like(ids, -100)
     labels[0, 3], labels[1, 7] = 11, 12
-    out = model(ids, labels)
+    out = model(ids)
     expected = torch.nn.functional.cross_entropy(
         torch.stack([out.logits[0, 3], out.logits[1, 7]]), torch.tensor([11, 12]))
-    torch.testing.assert_close(out.loss, expected)
-    with torch.enable_grad():
-        fast = model(ids, labels, return_logits=False)
-    assert fast.logits is None
-    torch.testing.assert_close(fast.loss, expected)
+    mlm = objective("mlm", model)  # the head runs on the labelled positions only
+    torch.testing.assert_close(mlm.loss(model, {"input_ids": ids, "labels": labels}), expected)
+    sums = mlm.eval_sums(model, {"input_ids": ids, "labels": labels})
+    assert sums["count"] == 2 and sums["correct"] == int(out.logits[0, 3].argmax() == 11) + int(out.logits[1, 7].argmax() == 12)
 
 
 def test_pooler_is_tanh_dense_on_first_token():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import step_grads, tiny_llama
 from pretrainer import kernels
-from pretrainer.model.layers import Rotary, _RMSNorm, _SplitHeads, _SwiGLU
+from pretrainer.model.fast import _RMSNorm, _SplitHeads, _SwiGLU
+from pretrainer.model.layers import Rotary
 from pretrainer.model.loss import linear_cross_entropy
 
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="fused CPU kernels not built here")

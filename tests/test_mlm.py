@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import objective
 from pretrainer.config import RunConfig, TrainConfig, model_preset
 from pretrainer.data.objectives import MLMBatches, MLMMasking, sample_generator
 from pretrainer.data.tokens import TokenSplit
@@ -32,9 +33,10 @@ def test_worked_example_only_the_masked_position_enters_the_loss():
     assert inputs.tolist() == [CLS, i_, MASK, this, red, car]  # <cls> I <mask> this red car
     assert labels.tolist() == [-100, -100, love, -100, -100, -100]
     model = build_model("bert-tiny", vocab_size=V, n_layer=2, d_model=32, n_head=4).eval()
-    out = model(inputs[None], labels[None])
+    out = model(inputs[None])
     expected = torch.nn.functional.cross_entropy(out.logits[0, 2:3], torch.tensor([love]))
-    torch.testing.assert_close(out.loss, expected)
+    loss = objective("mlm", model).loss(model, {"input_ids": inputs[None], "labels": labels[None]})
+    torch.testing.assert_close(loss, expected)
 
 
 def test_selection_is_15_percent_and_split_80_10_10():

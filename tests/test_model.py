@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pretrainer
-from conftest import step_grads, tiny_llama
+from conftest import objective, step_grads, tiny_llama
 from pretrainer.config import ModelConfig
 from pretrainer.errors import ConfigError
 from pretrainer.model import build_model
@@ -121,11 +121,13 @@ def test_loss_is_cross_entropy_of_shifted_targets_and_ignores_minus_100():
     x = torch.randint(0, 97, (2, 10))
     y = torch.randint(0, 97, (2, 10))
     y[0, :4] = -100
-    out = model(x, y)
-    logp = out.logits.log_softmax(-1)
+    logp = model(x).logits.log_softmax(-1)
     keep = y != -100
     manual = -logp[keep].gather(-1, y[keep][:, None]).mean()
-    torch.testing.assert_close(out.loss, manual)
+    clm = objective("clm", model)
+    with torch.no_grad():  # the plain path (full logits)
+        torch.testing.assert_close(clm.loss(model, {"input_ids": x, "labels": y}), manual)
+    torch.testing.assert_close(clm.loss(model, {"input_ids": x, "labels": y}), manual)  # fused
 
 
 def test_initialisation_scales_residual_projections():
@@ -158,14 +160,13 @@ def test_fused_head_loss_and_gradients_equal_the_plain_path(name):
     x = torch.randint(0, 97, (3, 40))
     y = torch.randint(0, 97, (3, 40))
     y[1, 5:9] = -100
-    plain = model(x, y)
-    plain.loss.backward()
+    plain = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+    plain.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    fused = model(x, y, return_logits=False)
-    assert fused.logits is None
-    (2.0 * fused.loss).backward()  # the upstream gradient is honoured
-    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    fused = objective("clm", model).loss(model, {"input_ids": x, "labels": y})
+    (2.0 * fused).backward()  # the upstream gradient is honoured
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2.0 * ref[n], rtol=1e-5, atol=1e-6, msg=n)
 
@@ -173,7 +174,8 @@ def test_fused_head_loss_and_gradients_equal_the_plain_path(name):
 def test_hand_written_backwards_match_autograd_of_the_plain_formulas():
     """The attention head split (with and without rotary), RMSNorm and SwiGLU have their own backward
     passes; gradients must equal autograd's through the textbook expressions (float64)."""
-    from pretrainer.model.layers import Rotary, _SplitHeads, _SwiGLU
+    from pretrainer.model.fast import _SplitHeads, _SwiGLU
+    from pretrainer.model.layers import Rotary
 
     torch.manual_seed(0)
     B, T, H, Hkv, D = 2, 5, 4, 2, 8
@@ -199,7 +201,7 @@ def test_hand_written_backwards_match_autograd_of_the_plain_formulas():
         g_ref = torch.autograd.grad(sum((b * wi).sum() for b, wi in zip(ref, w)), qkv)[0]
         assert torch.allclose(g_got, g_ref)
 
-    from pretrainer.model.layers import _RMSNorm
+    from pretrainer.model.fast import _RMSNorm
 
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)

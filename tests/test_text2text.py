@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pretrainer.cli import main
+from pretrainer.common import shift_right
 from pretrainer.finetune.text2text import Text2TextTask, generation_metrics, mixing_rates
 
 
@@ -147,7 +148,7 @@ def test_eval_loss_is_the_mean_over_target_tokens(t5_run, tmp_path):
         nll, n = 0.0, 0
         for f in feats:
             batch = task.collate([f], fmt.pad_id)
-            logits = model(batch["input_ids"], labels=batch["labels"]).logits
+            logits = model(batch["input_ids"], decoder_input_ids=shift_right(batch["labels"])).logits
             nll += float(F.cross_entropy(logits[0].double(), batch["labels"][0], reduction="sum"))
             n += len(f["labels"])
     lengths = {len(f["labels"]) for f in feats}

@@ -193,6 +193,7 @@ def cmd_embed(args) -> None:
 def cmd_evaluate(args) -> None:
     from .config import config_from_file
     from .data.tokens import TokenSplit
+    from .train.objectives import get_objective
     from .train.trainer import evaluate_split
     from .api import find_run_files
     from . import load
@@ -205,9 +206,8 @@ def cmd_evaluate(args) -> None:
     seq_len = args.seq_len or cfg.train.seq_len
     n_windows = (len(split) - 1) // seq_len
     max_batches = args.max_batches or math.ceil(n_windows / args.batch_size)
-    scores = evaluate_split(model, split, seq_len, args.batch_size, max_batches,
-                            objective=cfg.objective, masking=cfg.masking,
-                            noise=cfg.noise)  # mlm adds val_accuracy
+    scores = evaluate_split(model, get_objective(cfg), split, args.batch_size, max_batches,
+                            seq_len=seq_len)  # mlm adds val_accuracy
     loss = scores["val_loss"]
     tokens = min(n_windows, max_batches * args.batch_size) * seq_len
     result = {"run": args.run, "data": str(data), "split": args.split, **scores,

@@ -6,7 +6,9 @@ A run is described by one :class:`RunConfig`::
     data:   a folder made by ``pretrainer prepare``
     out:    the run folder
     objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | span (T5 span
-               corruption) | denoise (BART noising) | prefix_lm (encoder-decoder LM)
+               corruption) | denoise (BART noising) | prefix_lm (a prefix LM), each for the
+               architectures it declares (pretrainer.train.objectives)
+    init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
     masking: what mlm selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
@@ -232,6 +234,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
     compile: str = "auto"  # auto (on for CUDA) | true | false
+    fast_paths: str = "auto"  # hand-written backwards + fused CPU kernels: auto (float32 on a CPU) | true | false
+    parallel: str = "auto"  # with several processes: ddp (replicas) | fsdp (FSDP2 sharding); auto = ddp
+    activation_checkpointing: str = "none"  # none | full (recompute every block) | selective (every other block)
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 20
     log_every: int = 10
@@ -254,20 +259,16 @@ class TrainConfig:
         _choice("train", "lr_scale", self.lr_scale, ["none", "rms"])
         _choice("train", "dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _choice("train", "compile", str(self.compile).lower(), ["auto", "true", "false"])
+        _choice("train", "fast_paths", str(self.fast_paths).lower(), ["auto", "true", "false"])
+        _choice("train", "parallel", self.parallel, ["auto", "ddp", "fsdp"])
+        _choice("train", "activation_checkpointing", self.activation_checkpointing,
+                ["none", "full", "selective"])
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device='{self.device}': expected auto, cpu, cuda, cuda:N or mps")
 
 
-#: Objectives and the architecture each trains.
-OBJECTIVES = {"clm": "decoder", "mlm": "encoder", "span": "encoder-decoder",
-              "denoise": "encoder-decoder", "prefix_lm": "encoder-decoder"}
 #: What masked-LM selection picks (15 % of the tokens in every case).
 MASKING = ["token", "word", "span"]
-
-
-def default_objective(arch: str) -> str:
-    """The pretraining objective of an architecture (clm for a decoder, mlm for an encoder)."""
-    return next(objective for objective, a in OBJECTIVES.items() if a == arch)
 
 
 @dataclass
@@ -301,8 +302,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
     out: str | None = None  # the run folder
-    objective: str = "clm"
+    objective: str = "clm"  # see pretrainer.train.objectives (each names the architectures it trains)
     masking: str = "token"  # mlm only: token | word | span
+    prefix_mask: bool = True  # (input, target) objectives on a decoder: the input part bidirectional
+    init_from: str | None = None  # start from these weights: a run, a checkpoint or a Hugging Face folder
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -310,10 +313,9 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.noise.validate()
-        _choice("", "objective", self.objective, list(OBJECTIVES))
-        if OBJECTIVES[self.objective] != self.model.arch:
-            raise ConfigError(f"objective={self.objective} trains arch={OBJECTIVES[self.objective]} "
-                              f"models, but model.arch={self.model.arch}")
+        from .train.objectives import get_objective  # the registry: names and architectures
+
+        get_objective(self)
         _choice("", "masking", self.masking, MASKING)
         if self.masking != "token" and self.objective != "mlm":
             raise ConfigError(f"masking={self.masking} applies to objective=mlm only")

@@ -48,11 +48,7 @@ def embed_texts(model, tok, texts: list[str], pooling: str = "mean", batch_size:
             x[j, :len(r)] = torch.tensor(r)
             keep[j, :len(r)] = 1
         x, keep = x.to(device), keep.to(device)
-        if model.cfg.arch == "encoder-decoder":
-            h, _ = model.encode(x, keep)
-        else:
-            h = model.hidden_states(x, attention_mask=keep)
-        h = h.float()
+        h = model.hidden_states(x, attention_mask=keep).float()  # an encoder-decoder's: the encoder's
         if pooling == "mean":
             pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
             out += list(pooled.cpu().numpy())

@@ -70,19 +70,22 @@ def _time_step(cfg: RunConfig) -> float:
     import dataclasses
     import statistics
 
-    from .data.tokens import CLMBatches, TokenSplit
+    from .data.tokens import TokenSplit
     from .model import DecoderLM
+    from .model.fast import apply_fast_paths
+    from .train.objectives import get_objective
     from .train.optim import make_optimizer
 
     split = TokenSplit(cfg.data, "train")
-    model = DecoderLM(dataclasses.replace(cfg.model, vocab_size=split.vocab_size))
+    model = apply_fast_paths(DecoderLM(dataclasses.replace(cfg.model, vocab_size=split.vocab_size)))
     opt = make_optimizer(model, cfg.train, "cpu")
-    batches = CLMBatches(split, cfg.train.seq_len, 0)
+    objective = get_objective(cfg)
+    batches = objective.batches(split, seed=0)
     times = []
     for i in range(6):
         t0 = time.perf_counter()
-        x, y = batches.batch(i * cfg.train.batch_size, cfg.train.batch_size)
-        model(x, y, return_logits=False).loss.backward()  # as the trainer calls it (fused head)
+        batch = batches.batch(i * cfg.train.batch_size, cfg.train.batch_size)
+        objective.loss(model, batch).backward()  # as the trainer's step (fast paths, fused head)
         opt.step()
         opt.zero_grad()
         times.append(1000 * (time.perf_counter() - t0))

@@ -12,7 +12,9 @@
   distribution with p = 0.2, clipped at 10).
 
 Every builder has ``batch(first, count)`` (samples ``first .. first+count-1`` of the global order)
-and the fixed validation batches come from :func:`eval_batches`.
+and ``eval_batches(batch_size, max_batches)``, the fixed validation batches. Which builder an
+objective uses, and what it does with the batches, is the objective's
+(:mod:`pretrainer.train.objectives`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,13 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-from ..model.loss import IGNORE
-from .tokens import CLMBatches, TokenSplit, WindowOrder, fixed_windows
-from .tokens import eval_batches as clm_eval_batches
+from ..common import IGNORE
+from .tokens import TokenSplit, WindowOrder, fixed_windows
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, index) over the generator's seeds
 SPAN_P, SPAN_MAX = 0.2, 10  # SpanBERT's geometric span lengths
@@ -177,6 +177,11 @@ class MLMBatches:
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.masked(((self.order.start(g), g) for g in range(first, first + count)), self.seed)
 
+    def eval_batches(self, batch_size: int, max_batches: int):
+        """Fixed validation batches: consecutive windows from the start, masked as for seed 0."""
+        for items in fixed_windows(self.split, self.seq_len - 2, batch_size, max_batches):
+            yield self.masked(items, 0)
+
 
 def word_continuations(tok, vocab_size: int) -> torch.Tensor:
     """For each id below ``vocab_size``: does the token continue the previous token's word?
@@ -192,24 +197,6 @@ def word_continuations(tok, vocab_size: int) -> torch.Tensor:
     return table
 
 
-def make_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, masking: str = "token",
-                 noise=None):
-    """The training batch builder of ``objective`` (``masking``: what mlm selects; ``noise``: a
-    :class:`~pretrainer.config.NoiseConfig` for span / denoise)."""
-    if objective == "mlm":
-        batches = MLMBatches(split, seq_len, seed, masking)
-    elif objective in SEQ2SEQ:
-        batches = seq2seq_batches(objective, split, seq_len, seed, noise)
-    else:
-        return CLMBatches(split, seq_len, seed)
-    batches.order  # a split too small for one window is refused now, not at the first step
-    return batches
-
-
-#: Objectives of encoder-decoders: (input_ids, labels) of different lengths.
-SEQ2SEQ = ("span", "denoise", "prefix_lm")
-
-
 @functools.lru_cache(maxsize=8)
 def _tokenizer_ids(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(sentinel ids, sentence-end ids)`` of a data folder's tokenizer, read once per process:
@@ -220,42 +207,3 @@ def _tokenizer_ids(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
     tok = load_tokenizer(path)
     return tuple(tok.sentinel_ids), tuple(sentence_end_ids(tok))
-
-
-def seq2seq_batches(objective: str, split: TokenSplit, seq_len: int, seed: int, noise=None):
-    """The builder of an encoder-decoder objective; ``seq_len`` is the encoder input length."""
-    from ..config import NoiseConfig
-    from . import seq2seq
-
-    noise = noise or NoiseConfig()
-    ids = split.manifest["special_ids"]
-    if objective == "prefix_lm":
-        return seq2seq.PrefixLMBatches(split, seq_len, seed, ids["eos"], ids["pad"])
-    sentinels, ends = _tokenizer_ids(str(split.dir / split.manifest["tokenizer"]["path"]))
-    if objective == "span":
-        if not sentinels:
-            raise DataError(f"{split.dir}: objective=span needs T5 sentinel tokens in the tokenizer; "
-                            f"prepare the data with --sentinels 100")
-        return seq2seq.SpanCorruptionBatches(split, seq_len, seed, sentinels, ids["eos"],
-                                             ids["pad"], noise.noise_density, noise.mean_span_length)
-    if ids.get("mask") is None:
-        raise DataError(f"{split.dir}: objective=denoise needs a <mask> token in the tokenizer")
-    return seq2seq.DenoiseBatches(split, seq_len, seed, ids["mask"], ids["eos"], ids["pad"], noise,
-                                  ends if noise.permute_sentences else ())
-
-
-def eval_batches(objective: str, split: TokenSplit, seq_len: int, batch_size: int,
-                 max_batches: int, masking: str = "token",
-                 noise=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed validation batches: consecutive windows from the start of the split, in order (for
-    ``mlm`` and the encoder-decoder objectives with noise from seed 0, the same at every
-    evaluation)."""
-    if objective in SEQ2SEQ:
-        yield from seq2seq_batches(objective, split, seq_len, 0, noise).eval_batches(batch_size, max_batches)
-        return
-    if objective != "mlm":
-        yield from clm_eval_batches(split, seq_len, batch_size, max_batches)
-        return
-    builder = MLMBatches(split, seq_len, seed=0, masking=masking)
-    for items in fixed_windows(split, seq_len - 2, batch_size, max_batches):
-        yield builder.masked(items, 0)

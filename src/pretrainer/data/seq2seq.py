@@ -40,8 +40,7 @@ from functools import cached_property
 import torch
 
 from ..errors import DataError
-from ..model.encdec import shift_right  # noqa: F401 - decoder inputs of these batches
-from ..model.loss import IGNORE
+from ..common import IGNORE, shift_right  # noqa: F401 - decoder inputs of these batches
 from .objectives import sample_generator
 from .tokens import TokenSplit, WindowOrder, fixed_windows
 

@@ -99,6 +99,10 @@ class CLMBatches:
         return shifted_pairs(self.split, [self.order.start(g) for g in range(first, first + count)],
                              self.seq_len)
 
+    def eval_batches(self, batch_size: int, max_batches: int):
+        """Fixed validation batches (:func:`eval_batches`)."""
+        return eval_batches(self.split, self.seq_len, batch_size, max_batches)
+
 
 def shifted_pairs(split: TokenSplit, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` of the ``seq_len + 1``-token windows at ``starts``."""

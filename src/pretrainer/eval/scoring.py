@@ -103,7 +103,7 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_si
             cols += range(n_ctx - 1, n_ctx - 1 + n_cont)
             targets += fitted[i][1]
         h = model.hidden_states(x.to(device))
-        logits = model.lm_head(h[torch.tensor(rows), torch.tensor(cols)]).float()
+        logits = model.head(h[torch.tensor(rows), torch.tensor(cols)]).float()
         logp = torch.log_softmax(logits, dim=-1)
         tgt = torch.tensor(targets, device=logp.device)
         tok_lp = logp.gather(-1, tgt[:, None]).squeeze(-1).tolist()

@@ -131,10 +131,9 @@ class TaskModel(nn.Module):
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.arch == "encoder":
-            types = token_type_ids if self.backbone.type_emb is not None else None
-            return self.backbone.hidden_states(input_ids, types, attention_mask)
-        return self.backbone.hidden_states(input_ids)  # causal: right padding is never seen
+        """The backbone's hidden states (a decoder's causal attention never sees right padding)."""
+        return self.backbone.hidden_states(input_ids, attention_mask=attention_mask,
+                                           token_type_ids=token_type_ids)
 
     def summary(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One vector per input: pooled ``<cls>`` (encoder) or the last non-pad token (decoder)."""

@@ -29,7 +29,7 @@ import yaml
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..model.loss import IGNORE
+from ..common import IGNORE
 from ..train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, save_checkpoint
 from ..train.optim import lr_at, make_optimizer, set_lr
 from .backbone import load_backbone

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
-from ..model.loss import IGNORE
+from ..common import IGNORE
 from . import metrics as M
 from .files import JSON_SUFFIXES, TABLE_SUFFIXES, read_conll, read_rows, read_squad
 from .heads import InputFormat, SequenceHead, TaskModel, TokenHead, truncate_pair

@@ -22,7 +22,8 @@ import math
 import torch
 
 from ..errors import ConfigError, DataError
-from ..model.loss import IGNORE
+from ..common import IGNORE, shift_right
+from ..train.objectives import lm_loss
 from .tasks import TASKS, Task, _show, _text
 
 MIXING = ("proportional", "temperature")
@@ -197,8 +198,9 @@ class Text2TextTask(Task):
         return backbone
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return model(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"],
-                     return_logits=False).loss
+        h = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                decoder_input_ids=shift_right(batch["labels"]))
+        return lm_loss(model, h, batch["labels"])
 
     @torch.no_grad()
     def infer(self, model, feats: list[dict], batch_size: int, pad_id: int, device) -> list[torch.Tensor]:

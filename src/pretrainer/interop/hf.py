@@ -718,7 +718,8 @@ def import_run(hf_dir: str | Path, out: str | Path) -> Path:
     """Make a run folder from a Hugging Face model folder: ``config.yaml``, one checkpoint with the
     weights (``checkpoints/step_00000000``) and the tokenizer when the folder has one, so that
     ``pretrainer generate``/``evaluate``/``export`` and :func:`pretrainer.load` work on it."""
-    from ..config import RunConfig, default_objective, save_config
+    from ..config import RunConfig, save_config
+    from ..train.objectives import default_objective
     from ..train.checkpoint import list_checkpoints, save_checkpoint
 
     out = Path(out)

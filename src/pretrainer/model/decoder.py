@@ -1,7 +1,11 @@
 """Decoder-only language model (GPT, GPT-2, Llama): causal self-attention blocks and an LM head.
 
-``DecoderLM(cfg)(input_ids)`` returns an :class:`LMOutput` whose ``logits`` is [batch, seq, vocab];
-pass ``targets`` (``-100`` = ignored) to also get the mean cross-entropy ``loss``.
+``DecoderLM(cfg)(input_ids)`` returns an :class:`LMOutput`: ``logits`` [batch, seq, vocab] and the
+final ``hidden_states`` [batch, seq, d_model]. The model computes no loss: objectives do
+(:mod:`pretrainer.train.objectives`), from :meth:`DecoderLM.hidden_states` and the output matrix
+(``output_weight``) or from the logits. ``prefix_len`` [batch] makes the first ``prefix_len``
+positions of each row see each other (a prefix LM, Raffel et al. 2020 section 3.2.1); later
+positions stay causal.
 """
 
 from __future__ import annotations
@@ -13,14 +17,27 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .generation import block_repeated_ngrams, sample_next
-from .loss import cross_entropy, linear_cross_entropy
 from .layers import KVCache, Transformer
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
+    logits: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+
+
+def prefix_attention_mask(prefix_len: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean [B, 1, T, T]: query i sees key j when j <= i (causal) or j < prefix_len (the
+    prefix is bidirectional)."""
+    pos = torch.arange(T, device=prefix_len.device)
+    return ((pos[None, :] <= pos[:, None])[None] | (pos[None, None, :] < prefix_len[:, None, None]))[:, None]
+
+
+def check_extras(arch: str, **given) -> None:
+    """Keyword inputs that an architecture cannot use are refused, not ignored."""
+    bad = [name for name, value in given.items() if value is not None]
+    if bad:
+        raise ValueError(f"{arch} models take no {', '.join(bad)}")
 
 
 class DecoderLM(Transformer):
@@ -36,24 +53,38 @@ class DecoderLM(Transformer):
         self.reset_parameters()
 
     # -- forward -------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states [B, T, d_model] (after the last norm)."""
-        return self.encode(input_ids, cache)
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None,
+                      decoder_input_ids: torch.Tensor | None = None,
+                      prefix_len: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, d_model] (after the last norm). The keywords are the same for
+        the three model kinds. ``attention_mask`` is accepted for right-padded batches and needs
+        nothing here: causal attention never lets a real token see the padding after it.
+        ``token_type_ids`` must be None or zeros (a decoder has no segment embeddings)."""
+        check_extras("decoder-only", decoder_input_ids=decoder_input_ids)
+        mask = None
+        if prefix_len is not None:
+            if cache is not None:
+                raise ValueError("prefix_len and a KV cache do not combine")
+            mask = prefix_attention_mask(prefix_len, input_ids.shape[1])
+        return self.encode(input_ids, cache, attn_mask=mask)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
-                return_logits: bool = True) -> LMOutput:
-        """Logits [B, T, vocab] (``last_only``: [B, 1, vocab]) and, given ``targets``, the mean
-        cross-entropy. ``return_logits=False`` with targets, in a training step, computes the loss
-        with the fused chunked head (:mod:`.loss`) and returns no logits."""
-        h = self.hidden_states(input_ids, cache)
-        if targets is not None and not return_logits and torch.is_grad_enabled():
-            return LMOutput(logits=None, loss=linear_cross_entropy(h, self.lm_head.weight, targets))
-        if last_only:
-            h = h[:, -1:]
-        logits = self.lm_head(h)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return LMOutput(logits=logits, loss=loss)
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output matrix [vocab, d_model] (the embedding when tied), for fused losses."""
+        return self.lm_head.weight
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states."""
+        return self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+                last_only: bool = False, **extras) -> LMOutput:
+        """Logits [B, T, vocab] (``last_only``: [B, 1, vocab]) and the hidden states; ``extras``
+        as :meth:`hidden_states`."""
+        h = self.hidden_states(input_ids, cache=cache, **extras)
+        return LMOutput(logits=self.lm_head(h[:, -1:] if last_only else h), hidden_states=h)
 
     # -- generation ----------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

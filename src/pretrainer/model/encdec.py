@@ -1,10 +1,10 @@
 """Encoder-decoder model (T5, BART): a bidirectional encoder, a causal decoder that cross-attends to
 the encoder's output, one shared token embedding and an LM head.
 
-``EncoderDecoderLM(cfg)(input_ids, labels=..., decoder_input_ids=...)`` returns a
-:class:`Seq2SeqOutput` whose ``logits`` is [batch, target_seq, vocab]. Given only ``labels``
-(``-100`` = not predicted), the decoder inputs are the labels shifted right behind the
-decoder-start token ``<pad>`` (id 0, as in T5), and ``loss`` is the mean cross-entropy.
+``EncoderDecoderLM(cfg)(input_ids, decoder_input_ids=...)`` returns a :class:`Seq2SeqOutput`
+whose ``logits`` is [batch, target_seq, vocab]. For teacher forcing the decoder inputs are the
+labels shifted right behind the decoder-start token ``<pad>`` (id 0, as in T5):
+:func:`pretrainer.common.shift_right`. The model computes no loss; the objectives do.
 
 Both stacks are the :class:`~pretrainer.model.layers.Transformer` of the other modes: the encoder
 with bidirectional blocks, the decoder with causal blocks plus cross-attention. A T5 preset adds
@@ -28,24 +28,16 @@ import torch.nn as nn
 from ..config import ModelConfig
 from .generation import block_repeated_ngrams, sample_next
 from .layers import KVCache, Transformer
-from .loss import IGNORE, cross_entropy, linear_cross_entropy
+from ..common import shift_right  # noqa: F401 - re-exported: the decoder inputs of labels
+from .decoder import check_extras
 
 PAD_ID, EOS_ID = 0, 2  # pretrainer tokenizers: <pad> = 0 (also T5's decoder start), <eos> = 2
 
 
-def shift_right(labels: torch.Tensor, decoder_start_id: int = PAD_ID, pad_id: int = PAD_ID) -> torch.Tensor:
-    """Decoder inputs for teacher forcing: ``labels`` shifted right by one with
-    ``decoder_start_id`` first, ``-100`` turned into ``pad_id``."""
-    shifted = torch.full_like(labels, pad_id)
-    shifted[..., 0] = decoder_start_id
-    shifted[..., 1:] = labels[..., :-1]
-    return shifted.masked_fill(shifted == IGNORE, pad_id)
-
-
 @dataclass
 class Seq2SeqOutput:
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
+    logits: torch.Tensor
+    hidden_states: torch.Tensor | None = None  # the decoder's
     encoder_hidden_states: torch.Tensor | None = None
 
 
@@ -63,12 +55,18 @@ class EncoderDecoderLM(nn.Module):
         self.decoder = Transformer(dataclasses.replace(cfg, n_layer=cfg.decoder_layers), causal=True,
                                    cross=True, embedding=self.encoder.tok_emb)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.decoder.reset_parameters()
-        self.encoder.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.encoder.tok_emb.weight
-        else:  # T5 v1.1 draws its untied output like its embeddings
-            nn.init.normal_(self.lm_head.weight, 0.0, 1.0 if cfg.init_scheme == "t5" else cfg.init_std)
+        self.init_weights()
+
+    def init_weights(self, materialise=None) -> None:
+        """Both stacks' initialisation, then an untied output layer's (see
+        :meth:`Transformer.reset_parameters`)."""
+        self.decoder.reset_parameters(materialise)
+        self.encoder.reset_parameters(materialise)
+        if not self.cfg.tie_embeddings:  # T5 v1.1 draws its untied output like its embeddings
+            std = 1.0 if self.cfg.init_scheme == "t5" else self.cfg.init_std
+            (materialise or (lambda m, fn: fn(m)))(self.lm_head, lambda m: nn.init.normal_(m.weight, 0.0, std))
 
     @property
     def tok_emb(self) -> nn.Embedding:
@@ -90,24 +88,37 @@ class EncoderDecoderLM(nn.Module):
             h = h * self.cfg.d_model ** -0.5
         return h
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                return_logits: bool = True) -> Seq2SeqOutput:
-        """Logits [B, T, vocab] of the decoder positions and, given ``labels``, the mean
-        cross-entropy over the labelled positions. ``return_logits=False`` with labels, in a
-        training step, uses the fused output projection + loss and returns no logits."""
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None,
+                      decoder_input_ids: torch.Tensor | None = None,
+                      prefix_len: torch.Tensor | None = None, cache=None,
+                      memory: tuple | None = None) -> torch.Tensor:
+        """The decoder's final hidden states [B, T, d_model] for ``decoder_input_ids`` (scaled for
+        a tied T5 head), or without them the encoder's [B, S, d_model] (frozen-encoder features).
+        ``memory``: an ``encode`` result to reuse instead of running the encoder again."""
+        check_extras("encoder-decoder", token_type_ids=token_type_ids, prefix_len=prefix_len,
+                     cache=cache)
+        enc, mask = memory if memory is not None else self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("pass labels or decoder_input_ids")
-            decoder_input_ids = shift_right(labels)
+            return enc
+        return self.decode(decoder_input_ids, enc, mask)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output matrix [vocab, d_model] (the embedding when tied), for fused losses."""
+        return self.lm_head.weight
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of decoder hidden states."""
+        return self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, *, decoder_input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> Seq2SeqOutput:
+        """Logits [B, T, vocab] of the decoder positions, with the decoder's and the encoder's
+        hidden states."""
         memory, mask = self.encode(input_ids, attention_mask)
         h = self.decode(decoder_input_ids, memory, mask)
-        if labels is not None and not return_logits and torch.is_grad_enabled():
-            return Seq2SeqOutput(None, linear_cross_entropy(h, self.lm_head.weight, labels), memory)
-        logits = self.lm_head(h)
-        loss = cross_entropy(logits, labels) if labels is not None else None
-        return Seq2SeqOutput(logits, loss, memory)
+        return Seq2SeqOutput(self.lm_head(h), h, memory)
 
     # -- generation ----------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:

@@ -1,10 +1,10 @@
 """Encoder-only model (BERT, RoBERTa): bidirectional self-attention blocks and a masked-LM head.
 
-``EncoderLM(cfg)(input_ids, labels, token_type_ids=..., attention_mask=...)`` returns an
-:class:`EncoderOutput`: ``logits`` [batch, seq, vocab], the mean cross-entropy ``loss`` over the
-positions whose label is not ``-100``, and the final ``hidden_states`` [batch, seq, d_model] that
-task heads read (the ``<cls>`` state is ``hidden_states[:, 0]``; :meth:`EncoderLM.pooled` is BERT's
-pooler on it).
+``EncoderLM(cfg)(input_ids, token_type_ids=..., attention_mask=...)`` returns an
+:class:`EncoderOutput`: ``logits`` [batch, seq, vocab] and the final ``hidden_states``
+[batch, seq, d_model] that task heads read (the ``<cls>`` state is ``hidden_states[:, 0]``;
+:meth:`EncoderLM.pooled` is BERT's pooler on it). The masked-LM loss is the ``mlm`` objective's
+(:mod:`pretrainer.train.objectives`), which runs the head on the selected positions only.
 
 The MLM head is BERT's: ``dense(d, d)`` + activation + norm (``mlm_head``; left out, the hidden
 states go straight to the output), then an output layer whose matrix is the token embedding
@@ -20,13 +20,12 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .layers import Transformer, activation, make_norm
-from .loss import IGNORE, cross_entropy
+from .decoder import check_extras
 
 
 @dataclass
 class EncoderOutput:
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
+    logits: torch.Tensor
     hidden_states: torch.Tensor | None = None
 
 
@@ -60,15 +59,26 @@ class EncoderLM(Transformer):
             self.mlm.out.weight = self.tok_emb.weight
         self.reset_parameters()
 
-    def hidden_states(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None,
+                      decoder_input_ids: torch.Tensor | None = None,
+                      prefix_len: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Final hidden states [B, T, d_model]. ``attention_mask`` [B, T]: 1 for tokens, 0 for
         padding (padding keys are masked out of every attention; its own states are computed but
-        meaningless). ``token_type_ids`` [B, T]: segment ids (0 everywhere when not given)."""
+        meaningless). ``token_type_ids`` [B, T]: segment ids (0 everywhere when not given; a
+        model without segment embeddings takes none)."""
+        check_extras("encoder-only", decoder_input_ids=decoder_input_ids, prefix_len=prefix_len,
+                     cache=cache)
         mask = None
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]
+        if self.type_emb is None:
+            token_type_ids = None
         return self.encode(input_ids, token_type_ids=token_type_ids, attn_mask=mask)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """MLM logits of hidden states (of every position, or of the selected ones)."""
+        return self.mlm(h)
 
     def pooled(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """BERT's pooler: ``tanh(dense(h[:, 0]))``, the first (``<cls>``) token's summary."""
@@ -76,19 +86,7 @@ class EncoderLM(Transformer):
             raise ValueError("this model has no pooler (model.pooler=false)")
         return torch.tanh(self.pooler(hidden_states[:, 0]))
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                return_logits: bool = True) -> EncoderOutput:
-        """Logits [B, T, vocab], hidden states and, given ``labels`` (``-100`` = not predicted),
-        the mean cross-entropy over the labelled positions. ``return_logits=False`` with labels
-        (a training step) runs the head on the labelled positions only, about 15 % of them for
-        MLM, and returns no logits."""
-        h = self.hidden_states(input_ids, token_type_ids, attention_mask)
-        if labels is not None and not return_logits:
-            picked = labels != IGNORE
-            return EncoderOutput(logits=None, loss=cross_entropy(self.mlm(h[picked]), labels[picked]),
-                                 hidden_states=h)
-        logits = self.mlm(h)
-        loss = cross_entropy(logits, labels) if labels is not None else None
-        return EncoderOutput(logits=logits, loss=loss, hidden_states=h)
+    def forward(self, input_ids: torch.Tensor, **extras) -> EncoderOutput:
+        """MLM logits [B, T, vocab] and the hidden states; ``extras`` as :meth:`hidden_states`."""
+        h = self.hidden_states(input_ids, **extras)
+        return EncoderOutput(logits=self.mlm(h), hidden_states=h)

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
 from ..config import ModelConfig
 
 
@@ -32,47 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32):  # elsewhere the native kernel is fused
-            return _RMSNorm.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """``x / rms(x) * weight`` with a hand-written backward (float32 training on a CPU, where
-    ``F.rms_norm`` is a composite whose autograd walks over the activations about twice as often).
-
-    With ``r = 1/rms(x)``, ``x^ = x r`` and ``g = dy * weight``, ``dx = r (g - x^ mean(g x^))`` and
-    ``dweight = sum over positions of dy x^``. Both come from ``q = dy x`` (``x^`` is never formed):
-    ``dweight = q^T r`` and ``dx = r (dy weight) - x r^3 (q . weight) / d``. With the fused CPU
-    kernels (:mod:`pretrainer.kernels`) each direction is one pass instead."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.shape = x.shape
-        ctx.kernel = kernels.usable(x2, weight)
-        if ctx.kernel:  # one pass (pretrainer.kernels)
-            x2 = x2.contiguous()
-            y, r = kernels.rms_norm_forward(x2, weight, eps)
-        else:
-            r = torch.rsqrt(torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps))
-            y = torch.mul(x2, r).mul_(weight)
-        ctx.save_for_backward(x2, weight, r)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, r = ctx.saved_tensors
-        dy = dy.reshape(x2.shape)
-        if ctx.kernel:
-            dx, dweight = kernels.rms_norm_backward(dy, x2, weight, r)
-            return dx.view(ctx.shape), dweight if ctx.needs_input_grad[1] else None, None
-        q = dy * x2
-        dweight = (q.t() @ r).squeeze(1) if ctx.needs_input_grad[1] else None
-        k = (q @ weight)[:, None].mul_(r.pow(3)).div_(-x2.shape[-1])  # -r^3 (q . weight) / d per row
-        dx = torch.mul(dy, weight, out=q).mul_(r).addcmul_(x2, k)  # written over q: 3 passes
-        return dx.view(ctx.shape), dweight, None
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -100,11 +59,21 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute the tables (again, e.g. after a model built on the ``meta`` device is placed)."""
+        if self.cos.is_meta:
+            return
+        d = self.head_dim
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos`` [length, head_dim] and ``sin`` [length, head_dim // 2] (both halves of a row
@@ -143,6 +112,7 @@ class RelativeBias(nn.Module):
         self.bidirectional = bidirectional
         self.n_buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
         self.bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        self.bias.is_position_bias = True  # T5's init draws it N(0, 1/d_model)
 
     def forward(self, q_start: int, q_len: int, k_len: int) -> torch.Tensor:
         """Bias [1, heads, q_len, k_len] for queries at ``q_start ..`` and keys at ``0 .. k_len-1``."""
@@ -157,52 +127,14 @@ class RelativeBias(nn.Module):
 # Attention
 
 
-class _SplitHeads(torch.autograd.Function):
-    """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
-    [B, heads, T, D], the queries and keys rotated (``cos`` [T, D] and ``sin`` [T, D/2] from
-    :meth:`Rotary.tables`, or None for no rotary).
-
-    Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
-    tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
-    sizeable part of a small model's step. Here the backward writes each gradient, rotated back
-    (the inverse rotation: ``sin`` negated), straight into one buffer laid out as ``qkv``."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
-        n_qk = n_q + n_kv
-        ctx.n_q, ctx.n_qk = n_q, n_qk
-        qk, v = qkv[:, :, :n_qk], qkv[:, :, n_qk:]
-        if cos is not None:
-            c, s = cos[:, None, :], sin[:, None, :]
-            qk = _rotate(qk, c, s, qk.new_empty(qk.shape), 1.0)
-            ctx.save_for_backward(c, s)
-        return qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        B, _, T, D = dv.shape
-        g = dv.new_empty(B, T, ctx.n_qk + dv.shape[1], D)
-        g[:, :, ctx.n_qk:].copy_(dv.transpose(1, 2))
-        rotation = ctx.saved_tensors  # (cos, sin), or () without rotary
-        for grad, out in ((dq, g[:, :, :ctx.n_q]), (dk, g[:, :, ctx.n_q:ctx.n_qk])):
-            if rotation:  # the inverse rotation: the same with sin negated
-                _rotate(grad.transpose(1, 2), *rotation, out, -1.0)
-            else:
-                out.copy_(grad.transpose(1, 2))
-        return g, None, None, None, None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float) -> torch.Tensor:
-    """``out = x * cos + rotate_half(x) * sign * sin`` with ``rotate_half(x) = [-x2, x1]`` (Su et al.
-    2021, half-split layout as Hugging Face Llama), written on the halves so that no concatenated
-    copy is made. ``sin`` holds one half (both halves of a row are equal)."""
-    if kernels.usable(x, cos, sin, out) and out.stride(-1) == 1:  # one pass (pretrainer.kernels)
-        return kernels.rotary(x, cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), out, sign)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, H, T, D] rotated by position: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = [-x2, x1]`` (Su et al. 2021, the half-split layout of Hugging Face Llama).
+    ``cos`` [T, D] and ``sin`` [T, D/2] as :meth:`Rotary.tables` gives them."""
     half = x.shape[-1] // 2
-    torch.mul(x, cos, out=out)
-    out[..., :half].addcmul_(x[..., half:], sin, value=-sign)
-    out[..., half:].addcmul_(x[..., :half], sin, value=sign)
-    return out
+    x1, x2 = x[..., :half], x[..., half:]
+    c = cos[:, :half]
+    return torch.cat([x1 * c - x2 * sin, x2 * c + x1 * sin], dim=-1)
 
 
 class KVCache:
@@ -266,6 +198,15 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.scale = None if cfg.attn_scale else 1.0
 
+    def split_heads(self, qkv: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, heads, T, D] from the fused projection's output
+        [B, T, q + 2 kv heads, D]; queries and keys rotated when ``tables`` is ``(cos, sin)``."""
+        q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if tables is not None:
+            q, k = apply_rotary(q, *tables), apply_rotary(k, *tables)
+        return q, k, v
+
     def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None):
         """``attn_mask``: a boolean mask of the keys that take part (``True``), [B, 1, 1, T], e.g.
@@ -275,10 +216,8 @@ class SelfAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         start = cache.length if cache is not None else 0
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
-        cos = sin = None
-        if rotary is not None:  # queries and keys rotated in one pass, in the projection's dtype
-            cos, sin = rotary.tables(start, T, qkv.dtype)
-        q, k, v = _SplitHeads.apply(qkv, cos, sin, H, Hkv)
+        tables = rotary.tables(start, T, qkv.dtype) if rotary is not None else None
+        q, k, v = self.split_heads(qkv, tables)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         k, v, gqa = _share_kv_heads(k, v, H)
@@ -354,35 +293,6 @@ def activation(mlp: str):
     return _ACTIVATIONS[mlp]
 
 
-class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` of ``h = [gate, up]`` (the fused projection's output), with a backward
-    that writes both halves of the gradient into one buffer instead of concatenating two."""
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.kernel = kernels.usable(h)
-        if ctx.kernel:  # one pass each way, silu recomputed in the backward (pretrainer.kernels)
-            ctx.save_for_backward(h)
-            return kernels.swiglu_forward(h)
-        gate, up = h.chunk(2, dim=-1)
-        a = F.silu(gate)
-        ctx.save_for_backward(h, a)
-        return a * up
-
-    @staticmethod
-    def backward(ctx, dy):
-        if ctx.kernel:
-            return kernels.swiglu_backward(dy, ctx.saved_tensors[0])
-        h, a = ctx.saved_tensors
-        n = a.shape[-1]
-        gate, up = h.chunk(2, dim=-1)
-        g = torch.empty_like(h)
-        torch.mul(dy, a, out=g[..., n:])
-        dgate = torch.mul(dy, up, out=g[..., :n])  # d(silu(gate)), then through silu in place
-        torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
-        return g
-
-
 class MLP(nn.Module):
     """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
 
@@ -394,18 +304,16 @@ class MLP(nn.Module):
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.down.is_residual_out = True
         self.act = activation(cfg.mlp)
-        self.swiglu = cfg.mlp == "swiglu"
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation of the up projection's output (gated: ``act(gate) * up`` of its halves)."""
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
 
     def forward(self, x):
-        h = self.up(x)
-        if self.swiglu:
-            h = _SwiGLU.apply(h)
-        elif self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
-        return self.down(h)
+        return self.down(self.activate(self.up(x)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,8 +373,8 @@ class Transformer(nn.Module):
         self.tok_emb = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
-                                 persistent=False)
+            self.register_buffer("pos_table", torch.empty(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.reset_buffers()
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -476,7 +384,12 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, causal=causal, cross=cross) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.prenorm else nn.Identity()
 
-    def reset_parameters(self) -> None:
+    def reset_buffers(self) -> None:
+        """Compute the fixed sinusoidal table (again, after a ``meta``-device build is placed)."""
+        if hasattr(self, "pos_table") and not self.pos_table.is_meta:
+            self.pos_table.copy_(sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model))
+
+    def reset_parameters(self, materialise=None) -> None:
         """N(0, init_std) for matrices and embeddings, zero biases, unit norms; GPT-2 scales the
         residual output projections by 1/sqrt(2 n_layer) so the residual stream's variance does not
         grow with depth. Without ``attn_scale`` (T5) the query rows start 1/sqrt(head_dim) smaller,
@@ -484,27 +397,39 @@ class Transformer(nn.Module):
 
         ``init_scheme="t5"`` is Mesh TensorFlow's, as T5 was trained: each matrix N(0, 1/fan_in),
         embeddings N(0, 1), the relative position bias N(0, 1/d_model). (T5's tied output is scaled
-        by d_model**-0.5, which is what keeps N(0, 1) embeddings from giving huge logits.)"""
+        by d_model**-0.5, which is what keeps N(0, 1) embeddings from giving huge logits.)
+
+        Modules are initialised one at a time, in ``self.modules()`` order, each by
+        :meth:`init_module`; ``materialise(module, fn)`` may wrap that call (a sharded model runs
+        it on full-size stand-ins of the module's own parameters: ``train.parallel.init_sharded``)."""
+        run = materialise or (lambda module, fn: fn(module))
+        for module in self.modules():
+            run(module, self.init_module)
+
+    def init_weights(self, materialise=None) -> None:
+        """Draw every weight afresh (:meth:`reset_parameters`; an encoder-decoder overrides it)."""
+        self.reset_parameters(materialise)
+
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise the parameters that ``module`` itself holds (not its children's)."""
         if self.cfg.init_scheme == "t5":
-            self._t5_init()
+            self._t5_init(module)
             return
         std = self.cfg.init_std
         resid_std = std / math.sqrt(2 * self.cfg.n_layer) if self.cfg.scaled_residual_init else std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                s = resid_std if getattr(module, "is_residual_out", False) else std
-                nn.init.normal_(module.weight, 0.0, s)
-                if not self.cfg.attn_scale and hasattr(module, "query_rows"):
-                    with torch.no_grad():
-                        module.weight[:module.query_rows] /= math.sqrt(self.cfg.head_dim)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.ndim == 1:
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Linear):
+            s = resid_std if getattr(module, "is_residual_out", False) else std
+            nn.init.normal_(module.weight, 0.0, s)
+            if not self.cfg.attn_scale and hasattr(module, "query_rows"):
+                module.weight.data[:module.query_rows] /= math.sqrt(self.cfg.head_dim)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.ndim == 1:
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
     def encode(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                token_type_ids: torch.Tensor | None = None,
@@ -545,28 +470,26 @@ class Transformer(nn.Module):
         S = start + T
         bias = self.rel_bias(start, T, S).to(dtype)
         low = torch.finfo(dtype).min
-        if self.causal and T > 1:
+        if self.causal and T > 1 and (key_mask is None or key_mask.shape[-2] == 1):
             allowed = torch.ones(T, S, dtype=torch.bool, device=bias.device).tril(diagonal=start)
             bias = bias.masked_fill(~allowed, low)
         if key_mask is not None:
             bias = bias.masked_fill(~key_mask, low)
         return bias
 
-    def _t5_init(self) -> None:
+    def _t5_init(self, module: nn.Module) -> None:
         d, head = self.cfg.d_model, self.cfg.head_dim
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, module.in_features ** -0.5)
-                if hasattr(module, "query_rows"):  # no 1/sqrt(head_dim) in the scores: start small
-                    with torch.no_grad():
-                        module.weight[:module.query_rows] /= math.sqrt(head)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RelativeBias):
-                nn.init.normal_(module.bias.weight, 0.0, d ** -0.5)
-            elif isinstance(module, nn.Embedding) and module is self.tok_emb:
-                nn.init.normal_(module.weight, 0.0, 1.0)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
-            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.ndim == 1:
-                nn.init.ones_(module.weight)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, module.in_features ** -0.5)
+            if hasattr(module, "query_rows"):  # no 1/sqrt(head_dim) in the scores: start small
+                module.weight.data[:module.query_rows] /= math.sqrt(head)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and getattr(module, "is_position_bias", False):
+            nn.init.normal_(module.weight, 0.0, d ** -0.5)
+        elif isinstance(module, nn.Embedding) and module is self.tok_emb:
+            nn.init.normal_(module.weight, 0.0, 1.0)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+        elif isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.ndim == 1:
+            nn.init.ones_(module.weight)

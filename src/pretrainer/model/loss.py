@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-
-IGNORE = -100
+from ..common import IGNORE  # noqa: F401 - also imported from here
 
 # One logits/gradient buffer per (shape, device) is kept between training steps and reused: a
 # fresh 10-100 MB allocation on a CPU costs page faults comparable to the product that fills it.

@@ -1,8 +1,14 @@
-"""Checkpoints: weights and optimizer moments in safetensors, everything else in JSON.
+"""Checkpoints: weights and optimizer moments in safetensors (or sharded), everything else in JSON.
 
 ``RUN/checkpoints/step_00001000/`` holds ``model.safetensors``, ``optimizer.safetensors``,
 ``rng.safetensors`` and ``state.json`` (step, data position, optimizer hyper-parameters, and the
 byte size of every file, so that a truncated checkpoint is recognised before anything is loaded).
+A run sharded with FSDP2 (``train.parallel=fsdp``) writes ``dcp/`` instead of the two weight
+files: model and optimizer state through ``torch.distributed.checkpoint`` (each process writes its
+own shards; no process gathers the model), and ``rng_rank{N}.safetensors`` per process. Either
+kind resumes at any number of processes, sharded or not (:func:`restore`), and every reader of
+weights (generation, export, fine-tuning) reads both (:func:`load_weights`).
+
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash leaves
 the previous one intact; nothing is ever unpickled.
 """
@@ -97,7 +103,18 @@ def latest_checkpoint(run: str | Path, warn=print) -> tuple[Path, dict]:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load ``model.safetensors`` of a checkpoint folder into ``model`` (tied weights restored)."""
+    """Load ``model.safetensors`` (or the model part of a sharded ``dcp/`` checkpoint) of a
+    checkpoint folder into ``model`` (tied weights restored)."""
+    if path.is_dir() and (path / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {k: v for k, v in model.state_dict().items() if not is_tied_copy(model, k)}
+        try:
+            dcp.load({"model": state}, checkpoint_id=str(path / "dcp"))
+        except Exception as e:  # noqa: BLE001 - DCP raises several kinds; all mean "cannot read"
+            raise CheckpointError(f"{path / 'dcp'}: cannot read sharded weights ({_first_line(e)})") from None
+        model.load_state_dict(state, strict=False)
+        return
     file = path / "model.safetensors" if path.is_dir() else path
     try:
         tensors = load_file(str(file), device="cpu")
@@ -130,11 +147,7 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if f"cuda_{i}" in rng:
-                torch.cuda.set_rng_state(rng[f"cuda_{i}"], i)
+    _set_rng(rng)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -174,3 +187,120 @@ def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP2) and restoring either kind at any number of processes
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def save_sharded_checkpoint(run: str | Path, model: torch.nn.Module, optimizer, state: dict,
+                            rank: int, world: int, keep: int = 2) -> Path:
+    """Every process writes its shards of the model and optimizer (``torch.distributed.checkpoint``)
+    and its RNG state into one temporary folder, then the first process records the file sizes,
+    checks it can see every process's files (several machines need a shared run folder) and renames
+    the folder into place. A crash (or SIGKILL) before the rename leaves the previous checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint_dir(run, state["step"])
+    tmp = final.parent / f".tmp-{final.name}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "dcp"))
+    save_file(_rng_state(), str(tmp / f"rng_rank{rank}.safetensors"))
+    _barrier(world)
+    if rank == 0:
+        missing = [r for r in range(world) if not (tmp / f"rng_rank{r}.safetensors").is_file()]
+        if missing:
+            raise CheckpointError(f"{tmp}: the files of process {missing[0]} are not visible here; "
+                                  f"on several machines out= must be a folder that all of them share")
+        meta = dict(state, format=FORMAT, saved_at=time.time(), sharded=True, world_size=world)
+        meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                         if p.is_file()}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
+    return final
+
+
+def restore(path: Path, model: torch.nn.Module, optimizer, meta: dict, rank: int = 0,
+            sharded: bool = False) -> None:
+    """Restore weights, optimizer moments and this process's RNG from a checkpoint of either kind
+    into ``model`` / ``optimizer``, sharded (FSDP2) or not, whatever number of processes wrote it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
+
+    if (path / "dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        msd, osd = get_state_dict(model, optimizer)
+        try:
+            dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=str(path / "dcp"))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path / 'dcp'}: cannot read the sharded checkpoint ({_first_line(e)})") from None
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        rng_file = path / f"rng_rank{rank}.safetensors"
+        _set_rng(load_file(str(rng_file if rng_file.is_file() else path / "rng_rank0.safetensors")))
+        return
+    if not sharded:
+        load_weights(model, path)
+        load_training_state(path, optimizer, meta)
+        return
+    # a full (one-process or ddp) checkpoint into a sharded model: full tensors, each process
+    # keeping its shards
+    weights = load_file(str(path / "model.safetensors"))
+    own = model.state_dict()
+    for k in own:
+        if k not in weights and is_tied_copy(model, k):
+            weights[k] = weights[_tied_source(model)]
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state: dict = {}
+    for key, tensor in opt_tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(order[int(idx)], {})[name] = tensor
+    groups, i = [], 0
+    for g in meta["optimizer"]["param_groups"]:
+        groups.append({**g, "params": order[i:i + len(g["params"])]})
+        i += len(g["params"])
+    set_state_dict(model, optimizer, model_state_dict=weights,
+                   optim_state_dict={"state": state, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True))
+    _set_rng(load_file(str(path / "rng.safetensors")))
+
+
+def _tied_source(model: torch.nn.Module) -> str:
+    return "encoder.tok_emb.weight" if hasattr(model, "decoder") else "tok_emb.weight"
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda_{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda_{i}"], i)

@@ -28,13 +28,16 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
-from ..data.objectives import eval_batches, make_batches
 from ..data.tokens import TokenSplit
 from ..errors import CheckpointError, ConfigError
 from ..model import make_model
-from ..model.loss import IGNORE, cross_entropy
+from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
-from .checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from .objectives import Objective, get_objective
+from .parallel import (apply_activation_checkpointing, compile_blocks, ddp, init_sharded,
+                       parallel_mode, shard)
+from .checkpoint import (latest_checkpoint, load_weights, restore, save_checkpoint,
+                         save_sharded_checkpoint)
 from .optim import lr_at, make_optimizer, set_lr
 
 #: Peak dense bf16 throughput (FLOP/s) of accelerators we know, for MFU.
@@ -80,11 +83,21 @@ class Env:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def all_mean(self, value: float) -> float:
+        return self.all_sum(value) / self.world
+
+    def all_sum(self, value: float) -> float:
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return t.item() / self.world
+        return t.item()
+
+    def all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the processes of a tensor (no host sync)."""
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
 
     def peak_flops(self) -> float | None:
         if self.device.type != "cuda":
@@ -208,6 +221,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     if resume:
         if not (run / "config.yaml").is_file():
             raise CheckpointError(f"{run}: not a run folder (no config.yaml)")
+    if cfg.init_from and not resume:  # the source's architecture and sizes, its weights below
+        cfg.model = initial_model_config(cfg.init_from, cfg.data)
     cfg.validate()
     env = Env(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -220,21 +235,44 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         log.say(f"warning: {cfg.data} has {len(val_split)} validation tokens, fewer than one window "
                 f"of seq_len={t.seq_len}; training without validation")
         val_split = None
-    batches = make_batches(cfg.objective, train_split, t.seq_len, t.seed, cfg.masking, cfg.noise)
+    objective = get_objective(cfg)
+    batches = objective.batches(train_split)
+    step, samples = 0, 0
+    if resume:
+        ckpt, meta = latest_checkpoint(run, warn=log.say if env.master else (lambda s: None))
+        step, samples = meta["step"], meta["samples"]
+        keep_global_batch(t, meta, env.world, log.say)
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
 
-    model = make_model(cfg.model).to(env.device)
+    mode = parallel_mode(t) if env.world > 1 else "single"
+    with torch.device("meta") if mode == "fsdp" else contextlib.nullcontext():
+        model = make_model(cfg.model)
+    if wants_fast_paths(t.fast_paths, env.device, env.dtype):
+        apply_fast_paths(model)
+    apply_activation_checkpointing(model, t.activation_checkpointing)
+    if env.compile:
+        compile_blocks(model)
+    step_fn = TrainStep(model, objective)
+    torch.manual_seed(t.seed)  # the same weights whatever the construction drew, sharded or not
+    if mode == "fsdp":
+        shard(step_fn, model, env.device, env.world,
+              mixed_bf16=env.device.type == "cuda" and env.dtype == torch.bfloat16)
+        init_sharded(model, env.device)
+    else:
+        model.init_weights()
+        model.to(env.device)
+    if cfg.init_from and not resume:
+        load_initial_weights(model, cfg.init_from, sharded=mode == "fsdp")
     optimizer = make_optimizer(model, t, env.device.type)
-    step, samples = 0, 0
+    if mode == "ddp":
+        step_fn = ddp(step_fn, model, env.device)
 
     if resume:
-        ckpt, meta = latest_checkpoint(run, warn=log.say if env.master else (lambda s: None))
-        load_weights(model, ckpt)
-        load_training_state(ckpt, optimizer, meta)
-        step, samples = meta["step"], meta["samples"]
+        restore(ckpt, model, optimizer, meta, env.rank, sharded=mode == "fsdp")
         resumed_window = (meta.get("window_loss", 0.0), meta.get("window_steps", 0))
-        log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens)")
+        log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens"
+                f"{', written by %d processes' % meta['world_size'] if meta.get('world_size', 1) != env.world else ''})")
         log.truncate_after(step)
     elif env.master:
         if run.exists() and (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()):
@@ -252,26 +290,22 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     info = model_info(cfg.model, t.seq_len)
     flops_per_step = info["flops_per_token"] * tokens_per_step
     peak = env.peak_flops()
-    fwd_model = torch.compile(model) if env.compile else model
-    if env.world > 1:
-        ddp_ids = [env.device.index] if env.device.type == "cuda" else None
-        # BERT's pooler takes no part in MLM pretraining
-        unused = getattr(model, "pooler", None) is not None
-        fwd_model = torch.nn.parallel.DistributedDataParallel(fwd_model, device_ids=ddp_ids,
-                                                              find_unused_parameters=unused)
 
     if step == 0:
         log.say(f"model {cfg.model.preset or 'custom'}: {info['params']:,} parameters "
                 f"({info['params_non_embedding']:,} non-embedding), {human(info['flops_per_token'])}"
-                f"FLOP/token; {t.max_steps} steps x {tokens_per_step:,} tokens on {env.device}"
-                f"{' x' + str(env.world) if env.world > 1 else ''} ({str(env.dtype).replace('torch.', '')}"
-                f"{', compiled' if env.compile else ''}); data {len(train_split):,} train tokens")
+                f"FLOP/token; objective {objective.name}; {t.max_steps} steps x {tokens_per_step:,} "
+                f"tokens on {env.device}{' x%d (%s)' % (env.world, mode) if env.world > 1 else ''} "
+                f"({str(env.dtype).replace('torch.', '')}{', compiled' if env.compile else ''}"
+                f"{', activation checkpointing ' + t.activation_checkpointing if t.activation_checkpointing != 'none' else ''}"
+                f"); data {len(train_split):,} train tokens"
+                f"{'; weights from ' + cfg.init_from if cfg.init_from else ''}")
 
     def evaluate() -> dict:
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
         prints them."""
-        r = evaluate_split(model, val_split, t.seq_len, t.batch_size, t.eval_batches, env,
-                           cfg.objective, cfg.masking, cfg.noise)
+        r = evaluate_split(model, objective, val_split, t.batch_size, t.eval_batches, env,
+                           step=step_fn if mode == "fsdp" else None)
         v = r["val_loss"]
         rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
         acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
@@ -279,14 +313,17 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         return rec
 
     def checkpoint(at_step: int) -> None:
+        # the partial logging window goes too (summed over the processes), so the next logged
+        # loss averages the same steps as in a run that never stopped
+        state = {"step": at_step, "samples": samples, "tokens": samples * t.seq_len,
+                 "global_batch": global_batch, "window_loss": env.all_sum(float(window_loss)),
+                 "window_steps": window_steps}
+        if mode == "fsdp":
+            save_sharded_checkpoint(run, model, optimizer, state, env.rank, env.world,
+                                    keep=t.keep_checkpoints)
+            return
         if env.master:
-            # the partial logging window goes too, so the next logged loss averages the same steps
-            # as in a run that never stopped
-            save_checkpoint(run, model, optimizer, {"step": at_step, "samples": samples,
-                                                    "tokens": samples * t.seq_len,
-                                                    "global_batch": global_batch,
-                                                    "window_loss": float(window_loss),
-                                                    "window_steps": window_steps},
+            save_checkpoint(run, model, optimizer, dict(state, world_size=env.world),
                             keep=t.keep_checkpoints)
         if env.world > 1:
             dist.barrier()
@@ -297,8 +334,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     model.train()
     start_step = step
     window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    if resume:
-        window_loss, window_steps = resumed_window
+    if resume:  # the saved window is the sum over the processes: one process carries it
+        window_loss, window_steps = (resumed_window[0] if env.master else 0.0), resumed_window[1]
     run_t0 = time.perf_counter()
     last_val = None
     kernels.used.clear()  # what the training steps run, reported after the first one
@@ -306,17 +343,29 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         while step < t.max_steps:
             lr = lr_at(step, t)
             set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=env.device)
-            for micro in range(t.grad_accum):
-                first = samples + (micro * env.world + env.rank) * t.batch_size
-                x, y = batches.batch(first, t.batch_size)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                sync = env.world == 1 or micro == t.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()
+            micro_batches = [to_device(batches.batch(samples + (m * env.world + env.rank) * t.batch_size,
+                                                     t.batch_size), env.device)
+                             for m in range(t.grad_accum)]
+            # every predicted token of the global batch weighs the same, however the batch is split
+            # among micro-steps and processes (mlm and span targets vary in number): each
+            # micro-step's mean loss is scaled by its share of the global count; DDP and FSDP
+            # average gradients over the processes, hence the factor world
+            counts = [objective.count(b) for b in micro_batches]
+            total = env.all_sum_tensor(torch.stack(counts).sum())
+            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+            for m, batch in enumerate(micro_batches):
+                sync = m == t.grad_accum - 1
+                if mode == "ddp" and not sync:
+                    ctx = step_fn.no_sync()
+                else:
+                    ctx = contextlib.nullcontext()
+                    if mode == "fsdp":
+                        step_fn.set_requires_gradient_sync(sync)
                 with ctx, env.autocast():
-                    loss = fwd_model(x, y, return_logits=False).loss
-                (loss / t.grad_accum).backward()
-                loss_sum += loss.detach()
+                    loss = step_fn(batch)
+                share = counts[m] / total
+                (loss * (share * env.world).to(loss.dtype)).backward()
+                step_loss += loss.detach().double() * share
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
@@ -327,13 +376,13 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
             samples += global_batch
             window_steps += 1
             window_tokens += tokens_per_step
-            window_loss += loss_sum / t.grad_accum  # a tensor: no device sync until logging
+            window_loss += step_loss  # this process's share of the step's mean: no sync until logging
 
             if step % t.log_every == 0 or step == t.max_steps:
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - window_t0
-                loss_avg = env.all_mean(float(window_loss) / window_steps)
+                loss_avg = env.all_sum(float(window_loss)) / window_steps
                 tps = window_tokens / dt
                 rec = {"step": step, "loss": loss_avg, "lr": lr, "tokens": samples * t.seq_len,
                        "tokens_per_s": tps, "ms_per_step": 1000 * dt / window_steps,
@@ -373,45 +422,120 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
             "loss_png": str(run / "loss.png")}
 
 
+class TrainStep(torch.nn.Module):
+    """The model and its objective's loss as one module: ``TrainStep(model, objective)(batch)`` is
+    the loss of one batch. Data-parallel wrappers (DDP, FSDP2) wrap this module, so everything the
+    loss touches, the output layer of the fused head included, runs inside their forward."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict, fn=None):
+        """``objective.loss`` of the batch, or ``fn(model, batch)`` (evaluation: ``eval_sums``)."""
+        return (fn or self.objective.loss)(self.model, batch)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate_split(model, split: TokenSplit, seq_len: int, batch_size: int, max_batches: int,
-                   env: Env | None = None, objective: str = "clm", masking: str = "token",
-                   noise=None) -> dict:
-    """``{"val_loss": ...}``: the mean cross-entropy over the predicted tokens of the first
-    ``max_batches * world`` validation batches of ``batch_size`` windows (the same windows for the
-    same global batch, whatever the number of processes: each process takes every world-th batch
-    and the totals are summed). For ``mlm`` also ``"val_accuracy"``: the fraction of selected
-    positions whose most likely token is the original one (``masking``: what mlm selects)."""
-    was_training = model.training
-    model.eval()
+def evaluate_split(model, objective: Objective, split: TokenSplit, batch_size: int,
+                   max_batches: int, env: Env | None = None, seq_len: int | None = None,
+                   step: torch.nn.Module | None = None) -> dict:
+    """The objective's validation metrics (``val_loss``: the mean cross-entropy over the predicted
+    tokens; the masked LM adds ``val_accuracy``) over the first ``max_batches * world`` validation
+    batches of ``batch_size`` windows: the same windows for the same global batch, whatever the
+    number of processes (each process takes every world-th batch and the sums are added).
+
+    ``step``: the module to run the batches through (a sharded :class:`TrainStep` under fsdp, whose
+    forward gathers the weights; every process then runs the same number of forwards)."""
+    run = step if step is not None else TrainStep(model, objective)
+    was_training = run.training
+    run.eval()
     device = env.device if env else next(model.parameters()).device
     rank, world = (env.rank, env.world) if env else (0, 1)
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, correct
-    batches = eval_batches(objective, split, seq_len, batch_size, max_batches * world, masking, noise)
-    for i, (x, y) in enumerate(batches):
-        if i % world != rank:
-            continue
-        x, y = x.to(device), y.to(device)
-        ctx = env.autocast() if env else contextlib.nullcontext()
-        with ctx:
-            if objective == "mlm":
-                picked = y != IGNORE
-                y = y[picked]
-                logits = model.mlm(model.hidden_states(x)[picked])
-                loss = cross_entropy(logits, y)
-                total[2] += (logits.argmax(-1) == y).sum()
-            else:
-                loss = model(x, y).loss
-        counted = (y != IGNORE).sum()
-        total[0] += loss.double() * counted
-        total[1] += counted
+    batches = list(objective.eval_batches(split, batch_size, max_batches * world, seq_len))
+    mine = batches[rank::world]
+    sums: dict[str, float] = {}
+    for i in range(-(-len(batches) // world) if step is not None else len(mine)):
+        batch = mine[i] if i < len(mine) else batches[0]  # a spare forward, not counted
+        with env.autocast() if env else contextlib.nullcontext():
+            part = run(to_device(batch, device), objective.eval_sums)
+        if i < len(mine):
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v.double()
+    keys = objective.sums  # every process reduces the same keys, even one that had no batch
+    total = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(total)
-    model.train(was_training)
-    result = {"val_loss": (total[0] / total[1]).item()}
-    if objective == "mlm":
-        result["val_accuracy"] = (total[2] / total[1]).item()
-    return result
+    run.train(was_training)
+    return objective.metrics(dict(zip(keys, total.tolist())))
+
+
+def keep_global_batch(t, meta: dict, world: int, say) -> None:
+    """Resuming at another number of processes keeps the global batch (sequences per optimizer
+    step) the checkpoint was trained with: ``train.grad_accum`` is recomputed, or the run is
+    refused with the keys to change."""
+    saved = meta.get("global_batch")
+    if saved is None or t.batch_size * t.grad_accum * world == saved:
+        return
+    if saved % (t.batch_size * world) == 0:
+        new = saved // (t.batch_size * world)
+        say(f"note: {world} processes now, {meta.get('world_size', '?')} before: train.grad_accum "
+            f"{t.grad_accum} -> {new} keeps the global batch of {saved} sequences")
+        t.grad_accum = new
+        return
+    raise ConfigError(f"resuming at {world} processes: the run's global batch is {saved} sequences "
+                      f"(train.batch_size x train.grad_accum x processes), which train.batch_size="
+                      f"{t.batch_size} cannot give; set train.batch_size and train.grad_accum so that "
+                      f"their product x {world} = {saved}")
+
+
+def initial_model_config(source: str, data: str | None = None):
+    """``init_from``: the model config of the source (a run, a checkpoint folder or a Hugging Face
+    folder), checked against the data: the data must be tokenized with the source's tokenizer."""
+    from ..api import find_run_files
+
+    p = Path(source)
+    if not p.exists():
+        raise ConfigError(f"init_from={source}: no such run, checkpoint or Hugging Face folder")
+    if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        from ..interop.hf import _read_json, config_from_hf
+
+        model_cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
+        tok_dirs = [p]
+    else:
+        config_file, _ = find_run_files(p)
+        model_cfg = config_from_file(config_file).model
+        tok_dirs = [config_file.parent / "tokenizer"]
+    if data:
+        from ..data.prepare import load_manifest
+        from ..tokenization import load_tokenizer
+
+        want = load_manifest(Path(data))["tokenizer"].get("hash")
+        for d in tok_dirs:
+            if (d / "tokenizer.json").is_file() and want and load_tokenizer(d).hash != want:
+                raise ConfigError(f"data={data} was tokenized with another tokenizer than init_from="
+                                  f"{source}'s; prepare it with --tokenizer {d}")
+    return model_cfg
+
+
+def load_initial_weights(model: torch.nn.Module, source: str, sharded: bool = False) -> None:
+    """``init_from``: the weights of a run, a checkpoint folder or a Hugging Face folder (their
+    model config is the run's; :func:`initial_model_config`), loaded into ``model`` (each process
+    keeping its shards when ``sharded``)."""
+    from ..api import load
+
+    src = load(source).float()
+    weights = src.state_dict()
+    if not sharded:
+        model.load_state_dict(weights)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def resume_config(run: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -1,0 +1,207 @@
+"""Fast paths: the same layers with hand-written backward passes and fused float32 CPU kernels,
+applied to a built model from outside (:func:`apply_fast_paths`), never part of the plain layers.
+
+The plain layers in :mod:`.layers` are the reference; each class here is a subclass that keeps
+its parent's parameters and state-dict names and overrides one method:
+
+- :class:`FastRMSNorm`: a backward written from ``q = dy * x`` (autograd's composite walks the
+  activations about twice as often), and one-pass C kernels each way;
+- :class:`FastSelfAttention`: the head split and the rotary rotation in one autograd Function whose
+  backward writes the three gradients, rotated back, straight into one buffer laid out like the
+  projection's output (autograd would concatenate and transpose: two copies);
+- :class:`FastMLP` (SwiGLU): both halves of the gradient written into one buffer, silu recomputed
+  in the backward so its output is not kept; one-pass C kernels each way.
+
+The fused chunked LM-head loss (:func:`pretrainer.model.loss.linear_cross_entropy`) is the fourth
+fast path; the LM objectives choose it (:mod:`pretrainer.train.objectives`).
+
+``apply_fast_paths(model)`` swaps the classes of a model's modules in place (same parameters, same
+outputs to float32 rounding: ``tests/test_fast_paths.py``). The trainer applies them where they
+were measured to help: float32 on a CPU (``train.fast_paths=auto``; ``true``/``false`` to force).
+On a GPU, bf16 autocast and ``torch.compile`` do this work instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+from .layers import MLP, RMSNorm, SelfAttention
+
+
+class FastRMSNorm(RMSNorm):
+    """:class:`RMSNorm` with the hand-written backward (float32 on a CPU, while training)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32):  # elsewhere the native kernel is fused
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``x / rms(x) * weight`` with a hand-written backward (float32 training on a CPU, where
+    ``F.rms_norm`` is a composite whose autograd walks over the activations about twice as often).
+
+    With ``r = 1/rms(x)``, ``x^ = x r`` and ``g = dy * weight``, ``dx = r (g - x^ mean(g x^))`` and
+    ``dweight = sum over positions of dy x^``. Both come from ``q = dy x`` (``x^`` is never formed):
+    ``dweight = q^T r`` and ``dx = r (dy weight) - x r^3 (q . weight) / d``. With the fused CPU
+    kernels (:mod:`pretrainer.kernels`) each direction is one pass instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.shape = x.shape
+        ctx.kernel = kernels.usable(x2, weight)
+        if ctx.kernel:  # one pass (pretrainer.kernels)
+            x2 = x2.contiguous()
+            y, r = kernels.rms_norm_forward(x2, weight, eps)
+        else:
+            r = torch.rsqrt(torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps))
+            y = torch.mul(x2, r).mul_(weight)
+        ctx.save_for_backward(x2, weight, r)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, r = ctx.saved_tensors
+        dy = dy.reshape(x2.shape)
+        if ctx.kernel:
+            dx, dweight = kernels.rms_norm_backward(dy, x2, weight, r)
+            return dx.view(ctx.shape), dweight if ctx.needs_input_grad[1] else None, None
+        q = dy * x2
+        dweight = (q.t() @ r).squeeze(1) if ctx.needs_input_grad[1] else None
+        k = (q @ weight)[:, None].mul_(r.pow(3)).div_(-x2.shape[-1])  # -r^3 (q . weight) / d per row
+        dx = torch.mul(dy, weight, out=q).mul_(r).addcmul_(x2, k)  # written over q: 3 passes
+        return dx.view(ctx.shape), dweight, None
+
+
+class _SplitHeads(torch.autograd.Function):
+    """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
+    [B, heads, T, D], the queries and keys rotated (``cos`` [T, D] and ``sin`` [T, D/2] from
+    :meth:`Rotary.tables`, or None for no rotary).
+
+    Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
+    tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
+    sizeable part of a small model's step. Here the backward writes each gradient, rotated back
+    (the inverse rotation: ``sin`` negated), straight into one buffer laid out as ``qkv``."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
+        n_qk = n_q + n_kv
+        ctx.n_q, ctx.n_qk = n_q, n_qk
+        qk, v = qkv[:, :, :n_qk], qkv[:, :, n_qk:]
+        if cos is not None:
+            c, s = cos[:, None, :], sin[:, None, :]
+            qk = _rotate(qk, c, s, qk.new_empty(qk.shape), 1.0)
+            ctx.save_for_backward(c, s)
+        return qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        B, _, T, D = dv.shape
+        g = dv.new_empty(B, T, ctx.n_qk + dv.shape[1], D)
+        g[:, :, ctx.n_qk:].copy_(dv.transpose(1, 2))
+        rotation = ctx.saved_tensors  # (cos, sin), or () without rotary
+        for grad, out in ((dq, g[:, :, :ctx.n_q]), (dk, g[:, :, ctx.n_q:ctx.n_qk])):
+            if rotation:  # the inverse rotation: the same with sin negated
+                _rotate(grad.transpose(1, 2), *rotation, out, -1.0)
+            else:
+                out.copy_(grad.transpose(1, 2))
+        return g, None, None, None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float) -> torch.Tensor:
+    """``out = x * cos + rotate_half(x) * sign * sin`` with ``rotate_half(x) = [-x2, x1]`` (Su et al.
+    2021, half-split layout as Hugging Face Llama), written on the halves so that no concatenated
+    copy is made. ``sin`` holds one half (both halves of a row are equal)."""
+    if kernels.usable(x, cos, sin, out) and out.stride(-1) == 1:  # one pass (pretrainer.kernels)
+        return kernels.rotary(x, cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1), out, sign)
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin, value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin, value=sign)
+    return out
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of ``h = [gate, up]`` (the fused projection's output), with a backward
+    that writes both halves of the gradient into one buffer instead of concatenating two."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.kernel = kernels.usable(h)
+        if ctx.kernel:  # one pass each way, silu recomputed in the backward (pretrainer.kernels)
+            ctx.save_for_backward(h)
+            return kernels.swiglu_forward(h)
+        gate, up = h.chunk(2, dim=-1)
+        a = F.silu(gate)
+        ctx.save_for_backward(h, a)
+        return a * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.kernel:
+            return kernels.swiglu_backward(dy, ctx.saved_tensors[0])
+        h, a = ctx.saved_tensors
+        n = a.shape[-1]
+        gate, up = h.chunk(2, dim=-1)
+        g = torch.empty_like(h)
+        torch.mul(dy, a, out=g[..., n:])
+        dgate = torch.mul(dy, up, out=g[..., :n])  # d(silu(gate)), then through silu in place
+        torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
+        return g
+
+
+class FastSelfAttention(SelfAttention):
+    """:class:`SelfAttention` whose head split and rotation run as :class:`_SplitHeads`."""
+
+    def split_heads(self, qkv, tables):
+        cos, sin = tables if tables is not None else (None, None)
+        return _SplitHeads.apply(qkv, cos, sin, self.n_head, self.n_kv)
+
+
+class FastMLP(MLP):
+    """:class:`MLP` whose SwiGLU runs as :class:`_SwiGLU` (other activations are left plain)."""
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and self.gated:
+            return _SwiGLU.apply(h)
+        return super().activate(h)
+
+
+#: plain class -> its fast subclass
+FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, MLP: FastMLP}
+
+
+def apply_fast_paths(model: nn.Module) -> nn.Module:
+    """Swap every plain layer of ``model`` that has a fast subclass for it, in place (parameters,
+    buffers and state-dict names unchanged); returns ``model``. ``model.fast_paths`` records it."""
+    for module in model.modules():
+        fast = FAST.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+    model.fast_paths = True
+    return model
+
+
+def remove_fast_paths(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`apply_fast_paths`: back to the plain layers."""
+    plain = {fast: base for base, fast in FAST.items()}
+    for module in model.modules():
+        base = plain.get(type(module))
+        if base is not None:
+            module.__class__ = base
+    model.fast_paths = False
+    return model
+
+
+def wants_fast_paths(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """``train.fast_paths``: ``auto`` turns them on for float32 on a CPU, where they were measured
+    to help (benchmarks/throughput.py); ``true`` / ``false`` force."""
+    setting = str(setting).lower()
+    if setting in ("true", "false"):
+        return setting == "true"
+    return device.type == "cpu" and dtype == torch.float32

@@ -1,0 +1,126 @@
+"""Parallelism applied to a plain model from outside: :func:`parallelize`.
+
+``train.parallel`` picks how several processes (``torchrun``) share the work:
+
+- ``ddp`` (the default): every process holds the whole model and optimizer; gradients are averaged
+  by :class:`~torch.nn.parallel.DistributedDataParallel`.
+- ``fsdp``: PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``): each block is one group whose
+  parameters, gradients and optimizer state are split across the processes and gathered for its
+  forward and backward only; the root group holds the rest (embeddings, the tied output layer,
+  final norms: a tied embedding and head are one parameter, in one group). The model is built on
+  the ``meta`` device, sharded, then initialised module by module (:func:`init_sharded`): no
+  process ever holds a full copy of the model, and the weights equal a one-process run's. On CUDA
+  the parameters are gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``).
+
+``train.activation_checkpointing``: ``full`` recomputes every block's activations in the backward
+(keeping only its input), ``selective`` every other block; ``none`` keeps them all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import TrainConfig
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of any of the three model kinds (an encoder-decoder: both stacks')."""
+    stacks = [model.encoder, model.decoder] if hasattr(model, "decoder") else [model]
+    return [b for s in stacks for b in s.blocks]
+
+
+def parallel_mode(t: TrainConfig) -> str:
+    return "ddp" if t.parallel == "auto" else t.parallel
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Wrap blocks so their activations are recomputed in the backward (``full``: every block,
+    ``selective``: every other one)."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for stack in ([model.encoder, model.decoder] if hasattr(model, "decoder") else [model]):
+        for i, block in enumerate(stack.blocks):
+            if mode == "full" or i % 2 == 0:
+                stack.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each block (as torchtitan does): the objectives call the model's methods,
+    not only its ``forward``, so the model as a whole is not compiled."""
+    for stack in ([model.encoder, model.decoder] if hasattr(model, "decoder") else [model]):
+        for i, block in enumerate(stack.blocks):
+            stack.blocks[i] = torch.compile(block)
+
+
+def shard(step: nn.Module, model: nn.Module, device: torch.device, world: int,
+          mixed_bf16: bool) -> nn.Module:
+    """FSDP2 over ``world`` processes: ``fully_shard`` on each block, then on ``step`` (the root,
+    which owns the model's remaining parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    kw = {"mesh": mesh}
+    if mixed_bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in blocks(model):
+        fully_shard(block, reshard_after_forward=True, **kw)
+    # the root's parameters are needed again at once by the loss and the backward: keep them
+    fully_shard(step, reshard_after_forward=False, **kw)
+    return step
+
+
+@torch.no_grad()
+def init_sharded(model: nn.Module, device: torch.device) -> None:
+    """Give a sharded model built on the ``meta`` device the weights that
+    ``make_model(cfg)`` draws on one process, without a full copy of it: module by module, in the
+    order of its own initialisation, the module's parameters are drawn at full size on the CPU
+    (the same random stream) and each process keeps its shard. Buffers (rotary and sinusoidal
+    tables) are computed again."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+
+    def materialise(module: nn.Module, fn) -> None:
+        """Run ``fn(module)`` on full-size CPU stand-ins of its own parameters, then shard them in."""
+        real = dict(module.named_parameters(recurse=False))
+        for name, p in real.items():
+            shape = p.shape
+            module._parameters[name] = nn.Parameter(torch.empty(shape, dtype=p.dtype))
+        try:
+            fn(module)
+        finally:
+            for name, p in real.items():
+                full = module._parameters[name].data
+                module._parameters[name] = p
+                if isinstance(p, DTensor):
+                    p.to_local().copy_(distribute_tensor(full.to(device), p.device_mesh, p.placements).to_local())
+                else:
+                    p.copy_(full)
+
+    model.init_weights(materialise)
+
+
+def ddp(step: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
+    ids = [device.index] if device.type == "cuda" else None
+    # BERT's pooler takes no part in MLM pretraining
+    unused = getattr(model, "pooler", None) is not None
+    return torch.nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=unused)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
