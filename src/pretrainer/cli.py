@@ -40,6 +40,13 @@ def cmd_info(args) -> None:
     if cfg.vocab_size is None:
         cfg.vocab_size = args.vocab_size
     cfg.validate()
+    if args.plan:
+        from .model.plan import parse_memory, plan, plan_table
+
+        result = plan(cfg, devices=args.devices, device_memory_bytes=parse_memory(args.device_memory),
+                      seq_len=args.seq_len, micro_batch=args.micro_batch,
+                      checkpointing=args.activation_checkpointing)
+        return _json_out(result) if args.json else print("\n".join(plan_table(result)))
     info = model_info(cfg, args.seq_len)
     if args.json:
         return _json_out(info)
@@ -361,12 +368,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a model preset")
+    s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a model preset", description=(
+        "Parameters, FLOPs per token and memory of a model preset. With --plan: per-device memory of "
+        "AdamW training under ddp and fsdp with each activation checkpointing mode (none, selective, "
+        "full), whether it fits and the largest micro-batch, e.g. "
+        "'pretrainer info llama2-7b --plan --devices 8 --device-memory 80GB'."))
     s.add_argument("model", help="preset name, e.g. gpt2-small, llama2-7b")
     s.add_argument("overrides", nargs="*", help="model field overrides, e.g. n_layer=6")
     s.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary for presets that take it from the data (default 8192)")
-    s.add_argument("--seq-len", type=int, default=None, help="context for the attention FLOPs (default: max_seq_len)")
+    s.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence, for the attention FLOPs and the plan (default: max_seq_len)")
+    s.add_argument("--plan", action="store_true",
+                   help="memory plan: model state, activations, fits yes/no and max micro-batch per device")
+    s.add_argument("--devices", type=int, default=1, help="--plan: number of devices (default 1)")
+    s.add_argument("--device-memory", default="80GB",
+                   help="--plan: memory per device, e.g. 80GB, 24GiB, 40000MB (plain number = GB; default 80GB)")
+    s.add_argument("--micro-batch", type=int, default=None,
+                   help="--plan: sequences per device (default: report the largest that fits)")
+    s.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default=None,
+                   help="--plan: only this mode (default: all three)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
 
