@@ -86,7 +86,8 @@ def cmd_prepare(args) -> None:
     manifest = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
                        split=args.split, seed=args.seed,
                        text_field=args.text_field, doc_separator=args.doc_separator,
-                       sentinels=args.sentinels, overwrite=args.overwrite, progress=not args.json)
+                       sentinels=args.sentinels, eos_token=args.eos_token, pad_token=args.pad_token,
+                       mask_token=args.mask_token, overwrite=args.overwrite, progress=not args.json)
     if args.json:
         return _json_out(manifest)
     s = manifest["splits"]
@@ -112,7 +113,23 @@ def cmd_pretrain(args) -> None:
               f"run folder {summary['run']}, loss curve {summary['loss_png']}")
 
 
-def _load_run_and_tokenizer(run: str, device: str = "cpu"):
+def add_token_options(s, roles=("eos", "pad")) -> None:
+    """``--eos-token TEXT`` (and the other roles') on a command that reads a tokenizer."""
+    what = {"eos": "that ends a text (document separator, end of generation)",
+            "pad": "to pad with (default: the pad token, else the end-of-text one)",
+            "mask": "that masks (objective=mlm, denoise)"}
+    for role in roles:
+        s.add_argument(f"--{role}-token", metavar="TEXT", default=None,
+                       help=f"the tokenizer's token {what[role]}, when its tokenizer_config.json names "
+                            f"none or the wrong one")
+
+
+def token_overrides(args) -> dict[str, str | None]:
+    """``{role: TEXT}`` from the ``--ROLE-token`` options of :func:`add_token_options`."""
+    return {role: getattr(args, f"{role}_token", None) for role in ("eos", "pad", "mask")}
+
+
+def _load_run_and_tokenizer(run: str, device: str = "cpu", overrides: dict | None = None):
     from . import load
     from .tokenization import load_tokenizer
 
@@ -120,7 +137,7 @@ def _load_run_and_tokenizer(run: str, device: str = "cpu"):
     tok_dir = Path(run) / "tokenizer"
     if not tok_dir.is_dir() and (Path(run) / "tokenizer.json").is_file():
         tok_dir = Path(run)
-    return model, load_tokenizer(tok_dir)
+    return model, load_tokenizer(tok_dir, overrides)
 
 
 def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
@@ -128,10 +145,11 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
                      no_repeat_ngram: int = 0) -> list[str]:
     """Complete each prompt (decoder-only) or answer it (encoder-decoder).
 
-    A decoder-only prompt starts a new document: it is preceded by the ``<eos>`` separator the
-    model saw between documents in training, and the text returned is the prompt plus its
-    continuation. An encoder-decoder reads the prompt (ended by ``<eos>``, as in training) and the
-    text returned is the decoder's output alone. Generation stops at ``<eos>``; ``beams`` > 1
+    A decoder-only prompt starts a new document: it is preceded by the end-of-text separator the
+    model saw between documents in training (``<eos>``, GPT-2's ``<|endoftext|>``, Llama's ``</s>``:
+    the tokenizer's eos role), and the text returned is the prompt plus its continuation. An
+    encoder-decoder reads the prompt (ended by end-of-text, as in training) and the text returned
+    is the decoder's output alone. Generation stops at end-of-text; ``beams`` > 1
     (encoder-decoders) searches instead of sampling; ``no_repeat_ngram`` = n > 0 never repeats an
     n-gram."""
     import torch
@@ -141,6 +159,8 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
     if no_repeat_ngram < 0:
         raise PretrainerError(f"--no-repeat-ngram {no_repeat_ngram}: expected 0 (off) or a positive n-gram length")
     gen = torch.Generator().manual_seed(seed)
+    eos = tok.need("eos", "to start and stop generation")
+    pad = tok.pad_id
     seq2seq = getattr(model.cfg, "arch", "") == "encoder-decoder"
     if beams > 1 and not seq2seq:
         raise PretrainerError("--beams applies to encoder-decoder runs (T5, BART); sample or use "
@@ -148,24 +168,24 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
     out = []
     for prompt in prompts:
         if seq2seq:
-            x = torch.tensor([tok.encode(prompt) + [tok.eos_id]])
+            x = torch.tensor([tok.encode(prompt) + [eos]])
             y = model.generate(x, max_new_tokens, num_beams=beams, temperature=temperature,
-                               top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=gen,
+                               top_k=top_k, top_p=top_p, eos_id=eos, generator=gen,
                                no_repeat_ngram_size=no_repeat_ngram)
-            new = [i for i in y[0].tolist() if i not in (tok.eos_id, tok.pad_id)]
+            new = [i for i in y[0].tolist() if i not in (eos, pad)]
             out.append(tok.decode(new))
             continue
-        ids = [tok.eos_id] + tok.encode(prompt)
+        ids = [eos] + tok.encode(prompt)
         x = torch.tensor([ids])
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eos_id=tok.eos_id, generator=gen, no_repeat_ngram_size=no_repeat_ngram)
-        new = [i for i in y[0, len(ids):].tolist() if i != tok.eos_id]
+                           eos_id=eos, generator=gen, no_repeat_ngram_size=no_repeat_ngram)
+        new = [i for i in y[0, len(ids):].tolist() if i != eos]
         out.append(prompt + tok.decode(new))
     return out
 
 
 def cmd_generate(args) -> None:
-    model, tok = _load_run_and_tokenizer(args.run, args.device)
+    model, tok = _load_run_and_tokenizer(args.run, args.device, token_overrides(args))
     prompts = [args.prompt] if args.prompt is not None else []
     if args.input:
         prompts += [line.rstrip("\n") for line in open(args.input) if line.strip()]
@@ -184,7 +204,7 @@ def cmd_generate(args) -> None:
 def cmd_embed(args) -> None:
     from .embed import embed_texts, read_texts, write_embeddings
 
-    model, tok = _load_run_and_tokenizer(args.run, args.device)
+    model, tok = _load_run_and_tokenizer(args.run, args.device, token_overrides(args))
     texts = read_texts(args.input, args.text_field)
     vectors = embed_texts(model, tok, texts, args.pooling, args.batch_size, args.max_len)
     if args.out:
@@ -403,10 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    s = sub.add_parser("prepare", help="tokenise a corpus into memory-mapped token shards")
+    s = sub.add_parser("prepare", help="tokenise a corpus into memory-mapped token shards", description=(
+        "Tokenise a corpus into token shards and a manifest. Every document is followed by the "
+        "tokenizer's end-of-text token (<eos> in ours, <|endoftext|> in GPT-2's, </s> in Llama's): a "
+        "tokenizer's special tokens are read by role from its tokenizer_config.json / "
+        "special_tokens_map.json (or known spellings in a bare tokenizer.json), and the manifest's "
+        "special_ids records them. A tokenizer with no end-of-text token needs --eos-token TEXT."))
     s.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, builtin:stdlib or builtin:synthetic")
     s.add_argument("--tokenizer", required=True,
-                   help="a tokenizer folder, 'char', or KIND:SIZE to train one first (e.g. bpe:8192)")
+                   help="a tokenizer folder or tokenizer.json (ours or a Hugging Face one: its special tokens "
+                        "are read by role from tokenizer_config.json), 'char', or KIND:SIZE to train one "
+                        "first (e.g. bpe:8192)")
     s.add_argument("--out", required=True)
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--split", choices=["document", "tail"], default="document",
@@ -416,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--doc-separator", default=None, help=r"split text files into documents on this string, e.g. '\n\n'")
     s.add_argument("--sentinels", type=int, default=0,
                    help="T5 sentinel tokens <extra_id_0..N-1> added to a trained tokenizer (objective=span: 100)")
+    add_token_options(s, ("eos", "pad", "mask"))
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_prepare)
@@ -445,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    add_token_options(s, ("eos",))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
 
@@ -458,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--max-len", type=int, default=512, help="tokens per text (longer texts are cut)")
     s.add_argument("--device", default="cpu")
+    add_token_options(s, ("eos", "pad"))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_embed)
 

@@ -19,10 +19,12 @@ from .errors import DataError, PretrainerError
 
 def _inputs(model, tok, texts: list[str], max_len: int) -> list[list[int]]:
     arch = model.cfg.arch
-    if arch == "encoder-decoder":  # as in pretraining: the text, then <eos>
-        return [(tok.encode(t)[:max_len - 1]) + [tok.eos_id] for t in texts]
+    if arch == "encoder-decoder":  # as in pretraining: the text, then end-of-text
+        eos = tok.need("eos", "to end each text")
+        return [(tok.encode(t)[:max_len - 1]) + [eos] for t in texts]
     if arch == "encoder":  # BERT: <cls> text <sep>
-        return [[tok.cls_id] + tok.encode(t)[:max_len - 2] + [tok.sep_id] for t in texts]
+        cls, sep = tok.need("cls", "to start each text"), tok.need("sep", "to end each text")
+        return [[cls] + tok.encode(t)[:max_len - 2] + [sep] for t in texts]
     raise PretrainerError(f"embed needs an encoder (arch encoder-decoder or encoder); this run is "
                           f"arch={arch}")
 
@@ -37,12 +39,13 @@ def embed_texts(model, tok, texts: list[str], pooling: str = "mean", batch_size:
     model.eval()
     max_len = min(max_len, model.cfg.max_seq_len)
     ids = _inputs(model, tok, texts, max_len)
+    pad = tok.pad_id  # the pad token, else end-of-text: padded positions are masked out anyway
     out: list[np.ndarray] = []
     device = next(model.parameters()).device
     for i in range(0, len(ids), batch_size):
         rows = ids[i:i + batch_size]
         width = max(len(r) for r in rows)
-        x = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
         keep = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
             x[j, :len(r)] = torch.tensor(r)

@@ -10,8 +10,14 @@ optionally followed by T5-style sentinels ``<extra_id_0>``, ``<extra_id_1>``, ..
 - ``char``: one token per distinct character of the training text; decodes back exactly; characters
   never seen in training become ``<unk>``. The vocabulary size is whatever the text needs.
 
-Encoding never adds special tokens by itself: the data pipeline puts ``<eos>`` between documents and
-each objective adds what it needs.
+Encoding never adds special tokens by itself: the data pipeline puts the end-of-text token between
+documents and each objective adds what it needs.
+
+Any other tokenizer (GPT-2's, Llama's, BERT's) is read by role, not by literal name: :class:`Tok`
+knows which of its tokens ends a text (``eos``), begins one (``bos``), pads (``pad``), stands for
+unknown text (``unk``), is masked (``mask``) and opens / separates inputs (``cls``, ``sep``).
+Every caller asks :meth:`Tok.role_id` (or :meth:`Tok.need`, which fails with a one-line error
+naming the option that supplies the token); see :func:`find_roles` for how the roles are found.
 """
 
 from __future__ import annotations
@@ -31,6 +37,29 @@ KINDS = ("bpe", "wordpiece", "unigram", "char")
 
 # short names of the special tokens (transformers' "pad_token", ... and the manifest's "special_ids")
 SPECIAL_NAMES = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK, "cls": CLS, "sep": SEP, "mask": MASK}
+
+#: The roles a special token can play, in the order of the manifest's ``special_ids``.
+ROLES = tuple(SPECIAL_NAMES)
+ROLE_WORDS = {"pad": "padding", "bos": "beginning-of-text", "eos": "end-of-text", "unk": "unknown",
+              "cls": "classification (cls)", "sep": "separator (sep)", "mask": "mask"}
+
+#: Spellings recognised among the added special tokens of a bare ``tokenizer.json`` (one with no
+#: Hugging Face special-token map), best first: ours, then Llama / T5 / RoBERTa, GPT-2, BERT.
+#: GPT-2's ``<|endoftext|>`` begins, ends and stands for unknown text, as in GPT-2 itself; BERT's
+#: ``[SEP]`` ends a text when nothing else does (it closes every BERT input).
+KNOWN_SPELLINGS = {
+    "pad": (PAD, "[PAD]", "<|pad|>", "<|padding|>"),
+    "bos": (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>"),
+    "eos": (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]"),
+    "unk": (UNK, "[UNK]", "<|endoftext|>"),
+    "cls": (CLS, "[CLS]", "<s>"),
+    "sep": (SEP, "[SEP]", "</s>"),
+    "mask": (MASK, "[MASK]"),
+}
+HF_MAP_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+#: Roles the command line can name a token for (``--eos-token TEXT``; ``load_tokenizer(overrides=)``
+#: takes every role).
+OPTION_ROLES = ("eos", "pad", "mask")
 
 
 def sentinel_tokens(n: int) -> list[str]:
@@ -118,22 +147,26 @@ def tokenizer_hash(tok: Tokenizer | "Tok") -> str:
 def save_tokenizer(tok: Tokenizer | "Tok", out_dir: str | Path) -> Path:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` to ``out_dir``.
 
-    The folder loads with ``transformers.AutoTokenizer.from_pretrained(out_dir)`` with the pad, bos,
-    eos, unk, cls, sep and mask tokens set (and sentinels as additional special tokens).
+    The folder loads with ``transformers.AutoTokenizer.from_pretrained(out_dir)`` with the tokens of
+    every role the tokenizer has (pad, bos, eos, unk, cls, sep, mask; overrides included) set, and
+    sentinels as additional special tokens. A tokenizer loaded from a Hugging Face folder keeps the
+    other fields of its ``tokenizer_config.json`` (its class, casing, ...).
     """
-    tok = tok.tok if isinstance(tok, Tok) else tok
+    tok = tok if isinstance(tok, Tok) else Tok(tok)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    vocab = tok.get_vocab(with_added_tokens=True)
-    specials = {f"{name}_token": s for name, s in SPECIAL_NAMES.items() if s in vocab}
+    tok.tok.save(str(out_dir / "tokenizer.json"))
+    specials = {f"{role}_token": tok.role_token(role) for role in ROLES if tok.role_id(role) is not None}
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
     sentinels = sorted((t for t in vocab if t.startswith("<extra_id_")), key=vocab.__getitem__)
     if sentinels:
         specials["additional_special_tokens"] = sentinels
+    kept = {k: v for k, v in tok.config.items() if not (k.endswith("_token") and k[:-6] in ROLES)}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
         "model_max_length": 1_000_000_000,  # the model's context, not the tokenizer, sets the limit
+        **kept,
         **specials,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -141,9 +174,11 @@ def save_tokenizer(tok: Tokenizer | "Tok", out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_tokenizer(path: str | Path) -> "Tok":
+def load_tokenizer(path: str | Path, overrides: dict[str, str | None] | None = None) -> "Tok":
     """Load a tokenizer from ``tokenizer.json``, a folder holding one, or a prepared data folder
-    (which keeps its tokenizer in ``tokenizer/``)."""
+    (which keeps its tokenizer in ``tokenizer/``), with its special tokens read by role (see
+    :func:`find_roles`). ``overrides`` maps a role to the token that plays it (``{"eos": "</s>"}``,
+    the ``--eos-token`` option), replacing what the tokenizer's own files say."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"]
@@ -159,25 +194,153 @@ def load_tokenizer(path: str | Path) -> "Tok":
     except Exception as e:  # tokenizers raises a bare Exception with a multi-line message
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"tokenizer '{file}': not a valid tokenizers JSON file ({first_line})") from None
-    return Tok(tok)
+    config = {}
+    for name in reversed(HF_MAP_FILES):  # tokenizer_config.json wins over special_tokens_map.json
+        if (file.parent / name).is_file():
+            config.update(_read_json(file.parent / name))
+    return Tok(tok, find_roles(tok, config, str(file.parent)), source=str(path),
+               config=config).with_roles(overrides)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def find_roles(tok: Tokenizer, config: dict | None = None, where: str = "tokenizer") -> dict[str, int | None]:
+    """``{role: id or None}`` for every role of :data:`ROLES`.
+
+    - A Hugging Face folder names its special tokens in ``tokenizer_config.json`` /
+      ``special_tokens_map.json`` (``"eos_token": "</s>"``, or ``{"content": "</s>", ...}``); that
+      map is ``config``, and when it names any role it is the whole truth: GPT-2's gives bos = eos =
+      unk = ``<|endoftext|>`` and no pad, Llama's bos ``<s>``, eos ``</s>``, unk ``<unk>``, BERT's
+      cls, sep, mask, pad and unk. The one addition: a map with a ``sep_token`` and no ``eos_token``
+      (BERT) ends texts with its sep token.
+    - Otherwise (a bare ``tokenizer.json``, and every tokenizer pretrainer trains, whose reserved
+      ``<pad> <bos> <eos> ...`` are found this way) the added special tokens are matched against
+      :data:`KNOWN_SPELLINGS`.
+    """
+    named = {}
+    for role in ROLES:
+        value = (config or {}).get(f"{role}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is None:
+            continue
+        if not isinstance(value, str) or tok.token_to_id(value) is None:
+            raise DataError(f"tokenizer '{where}': {role}_token {value!r} (tokenizer_config.json / "
+                            f"special_tokens_map.json) is not a token of its tokenizer.json "
+                            f"(expected one of its tokens, or null)")
+        named[role] = tok.token_to_id(value)
+    if named:
+        roles = {role: named.get(role) for role in ROLES}
+        if roles["eos"] is None:
+            roles["eos"] = roles["sep"]
+        return roles
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return {role: next((specials[s] for s in KNOWN_SPELLINGS[role] if s in specials), None) for role in ROLES}
+
+
+def padding_id(roles: dict[str, int | None]) -> int | None:
+    """The id to pad with, given ``{role: id}`` (a :attr:`Tok.roles` or a manifest's
+    ``special_ids``): the pad token, else the end-of-text token (GPT-2 and Llama have no pad)."""
+    return roles.get("pad") if roles.get("pad") is not None else roles.get("eos")
 
 
 class Tok:
     """A thin wrapper over a ``tokenizers.Tokenizer`` (at ``.tok``) with plain ``encode``/``decode``
-    and the special-token ids as attributes (``None`` when the tokenizer lacks that token)."""
+    and its special tokens by role.
 
-    def __init__(self, tok: Tokenizer):
+    The role API every caller uses: :attr:`roles` (``{"pad": id, "bos": id, "eos": id, "unk": id,
+    "cls": id, "sep": id, "mask": id}``, ``None`` where the tokenizer has no such token),
+    :meth:`role_id` (one role), :meth:`role_token` (its text) and :meth:`need` (the id, or a
+    one-line error naming the ``--ROLE-token`` option that supplies it). :meth:`with_roles` sets
+    roles by token text (the ``--eos-token`` options); :func:`save_tokenizer` writes them into
+    ``tokenizer_config.json``, so they travel with the tokenizer.
+
+    The attributes ``pad_id``, ``bos_id``, ``eos_id``, ``unk_id``, ``cls_id``, ``sep_id`` and
+    ``mask_id`` are shorthands for ``role_id``, except ``pad_id``, which is for padding only: a
+    tokenizer without a pad token (GPT-2, Llama) pads with its end-of-text token there, as padded
+    positions are masked out and never read (``role_id("pad")`` says whether a pad token exists).
+    """
+
+    def __init__(self, tok: Tokenizer, roles: dict[str, int | None] | None = None,
+                 source: str | None = None, config: dict | None = None):
         self.tok = tok
         self.kind = tokenizer_kind(tok)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
-            tok.token_to_id(s) for s in SPECIAL_TOKENS)
+        self.source = source  # where it was loaded from, for messages
+        self.config = dict(config or {})  # the folder's Hugging Face tokenizer config, kept on save
+        found = find_roles(tok) if roles is None else roles
+        self.roles = {role: found.get(role) for role in ROLES}
         vocab = tok.get_vocab(with_added_tokens=True)
         self.sentinel_ids = sorted(i for t, i in vocab.items() if t.startswith("<extra_id_"))
 
     @classmethod
     def train(cls, texts: Iterable[str], kind: str, vocab_size: int, sentinels: int = 0) -> "Tok":
         return cls(train_tokenizer(texts, kind, vocab_size, sentinels))
+
+    # --- roles -------------------------------------------------------------------------------
+
+    def role_id(self, role: str) -> int | None:
+        """The id of the token playing ``role`` (one of :data:`ROLES`), or ``None``."""
+        if role not in self.roles:
+            raise KeyError(f"unknown token role {role!r}; expected one of {', '.join(ROLES)}")
+        return self.roles[role]
+
+    def role_token(self, role: str) -> str | None:
+        """The text of the token playing ``role``, or ``None``."""
+        i = self.role_id(role)
+        return None if i is None else self.tok.id_to_token(i)
+
+    def need(self, role: str, purpose: str) -> int:
+        """The id of ``role``'s token; a :class:`DataError` naming ``--ROLE-token`` when there is none
+        (``purpose`` says what it is needed for: "to separate documents")."""
+        i = self.role_id(role)
+        if i is None:
+            fix = (f"; name one of its tokens with --{role}-token TEXT" if role in OPTION_ROLES else
+                   f" (its tokenizer_config.json names no {role}_token)")
+            raise DataError(f"tokenizer '{self.source or self.kind}': no {ROLE_WORDS[role]} token, "
+                            f"needed {purpose}{fix}")
+        return i
+
+    def with_roles(self, overrides: dict[str, str | None] | None) -> "Tok":
+        """This tokenizer with the roles in ``overrides`` (``{"eos": "</s>"}``) played by those
+        tokens, which must be in the vocabulary; ``None`` values are ignored. Returns ``self``."""
+        for role, text in (overrides or {}).items():
+            if text is None:
+                continue
+            if role not in ROLES:
+                raise DataError(f"token role '{role}': expected one of {', '.join(ROLES)}")
+            i = self.tok.token_to_id(text)
+            if i is None:
+                raise DataError(f"--{role}-token {text!r}: not a token of tokenizer "
+                                f"'{self.source or self.kind}' (expected one of its tokens, e.g. a special token)")
+            self.roles[role] = i
+        return self
+
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        """``{"pad": 0, "bos": 1, ...}``: :attr:`roles` (the manifest's ``special_ids``)."""
+        return dict(self.roles)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id to pad with: the pad token, else the end-of-text token (see :func:`padding_id`)."""
+        return padding_id(self.roles)
+
+    bos_id = property(lambda self: self.roles["bos"], doc="``role_id('bos')``")
+    eos_id = property(lambda self: self.roles["eos"], doc="``role_id('eos')``")
+    unk_id = property(lambda self: self.roles["unk"], doc="``role_id('unk')``")
+    cls_id = property(lambda self: self.roles["cls"], doc="``role_id('cls')``")
+    sep_id = property(lambda self: self.roles["sep"], doc="``role_id('sep')``")
+    mask_id = property(lambda self: self.roles["mask"], doc="``role_id('mask')``")
+
+    # --- text --------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<mask>``) map to their ids."""
@@ -196,16 +359,11 @@ class Tok:
         return self.tok.id_to_token(i)
 
     @property
-    def special_ids(self) -> dict[str, int | None]:
-        """``{"pad": 0, "bos": 1, ...}``"""
-        return {name: self.tok.token_to_id(s) for name, s in SPECIAL_NAMES.items()}
-
-    @property
     def hash(self) -> str:
         return tokenizer_hash(self.tok)
 
     def save(self, out_dir: str | Path) -> Path:
-        return save_tokenizer(self.tok, out_dir)
+        return save_tokenizer(self, out_dir)
 
     def __repr__(self) -> str:
         return f"Tok(kind={self.kind!r}, vocab_size={self.vocab_size})"

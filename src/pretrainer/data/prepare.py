@@ -10,15 +10,18 @@ Layout of a prepared data folder::
       val_00000.bin
 
 The token stream of a split is the concatenation of its shards in order. Every document is
-followed by ``<eos>``, the document separator: ``doc0 <eos> doc1 <eos> ...``. Special tokens
-written literally in the corpus (``"<eos>"`` in a source file) are encoded as plain text, so the
-only special ids in a shard are those separators.
+followed by the tokenizer's end-of-text token, the document separator: ``doc0 <eos> doc1 <eos> ...``
+(``<eos>`` is our tokenizers' spelling; GPT-2's is ``<|endoftext|>``, Llama's ``</s>``: tokenizers
+are read by role, see :mod:`pretrainer.tokenization`). Special tokens written literally in the
+corpus (``"<eos>"`` in a source file) are encoded as plain text, so the only special ids in a shard
+are those separators.
 
 ``manifest.json``::
 
     {"format": "pretrainer-shards", "version": 1, "dtype": "uint16", "vocab_size": V,
      "tokenizer": {"path": "tokenizer", "hash": "...", "kind": "bpe"},
      "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "cls": 4, "sep": 5, "mask": 6},
+     (the id of each role's token, null where the tokenizer has none: Tok.roles)
      "splits": {"train": {"shards": [{"file": "train_00000.bin", "tokens": n}, ...],
                           "tokens": N, "documents": D},
                 "val": {...}},
@@ -79,6 +82,9 @@ def prepare(
     text_field: str = "text",
     doc_separator: str | None = None,
     sentinels: int = 0,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    mask_token: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -87,6 +93,9 @@ def prepare(
     ``tokenizer`` is a tokenizer file or folder, ``"char"``, or ``"bpe:N"`` / ``"wordpiece:N"`` /
     ``"unigram:N"`` to train one of vocabulary size N on the corpus first (``sentinels`` T5
     sentinel tokens are added to a trained one). The tokenizer is saved in ``out/tokenizer``.
+    Its special tokens are read by role (:func:`pretrainer.tokenization.find_roles`); ``eos_token``,
+    ``pad_token`` and ``mask_token`` name the token that plays that role instead (``--eos-token``
+    ...), and are saved with it. An end-of-text token is required: it separates the documents.
 
     ``out`` is built in a hidden temporary folder next to it and renamed into place at the end, so
     an interrupted run never leaves a folder that looks complete. An existing ``out`` is replaced
@@ -112,8 +121,8 @@ def prepare(
                 yield text
 
     tok = _get_tokenizer(tokenizer, documents, sentinels, log)
-    if tok.eos_id is None:
-        raise DataError(f"tokenizer '{tokenizer}': has no '<eos>' token, needed to separate documents")
+    tok.with_roles({"eos": eos_token, "pad": pad_token, "mask": mask_token})
+    eos_id = tok.need("eos", "to separate documents")
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +154,7 @@ def prepare(
                 writers = {"train": writers["val"].renamed("train"), "val": writers["train"].renamed("val")}
             split = "tail"
         if split == "tail" and val_fraction > 0:
-            _split_tail(writers, val_fraction, tok.eos_id)
+            _split_tail(writers, val_fraction, eos_id)
         if writers["train"].tokens == 0:
             raise DataError(f"corpus '{', '.join(sources)}': too small to split "
                             f"({writers['val'].tokens} tokens, val_fraction {val_fraction})")
@@ -156,7 +165,7 @@ def prepare(
             "dtype": dtype.name,
             "vocab_size": tok.vocab_size,
             "tokenizer": tokenizer_info,
-            "special_ids": tok.special_ids,
+            "special_ids": tok.roles,
             "splits": {s: w.summary() for s, w in writers.items()},
             "sources": sources,
             "split": split,
@@ -241,7 +250,7 @@ def _batches(documents: Iterable[str]) -> Iterator[list[tuple[int, str]]]:
 
 
 def _encode(tok: Tok, batch: list[tuple[int, str]], cut_long: bool, dtype: np.dtype) -> list[tuple[int, np.ndarray]]:
-    """Ids of every document of the batch, each followed by ``<eos>``.
+    """Ids of every document of the batch, each followed by the end-of-text token.
 
     Parallelism: one ``encode_batch_fast`` call per batch lets `tokenizers` spread the pieces over
     all cores with its own threads. On the 2-vCPU development VM (builtin:stdlib, 12 MB, bpe:8192;
@@ -256,7 +265,8 @@ def _encode(tok: Tok, batch: list[tuple[int, str]], cut_long: bool, dtype: np.dt
     ids: list[list[int]] = [[] for _ in batch]
     for j, encoding in zip(owners, tok.tok.encode_batch_fast(pieces, add_special_tokens=False)):
         ids[j] += encoding.ids
-    return [(i, np.array(doc_ids + [tok.eos_id], dtype=dtype)) for (i, _), doc_ids in zip(batch, ids)]
+    eos = tok.role_id("eos")
+    return [(i, np.array(doc_ids + [eos], dtype=dtype)) for (i, _), doc_ids in zip(batch, ids)]
 
 
 def _splittable(tok: Tok) -> bool:

@@ -9,6 +9,8 @@ from . import BUILTIN_TASKS, SCORINGS
 
 def register(sub) -> None:
     """Add the ``icl`` command to the top-level subparsers."""
+    from ..cli import add_token_options
+
     s = sub.add_parser(
         "icl", help="zero-, one- and few-shot accuracy of decoder runs on a task",
         description=(
@@ -29,6 +31,7 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="shots drawn, built-in rows and bootstrap")
     s.add_argument("--out", default=None, help="output folder (default RUN/icl for one run, ./icl for several)")
     s.add_argument("--device", default="cpu")
+    add_token_options(s, ("eos",))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_icl)
 
@@ -36,7 +39,7 @@ def register(sub) -> None:
 def cmd_icl(args) -> None:
     import sys
 
-    from ..cli import _json_out, _load_run_and_tokenizer
+    from ..cli import _json_out, _load_run_and_tokenizer, token_overrides
     from ..errors import DataError
     from .icl import load_task, parse_shots, run_icl
 
@@ -50,7 +53,7 @@ def cmd_icl(args) -> None:
         if args.max_new_tokens < 1:
             raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number")
         task.max_new_tokens = args.max_new_tokens
-    models = [(run, *_load_run_and_tokenizer(run, args.device)) for run in args.runs]
+    models = [(run, *_load_run_and_tokenizer(run, args.device, token_overrides(args))) for run in args.runs]
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "icl" if len(args.runs) == 1 else Path("icl"))
     result = run_icl(models, task, shots, out=out, seed=args.seed, batch_size=args.batch_size,
                      limit=args.limit, warn=lambda s: print(s, file=sys.stderr))

@@ -49,8 +49,10 @@ def window(model) -> int:
 
 
 def prefix_ids(tok) -> list[int]:
-    """What every context starts with: ``<eos>`` (the document separator), else ``<bos>``, else nothing."""
-    first = tok.eos_id if tok.eos_id is not None else tok.bos_id
+    """What every context starts with: the end-of-text token (the document separator: ``<eos>``,
+    GPT-2's ``<|endoftext|>``), else the beginning-of-text one, else nothing (by role, see
+    :class:`pretrainer.tokenization.Tok`)."""
+    first = tok.role_id("eos") if tok.role_id("eos") is not None else tok.role_id("bos")
     return [first] if first is not None else []
 
 
@@ -122,7 +124,8 @@ def rolling_windows(ids: list[int], prefix: list[int], max_len: int) -> list[tup
     seq = list(prefix) + list(ids)
     start = len(prefix)
     if start == 0:
-        raise PretrainerError("rolling log-likelihood needs a prefix token (<eos> or <bos>)")
+        raise PretrainerError("rolling log-likelihood needs a prefix token (an end-of-text or "
+                              "beginning-of-text token; name one with --eos-token TEXT)")
     pairs = []
     for a in range(start, len(seq), max_len):
         b = min(a + max_len, len(seq))
@@ -174,7 +177,7 @@ def greedy_generate(model, tok, contexts: Sequence[list[int]], max_new_tokens: i
     device = model.tok_emb.weight.device
     order = sorted(range(len(ctxs)), key=lambda i: len(ctxs[i]))
     out = [""] * len(ctxs)
-    eos = tok.eos_id
+    eos = tok.role_id("eos")
     for b in range(0, len(order), max(1, batch_size)):
         idx = order[b:b + batch_size]
         prompts = [ctxs[i] for i in idx]

@@ -16,7 +16,8 @@ def cmd_finetune(args) -> None:
                       lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                       max_len=args.max_len, stride=args.stride, patience=args.patience, select=args.select,
                       from_scratch=args.from_scratch, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, seed=args.seed, device=args.device,
+                      vocab_size=args.vocab_size, eos_token=args.eos_token, pad_token=args.pad_token,
+                      seed=args.seed, device=args.device,
                       quiet=args.quiet or args.json, input_column=args.input_column,
                       target_column=args.target_column, prefix=args.prefix, mixing=args.mixing,
                       mixing_temperature=args.mixing_temperature,
@@ -44,6 +45,8 @@ def cmd_predict(args) -> None:
 
 
 def register(sub) -> None:
+    from ..cli import add_token_options
+
     s = sub.add_parser(
         "finetune", help="fine-tune a pretrained (or fresh) model on a labeled task",
         description=(
@@ -91,6 +94,7 @@ def register(sub) -> None:
     s.add_argument("--tokenizer", metavar="DIR", help="preset + --from-scratch: tokenizer to use "
                                                       "(default: train a WordPiece one on the training texts)")
     s.add_argument("--vocab-size", type=int, default=8192, help="size of that WordPiece tokenizer")
+    add_token_options(s, ("eos", "pad"))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     s.add_argument("--quiet", action="store_true", help="no progress lines")

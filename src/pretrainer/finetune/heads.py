@@ -8,6 +8,10 @@ whole input, so a sequence head reads the final non-pad token's state. Batches a
 right, so for a decoder the padding comes after every real token and never reaches their states.
 
 Token heads (tagging, the start/end logits of extractive QA) read every position on both.
+
+The special tokens are the tokenizer's by role (:class:`pretrainer.tokenization.Tok`), so a Hugging
+Face BERT (``[CLS]``, ``[SEP]``), RoBERTa (``<s>``, ``</s>``) or GPT-2 (``<|endoftext|>``) tokenizer
+is laid out the same way as ours.
 """
 
 from __future__ import annotations
@@ -17,26 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import DataError
 from ..tokenization import Tok
-
-# Special tokens under our names, then the names Hugging Face BERT / GPT-2 tokenizers use.
-_ALIASES = {
-    "pad": ("<pad>", "[PAD]"),
-    "cls": ("<cls>", "[CLS]", "<s>"),
-    "sep": ("<sep>", "[SEP]", "</s>"),
-    "bos": ("<bos>", "<s>", "<|endoftext|>"),
-    "eos": ("<eos>", "</s>", "<|endoftext|>"),
-}
-
-
-def _find(tok: Tok, name: str) -> int | None:
-    for text in _ALIASES[name]:
-        i = tok.token_to_id(text)
-        if i is not None:
-            return i
-    return None
-
 
 @dataclass
 class InputFormat:
@@ -51,20 +36,17 @@ class InputFormat:
 
     @classmethod
     def for_backbone(cls, arch: str, tok: Tok, type_vocab_size: int = 0) -> "InputFormat":
-        pad = _find(tok, "pad")
+        """The layout for ``arch`` with ``tok``'s tokens by role: an encoder needs cls and sep; a
+        decoder needs eos, and uses it where it has no bos (start) or sep. Padding is the pad
+        token, else the end token."""
         if arch == "encoder":
-            start, sep = _find(tok, "cls"), _find(tok, "sep")
-            end = sep
+            start = tok.need("cls", f"to lay out an {arch}'s inputs")
+            sep = end = tok.need("sep", f"to lay out an {arch}'s inputs")
         else:
-            eos = _find(tok, "eos")
-            start = _find(tok, "bos")
-            start = start if start is not None else eos
-            sep = _find(tok, "sep")
-            sep = sep if sep is not None else eos
-            end = eos
-        if start is None or sep is None or end is None:
-            need = "<cls> and <sep>" if arch == "encoder" else "<bos>/<eos> (and <sep>)"
-            raise DataError(f"tokenizer has no {need} token; an {arch} needs them to lay out inputs")
+            end = tok.need("eos", f"to lay out a {arch}'s inputs")
+            start = tok.role_id("bos") if tok.role_id("bos") is not None else end
+            sep = tok.role_id("sep") if tok.role_id("sep") is not None else end
+        pad = tok.role_id("pad")
         return cls(arch, start, sep, end, pad if pad is not None else end, type_vocab_size >= 2)
 
     #: special tokens around one text / a pair

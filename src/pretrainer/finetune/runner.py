@@ -60,6 +60,8 @@ class FinetuneOptions:
     from_scratch: bool = False
     tokenizer: str | None = None  # preset + from_scratch: a tokenizer folder (else trained)
     vocab_size: int = 8192  # preset + from_scratch without a tokenizer: WordPiece size
+    eos_token: str | None = None  # the tokenizer's end-of-text token, when its files name none (--eos-token)
+    pad_token: str | None = None  # its padding token (default: pad, else end-of-text)
     seed: int = 0
     device: str = "auto"
     quiet: bool = False
@@ -223,7 +225,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     torch.manual_seed(opts.seed)
     backbone = load_backbone(source, opts.from_scratch, opts.tokenizer, opts.vocab_size,
                              texts=lambda: the_task.texts(train_ex), warn=say)
-    cfg, tok = backbone.model.cfg, backbone.tok
+    cfg, tok = backbone.model.cfg, backbone.tok.with_roles({"eos": opts.eos_token, "pad": opts.pad_token})
     fmt = InputFormat.for_backbone(cfg.arch, tok, cfg.type_vocab_size)
     max_len = opts.max_len
     if max_len > cfg.max_seq_len:

@@ -41,7 +41,6 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
 
 from ..config import ModelConfig
 from ..errors import PretrainerError
@@ -400,14 +399,15 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
     The folder holds ``config.json``, ``model.safetensors`` and, for a decoder,
     ``generation_config.json``, plus
     the tokenizer files of ``tokenizer_dir`` when given (a folder written by pretrainer's
-    ``save_tokenizer``, or any Hugging Face tokenizer folder); the pad/bos/eos ids are then taken
-    from its ``tokenizer_config.json``. Each file is written to a temporary name and renamed.
+    ``save_tokenizer``, or any Hugging Face tokenizer folder); the pad/bos/eos ids are then those
+    of its tokens by role (:func:`pretrainer.tokenization.load_tokenizer`; null where it has none,
+    as GPT-2 has no pad). Each file is written to a temporary name and renamed.
     """
     config, weights = to_hf_state_dict(model)  # refuses unconvertible configs before writing anything
     tok_files = []
     if tokenizer_dir is not None:
         tok_files, ids = _tokenizer_export(Path(tokenizer_dir), model.cfg.vocab_size)
-        config.update(ids)
+        config.update({k: v for k, v in ids.items() if k in config})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     generation = {k: config[k] for k in (*DEFAULT_SPECIAL_IDS, "decoder_start_token_id") if k in config}
@@ -428,24 +428,19 @@ def _write(path: Path, write) -> None:
 
 
 def _tokenizer_export(folder: Path, vocab_size: int) -> tuple[list[Path], dict]:
-    """The tokenizer files in ``folder`` and the pad/bos/eos ids its ``tokenizer_config.json``
-    names (``"bos_token": "<bos>"``); ids it does not name keep their defaults. The tokenizer's
-    vocabulary must fit the model's."""
+    """The tokenizer files in ``folder`` and the ids of its pad, bos and eos tokens by role
+    (``None`` for a role it lacks). The tokenizer's vocabulary must fit the model's."""
+    from ..tokenization import load_tokenizer
+
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise PretrainerError(f"{path}: missing; expected a tokenizer folder (tokenizer.json)")
-    tok = Tokenizer.from_file(str(path))
-    size = tok.get_vocab_size(with_added_tokens=True)
-    if size > vocab_size:
-        raise PretrainerError(f"{path}: {size} tokens do not fit the model's vocab_size={vocab_size}")
-    config_path = folder / "tokenizer_config.json"
-    tok_config = _read_json(config_path) if config_path.is_file() else {}
-    ids = {}
-    for key in DEFAULT_SPECIAL_IDS:
-        token = tok_config.get(key.removesuffix("_id"))
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and tok.token_to_id(token) is not None:
-            ids[key] = tok.token_to_id(token)
+    tok = load_tokenizer(folder)
+    if tok.vocab_size > vocab_size:
+        raise PretrainerError(f"{path}: {tok.vocab_size} tokens do not fit the model's vocab_size={vocab_size}")
+    ids = {key: tok.role_id(key.removesuffix("_token_id")) for key in DEFAULT_SPECIAL_IDS}
+    if tok.role_id("eos") is not None:
+        ids["forced_eos_token_id"] = tok.role_id("eos")  # BART's; dropped for the other families
     return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()], ids
 
 
