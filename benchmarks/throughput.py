@@ -17,12 +17,18 @@ beside it the ratio of all timed tokens over all timed seconds, and, as a check 
 spread of the per-round ratios (each round's two turns are adjacent in time).
 
     python benchmarks/throughput.py [--rounds 20] [--steps 3] [--json benchmarks/results/throughput.json]
+
+``--baseline DIR`` compares ours against another pretrainer checkout instead of transformers (the
+same protocol; e.g. ``git worktree add /tmp/before 824d051`` to measure what a change cost):
+
+    python benchmarks/throughput.py --baseline /tmp/before --json benchmarks/results/throughput_vs_before.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -55,14 +61,21 @@ def build(impl: str):
         return model, lambda x: model(input_ids=x, labels=x).loss
     from pretrainer.model import build_model
 
-    if impl == "ours-gpt2":
+    if impl.endswith("-gpt2"):
         model = build_model("gpt2-small", n_layer=L, d_model=D, n_head=H, vocab_size=V, max_seq_len=T)
     else:
         model = build_model("llama-tiny", n_layer=L, d_model=D, n_head=H, n_kv_heads=H, d_ff=688,
                             vocab_size=V, max_seq_len=T)
-    # what the trainer calls: targets given, no logits needed (fused head); targets equal to the
-    # inputs here as for HF's labels= (HF shifts them inside; the work is the same)
-    return model, lambda x: model(x, x, return_logits=False).loss
+    # what the trainer runs: the fast paths, and the clm objective's loss through the fused head
+    # (no logits kept); targets equal to the inputs here as for HF's labels= (HF shifts them
+    # inside; the work is the same)
+    try:
+        from pretrainer.model.fast import apply_fast_paths
+        from pretrainer.train.objectives import lm_loss
+    except ImportError:  # a baseline from before the training-step seam (824d051 and earlier)
+        return model, lambda x: model(x, x, return_logits=False).loss
+    apply_fast_paths(model)
+    return model, lambda x: lm_loss(model, model.hidden_states(x), x)
 
 
 def worker(impl: str, warmup: int) -> None:
@@ -71,7 +84,7 @@ def worker(impl: str, warmup: int) -> None:
     import torch
 
     model, loss_fn = build(impl)
-    if impl.startswith("ours"):
+    if not impl.startswith("hf-"):
         from pretrainer.config import TrainConfig
         from pretrainer.train.optim import make_optimizer
 
@@ -91,7 +104,7 @@ def worker(impl: str, warmup: int) -> None:
         step()
     params = sum(p.numel() for p in model.parameters())
     fused = None
-    if impl.startswith("ours"):  # whether pretrainer's fused CPU kernels were in use
+    if not impl.startswith("hf-"):  # whether pretrainer's fused CPU kernels were in use
         from pretrainer import kernels
 
         fused = kernels.load() is not None
@@ -102,10 +115,13 @@ def worker(impl: str, warmup: int) -> None:
 
 
 class Worker:
-    def __init__(self, impl: str, warmup: int):
+    def __init__(self, impl: str, warmup: int, baseline: str | None = None):
         self.impl = impl
+        env = dict(os.environ)
+        if impl.startswith("base-"):  # the other checkout's pretrainer first on the path
+            env["PYTHONPATH"] = str(Path(baseline, "src").resolve())
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", impl, "--warmup", str(warmup)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -137,6 +153,7 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.2,
                    help="seconds between turns, so the previous process's threads go idle (default 0.2)")
     p.add_argument("--models", default="gpt2,llama", help="styles to compare (default gpt2,llama)")
+    p.add_argument("--baseline", help="a pretrainer checkout to compare against instead of transformers")
     p.add_argument("--json", default=str(HERE / "results" / "throughput.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,13 +165,16 @@ def main() -> None:
         p.error(f"--models: expected a comma-separated list of gpt2 and llama, got {args.models!r}")
     if args.rounds < 2 or args.steps < 1 or args.warmup < 0 or args.pause < 0:
         p.error("expected --rounds >= 2, --steps >= 1, --warmup >= 0 and --pause >= 0")
-    pairs = [(f"ours-{m}", f"hf-{m}") for m in styles]
+    if args.baseline and not Path(args.baseline, "src", "pretrainer").is_dir():
+        p.error(f"--baseline {args.baseline}: not a pretrainer checkout (no src/pretrainer)")
+    other = "base" if args.baseline else "hf"
+    pairs = [(f"ours-{m}", f"{other}-{m}") for m in styles]
 
     workers = {}
     try:
         for ours, hf in pairs:  # built one after another: no warm-up competes with another
             for impl in (ours, hf):
-                workers[impl] = Worker(impl, args.warmup)
+                workers[impl] = Worker(impl, args.warmup, args.baseline)
                 print(f"ready: {impl}", file=sys.stderr)
         times: dict[str, list[float]] = {i: [] for i in workers}
         round_ratio: dict[str, list[float]] = {ours: [] for ours, _ in pairs}
@@ -193,7 +213,8 @@ def main() -> None:
                            "pause_s": args.pause},
               "results": rows, "speedup_tokens_per_s": ratios, "speedup_tokens_per_s_overall": overall,
               "per_round_speedup_quartiles": {o: quartiles(v) for o, v in round_ratio.items()},
-              "per_round_speedup": round_ratio, "target": 1.3,
+              "per_round_speedup": round_ratio, "target": None if args.baseline else 1.3,
+              "baseline": str(args.baseline) if args.baseline else "transformers",
               "machine": {"python": platform.python_version(), "platform": platform.platform()}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
@@ -205,7 +226,8 @@ def main() -> None:
               f"{row['params']:10,}{note}")
     for ours, hf in pairs:
         q = result["per_round_speedup_quartiles"][ours]
-        print(f"{ours} / {hf}: {ratios[ours]:.2f}x tokens/s (target >= 1.3x); all timed tokens over all "
+        target = "" if args.baseline else " (target >= 1.3x)"
+        print(f"{ours} / {hf}: {ratios[ours]:.2f}x tokens/s{target}; all timed tokens over all "
               f"timed seconds {overall[ours]:.2f}x; per round {q[1]:.2f}x, quartiles {q[0]:.2f}-{q[2]:.2f}, "
               f"lowest {min(round_ratio[ours]):.2f}")
 

@@ -20,6 +20,16 @@ def synthetic_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def span_data(tmp_path_factory) -> Path:
+    """A prepared data folder with 20 T5 sentinels (a small Unigram tokenizer)."""
+    from pretrainer.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "span"
+    prepare("builtin:synthetic", "unigram:400", out, progress=False, sentinels=20)
+    return out
+
+
 def tiny_llama(fast: bool = True):
     """A seeded 2-layer Llama-style model (grouped-query attention, SwiGLU, RoPE) and one batch;
     with the fast paths (as the trainer runs a float32 CPU model) unless ``fast=False``."""

@@ -124,10 +124,13 @@ def test_loss_is_cross_entropy_of_shifted_targets_and_ignores_minus_100():
     logp = model(x).logits.log_softmax(-1)
     keep = y != -100
     manual = -logp[keep].gather(-1, y[keep][:, None]).mean()
+    from pretrainer.model.fast import apply_fast_paths
+
     clm = objective("clm", model)
     with torch.no_grad():  # the plain path (full logits)
         torch.testing.assert_close(clm.loss(model, {"input_ids": x, "labels": y}), manual)
-    torch.testing.assert_close(clm.loss(model, {"input_ids": x, "labels": y}), manual)  # fused
+    apply_fast_paths(model)  # with gradients on: the fused head
+    torch.testing.assert_close(clm.loss(model, {"input_ids": x, "labels": y}), manual)
 
 
 def test_initialisation_scales_residual_projections():
@@ -164,7 +167,9 @@ def test_fused_head_loss_and_gradients_equal_the_plain_path(name):
     plain.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    fused = objective("clm", model).loss(model, {"input_ids": x, "labels": y})
+    from pretrainer.model.fast import apply_fast_paths
+
+    fused = objective("clm", apply_fast_paths(model)).loss(model, {"input_ids": x, "labels": y})
     (2.0 * fused).backward()  # the upstream gradient is honoured
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():

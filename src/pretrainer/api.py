@@ -30,16 +30,23 @@ def find_run_files(path: str | Path, warn=lambda s: None) -> tuple[Path, Path]:
                           f"or a Hugging Face folder (no config.json)")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", warn=lambda s: None) -> torch.nn.Module:
-    """A model with its trained weights, from a run folder (newest intact checkpoint), one
-    checkpoint folder, or a Hugging Face model folder (``config.json`` + safetensors)."""
+def load(path: str | Path, device: str | torch.device = "cpu", warn=lambda s: None,
+         fast_paths: bool | None = None) -> torch.nn.Module:
+    """A model with its trained weights, from a run folder (newest intact checkpoint, sharded or
+    not), one checkpoint folder, or a Hugging Face model folder (``config.json`` + safetensors).
+    ``fast_paths`` (default: on a CPU) swaps in :mod:`pretrainer.model.fast`'s layers."""
+    from .model.fast import apply_fast_paths
+
     p = Path(path)
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         from .interop.hf import import_hf
 
-        return import_hf(p).to(device).eval()
-    config_file, ckpt = find_run_files(p, warn)
-    cfg = config_from_file(config_file)
-    model = make_model(cfg.model)
-    load_weights(model, ckpt)
+        model = import_hf(p)
+    else:
+        config_file, ckpt = find_run_files(p, warn)
+        cfg = config_from_file(config_file)
+        model = make_model(cfg.model)
+        load_weights(model, ckpt)
+    if fast_paths if fast_paths is not None else torch.device(device).type == "cpu":
+        apply_fast_paths(model)
     return model.to(device).eval()

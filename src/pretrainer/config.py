@@ -238,7 +238,7 @@ class TrainConfig:
     parallel: str = "auto"  # with several processes: ddp (replicas) | fsdp (FSDP2 sharding); auto = ddp
     activation_checkpointing: str = "none"  # none | full (recompute every block) | selective (every other block)
     eval_every: int = 200  # 0 = only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation: this many global batches of windows
     log_every: int = 10
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 2
@@ -317,8 +317,6 @@ class RunConfig:
 
         get_objective(self)
         _choice("", "masking", self.masking, MASKING)
-        if self.masking != "token" and self.objective != "mlm":
-            raise ConfigError(f"masking={self.masking} applies to objective=mlm only")
         if need_paths:
             if not self.data:
                 raise ConfigError("data: missing; expected a folder made by 'pretrainer prepare' (data=DIR)")

@@ -31,6 +31,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..common import IGNORE
 from ..train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, save_checkpoint
+from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..train.optim import lr_at, make_optimizer, set_lr
 from .backbone import load_backbone
 from .heads import InputFormat
@@ -235,6 +236,8 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     eval_feats = the_task.encode(eval_ex, tok, fmt, max_len) if eval_ex else None
     the_task.bind(tok)
     model = the_task.build_model(backbone.model, opts.dropout).to(device)
+    if wants_fast_paths("auto", device, torch.float32):  # as the trainer: float32 on a CPU
+        apply_fast_paths(backbone.model)
 
     steps_per_epoch = math.ceil(len(train_feats) / opts.batch_size)
     total = steps_per_epoch * opts.epochs

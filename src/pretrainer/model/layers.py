@@ -6,6 +6,10 @@ multi-head, grouped-query or multi-query attention through ``n_kv_heads``; cross
 encoder-decoders; GELU, ReLU, SwiGLU or GeGLU MLPs. Attention always goes through
 ``F.scaled_dot_product_attention``.
 
+These are the plain layers: each line is the textbook formula in PyTorch ops. The faster versions
+(hand-written backward passes, fused CPU kernels) are subclasses in :mod:`.fast`, swapped in at
+build time by :func:`~pretrainer.model.fast.apply_fast_paths` and tested against these.
+
 Weight layout follows the Hugging Face Llama/GPT-2 conventions where it matters for conversion:
 rotary embeddings rotate the two halves of each head (``rotate_half``), and the fused projections
 are stored as one matrix whose rows are [q; k; v] (attention) or [gate; up] (gated MLPs).

@@ -15,8 +15,10 @@ the previous one intact; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 import shutil
 import time
 from pathlib import Path
@@ -110,7 +112,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
         state = {k: v for k, v in model.state_dict().items() if not is_tied_copy(model, k)}
         try:
-            dcp.load({"model": state}, checkpoint_id=str(path / "dcp"))
+            with _one_process_load():
+                dcp.load({"model": state}, checkpoint_id=str(path / "dcp"))
         except Exception as e:  # noqa: BLE001 - DCP raises several kinds; all mean "cannot read"
             raise CheckpointError(f"{path / 'dcp'}: cannot read sharded weights ({_first_line(e)})") from None
         model.load_state_dict(state, strict=False)
@@ -193,6 +196,15 @@ def _fsync_dir(path: Path) -> None:
 # Sharded checkpoints (FSDP2) and restoring either kind at any number of processes
 
 
+@contextlib.contextmanager
+def _one_process_load():
+    """DCP warns when it reads without a process group; that is what reading a sharded checkpoint
+    on one process means, so the warning says nothing here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -259,7 +271,8 @@ def restore(path: Path, model: torch.nn.Module, optimizer, meta: dict, rank: int
 
         msd, osd = get_state_dict(model, optimizer)
         try:
-            dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=str(path / "dcp"))
+            with _one_process_load():
+                dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=str(path / "dcp"))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path / 'dcp'}: cannot read the sharded checkpoint ({_first_line(e)})") from None
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)

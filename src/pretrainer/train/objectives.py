@@ -55,6 +55,9 @@ def get_objective(cfg: RunConfig) -> "Objective":
     if cfg.model.arch not in cls.archs:
         raise ConfigError(f"objective={cfg.objective} trains arch={' or '.join(cls.archs)} models, "
                           f"but model.arch={cfg.model.arch}")
+    if cfg.masking != "token" and "masking" not in cls.options:
+        users = [name for name, c in OBJECTIVES.items() if "masking" in c.options]
+        raise ConfigError(f"masking={cfg.masking} applies to objective={' or '.join(users)} only")
     return cls(cfg)
 
 
@@ -66,9 +69,10 @@ def default_objective(arch: str) -> str:
 
 def lm_loss(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the model's output layer on hidden states ``h`` against ``labels``
-    (``IGNORE`` = not counted). In a training step (gradients on) the fused chunked loss, which
-    never keeps the logits; otherwise the plain logits."""
-    if torch.is_grad_enabled():
+    (``IGNORE`` = not counted). In a training step (gradients on) of a model with the fast paths
+    (:mod:`pretrainer.model.fast`: float32 on a CPU) the fused loss, which never keeps the logits;
+    otherwise the plain logits (on a GPU ``torch.compile`` fuses those)."""
+    if torch.is_grad_enabled() and getattr(model, "fast_paths", False):
         return linear_cross_entropy(h, model.output_weight, labels)
     return cross_entropy(model.head(h), labels)
 
@@ -80,6 +84,7 @@ class Objective:
     archs: ClassVar[tuple[str, ...]]  # the first is the architecture it is the default for
     about: ClassVar[str]
     sums: ClassVar[tuple[str, ...]] = ("count", "loss")  # the keys of eval_sums
+    options: ClassVar[tuple[str, ...]] = ()  # run-config keys it reads besides train (masking ...)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -171,6 +176,7 @@ class MaskedLM(Objective):
     name = "mlm"
     archs = ("encoder",)
     sums = ("correct", "count", "loss")
+    options = ("masking",)
     about = ("masked language modelling: 15 % of the tokens selected (masking = token | word | "
              "span), 80/10/10 mask/random/kept (BERT); accuracy on the selected positions")
 

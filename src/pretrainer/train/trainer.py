@@ -1,14 +1,20 @@
 """One training loop for every objective.
 
-``train(cfg)`` pretrains ``cfg.model`` on ``cfg.data`` with ``cfg.objective`` and writes the run
+``train(cfg)`` pretrains ``cfg.model`` on ``cfg.data`` with ``cfg.objective`` (a registered
+:class:`~pretrainer.train.objectives.Objective`: its batches, its loss, its metrics) and writes the run
 folder ``cfg.out``: ``config.yaml`` (fully resolved), ``metrics.jsonl``, ``loss.png``,
 ``tokenizer/`` and ``checkpoints/``. ``train(cfg, resume=True)`` continues from the newest intact
 checkpoint: weights, optimizer moments, RNG streams and the data position (a sample index: the
 batch order is a pure function of it, so resuming is a seek) are restored, and the losses that
 follow are bit for bit those of a run that never stopped (same device and world size).
 
-Under ``torchrun`` each process trains a DistributedDataParallel replica on its own slice of every
-global batch (gloo on CPU, nccl on CUDA).
+Under ``torchrun`` each process trains on its own slice of every global batch (gloo on CPU, nccl
+on CUDA), as a DistributedDataParallel replica or, with ``train.parallel=fsdp``, one FSDP2 shard
+(:mod:`.parallel`; sharded checkpoints through ``torch.distributed.checkpoint``). Every predicted
+token of a global batch weighs the same however it is split, so two processes log the losses of
+one with the same global batch, and a run resumes at another number of processes (the global batch
+kept by recomputing ``train.grad_accum``). ``init_from`` starts from another run's or a Hugging
+Face model's weights (its architecture, a fresh optimizer, step 0).
 """
 
 from __future__ import annotations
@@ -304,7 +310,9 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     def evaluate() -> dict:
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
         prints them."""
-        r = evaluate_split(model, objective, val_split, t.batch_size, t.eval_batches, env,
+        # eval_batches global batches of windows: the same windows however the global batch is
+        # split into processes and micro-steps (a run resumed at another world size included)
+        r = evaluate_split(model, objective, val_split, t.batch_size, t.eval_batches * t.grad_accum, env,
                            step=step_fn if mode == "fsdp" else None)
         v = r["val_loss"]
         rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
@@ -528,7 +536,7 @@ def load_initial_weights(model: torch.nn.Module, source: str, sharded: bool = Fa
     keeping its shards when ``sharded``)."""
     from ..api import load
 
-    src = load(source).float()
+    src = load(source, fast_paths=False).float()
     weights = src.state_dict()
     if not sharded:
         model.load_state_dict(weights)

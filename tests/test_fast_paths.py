@@ -1,0 +1,93 @@
+"""The fast paths (model/fast.py: hand-written backwards, fused CPU kernels, the fused head loss)
+against the plain layers they replace: the same outputs, losses and gradients to float32 rounding,
+on every family that uses them, and the same weights and state-dict names."""
+
+import pytest
+import torch
+
+from conftest import objective
+from pretrainer.model import build_model
+from pretrainer.model.fast import FastMLP, FastRMSNorm, FastSelfAttention, apply_fast_paths, remove_fast_paths
+from pretrainer.model.layers import MLP, RMSNorm, SelfAttention
+
+SMALL = dict(n_layer=2, d_model=64, n_head=4, max_seq_len=64, vocab_size=101)
+CASES = {
+    "llama-tiny": dict(SMALL, n_kv_heads=2, d_ff=96),  # RMSNorm, rotary, SwiGLU, GQA
+    "gpt2-small": dict(SMALL),  # LayerNorm, learned positions, GELU
+    "t5-tiny": dict(SMALL, d_ff=96),  # encoder-decoder, relative bias
+    "bert-tiny": dict(SMALL),
+}
+LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "t5-tiny": "span", "bert-tiny": "mlm"}
+
+
+def batch_for(name: str, gen: torch.Generator) -> dict:
+    x = torch.randint(7, 101, (3, 24), generator=gen)
+    if name == "t5-tiny":
+        return {"input_ids": x, "labels": torch.randint(7, 101, (3, 10), generator=gen)}
+    if name == "bert-tiny":
+        y = torch.full_like(x, -100)
+        y[:, ::4] = x[:, ::4]
+        return {"input_ids": x, "labels": y}
+    y = x.roll(-1, 1)
+    y[0, :5] = -100
+    return {"input_ids": x, "labels": y}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_paths_equal_the_plain_layers(name):
+    torch.manual_seed(0)
+    plain = build_model(name, **CASES[name]).train()
+    fast = apply_fast_paths(build_model(name, **CASES[name]).train())
+    fast.load_state_dict(plain.state_dict())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    batch = batch_for(name, torch.Generator().manual_seed(1))
+    obj = objective(LOSS[name], plain)
+    # the plain reference: full logits and PyTorch's cross-entropy, autograd everywhere
+    with torch.no_grad():
+        ref_eval = obj.loss(plain, batch)
+    ref = obj.loss(plain, batch) if name == "bert-tiny" else _plain_loss(plain, obj, batch)
+    g_ref = torch.autograd.grad(ref, list(plain.parameters()), allow_unused=True)  # BERT's pooler
+    got = obj.loss(fast, batch)  # fast layers and, for the LM objectives, the fused head
+    g = torch.autograd.grad(got, list(fast.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref_eval, ref, rtol=1e-5, atol=1e-6)
+    for (n, _), a, b in zip(plain.named_parameters(), g, g_ref):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=n)
+    with torch.no_grad():  # inference too (the rotary kernel serves generation)
+        kw = {"decoder_input_ids": batch["labels"].clamp(min=0)} if name == "t5-tiny" else {}
+        torch.testing.assert_close(fast(batch["input_ids"], **kw).logits,
+                                   plain(batch["input_ids"], **kw).logits, rtol=1e-5, atol=1e-5)
+
+
+def _plain_loss(model, obj, batch):
+    """Mean cross-entropy from the plain logits (no fused head)."""
+    from pretrainer.common import shift_right
+
+    if model.cfg.arch == "encoder-decoder":
+        logits = model(batch["input_ids"], decoder_input_ids=shift_right(batch["labels"])).logits
+    else:
+        logits = model(batch["input_ids"]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+
+def test_apply_and_remove_swap_classes_in_place():
+    model = build_model("llama-tiny", **CASES["llama-tiny"])
+    params = [id(p) for p in model.parameters()]
+    apply_fast_paths(model)
+    kinds = {type(m) for m in model.modules()}
+    assert {FastRMSNorm, FastSelfAttention, FastMLP} <= kinds and not {RMSNorm, SelfAttention, MLP} & kinds
+    assert [id(p) for p in model.parameters()] == params and model.fast_paths
+    remove_fast_paths(model)
+    assert {RMSNorm, SelfAttention, MLP} <= {type(m) for m in model.modules()} and not model.fast_paths
+
+
+def test_the_trainer_applies_fast_paths_for_float32_on_a_cpu_only():
+    from pretrainer.model.fast import wants_fast_paths
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert wants_fast_paths("auto", cpu, torch.float32)
+    assert not wants_fast_paths("auto", cpu, torch.bfloat16)
+    assert not wants_fast_paths("auto", cuda, torch.bfloat16)
+    assert wants_fast_paths("true", cuda, torch.bfloat16) and not wants_fast_paths("false", cpu, torch.float32)
