@@ -8,8 +8,16 @@ import json
 
 
 def cmd_finetune(args) -> None:
-    from .runner import finetune
+    from ..errors import ConfigError
+    from .runner import finetune, resume_finetune
 
+    if args.resume:
+        result = resume_finetune(args.resume, quiet=args.quiet or args.json)
+        return _report(result, args.json)
+    missing = [flag for flag, value in (("FROM", args.source), ("--task", args.task), ("--train", args.train),
+                                        ("--out", args.out)) if not value]
+    if missing:
+        raise ConfigError(f"finetune: {', '.join(missing)} required (or --resume RUN)")
     result = finetune(args.source, args.task, args.train, args.out, eval=args.eval,
                       text_column=args.text_column, text_pair_column=args.text_pair_column,
                       label_column=args.label_column, epochs=args.epochs, batch_size=args.batch_size,
@@ -23,9 +31,15 @@ def cmd_finetune(args) -> None:
                       mixing_temperature=args.mixing_temperature,
                       max_target_len=args.max_target_len, beams=args.beams,
                       no_repeat_ngram=args.no_repeat_ngram)
-    if args.json:
+    _report(result, args.json)
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(result, indent=2))
         return
+    if "stopped_at_step" in result:
+        return  # the runner said where it stopped and how to go on
     skip = {"run", "task", "epoch", "epochs_run", "steps", "train_examples", "eval_examples", "seconds",
             "selected_by"}
     scores = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in skip)
@@ -56,13 +70,15 @@ def register(sub) -> None:
             "CoNLL (tagging), SQuAD JSON (qa), input/target rows (text2text); or builtin:stdlib-package / "
             "builtin:stdlib-docstring / builtin:stdlib-summarize "
             "(their held-out split is the evaluation data when --eval is omitted)."))
-    s.add_argument("source", metavar="FROM", help="run folder, Hugging Face folder, or preset name (with --from-scratch)")
-    s.add_argument("--task", required=True, metavar="TASK",
+    s.add_argument("source", metavar="FROM", nargs="?",
+                   help="run folder, Hugging Face folder, or preset name (with --from-scratch)")
+    s.add_argument("--resume", metavar="RUN", help="continue a stopped fine-tuning run with its own settings")
+    s.add_argument("--task", metavar="TASK",
                    help="classification, regression, tagging, qa, or text2text (encoder-decoder "
                         "backbones; the registry pretrainer.finetune.TASKS)")
-    s.add_argument("--train", required=True, metavar="FILE", help="training data (a file or builtin:NAME)")
+    s.add_argument("--train", metavar="FILE", help="training data (a file or builtin:NAME)")
     s.add_argument("--eval", metavar="FILE", help="evaluation data (default for builtin:NAME: its eval split)")
-    s.add_argument("--out", required=True, metavar="RUN", help="the new run folder")
+    s.add_argument("--out", metavar="RUN", help="the new run folder")
     s.add_argument("--text-column", metavar="C", help="default: text, sentence or sentence1 (tagging: tokens or words)")
     s.add_argument("--text-pair-column", metavar="C", help="second text of a pair (default: text_pair or sentence2 when present)")
     s.add_argument("--label-column", metavar="C", help="default: label (tagging: tags, ner_tags or labels)")

@@ -27,10 +27,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import TrainConfig
-from ..errors import ConfigError
 from ..common import IGNORE
-from ..train.checkpoint import latest_checkpoint, list_checkpoints, load_weights, save_checkpoint
+from ..config import PRESETS, TrainConfig
+from ..errors import ConfigError
+from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
+                                save_checkpoint)
+from ..train.loop import Env, StopFlag, TrainStep, optimizer_step, to_device
+from ..train.parallel import barrier, ddp
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..train.optim import lr_at, make_optimizer, set_lr
 from .backbone import load_backbone
@@ -188,25 +191,36 @@ def write_predictions(path: Path, task: Task, examples: list[dict], preds: list[
     write_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def finetune(source: str, task: str, train: str, out: str, eval: str | None = None, **options) -> dict:
+def finetune(source: str, task: str, train: str, out: str, eval: str | None = None,
+             resume: bool = False, stop_at: int | None = None, **options) -> dict:
     """Fine-tune ``source`` (a run folder, a Hugging Face folder, or a preset name with
-    ``from_scratch=True``) on ``task`` (``classification``, ``regression``, ``tagging``, ``qa``)
-    with the examples in ``train``, evaluating on ``eval`` after every epoch; writes the run folder
-    ``out`` and returns the best epoch's evaluation metrics (``accuracy``, ``f1``, ... as fit the
-    task) with ``epoch``, ``run`` and a few counts. ``options`` are :class:`FinetuneOptions` fields.
+    ``from_scratch=True``) on ``task`` (``classification``, ``regression``, ``tagging``, ``qa``,
+    ``text2text``) with the examples in ``train``, evaluating on ``eval`` after every epoch; writes
+    the run folder ``out`` and returns the best epoch's evaluation metrics (``accuracy``, ``f1``,
+    ... as fit the task) with ``epoch``, ``run`` and a few counts. ``options`` are
+    :class:`FinetuneOptions` fields.
 
     ``train``/``eval`` are files (CSV, TSV, JSONL, CoNLL, SQuAD JSON) or a built-in task
     (``builtin:stdlib-package``, ``builtin:stdlib-docstring``), whose held-out split is the
     evaluation data when ``eval`` is omitted or names the same built-in task.
+
+    Steps go through the trainer's :func:`~pretrainer.train.loop.optimizer_step` (autocast, the
+    loss weighted by examples or target tokens, clipping). Under ``torchrun`` each process takes its
+    share of every batch (a DistributedDataParallel replica; the first process evaluates and
+    writes). The training state is saved after every epoch and when the run is stopped (Ctrl-C,
+    ``stop_at``) in ``OUT/resume/``; :func:`resume_finetune` continues from it, with the losses of a
+    run that never stopped.
     """
     opts = FinetuneOptions(**options)
     opts.validate()
     run = Path(out)
-    if list_checkpoints(run):
+    if not resume and list_checkpoints(run):
         raise ConfigError(f"--out {run}: already holds a fine-tuning or training run; choose another folder")
     t0 = time.perf_counter()
-    say = lambda text: _say(opts.quiet, text)  # noqa: E731
-    device = _device(opts.device)
+    _device(opts.device)  # a one-line error for a device that is not there
+    env = Env(TrainConfig(device=opts.device, compile="false"))
+    device = env.device
+    say = lambda text: _say(opts.quiet or not env.master, text)  # noqa: E731
 
     kw = dict(text_column=opts.text_column, text_pair_column=opts.text_pair_column, label_column=opts.label_column)
     if task == "qa":
@@ -224,7 +238,10 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     eval_ex = the_task.load(eval_source, "eval") if eval_source else None
 
     torch.manual_seed(opts.seed)
-    backbone = load_backbone(source, opts.from_scratch, opts.tokenizer, opts.vocab_size,
+    tokenizer = opts.tokenizer
+    if resume and source in PRESETS:  # the tokenizer the run trained (training one again may differ)
+        tokenizer = str(run / "tokenizer")
+    backbone = load_backbone(source, opts.from_scratch, tokenizer, opts.vocab_size,
                              texts=lambda: the_task.texts(train_ex), warn=say)
     cfg, tok = backbone.model.cfg, backbone.tok.with_roles({"eos": opts.eos_token, "pad": opts.pad_token})
     fmt = InputFormat.for_backbone(cfg.arch, tok, cfg.type_vocab_size)
@@ -236,8 +253,11 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     eval_feats = the_task.encode(eval_ex, tok, fmt, max_len) if eval_ex else None
     the_task.bind(tok)
     model = the_task.build_model(backbone.model, opts.dropout).to(device)
-    if wants_fast_paths("auto", device, torch.float32):  # as the trainer: float32 on a CPU
+    if wants_fast_paths("auto", device, env.dtype):  # as the trainer: float32 on a CPU
         apply_fast_paths(backbone.model)
+    if opts.batch_size < env.world:
+        raise ConfigError(f"--batch-size {opts.batch_size}: fewer examples per step than the "
+                          f"{env.world} processes that share them")
 
     steps_per_epoch = math.ceil(len(train_feats) / opts.batch_size)
     total = steps_per_epoch * opts.epochs
@@ -245,11 +265,13 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
                        warmup_steps=int(opts.warmup * total), max_steps=total, schedule="linear",
                        min_lr_ratio=0.0)
     optimizer = make_optimizer(model, tcfg, device.type)
+    step_fn = TrainStep(model, the_task)
+    mode = "single"
+    if env.world > 1:  # the backbone's pretraining head takes no part: find_unused_parameters
+        step_fn, mode = ddp(step_fn, model, device, find_unused=True), "ddp"
     log_every = opts.log_every or max(1, steps_per_epoch // 5)
 
     # the run folder: settings first, weights when an epoch is done
-    run.mkdir(parents=True, exist_ok=True)
-    tok.save(run / "tokenizer")
     settings = {
         **the_task.state(),
         "from": str(source), "from_scratch": opts.from_scratch, "origin": backbone.origin,
@@ -259,88 +281,145 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         "options": {k: v for k, v in dataclasses.asdict(opts).items()
                     if k not in ("text_column", "text_pair_column", "label_column", "quiet")},
         "model": dataclasses.asdict(cfg),
+        "call": {"source": str(source), "task": task, "train": str(train), "eval": eval,
+                 "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "quiet"}},
         "best": None,
     }
-    write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
-    if the_task.labels is not None:
-        write_atomic(run / "labels.json", json.dumps(the_task.labels, ensure_ascii=False, indent=1) + "\n")
     metrics_path = run / "metrics.jsonl"
-    metrics_path.write_text("")
+    step, start_epoch, start_k = 0, 1, 0
+    best, best_metrics, bad_epochs = None, None, 0
+    if resume:
+        ckpt, meta = latest_checkpoint(run / "resume")
+        load_weights(model, ckpt)
+        load_training_state(ckpt, optimizer, meta)
+        step, start_epoch, start_k = meta["step"], meta["epoch"], meta["k"]
+        best, best_metrics, bad_epochs = meta["best"], meta["best_metrics"], meta["bad_epochs"]
+        say(f"resuming {run} at epoch {start_epoch}, step {step}")
+        if env.master:
+            keep = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            write_atomic(metrics_path, "".join(line + "\n" for line in keep))
+    elif env.master:
+        run.mkdir(parents=True, exist_ok=True)
+        tok.save(run / "tokenizer")
+        write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+        if the_task.labels is not None:
+            write_atomic(run / "labels.json", json.dumps(the_task.labels, ensure_ascii=False, indent=1) + "\n")
+        metrics_path.write_text("")
+    barrier(env.world)
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if env.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_state(epoch: int, k: int) -> None:
+        """What resuming needs: weights, optimizer, RNG, and where the loop stands."""
+        if env.master:
+            save_checkpoint(run / "resume", model, optimizer,
+                            {"step": step, "epoch": epoch, "k": k, "best": best,
+                             "best_metrics": best_metrics, "bad_epochs": bad_epochs}, keep=1)
+        barrier(env.world)
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"fine-tuning {cfg.preset or cfg.arch} ({n_params:,} parameters, "
         f"{'random weights' if opts.from_scratch else 'pretrained'}) for {task}: "
         f"{len(train_ex):,} training examples ({len(train_feats):,} inputs), "
         f"{len(eval_ex) if eval_ex else 0:,} evaluation examples, {opts.epochs} epochs x "
-        f"{steps_per_epoch} steps on {device}")
+        f"{steps_per_epoch} steps on {device}{' x%d' % env.world if env.world > 1 else ''}")
 
     select = opts.select or the_task.select
     if select == "loss" and eval_ex is not None and not _has_targets(the_task.collate(eval_feats[:1], fmt.pad_id)):
         raise ConfigError(f"--select loss: the {task} evaluation data gives no loss (no targets); "
                           f"use --select metric")
     criterion = "eval_loss" if select == "loss" else the_task.main_metric
-    best, best_metrics, bad_epochs, step, epoch = None, None, 0, 0, 0
-    model.train()
-    for epoch in range(1, opts.epochs + 1):
-        order = the_task.epoch_order(train_ex, train_feats,
-                                     torch.Generator().manual_seed(opts.seed * 1000 + epoch))
-        window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-        for k in range(steps_per_epoch):
-            idx = order[k * opts.batch_size:(k + 1) * opts.batch_size]
-            batch = the_task.collate([train_feats[i] for i in idx], fmt.pad_id)
-            batch = {name: t.to(device) for name, t in batch.items()}
-            lr = lr_at(step, tcfg)
-            set_lr(optimizer, lr)
-            loss = the_task.loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_loss += float(loss.detach()) * len(idx)
-            window_n += len(idx)
-            if step % log_every == 0 or k == steps_per_epoch - 1:
-                dt = time.perf_counter() - window_t
-                rec = {"epoch": epoch, "step": step, "loss": window_loss / window_n, "lr": lr,
-                       "examples_per_s": window_n / dt if dt > 0 else None}
-                log(rec)
-                say(f"epoch {epoch}/{opts.epochs} | step {step:>5}/{total} | loss {rec['loss']:.4f} | "
-                    f"lr {lr:.2e} | {rec['examples_per_s'] or 0:,.1f} ex/s")
-                window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
 
-        if eval_ex is None:  # nothing to choose by: keep the latest epoch
-            save_checkpoint(run, model, None, {"step": step, "epoch": epoch}, keep=1)
-            best = epoch
-            continue
-        scores, _ = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
-        loss_now = eval_loss(the_task, model, eval_feats, opts.batch_size, fmt.pad_id, device)
-        if loss_now is not None:
-            scores["eval_loss"] = round(loss_now, 6)
-        value = scores[criterion]
-        improved = best_metrics is None or (value < best_metrics[criterion] if select == "loss"
-                                            else value > best_metrics[criterion])
-        log({"epoch": epoch, "step": step, "split": "eval", **scores})
-        shown = " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        say(f"epoch {epoch}/{opts.epochs} | eval {shown}{' | best so far' if improved else ''}")
-        if improved:
-            best, best_metrics, bad_epochs = epoch, scores, 0
-            save_checkpoint(run, model, None, {"step": step, "epoch": epoch, "metric": criterion,
-                                               "value": value, "metrics": scores}, keep=1)
-        else:
-            bad_epochs += 1
-            if opts.patience and bad_epochs >= opts.patience:
-                say(f"early stop: no {'lower' if select == 'loss' else 'better'} {criterion} for "
-                    f"{bad_epochs} epochs (--patience)")
+    def count(batch: dict) -> torch.Tensor:
+        return batch["_count"] if "_count" in batch else the_task.count(batch)
+
+    model.train()
+    epoch, stopped = start_epoch - 1, False
+    with StopFlag() as flag:
+        for epoch in range(start_epoch, opts.epochs + 1):
+            order = the_task.epoch_order(train_ex, train_feats,
+                                         torch.Generator().manual_seed(opts.seed * 1000 + epoch))
+            window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+            for k in range(start_k if epoch == start_epoch else 0, steps_per_epoch):
+                idx = order[k * opts.batch_size:(k + 1) * opts.batch_size]
+                mine = idx[env.rank::env.world]
+                batch = the_task.collate([train_feats[i] for i in (mine or idx[:1])], fmt.pad_id)
+                if not mine:  # a last step with fewer examples than processes: this one adds nothing
+                    batch["_count"] = torch.zeros((), dtype=torch.float64)
+                batch = to_device(batch, device)
+                lr = lr_at(step, tcfg)
+                set_lr(optimizer, lr)
+                share = optimizer_step(step_fn, model, optimizer, [batch], count, env, mode, grad_clip=1.0)
+                step += 1
+                window_loss += env.all_sum(float(share)) * len(idx)
+                window_n += len(idx)
+                if step % log_every == 0 or k == steps_per_epoch - 1:
+                    dt = time.perf_counter() - window_t
+                    rec = {"epoch": epoch, "step": step, "loss": window_loss / window_n, "lr": lr,
+                           "examples_per_s": window_n / dt if dt > 0 else None}
+                    log(rec)
+                    say(f"epoch {epoch}/{opts.epochs} | step {step:>5}/{total} | loss {rec['loss']:.4f} | "
+                        f"lr {lr:.2e} | {rec['examples_per_s'] or 0:,.1f} ex/s")
+                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+                stop = flag.stop or (stop_at is not None and step >= stop_at)
+                if env.world > 1:
+                    stop = env.all_sum(float(stop)) > 0
+                if stop and k < steps_per_epoch - 1:
+                    save_state(epoch, k + 1)
+                    stopped = True
+                    break
+            if stopped:
                 break
 
-    ckpt, _ = latest_checkpoint(run)
-    load_weights(model, ckpt)
+            early_stop = False
+            if eval_ex is None:  # nothing to choose by: keep the latest epoch
+                if env.master:
+                    save_checkpoint(run, model, None, {"step": step, "epoch": epoch}, keep=1)
+                best = epoch
+            elif env.master:
+                scores, _ = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
+                loss_now = eval_loss(the_task, model, eval_feats, opts.batch_size, fmt.pad_id, device)
+                if loss_now is not None:
+                    scores["eval_loss"] = round(loss_now, 6)
+                value = scores[criterion]
+                improved = best_metrics is None or (value < best_metrics[criterion] if select == "loss"
+                                                    else value > best_metrics[criterion])
+                log({"epoch": epoch, "step": step, "split": "eval", **scores})
+                shown = " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                say(f"epoch {epoch}/{opts.epochs} | eval {shown}{' | best so far' if improved else ''}")
+                if improved:
+                    best, best_metrics, bad_epochs = epoch, scores, 0
+                    save_checkpoint(run, model, None, {"step": step, "epoch": epoch, "metric": criterion,
+                                                       "value": value, "metrics": scores}, keep=1)
+                else:
+                    bad_epochs += 1
+                    if opts.patience and bad_epochs >= opts.patience:
+                        say(f"early stop: no {'lower' if select == 'loss' else 'better'} {criterion} for "
+                            f"{bad_epochs} epochs (--patience)")
+                        early_stop = True
+            if env.world > 1:  # the first process decided; the others follow
+                early_stop = env.all_sum(float(early_stop)) > 0
+            save_state(epoch + 1, 0)
+            stop = flag.stop or (stop_at is not None and step >= stop_at)
+            if env.world > 1:
+                stop = env.all_sum(float(stop)) > 0
+            if early_stop or (stop and epoch < opts.epochs):
+                stopped = not early_stop
+                break
+
+    if stopped:
+        say(f"stopped at step {step}; continue with: pretrainer finetune --resume {run}")
+        return {"run": str(run), "task": task, "stopped_at_step": step, "epoch": epoch}
     summary = {"run": str(run), "task": task, "epoch": best, "epochs_run": epoch, "steps": step,
                "train_examples": len(train_ex), "seconds": round(time.perf_counter() - t0, 1)}
+    if not env.master:
+        return summary
+    ckpt, _ = latest_checkpoint(run)
+    load_weights(model, ckpt)
     if eval_ex is not None:
         scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
         write_predictions(run / "predictions.jsonl", the_task, eval_ex, preds, with_gold=True)
@@ -352,3 +431,19 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         settings["best"] = {"epoch": best, "checkpoint": str(ckpt.relative_to(run))}
     write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
     return summary
+
+
+def resume_finetune(out: str, quiet: bool = False, stop_at: int | None = None) -> dict:
+    """Continue a fine-tuning run that was stopped (or whose machine went away) from its saved
+    training state, with the settings it was started with."""
+    run = Path(out)
+    try:
+        settings = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        raise ConfigError(f"{run}: not a fine-tuning run folder (no readable config.yaml)") from None
+    if not isinstance(settings, dict) or "call" not in settings or not list_checkpoints(run / "resume"):
+        raise ConfigError(f"{run}: no saved training state to resume (resume/ checkpoints)")
+    call = settings["call"]
+    options = dict(call["options"], quiet=quiet)
+    return finetune(call["source"], call["task"], call["train"], str(run), eval=call["eval"],
+                    resume=True, stop_at=stop_at, **options)

@@ -198,6 +198,15 @@ class Task:
     def loss(self, model, batch: dict) -> torch.Tensor:
         return self.loss_from(self.forward(model, batch), batch)
 
+    def count(self, batch: dict) -> torch.Tensor:
+        """What :meth:`loss` averages over (float64): the labelled tokens when labels are per
+        token (tagging, text2text), else the examples."""
+        labels = batch.get("labels")
+        if labels is not None and labels.dim() == 2:
+            return (labels != IGNORE).sum().double()
+        ids = batch["input_ids"]
+        return torch.tensor(float(len(ids)), dtype=torch.float64, device=ids.device)
+
     def loss_from(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 

@@ -108,10 +108,12 @@ def init_sharded(model: nn.Module, device: torch.device) -> None:
     model.init_weights(materialise)
 
 
-def ddp(step: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
+def ddp(step: nn.Module, model: nn.Module, device: torch.device, find_unused: bool | None = None) -> nn.Module:
+    """DistributedDataParallel over ``step``; parameters that take no part in the loss (BERT's
+    pooler in MLM pretraining, a backbone's pretraining head in fine-tuning) need
+    ``find_unused``."""
     ids = [device.index] if device.type == "cuda" else None
-    # BERT's pooler takes no part in MLM pretraining
-    unused = getattr(model, "pooler", None) is not None
+    unused = getattr(model, "pooler", None) is not None if find_unused is None else find_unused
     return torch.nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=unused)
 
 

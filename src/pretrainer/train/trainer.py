@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -42,78 +41,9 @@ from ..model.info import human, model_info
 from .objectives import Objective, get_objective
 from .parallel import (apply_activation_checkpointing, compile_blocks, ddp, init_sharded,
                        parallel_mode, shard)
-from .checkpoint import (latest_checkpoint, load_weights, restore, save_checkpoint,
-                         save_sharded_checkpoint)
+from .checkpoint import latest_checkpoint, restore, save_checkpoint, save_sharded_checkpoint
+from .loop import Env, StopFlag, TrainStep, optimizer_step, to_device
 from .optim import lr_at, make_optimizer, set_lr
-
-#: Peak dense bf16 throughput (FLOP/s) of accelerators we know, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment
-
-
-class Env:
-    """Where this process runs: device, distributed rank/world, autocast dtype."""
-
-    def __init__(self, cfg: RunConfig):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = cfg.train.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ConfigError("train.device='cuda' but no CUDA device is available; use train.device=cpu")
-            if self.world > 1:
-                device = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(torch.device(device))
-        self.device = torch.device(device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-        dtype = cfg.train.dtype
-        if dtype == "auto":
-            dtype = ("bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-                     else "float32")
-        self.dtype = getattr(torch, dtype)
-        compile_opt = str(cfg.train.compile).lower()
-        self.compile = compile_opt == "true" or (compile_opt == "auto" and self.device.type == "cuda")
-        self.master = self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def all_mean(self, value: float) -> float:
-        return self.all_sum(value) / self.world
-
-    def all_sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over the processes of a tensor (no host sync)."""
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-        return t
-
-    def peak_flops(self) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        for key, peak in PEAK_FLOPS.items():
-            if key in name:
-                return peak if self.dtype != torch.float32 else None
-        return None
-
 
 # ----------------------------------------------------------------------------------------------
 # Logging
@@ -183,31 +113,6 @@ def plot_losses(run: Path) -> Path | None:
 # The loop
 
 
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a clean stop: finish the step, save a checkpoint, exit."""
-
-    def __init__(self):
-        self.stop = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def prepare_run_config(cfg: RunConfig, split: TokenSplit) -> RunConfig:
     """Fill what depends on the data (vocabulary size) and validate."""
     data_vocab = split.vocab_size
@@ -230,7 +135,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     if cfg.init_from and not resume:  # the source's architecture and sizes, its weights below
         cfg.model = initial_model_config(cfg.init_from, cfg.data)
     cfg.validate()
-    env = Env(cfg)
+    env = Env(cfg.train)
     torch.manual_seed(cfg.train.seed)
     train_split = TokenSplit(cfg.data, "train")
     cfg = prepare_run_config(cfg, train_split)
@@ -347,37 +252,15 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     run_t0 = time.perf_counter()
     last_val = None
     kernels.used.clear()  # what the training steps run, reported after the first one
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < t.max_steps:
             lr = lr_at(step, t)
             set_lr(optimizer, lr)
             micro_batches = [to_device(batches.batch(samples + (m * env.world + env.rank) * t.batch_size,
                                                      t.batch_size), env.device)
                              for m in range(t.grad_accum)]
-            # every predicted token of the global batch weighs the same, however the batch is split
-            # among micro-steps and processes (mlm and span targets vary in number): each
-            # micro-step's mean loss is scaled by its share of the global count; DDP and FSDP
-            # average gradients over the processes, hence the factor world
-            counts = [objective.count(b) for b in micro_batches]
-            total = env.all_sum_tensor(torch.stack(counts).sum())
-            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
-            for m, batch in enumerate(micro_batches):
-                sync = m == t.grad_accum - 1
-                if mode == "ddp" and not sync:
-                    ctx = step_fn.no_sync()
-                else:
-                    ctx = contextlib.nullcontext()
-                    if mode == "fsdp":
-                        step_fn.set_requires_gradient_sync(sync)
-                with ctx, env.autocast():
-                    loss = step_fn(batch)
-                share = counts[m] / total
-                (loss * (share * env.world).to(loss.dtype)).backward()
-                step_loss += loss.detach().double() * share
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = optimizer_step(step_fn, model, optimizer, micro_batches, objective.count, env,
+                                       mode, t.grad_clip)
             step += 1
             if step == start_step + 1 and kernels.used:
                 log.say(f"fused CPU kernels: {', '.join(sorted(kernels.used))}")
@@ -428,24 +311,6 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     return {"run": str(run), "step": step, "val_loss": last_val,
             "tokens": samples * t.seq_len, "seconds": time.perf_counter() - run_t0,
             "loss_png": str(run / "loss.png")}
-
-
-class TrainStep(torch.nn.Module):
-    """The model and its objective's loss as one module: ``TrainStep(model, objective)(batch)`` is
-    the loss of one batch. Data-parallel wrappers (DDP, FSDP2) wrap this module, so everything the
-    loss touches, the output layer of the fused head included, runs inside their forward."""
-
-    def __init__(self, model: torch.nn.Module, objective: Objective):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, batch: dict, fn=None):
-        """``objective.loss`` of the batch, or ``fn(model, batch)`` (evaluation: ``eval_sums``)."""
-        return (fn or self.objective.loss)(self.model, batch)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
