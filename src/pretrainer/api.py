@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from .config import config_from_file
-from .errors import CheckpointError
+from .errors import CheckpointError, PretrainerError
 from .model import build_model, make_model
 from .train.checkpoint import latest_checkpoint, load_weights, verify_checkpoint
 
-__all__ = ["build_model", "load", "find_run_files"]
+__all__ = ["build_model", "load", "load_with_tokenizer", "generate_samples", "find_run_files"]
 
 
 def find_run_files(path: str | Path, warn=lambda s: None) -> tuple[Path, Path]:
@@ -50,3 +50,64 @@ def load(path: str | Path, device: str | torch.device = "cpu", warn=lambda s: No
     if fast_paths if fast_paths is not None else torch.device(device).type == "cpu":
         apply_fast_paths(model)
     return model.to(device).eval()
+
+
+def load_with_tokenizer(run: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None,
+                        warn=lambda s: None):
+    """``(model, tokenizer)`` of a run folder (its ``tokenizer/``), a checkpoint folder or a Hugging
+    Face folder (its ``tokenizer.json``); ``overrides``: ``{role: token text}`` (see
+    :func:`pretrainer.tokenization.load_tokenizer`)."""
+    from .tokenization import load_tokenizer
+
+    model = load(run, device=device, warn=warn)
+    p = Path(run)
+    tok_dir = p / "tokenizer"
+    if not tok_dir.is_dir() and (p / "state.json").is_file():  # a checkpoint folder: its run's
+        tok_dir = p.parent.parent / "tokenizer"
+    if not tok_dir.is_dir() and (p / "tokenizer.json").is_file():
+        tok_dir = p
+    return model, load_tokenizer(tok_dir, overrides)
+
+
+def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, seed: int, beams: int = 1,
+                     no_repeat_ngram: int = 0) -> list[str]:
+    """Complete each prompt (decoder-only) or answer it (encoder-decoder).
+
+    A decoder-only prompt starts a new document: it is preceded by the end-of-text separator the
+    model saw between documents in training (``<eos>``, GPT-2's ``<|endoftext|>``, Llama's ``</s>``:
+    the tokenizer's eos role), and the text returned is the prompt plus its continuation. An
+    encoder-decoder reads the prompt (ended by end-of-text, as in training) and the text returned
+    is the decoder's output alone. Generation stops at end-of-text; ``beams`` > 1
+    (encoder-decoders) searches instead of sampling; ``no_repeat_ngram`` = n > 0 never repeats an
+    n-gram."""
+    import torch
+
+    if beams < 1:
+        raise PretrainerError(f"--beams {beams}: expected a positive width (1 = no beam search)")
+    if no_repeat_ngram < 0:
+        raise PretrainerError(f"--no-repeat-ngram {no_repeat_ngram}: expected 0 (off) or a positive n-gram length")
+    gen = torch.Generator().manual_seed(seed)
+    eos = tok.need("eos", "to start and stop generation")
+    pad = tok.pad_id
+    seq2seq = getattr(model.cfg, "arch", "") == "encoder-decoder"
+    if beams > 1 and not seq2seq:
+        raise PretrainerError("--beams applies to encoder-decoder runs (T5, BART); sample or use "
+                              "--temperature 0 for greedy decoding")
+    out = []
+    for prompt in prompts:
+        if seq2seq:
+            x = torch.tensor([tok.encode(prompt) + [eos]])
+            y = model.generate(x, max_new_tokens, num_beams=beams, temperature=temperature,
+                               top_k=top_k, top_p=top_p, eos_id=eos, generator=gen,
+                               no_repeat_ngram_size=no_repeat_ngram)
+            new = [i for i in y[0].tolist() if i not in (eos, pad)]
+            out.append(tok.decode(new))
+            continue
+        ids = [eos] + tok.encode(prompt)
+        x = torch.tensor([ids])
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           eos_id=eos, generator=gen, no_repeat_ngram_size=no_repeat_ngram)
+        new = [i for i in y[0, len(ids):].tolist() if i != eos]
+        out.append(prompt + tok.decode(new))
+    return out

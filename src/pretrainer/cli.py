@@ -124,64 +124,58 @@ def add_token_options(s, roles=("eos", "pad")) -> None:
                             f"none or the wrong one")
 
 
+def add_section_flags(parser, cls, skip=()) -> None:
+    """One flag per field of a settings dataclass (``--batch-size`` for ``batch_size``), typed from
+    the field, with its help and choices from the field's metadata (:func:`pretrainer.config.option`).
+    Flags default to None ("not given"), so a file's or a section's value is kept unless a flag
+    says otherwise; the help shows the field's own default."""
+    import dataclasses
+    import typing
+
+    from .config import _is_union, _resolve_type
+
+    groups = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = _resolve_type(f.type)
+        kinds = [t for t in (typing.get_args(hint) if _is_union(hint) else (hint,)) if t is not type(None)]
+        kind = kinds[0] if kinds else str
+        meta = dict(f.metadata)
+        group_name = meta.pop("group", None)
+        target = parser
+        if group_name:
+            target = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default in (None, "", False) else f" (default {default})"
+        kw = {"help": meta.get("help", "") + shown, "default": None}
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            target.add_argument(flag, action="store_true", **kw)
+            continue
+        if "choices" in meta:
+            kw["choices"] = list(meta["choices"])
+        else:
+            kw["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT")
+        target.add_argument(flag, type=kind, **kw)
+
+
 def token_overrides(args) -> dict[str, str | None]:
     """``{role: TEXT}`` from the ``--ROLE-token`` options of :func:`add_token_options`."""
     return {role: getattr(args, f"{role}_token", None) for role in ("eos", "pad", "mask")}
 
 
 def _load_run_and_tokenizer(run: str, device: str = "cpu", overrides: dict | None = None):
-    from . import load
-    from .tokenization import load_tokenizer
+    from .api import load_with_tokenizer
 
-    model = load(run, device=device, warn=lambda s: print(s, file=sys.stderr))
-    tok_dir = Path(run) / "tokenizer"
-    if not tok_dir.is_dir() and (Path(run) / "tokenizer.json").is_file():
-        tok_dir = Path(run)
-    return model, load_tokenizer(tok_dir, overrides)
+    return load_with_tokenizer(run, device, overrides, warn=lambda s: print(s, file=sys.stderr))
 
 
-def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
-                     top_k: int | None, top_p: float | None, seed: int, beams: int = 1,
-                     no_repeat_ngram: int = 0) -> list[str]:
-    """Complete each prompt (decoder-only) or answer it (encoder-decoder).
+def generate_samples(*args, **kw) -> list[str]:
+    """:func:`pretrainer.api.generate_samples` (kept here for scripts that import it from the CLI)."""
+    from .api import generate_samples as library
 
-    A decoder-only prompt starts a new document: it is preceded by the end-of-text separator the
-    model saw between documents in training (``<eos>``, GPT-2's ``<|endoftext|>``, Llama's ``</s>``:
-    the tokenizer's eos role), and the text returned is the prompt plus its continuation. An
-    encoder-decoder reads the prompt (ended by end-of-text, as in training) and the text returned
-    is the decoder's output alone. Generation stops at end-of-text; ``beams`` > 1
-    (encoder-decoders) searches instead of sampling; ``no_repeat_ngram`` = n > 0 never repeats an
-    n-gram."""
-    import torch
-
-    if beams < 1:
-        raise PretrainerError(f"--beams {beams}: expected a positive width (1 = no beam search)")
-    if no_repeat_ngram < 0:
-        raise PretrainerError(f"--no-repeat-ngram {no_repeat_ngram}: expected 0 (off) or a positive n-gram length")
-    gen = torch.Generator().manual_seed(seed)
-    eos = tok.need("eos", "to start and stop generation")
-    pad = tok.pad_id
-    seq2seq = getattr(model.cfg, "arch", "") == "encoder-decoder"
-    if beams > 1 and not seq2seq:
-        raise PretrainerError("--beams applies to encoder-decoder runs (T5, BART); sample or use "
-                              "--temperature 0 for greedy decoding")
-    out = []
-    for prompt in prompts:
-        if seq2seq:
-            x = torch.tensor([tok.encode(prompt) + [eos]])
-            y = model.generate(x, max_new_tokens, num_beams=beams, temperature=temperature,
-                               top_k=top_k, top_p=top_p, eos_id=eos, generator=gen,
-                               no_repeat_ngram_size=no_repeat_ngram)
-            new = [i for i in y[0].tolist() if i not in (eos, pad)]
-            out.append(tok.decode(new))
-            continue
-        ids = [eos] + tok.encode(prompt)
-        x = torch.tensor([ids])
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eos_id=eos, generator=gen, no_repeat_ngram_size=no_repeat_ngram)
-        new = [i for i in y[0, len(ids):].tolist() if i != eos]
-        out.append(prompt + tok.decode(new))
-    return out
+    return library(*args, **kw)
 
 
 def cmd_generate(args) -> None:
@@ -349,9 +343,11 @@ def cmd_scaling_plan(args) -> None:
 def cmd_scaling_sweep(args) -> None:
     from .scaling.sweep import run_sweep
 
-    opts = {k: getattr(args, k) for k in ("sizes", "tokens", "isoflop", "lr_search", "lr_scaling", "base_width",
-                                          "lr_search_tokens", "lr_search_tie", "corpus", "tokenizer", "evals", "min_steps",
-                                          "converge_tol", "plan_compute", "bootstrap", "targets", "jobs", "threads")}
+    import dataclasses
+
+    from .config import SweepConfig
+
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepConfig)}
     r = run_sweep(args.config, args.out, args.overrides, print_commands=args.print_commands, quiet=args.json, **opts)
     if "commands" in r:
         return _json_out(r["commands"]) if args.json else print("\n".join(r["commands"]))
@@ -383,6 +379,8 @@ def cmd_scaling_sweep(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import SweepConfig
+
     p = argparse.ArgumentParser(prog="pretrainer", description=(
         "Pretrain, fine-tune, prompt and scale Transformers. Start with 'pretrainer quickstart'."))
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -543,28 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", metavar="CONFIG", help="base run config (YAML, or a name under configs/)")
     t.add_argument("overrides", nargs="*", help="key=value changes to the base config (train.batch_size=8, ...)")
     t.add_argument("--out", required=True, help="sweep folder")
-    t.add_argument("--sizes", help="WIDTHxDEPTH[xHEADS] list, e.g. 32x2,64x2,96x3,128x4 (heads default: "
-                                   "the base model's head width)")
-    t.add_argument("--tokens", help="token budgets, e.g. 500k,1.2M,3M (grid: every size x every budget)")
-    t.add_argument("--isoflop", help="compute budgets C = 6ND, e.g. 1e12,3e12: every size at D = C/6N (instead of --tokens)")
-    t.add_argument("--lr-search", help="candidate learning rates per size, e.g. 1e-3,3e-3,1e-2 (best on the short budget)")
-    t.add_argument("--lr-search-tokens", help="budget of the search runs (default: the sweep's smallest)")
-    t.add_argument("--lr-search-tie", type=float, default=None,
-                   help="rates within this fraction of the best search loss tie; the smallest is kept (0.005)")
-    t.add_argument("--lr-scaling", choices=["fixed", "mup"], default=None,
-                   help="fixed: the base train.lr; mup: lr x base_width / width (default fixed)")
-    t.add_argument("--base-width", type=int, default=None, help="width at which mup uses train.lr (default: the base model's)")
-    t.add_argument("--corpus", help="prepare this corpus once into OUT/data (e.g. builtin:stdlib) instead of the config's data")
-    t.add_argument("--tokenizer", default=None, help="for --corpus: char (default) or KIND:SIZE such as bpe:1024")
-    t.add_argument("--evals", type=int, default=None, help="validation evaluations per run (default 8)")
-    t.add_argument("--min-steps", type=int, default=None, help="refuse (grid) or drop (IsoFLOP) runs shorter than this (20)")
-    t.add_argument("--converge-tol", type=float, default=None,
-                   help="warn when the loss falls more than this fraction over the last 20%% of a run (0.03)")
-    t.add_argument("--targets", help="losses for the sample-efficiency table (default: from the curves)")
-    t.add_argument("--plan-compute", help="compute budget for the plan (default: 10x the largest run's)")
-    t.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the fits (200)")
-    t.add_argument("--jobs", type=int, default=None, help="runs trained at once, as child processes (default 1: in this process)")
-    t.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's choice; 1 per job with --jobs)")
+    add_section_flags(t, SweepConfig)  # every option of pretrainer.config.SweepConfig, declared there
     t.add_argument("--print-commands", action="store_true", help="print one 'pretrainer pretrain' command per "
                    "unfinished run (for a cluster) instead of training; run the sweep again to collect")
     t.add_argument("--json", action="store_true")

@@ -331,6 +331,125 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# Fine-tuning and sweep settings: typed sections, each option declared once (its CLI flag is
+# derived from the field: pretrainer.cli.add_section_flags)
+
+
+def option(default: Any, help: str, **meta) -> Any:
+    """A config field with its help text (and ``choices``, ``flag`` ...) for the derived CLI flag."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+SELECT = ("metric", "loss")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of ``pretrainer finetune`` (:func:`pretrainer.finetune.finetune`): a ``finetune:``
+    section of a YAML file (``-c FILE``), ``--set key=value`` overrides, or the flags of the same
+    names (``--batch-size`` for ``batch_size``)."""
+
+    text_column: str | None = option(None, "default: text, sentence or sentence1 (tagging: tokens or words)")
+    text_pair_column: str | None = option(None, "second text of a pair (default: text_pair or sentence2 when present)")
+    label_column: str | None = option(None, "default: label (tagging: tags, ner_tags or labels)")
+    epochs: int = option(3, "passes over the training data")
+    batch_size: int = option(32, "examples per optimizer step (shared by the processes under torchrun)")
+    lr: float = option(1e-4, "peak learning rate")
+    warmup: float = option(0.1, "fraction of the steps spent warming up")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices and embeddings only)")
+    max_len: int = option(128, "tokens per input, special tokens included (capped at the model's context)")
+    stride: int | None = option(None, "qa: tokens shared by consecutive context windows (default: a quarter)")
+    patience: int | None = option(None, "stop after N epochs without a better score")
+    select: str | None = option(None, "the epoch kept: best task metric (accuracy, f1, pearson; the default) "
+                                      "or lowest evaluation loss (the default for text2text)", choices=SELECT)
+    dropout: float = option(0.1, "dropout on the head's input")
+    from_scratch: bool = option(False, "random weights (FROM's config and tokenizer)")
+    tokenizer: str | None = option(None, "preset + --from-scratch: tokenizer folder (default: train a "
+                                         "WordPiece one on the training texts)")
+    vocab_size: int = option(8192, "size of that WordPiece tokenizer")
+    eos_token: str | None = option(None, "the tokenizer's end-of-text token, when its files name none or the wrong one")
+    pad_token: str | None = option(None, "the tokenizer's padding token (default: pad, else end-of-text)")
+    seed: int = option(0, "seeds the data order and dropout")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    quiet: bool = option(False, "no progress lines")
+    log_every: int | None = option(None, "steps between progress lines (default: about 5 per epoch)")
+    # text2text (encoder-decoder) only
+    input_column: str | None = option(None, "text2text: default input, source or text", group="text2text")
+    target_column: str | None = option(None, "text2text: default target, summary or output", group="text2text")
+    prefix: str = option("", 'text2text: put before every input, e.g. "summarize: " (a row\'s own "prefix" '
+                             'field wins; a "task" field names its task)', group="text2text")
+    mixing: str = option("proportional", "text2text, several tasks in one file: each example once per epoch, "
+                                         "or T5's temperature-scaled rates", choices=("proportional", "temperature"),
+                         group="text2text")
+    mixing_temperature: float = option(2.0, "text2text: T5's mixing temperature", group="text2text")
+    max_target_len: int = option(64, "text2text: target tokens (training and generation)", group="text2text")
+    beams: int = option(1, "text2text: beam search width when evaluating (1 = greedy)", group="text2text")
+    no_repeat_ngram: int = option(0, "text2text: when evaluating, never repeat an n-gram of N tokens "
+                                     "(0 = off; 3 is common for summaries)", group="text2text")
+
+    def validate(self) -> None:
+        if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
+            raise ConfigError(f"--no-repeat-ngram {self.no_repeat_ngram}: expected 0 (off) or a positive integer")
+        for name in ("epochs", "batch_size", "max_len", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"--warmup {self.warmup}: expected a fraction of the steps in [0, 1)")
+        if self.patience is not None and self.patience <= 0:
+            raise ConfigError(f"--patience {self.patience}: expected a positive number of epochs")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+        if self.select not in (None, *SELECT):
+            raise ConfigError(f"--select {self.select}: expected one of {', '.join(SELECT)}")
+        _choice("finetune", "mixing", self.mixing, ["proportional", "temperature"])
+
+
+@dataclass
+class SweepConfig:
+    """Settings of ``pretrainer scaling sweep``: the ``sweep:`` section of its base YAML, or the
+    flags of the same names (which win)."""
+
+    sizes: str | None = option(None, "WIDTHxDEPTH[xHEADS] list, e.g. 32x2,64x2,96x3,128x4 (heads default: "
+                                     "the base model's head width)")
+    tokens: str | None = option(None, "token budgets, e.g. 500k,1.2M,3M (grid: every size x every budget)")
+    isoflop: str | None = option(None, "compute budgets C = 6ND, e.g. 1e12,3e12: every size at D = C/6N "
+                                       "(instead of --tokens)")
+    lr_search: str | None = option(None, "candidate learning rates per size, e.g. 1e-3,3e-3,1e-2 (best on the short budget)")
+    lr_scaling: str = option("fixed", "fixed: the base train.lr; mup: lr x base_width / width",
+                             choices=("fixed", "mup"))
+    base_width: int | None = option(None, "width at which mup uses train.lr (default: the base model's)")
+    lr_search_tokens: str | None = option(None, "budget of the search runs (default: the sweep's smallest)")
+    lr_search_tie: float = option(0.005, "rates within this fraction of the best search loss tie; the smallest is kept")
+    corpus: str | None = option(None, "prepare this corpus once into OUT/data (e.g. builtin:stdlib) instead of "
+                                      "the config's data")
+    tokenizer: str = option("char", "for --corpus: char or KIND:SIZE such as bpe:1024")
+    evals: int = option(8, "validation evaluations per run")
+    min_steps: int = option(20, "refuse (grid) or drop (IsoFLOP) runs shorter than this")
+    converge_tol: float = option(0.03, "warn when the loss falls more than this fraction over the last 20%% of a run")
+    plan_compute: str | None = option(None, "compute budget for the plan (default: 10x the largest run's)")
+    bootstrap: int = option(200, "bootstrap resamples for the fits")
+    targets: str | None = option(None, "losses for the sample-efficiency table (default: from the curves)")
+    jobs: int = option(1, "runs trained at once, as child processes (1: in this process)")
+    threads: int | None = option(None, "CPU threads per run (default: torch's choice; 1 per job with --jobs)")
+
+
+def section(cls, raw: dict | None, where: str):
+    """A settings section (:class:`FinetuneConfig`, :class:`SweepConfig`) from a mapping, each key
+    type-checked, an unknown one named with the closest known one."""
+    obj = cls()
+    if raw is None:
+        return obj
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys")
+    for key, value in raw.items():
+        set_key(obj, str(key), value, where=where)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading and overrides
 
 
@@ -469,7 +588,8 @@ def _flatten(raw: dict, prefix: str = ""):
 
 def _all_keys() -> list[str]:
     keys = []
-    for name, sub in (("model", ModelConfig), ("train", TrainConfig), ("noise", NoiseConfig)):
+    for name, sub in (("model", ModelConfig), ("train", TrainConfig), ("noise", NoiseConfig),
+                      ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]
     return keys

@@ -18,7 +18,7 @@ from .config import RunConfig, TrainConfig, model_preset
 
 def quickstart(out: str = "runs/quickstart", minutes: float = 4.0, corpus: str = "builtin:stdlib") -> dict:
     from . import load
-    from .cli import generate_samples
+    from .api import generate_samples
     from .data.prepare import load_manifest, prepare
     from .errors import PretrainerError
     from .tokenization import load_tokenizer

@@ -74,8 +74,8 @@ class MLMMasking:
         manifest's plus every special token of its tokenizer (T5 sentinels included)."""
         ids = split.manifest.get("special_ids") or {}
         if ids.get("mask") is None:
-            raise DataError(f"{split.dir / 'manifest.json'}: the tokenizer has no <mask> token, "
-                            f"which objective=mlm needs")
+            raise DataError(f"{split.dir / 'manifest.json'}: the tokenizer has no mask token, "
+                            f"which objective=mlm needs; prepare the data with --mask-token TEXT")
         special = {i for i in ids.values() if i is not None}
         tok_file = Path(split.dir) / "tokenizer" / "tokenizer.json"
         if tok_file.is_file():

@@ -40,7 +40,7 @@ class PretrainerLM(LM):
                  batch_size: int | str = 16, max_gen_toks: int = 64, **_ignored):
         super().__init__()
         if run is not None:
-            from ..cli import _load_run_and_tokenizer
+            from ..api import load_with_tokenizer as _load_run_and_tokenizer
 
             model, tokenizer = _load_run_and_tokenizer(str(run), device)
         if model is None or tokenizer is None:

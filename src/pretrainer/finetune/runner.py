@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from ..common import IGNORE
-from ..config import PRESETS, TrainConfig
+from ..config import PRESETS, FinetuneConfig, TrainConfig
 from ..errors import ConfigError
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
                                 save_checkpoint)
@@ -41,62 +41,9 @@ from .heads import InputFormat
 from .tasks import Task, make_task
 
 
-SELECT = ("metric", "loss")
-
-
-@dataclasses.dataclass
-class FinetuneOptions:
-    """Settings of :func:`finetune` (the CLI flags of ``pretrainer finetune``)."""
-
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-4
-    warmup: float = 0.1  # fraction of the optimizer steps
-    weight_decay: float = 0.01
-    max_len: int = 128  # tokens per input, specials included (capped at the model's context)
-    stride: int | None = None  # qa: tokens shared by consecutive windows (default: a quarter)
-    patience: int | None = None  # stop after this many epochs without improvement
-    select: str | None = None  # keep the epoch with the best "metric" or the lowest eval "loss" (default: the task's)
-    dropout: float = 0.1  # on the head's input
-    from_scratch: bool = False
-    tokenizer: str | None = None  # preset + from_scratch: a tokenizer folder (else trained)
-    vocab_size: int = 8192  # preset + from_scratch without a tokenizer: WordPiece size
-    eos_token: str | None = None  # the tokenizer's end-of-text token, when its files name none (--eos-token)
-    pad_token: str | None = None  # its padding token (default: pad, else end-of-text)
-    seed: int = 0
-    device: str = "auto"
-    quiet: bool = False
-    log_every: int | None = None  # steps between progress lines (default: about 5 per epoch)
-    # text2text (encoder-decoder) only
-    input_column: str | None = None
-    target_column: str | None = None
-    prefix: str = ""  # put before every input, e.g. "summarize: "
-    mixing: str = "proportional"  # proportional | temperature (several tasks in one file)
-    mixing_temperature: float = 2.0
-    max_target_len: int = 64  # target tokens in training, and the generation limit
-    beams: int = 1  # beam search width when evaluating
-    no_repeat_ngram: int = 0  # when evaluating, never repeat an n-gram of this many tokens (0 = off)
-
-    def validate(self) -> None:
-        if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
-            raise ConfigError(f"--no-repeat-ngram {self.no_repeat_ngram}: expected 0 (off) or a positive integer")
-        for name in ("epochs", "batch_size", "max_len", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"--warmup {self.warmup}: expected a fraction of the steps in [0, 1)")
-        if self.patience is not None and self.patience <= 0:
-            raise ConfigError(f"--patience {self.patience}: expected a positive number of epochs")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout {self.dropout}: expected a value in [0, 1)")
-        if self.select not in (None, *SELECT):
-            raise ConfigError(f"--select {self.select}: expected one of {', '.join(SELECT)}")
+#: the settings of :func:`finetune`: :class:`pretrainer.config.FinetuneConfig` (declared once there;
+#: the CLI flags of ``pretrainer finetune`` are derived from it)
+FinetuneOptions = FinetuneConfig
 
 
 def _say(quiet: bool, text: str) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import RunConfig, apply_override, from_dict, save_config
+from ..config import RunConfig, SweepConfig, apply_override, from_dict, save_config, section
 from ..errors import CheckpointError, ConfigError, DataError, PretrainerError
 
 SWEEP_FILE = "sweep.jsonl"
@@ -71,13 +72,9 @@ _SIZE = re.compile(r"^\s*(\d+)\s*[x:]\s*(\d+)\s*(?:[x:]\s*(\d+))?\s*$")
 _COUNT = re.compile(r"^\s*([0-9.]+(?:e[+-]?\d+)?)\s*([kmgt]?)\s*$", re.IGNORECASE)
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
-#: sweep options and their defaults; a ``sweep:`` section of the base YAML may set any of them
-DEFAULTS = {
-    "sizes": None, "tokens": None, "isoflop": None, "lr_search": None, "lr_scaling": "fixed",
-    "base_width": None, "lr_search_tokens": None, "lr_search_tie": 0.005, "corpus": None, "tokenizer": "char",
-    "evals": 8, "min_steps": 20, "converge_tol": 0.03, "plan_compute": None, "bootstrap": 200,
-    "targets": None, "jobs": 1, "threads": None,
-}
+#: sweep options and their defaults (:class:`~pretrainer.config.SweepConfig`, where each is declared
+#: once); a ``sweep:`` section of the base YAML may set any of them
+DEFAULTS = dataclasses.asdict(SweepConfig())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,11 +432,8 @@ def loss_falls_with_n(records: list[dict]) -> dict:
 
 
 def _options(raw_sweep: dict, given: dict) -> dict:
-    unknown = set(raw_sweep) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"sweep: unknown key '{sorted(unknown)[0]}' (known: {', '.join(DEFAULTS)})")
-    opts = dict(DEFAULTS)
-    opts.update(raw_sweep)
+    typed = section(SweepConfig, raw_sweep, "sweep")  # types checked, a misspelt key named
+    opts = dataclasses.asdict(typed)
     for a, b in (("tokens", "isoflop"), ("isoflop", "tokens")):  # budgets given on the command line win
         if given.get(a) is not None:
             opts[b] = None

@@ -215,34 +215,40 @@ class PairObjective(Objective):
     target's tokens; with ``prefix_mask`` the input positions see each other (a prefix LM)."""
 
     archs = ("encoder-decoder", "decoder")
+    pad = 0  # the data's padding id (its tokenizer's pad role, else end-of-text), once batches are made
 
     def pair_builder(self, split, seq_len, seed):
         raise NotImplementedError
 
     def builder(self, split, seq_len, seed):
+        from ..tokenization import padding_id
+
+        self.pad = padding_id(split.manifest["special_ids"])
+        if self.pad is None:
+            raise DataError(f"{split.dir / 'manifest.json'}: the tokenizer has neither a pad nor an "
+                            f"end-of-text token; prepare the data with --pad-token or --eos-token")
         pairs = self.pair_builder(split, seq_len, seed)
         if self.arch == "decoder":
-            ids = split.manifest["special_ids"]
             total = getattr(pairs, "concat_length", pairs.inputs_length + pairs.targets_length - 1)
             m = self.cfg.model
             if m.position == "learned" and total > m.max_seq_len:
                 raise ConfigError(f"objective={self.name} on a decoder: input + target = {total} "
                                   f"tokens exceed model.max_seq_len={m.max_seq_len}; lower train.seq_len")
-            return _Concatenated(pairs, ids["pad"], self.cfg.prefix_mask)
+            return _Concatenated(pairs, self.pad, self.cfg.prefix_mask)
         return pairs
 
     def as_batch(self, pair):
         if isinstance(pair, dict):  # already laid out for a decoder
             return pair
-        x, y = pair
-        return {"input_ids": x, "labels": y}
+        x, y = pair  # the encoder's input is padded with the pad id: mask it out
+        return {"input_ids": x, "labels": y, "attention_mask": (x != self.pad).long()}
 
     def loss(self, model, batch):
         if self.arch == "decoder":
             h = model.hidden_states(batch["input_ids"], prefix_len=batch.get("prefix_len"))
-        else:
+        else:  # teacher forcing: the decoder starts from the pad id (T5's convention)
             h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                    decoder_input_ids=shift_right(batch["labels"]))
+                                    decoder_input_ids=shift_right(batch["labels"], self.pad, self.pad))
         return lm_loss(model, h, batch["labels"])
 
 
@@ -300,7 +306,7 @@ class SpanCorruption(PairObjective):
             raise DataError(f"{split.dir}: objective=span needs T5 sentinel tokens in the tokenizer; "
                             f"prepare the data with --sentinels 100")
         ids, n = split.manifest["special_ids"], self.cfg.noise
-        return SpanCorruptionBatches(split, seq_len, seed, sentinels, ids["eos"], ids["pad"],
+        return SpanCorruptionBatches(split, seq_len, seed, sentinels, ids["eos"], self.pad,
                                      n.noise_density, n.mean_span_length)
 
 
@@ -314,9 +320,10 @@ class Denoise(PairObjective):
 
         ids, noise = split.manifest["special_ids"], self.cfg.noise
         if ids.get("mask") is None:
-            raise DataError(f"{split.dir}: objective=denoise needs a <mask> token in the tokenizer")
+            raise DataError(f"{split.dir}: objective=denoise needs a mask token in the tokenizer; "
+                            f"prepare the data with --mask-token TEXT")
         ends = tokenizer_ids(split)[1] if noise.permute_sentences else ()
-        return DenoiseBatches(split, seq_len, seed, ids["mask"], ids["eos"], ids["pad"], noise, ends)
+        return DenoiseBatches(split, seq_len, seed, ids["mask"], ids["eos"], self.pad, noise, ends)
 
 
 @register
@@ -330,7 +337,7 @@ class PrefixLM(PairObjective):
         from ..data.seq2seq import PrefixLMBatches
 
         ids = split.manifest["special_ids"]
-        pairs = PrefixLMBatches(split, seq_len, seed, ids["eos"], ids["pad"])
+        pairs = PrefixLMBatches(split, seq_len, seed, ids["eos"], self.pad)
         pairs.concat_length = seq_len  # on a decoder: the window and <eos>, shifted by one
         return pairs
 

@@ -31,8 +31,42 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [b for s in stacks for b in s.blocks]
 
 
-def parallel_mode(t: TrainConfig) -> str:
+def parallel_mode(t: TrainConfig, world: int) -> str:
+    """``single`` (one process), ``ddp`` or ``fsdp``."""
+    if world == 1:
+        return "single"
     return "ddp" if t.parallel == "auto" else t.parallel
+
+
+def parallelize(model: nn.Module, objective, env, t: TrainConfig) -> nn.Module:
+    """The module a training step runs, for ``train.parallel`` on ``env.world`` processes: the
+    model and its objective's loss as one :class:`~pretrainer.train.loop.TrainStep`, with
+    activation checkpointing and ``torch.compile`` (per block) as configured, then
+
+    - one process: the weights drawn (``model.init_weights`` after seeding with ``train.seed``)
+      and moved to the device;
+    - ``ddp``: the same, wrapped in DistributedDataParallel;
+    - ``fsdp``: ``model`` must have been built on the ``meta`` device; each block and the root are
+      sharded (:func:`shard`), then the weights drawn shard by shard (:func:`init_sharded`),
+      equal to one process's.
+
+    Returns the step module; the model's parameters are the ones to optimise (sharded or not)."""
+    from .loop import TrainStep
+
+    mode = parallel_mode(t, env.world)
+    apply_activation_checkpointing(model, t.activation_checkpointing)
+    if env.compile:
+        compile_blocks(model)
+    step = TrainStep(model, objective)
+    torch.manual_seed(t.seed)  # the same weights whatever the construction drew, sharded or not
+    if mode == "fsdp":
+        shard(step, model, env.device, env.world,
+              mixed_bf16=env.device.type == "cuda" and env.dtype == torch.bfloat16)
+        init_sharded(model, env.device)
+        return step
+    model.init_weights()
+    model.to(env.device)
+    return ddp(step, model, env.device) if mode == "ddp" else step
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -49,11 +83,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each block (as torchtitan does): the objectives call the model's methods,
-    not only its ``forward``, so the model as a whole is not compiled."""
-    for stack in ([model.encoder, model.decoder] if hasattr(model, "decoder") else [model]):
-        for i, block in enumerate(stack.blocks):
-            stack.blocks[i] = torch.compile(block)
+    """``torch.compile`` each block in place (as torchtitan does; the state-dict names stay): the
+    objectives call the model's methods, not only its ``forward``, so the model as a whole is not
+    compiled."""
+    for block in blocks(model):
+        block.compile()
 
 
 def shard(step: nn.Module, model: nn.Module, device: torch.device, world: int,

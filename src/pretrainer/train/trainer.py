@@ -39,8 +39,7 @@ from ..model import make_model
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
 from .objectives import Objective, get_objective
-from .parallel import (apply_activation_checkpointing, compile_blocks, ddp, init_sharded,
-                       parallel_mode, shard)
+from .parallel import parallel_mode, parallelize
 from .checkpoint import latest_checkpoint, restore, save_checkpoint, save_sharded_checkpoint
 from .loop import Env, StopFlag, TrainStep, optimizer_step, to_device
 from .optim import lr_at, make_optimizer, set_lr
@@ -156,28 +155,15 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
 
-    mode = parallel_mode(t) if env.world > 1 else "single"
-    with torch.device("meta") if mode == "fsdp" else contextlib.nullcontext():
+    mode = parallel_mode(t, env.world)
+    with torch.device("meta") if mode == "fsdp" else contextlib.nullcontext():  # sharded: no full copy
         model = make_model(cfg.model)
     if wants_fast_paths(t.fast_paths, env.device, env.dtype):
         apply_fast_paths(model)
-    apply_activation_checkpointing(model, t.activation_checkpointing)
-    if env.compile:
-        compile_blocks(model)
-    step_fn = TrainStep(model, objective)
-    torch.manual_seed(t.seed)  # the same weights whatever the construction drew, sharded or not
-    if mode == "fsdp":
-        shard(step_fn, model, env.device, env.world,
-              mixed_bf16=env.device.type == "cuda" and env.dtype == torch.bfloat16)
-        init_sharded(model, env.device)
-    else:
-        model.init_weights()
-        model.to(env.device)
+    step_fn = parallelize(model, objective, env, t)
     if cfg.init_from and not resume:
         load_initial_weights(model, cfg.init_from, sharded=mode == "fsdp")
     optimizer = make_optimizer(model, t, env.device.type)
-    if mode == "ddp":
-        step_fn = ddp(step_fn, model, env.device)
 
     if resume:
         restore(ckpt, model, optimizer, meta, env.rank, sharded=mode == "fsdp")
