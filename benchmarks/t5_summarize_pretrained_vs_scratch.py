@@ -63,6 +63,14 @@ PROTOCOLS = ("rougeL", "rougeL_last_epoch", "rougeL_best_epoch")
 FOUND_CONSTANTS = ["Return a list of the."]
 
 
+def span_loss(model, x, y):
+    """The mean cross-entropy of the targets ``y`` given the inputs ``x`` (teacher forcing)."""
+    from pretrainer.common import shift_right
+
+    logits = model(x, decoder_input_ids=shift_right(y), attention_mask=(x != 0).long()).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
 def encoder_use(run: Path, data: Path, batches: int = 8) -> dict:
     """How much the pretrained model reads its encoder: span-corruption loss on validation batches
     with each row's own corrupted input, and with the inputs of other rows (the same targets). Equal
@@ -80,8 +88,8 @@ def encoder_use(run: Path, data: Path, batches: int = 8) -> dict:
         for x, y in span_eval_batches(TokenSplit(data, "val"), 128, 32, batches, tok.sentinel_ids, tok.eos_id,
                                       tok.pad_id):
             perm = torch.roll(torch.arange(len(x)), 1) if len(x) > 1 else torch.arange(len(x))
-            own += model(x, labels=y, return_logits=False).loss.item()
-            other += model(x[perm], labels=y, return_logits=False).loss.item()
+            own += span_loss(model, x, y).item()
+            other += span_loss(model, x[perm], y).item()
             n += 1
     return {"val_loss_own_inputs": own / max(1, n), "val_loss_other_rows_inputs": other / max(1, n),
             "batches": n}
