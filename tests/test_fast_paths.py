@@ -91,3 +91,26 @@ def test_the_trainer_applies_fast_paths_for_float32_on_a_cpu_only():
     assert not wants_fast_paths("auto", cpu, torch.bfloat16)
     assert not wants_fast_paths("auto", cuda, torch.bfloat16)
     assert wants_fast_paths("true", cuda, torch.bfloat16) and not wants_fast_paths("false", cpu, torch.float32)
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """train.activation_checkpointing=full / selective recompute activations in the backward: the
+    same loss and gradients as keeping them, the same state-dict names."""
+    from pretrainer.train.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    ref_model = apply_fast_paths(build_model("llama-tiny", **CASES["llama-tiny"])).train()
+    batch = batch_for("llama-tiny", torch.Generator().manual_seed(1))
+    obj = objective("clm", ref_model)
+    ref = obj.loss(ref_model, batch)
+    g_ref = torch.autograd.grad(ref, list(ref_model.parameters()))
+    for mode in ("full", "selective"):
+        model = apply_fast_paths(build_model("llama-tiny", **CASES["llama-tiny"])).train()
+        model.load_state_dict(ref_model.state_dict())
+        apply_activation_checkpointing(model, mode)
+        assert list(model.state_dict()) == list(ref_model.state_dict())
+        loss = obj.loss(model, batch)
+        g = torch.autograd.grad(loss, list(model.parameters()))
+        torch.testing.assert_close(loss, ref)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -236,7 +236,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | true | false
     fast_paths: str = "auto"  # hand-written backwards + fused CPU kernels: auto (float32 on a CPU) | true | false
     parallel: str = "auto"  # with several processes: ddp (replicas) | fsdp (FSDP2 sharding); auto = ddp
-    activation_checkpointing: str = "none"  # none | full (recompute every block) | selective (every other block)
+    activation_checkpointing: str = "none"  # none | full (recompute every block) | selective (recompute elementwise ops)
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 20  # validation: this many global batches of windows
     log_every: int = 10

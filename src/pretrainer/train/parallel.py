@@ -13,7 +13,8 @@
   the parameters are gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``).
 
 ``train.activation_checkpointing``: ``full`` recomputes every block's activations in the backward
-(keeping only its input), ``selective`` every other block; ``none`` keeps them all.
+(keeping only its input), ``selective`` keeps the matrix products' and attention's outputs and
+recomputes the elementwise rest; ``none`` keeps them all.
 """
 
 from __future__ import annotations
@@ -69,17 +70,39 @@ def parallelize(model: nn.Module, objective, env, t: TrainConfig) -> nn.Module:
     return ddp(step, model, env.device) if mode == "ddp" else step
 
 
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy: keep what the matrix products and the attention kernel
+    computed, recompute the cheap elementwise rest (norms, activations, rotary, dropout)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)}
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Wrap blocks so their activations are recomputed in the backward (``full``: every block,
-    ``selective``: every other one)."""
+    """Wrap every block so that the backward recomputes activations instead of keeping them:
+    ``full`` keeps only each block's input and recomputes the whole block; ``selective`` keeps the
+    outputs of the matrix products and the attention kernel and recomputes the elementwise ops
+    (op-level selective checkpointing, ``torch.utils.checkpoint``'s policy contexts; what
+    ``pretrainer info --plan`` counts). The state-dict names do not change."""
     if mode == "none":
         return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from functools import partial
 
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kw = {"preserve_rng_state": True}  # the wrapper checkpoints without reentrancy by default
+    if mode == "selective":
+        kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_matmuls)
     for stack in ([model.encoder, model.decoder] if hasattr(model, "decoder") else [model]):
         for i, block in enumerate(stack.blocks):
-            if mode == "full" or i % 2 == 0:
-                stack.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            stack.blocks[i] = checkpoint_wrapper(block, **kw)
 
 
 def compile_blocks(model: nn.Module) -> None:
