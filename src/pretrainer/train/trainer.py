@@ -128,9 +128,10 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     """Run (or resume) training; returns a summary dict. ``stop_at`` ends the run early after
     checkpointing at that step, as a preemption would (used to test exact resume)."""
     run = Path(cfg.out)
-    if resume:
-        if not (run / "config.yaml").is_file():
-            raise CheckpointError(f"{run}: not a run folder (no config.yaml)")
+    if resume and not (run / "config.yaml").is_file():
+        shared = (" (under torchrun on several machines, out= must be a folder all of them share)"
+                  if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+        raise CheckpointError(f"{run}: not a run folder (no config.yaml){shared}")
     if cfg.init_from and not resume:  # the source's architecture and sizes, its weights below
         cfg.model = initial_model_config(cfg.init_from, cfg.data)
     cfg.validate()
@@ -183,6 +184,9 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         (run / "metrics.jsonl").write_text("")
     if env.world > 1:
         dist.barrier()
+        if not (run / "config.yaml").is_file():  # another machine's first process wrote it
+            raise CheckpointError(f"{run}: process {env.rank} cannot see the run folder that process 0 "
+                                  f"wrote; on several machines out= must be a folder all of them share")
 
     info = model_info(cfg.model, t.seq_len)
     flops_per_step = info["flops_per_token"] * tokens_per_step
