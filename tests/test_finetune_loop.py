@@ -63,3 +63,14 @@ def test_fine_tuning_on_two_processes_matches_one(tmp_path):
     assert [r.get("accuracy") for r in a] == [r.get("accuracy") for r in b]
     summary = json.loads(json.dumps(one))
     assert summary["accuracy"] == [r for r in b if "accuracy" in r][summary["epoch"] - 1]["accuracy"]
+
+
+def test_gradient_accumulation_gives_the_same_fine_tuning_steps(tmp_path):
+    """--grad-accum 3 splits every batch into micro-steps: the same losses (examples weighted
+    alike), without dropout."""
+    kw = dict(setup(tmp_path), dropout=0.0, epochs=1)
+    finetune(out=str(tmp_path / "one"), **kw)
+    finetune(out=str(tmp_path / "accum"), grad_accum=3, **kw)
+    a, b = lines(tmp_path / "one"), lines(tmp_path / "accum")
+    np.testing.assert_allclose([r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r],
+                               rtol=1e-5)

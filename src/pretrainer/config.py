@@ -354,6 +354,8 @@ class FinetuneConfig:
     label_column: str | None = option(None, "default: label (tagging: tags, ner_tags or labels)")
     epochs: int = option(3, "passes over the training data")
     batch_size: int = option(32, "examples per optimizer step (shared by the processes under torchrun)")
+    grad_accum: int = option(1, "micro-steps each process splits its share of a batch into (less memory, "
+                                "the same step)")
     lr: float = option(1e-4, "peak learning rate")
     warmup: float = option(0.1, "fraction of the steps spent warming up")
     weight_decay: float = option(0.01, "AdamW weight decay (matrices and embeddings only)")
@@ -390,7 +392,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
             raise ConfigError(f"--no-repeat-ngram {self.no_repeat_ngram}: expected 0 (off) or a positive integer")
-        for name in ("epochs", "batch_size", "max_len", "vocab_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")

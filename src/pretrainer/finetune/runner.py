@@ -294,13 +294,14 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
             for k in range(start_k if epoch == start_epoch else 0, steps_per_epoch):
                 idx = order[k * opts.batch_size:(k + 1) * opts.batch_size]
                 mine = idx[env.rank::env.world]
-                batch = the_task.collate([train_feats[i] for i in (mine or idx[:1])], fmt.pad_id)
+                micro = [to_device(b, device) for b in _micro_batches(the_task, train_feats, mine or idx[:1],
+                                                                      opts.grad_accum, fmt.pad_id)]
                 if not mine:  # a last step with fewer examples than processes: this one adds nothing
-                    batch["_count"] = torch.zeros((), dtype=torch.float64)
-                batch = to_device(batch, device)
+                    micro = micro[:1]
+                    micro[0]["_count"] = torch.zeros((), dtype=torch.float64, device=device)
                 lr = lr_at(step, tcfg)
                 set_lr(optimizer, lr)
-                share = optimizer_step(step_fn, model, optimizer, [batch], count, env, mode, grad_clip=1.0)
+                share = optimizer_step(step_fn, model, optimizer, micro, count, env, mode, grad_clip=1.0)
                 step += 1
                 window_loss += env.all_sum(float(share)) * len(idx)
                 window_n += len(idx)
@@ -378,6 +379,12 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         settings["best"] = {"epoch": best, "checkpoint": str(ckpt.relative_to(run))}
     write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
     return summary
+
+
+def _micro_batches(task: Task, feats: list[dict], idx: list[int], n: int, pad_id: int) -> list[dict]:
+    """This process's examples of a step as up to ``n`` collated micro-batches (never empty ones)."""
+    size = -(-len(idx) // n)
+    return [task.collate([feats[i] for i in idx[j:j + size]], pad_id) for j in range(0, len(idx), size)]
 
 
 def resume_finetune(out: str, quiet: bool = False, stop_at: int | None = None) -> dict:
