@@ -23,14 +23,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr_scale: str = "n
     resumed run keeps them. :func:`set_lr` multiplies each group's ``lr_scale`` into its rate."""
     if lr_scale == "rms":
         return [{"params": [p], "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
-                 "lr_scale": max(1e-3, p.detach().float().pow(2).mean().sqrt().item())}
-                for p in model.parameters() if p.requires_grad]
+                 "lr_scale": max(1e-3, _rms(p))} for p in model.parameters() if p.requires_grad]
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() already yields a tied tensor once
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rms(p: torch.Tensor) -> float:
+    """Root-mean-square value of a parameter (of the whole tensor when it is sharded)."""
+    t = p.detach()
+    if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): the same factor on every process
+        t = t.full_tensor()
+    return t.float().pow(2).mean().sqrt().item()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
