@@ -59,6 +59,8 @@ class ModelConfig:
     rel_buckets: int = 32  # relative: T5's log-spaced distance buckets, one bias per head and bucket
     rel_max_distance: int = 128  # relative: distances beyond this share the last bucket
     attn_scale: bool = True  # scores divided by sqrt(head_dim); T5 folds that into its init (false)
+    attention_layers: str = "global"  # the layers' attention, a pattern repeated: "global,local" (GPT-3, GPT-Neo)
+    attention_window: int | None = None  # local layers: each position sees the last W (itself included)
     mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu | geglu_tanh (T5 v1.1)
     bias: bool = True  # biases in linear layers and norms
     tie_embeddings: bool = True
@@ -88,6 +90,11 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
+
+    def layer_kind(self, i: int) -> str:
+        """``global`` or ``local``: layer ``i``'s attention (``attention_layers`` repeated)."""
+        pattern = [p.strip() for p in self.attention_layers.split(",")]
+        return pattern[i % len(pattern)]
 
     def validate(self, where: str = "model") -> None:
         _choice(where, "arch", self.arch, list(ARCH_NAMES))
@@ -119,6 +126,16 @@ class ModelConfig:
             raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=encoder only")
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
+        kinds = [p.strip() for p in self.attention_layers.split(",")]
+        for kind in kinds:
+            _choice(where, "attention_layers", kind, ["global", "local"])
+        if "local" in kinds:
+            if self.attention_window is None or self.attention_window < 1:
+                raise ConfigError(f"{where}.attention_layers={self.attention_layers!r} has local layers: "
+                                  f"expected {where}.attention_window, a positive number of positions")
+            if self.arch != "decoder":
+                raise ConfigError(f"{where}.attention_layers: local (banded causal) attention applies to "
+                                  f"arch=decoder only, got {self.arch}")
         if self.position == "relative" and self.rel_buckets < 4:
             raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
 

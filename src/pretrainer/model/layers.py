@@ -201,6 +201,20 @@ class SelfAttention(nn.Module):
         self.proj.is_residual_out = True
         self.dropout = cfg.dropout
         self.scale = None if cfg.attn_scale else 1.0
+        # GPT-3 / GPT-Neo: some layers attend to a local window only (model.attention_layers)
+        self.window = cfg.attention_window if causal and cfg.layer_kind(layer_idx) == "local" else None
+
+    def local_mask(self, start: int, T: int, S: int, attn_mask: torch.Tensor | None, device) -> torch.Tensor:
+        """Queries at ``start .. start+T-1`` see keys at most ``window - 1`` positions back: with the
+        causal part when no mask is given, else within the given mask (which holds it)."""
+        q = torch.arange(start, start + T, device=device)[:, None]
+        k = torch.arange(S, device=device)[None, :]
+        near = q - k < self.window
+        if attn_mask is None:
+            return near & (k <= q)
+        if attn_mask.dtype == torch.bool:
+            return attn_mask & near
+        return attn_mask.masked_fill(~near, torch.finfo(attn_mask.dtype).min)
 
     def split_heads(self, qkv: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values [B, heads, T, D] from the fused projection's output
@@ -226,7 +240,9 @@ class SelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         k, v, gqa = _share_kv_heads(k, v, H)
         mask, is_causal = attn_mask, False
-        if self.causal and attn_mask is None:
+        if self.window is not None:  # a local layer: the last `window` positions, itself included
+            mask = self.local_mask(start, T, k.shape[-2], attn_mask, x.device)
+        elif self.causal and attn_mask is None:
             if start == 0:
                 is_causal = T > 1
             elif T > 1:  # a chunk after cached positions: query i sees keys <= start + i
