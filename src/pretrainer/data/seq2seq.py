@@ -202,6 +202,12 @@ class _Windows:
     def order(self) -> WindowOrder:
         return WindowOrder(len(self.split), self.raw_length, self.seed)
 
+    @property
+    def decoder_length(self) -> int:
+        """Tokens a decoder-only model reads for one example laid out as ``input + target``
+        (shifted by one: the longest input plus the longest target, less one)."""
+        return self.inputs_length + self.targets_length - 1
+
     def example(self, start: int, index: int, seed: int | None = None):
         raise NotImplementedError
 
@@ -450,6 +456,11 @@ class PrefixLMBatches(_Windows):
         self.split, self.seed, self.eos_id, self.pad_id = split, seed, eos_id, pad_id
         self.raw_length = self.inputs_length = seq_len
         self.targets_length = seq_len
+
+    @property
+    def decoder_length(self) -> int:
+        """Prefix and rest are the window and ``<eos>``: ``raw_length + 1`` tokens, shifted by one."""
+        return self.raw_length
 
     def example(self, start: int, index: int, seed: int | None = None):
         gen = sample_generator(self.seed if seed is None else seed, index)

@@ -72,6 +72,11 @@ class EncoderDecoderLM(nn.Module):
     def tok_emb(self) -> nn.Embedding:
         return self.encoder.tok_emb
 
+    @property
+    def stacks(self) -> list[Transformer]:
+        """The encoder's and the decoder's stacks of blocks."""
+        return [self.encoder, self.decoder]
+
     # -- forward -------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """``(encoder output [B, S, d_model], key mask [B, 1, 1, S] or None)``. Without an

@@ -179,22 +179,20 @@ FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, MLP: FastMLP}
 def apply_fast_paths(model: nn.Module) -> nn.Module:
     """Swap every plain layer of ``model`` that has a fast subclass for it, in place (parameters,
     buffers and state-dict names unchanged); returns ``model``. ``model.fast_paths`` records it."""
-    for module in model.modules():
-        fast = FAST.get(type(module))
-        if fast is not None:
-            module.__class__ = fast
-    model.fast_paths = True
-    return model
+    return _swap(model, FAST, True)
 
 
 def remove_fast_paths(model: nn.Module) -> nn.Module:
     """The inverse of :func:`apply_fast_paths`: back to the plain layers."""
-    plain = {fast: base for base, fast in FAST.items()}
+    return _swap(model, {fast: base for base, fast in FAST.items()}, False)
+
+
+def _swap(model: nn.Module, classes: dict, fast: bool) -> nn.Module:
     for module in model.modules():
-        base = plain.get(type(module))
-        if base is not None:
-            module.__class__ = base
-    model.fast_paths = False
+        new = classes.get(type(module))
+        if new is not None:
+            module.__class__ = new
+    model.fast_paths = fast
     return model
 
 

@@ -34,8 +34,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     with torch.device("meta"):
         model = make_model(cfg)
     emb = model.tok_emb.weight.numel()
-    stacks = [model.encoder, model.decoder] if cfg.arch == "encoder-decoder" else [model]
-    pos = sum(m.weight.numel() for s in stacks for m in (s.pos_emb, s.type_emb) if m is not None)
+    pos = sum(m.weight.numel() for s in model.stacks for m in (s.pos_emb, s.type_emb) if m is not None)
     if cfg.arch == "encoder":
         tied = {id(model.tok_emb.weight)}
         mlm_head = sum(p.numel() for p in model.mlm.parameters() if id(p) not in tied)

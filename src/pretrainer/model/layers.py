@@ -404,6 +404,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, causal=causal, cross=cross) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.prenorm else nn.Identity()
 
+    @property
+    def stacks(self) -> list["Transformer"]:
+        """The stacks of blocks this model is made of (itself; an encoder-decoder has two)."""
+        return [self]
+
     def reset_buffers(self) -> None:
         """Compute the fixed sinusoidal table (again, after a ``meta``-device build is placed)."""
         if hasattr(self, "pos_table") and not self.pos_table.is_meta:

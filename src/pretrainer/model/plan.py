@@ -191,8 +191,7 @@ def _parameter_units(cfg: ModelConfig) -> dict:
     with torch.device("meta"):
         model = make_model(cfg)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    stacks = [model.encoder, model.decoder] if cfg.arch == "encoder-decoder" else [model]
-    blocks = [sum(p.numel() for p in b.parameters()) for st in stacks for b in st.blocks]
+    blocks = [sum(p.numel() for p in b.parameters()) for st in model.stacks for b in st.blocks]
     return {"params": total, "largest_block": max(blocks), "root": total - sum(blocks)}
 
 

@@ -187,9 +187,11 @@ def _rng_state() -> dict:
 
 
 def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    """Flush every file under ``path`` (sharded checkpoints have a ``dcp/`` folder) to disk."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,10 +248,7 @@ def save_sharded_checkpoint(run: str | Path, model: torch.nn.Module, optimizer, 
         meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
                          if p.is_file()}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -286,10 +285,10 @@ def restore(path: Path, model: torch.nn.Module, optimizer, meta: dict, rank: int
     # a full (one-process or ddp) checkpoint into a sharded model: full tensors, each process
     # keeping its shards
     weights = load_file(str(path / "model.safetensors"))
-    own = model.state_dict()
-    for k in own:
+    source = next(n for n, p in model.named_parameters() if p is model.tok_emb.weight)  # stored once
+    for k in model.state_dict():
         if k not in weights and is_tied_copy(model, k):
-            weights[k] = weights[_tied_source(model)]
+            weights[k] = weights[source]
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -305,10 +304,6 @@ def restore(path: Path, model: torch.nn.Module, optimizer, meta: dict, rank: int
                    optim_state_dict={"state": state, "param_groups": groups},
                    options=StateDictOptions(full_state_dict=True))
     _set_rng(load_file(str(path / "rng.safetensors")))
-
-
-def _tied_source(model: torch.nn.Module) -> str:
-    return "encoder.tok_emb.weight" if hasattr(model, "decoder") else "tok_emb.weight"
 
 
 def _set_rng(rng: dict) -> None:

@@ -89,6 +89,7 @@ class Objective:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.arch = cfg.model.arch
+        self._eval_builders: dict = {}  # the fixed validation builders, made once per split
 
     # -- data ----------------------------------------------------------------------------------
     def builder(self, split: TokenSplit, seq_len: int, seed: int):
@@ -106,8 +107,10 @@ class Objective:
                      seq_len: int | None = None) -> Iterator[dict]:
         """Fixed validation batches: consecutive windows from the start of the split, with any
         noise drawn from seed 0 (the same at every evaluation)."""
-        builder = self.builder(split, seq_len or self.cfg.train.seq_len, 0)
-        for pair in builder.eval_batches(batch_size, max_batches):
+        key = (str(split.dir), split.split, seq_len or self.cfg.train.seq_len)
+        if key not in self._eval_builders:  # (reading the tokenizer again at every evaluation is slow)
+            self._eval_builders[key] = self.builder(split, key[2], 0)
+        for pair in self._eval_builders[key].eval_batches(batch_size, max_batches):
             yield self.as_batch(pair)
 
     def as_batch(self, pair) -> dict:
@@ -217,6 +220,10 @@ class PairObjective(Objective):
     archs = ("encoder-decoder", "decoder")
     pad = 0  # the data's padding id (its tokenizer's pad role, else end-of-text), once batches are made
 
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.on_decoder = self.arch == "decoder"  # input + target as one sequence
+
     def pair_builder(self, split, seq_len, seed):
         raise NotImplementedError
 
@@ -228,8 +235,8 @@ class PairObjective(Objective):
             raise DataError(f"{split.dir / 'manifest.json'}: the tokenizer has neither a pad nor an "
                             f"end-of-text token; prepare the data with --pad-token or --eos-token")
         pairs = self.pair_builder(split, seq_len, seed)
-        if self.arch == "decoder":
-            total = getattr(pairs, "concat_length", pairs.inputs_length + pairs.targets_length - 1)
+        if self.on_decoder:
+            total = pairs.decoder_length
             m = self.cfg.model
             if m.position == "learned" and total > m.max_seq_len:
                 raise ConfigError(f"objective={self.name} on a decoder: input + target = {total} "
@@ -244,7 +251,7 @@ class PairObjective(Objective):
         return {"input_ids": x, "labels": y, "attention_mask": (x != self.pad).long()}
 
     def loss(self, model, batch):
-        if self.arch == "decoder":
+        if self.on_decoder:
             h = model.hidden_states(batch["input_ids"], prefix_len=batch.get("prefix_len"))
         else:  # teacher forcing: the decoder starts from the pad id (T5's convention)
             h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"),
@@ -259,7 +266,7 @@ class _Concatenated:
 
     def __init__(self, pairs, pad_id: int, prefix_mask: bool):
         self.pairs, self.pad_id, self.prefix_mask = pairs, pad_id, prefix_mask
-        self.length = getattr(pairs, "concat_length", pairs.inputs_length + pairs.targets_length - 1)
+        self.length = pairs.decoder_length
 
     @property
     def order(self):
@@ -336,10 +343,7 @@ class PrefixLM(PairObjective):
     def pair_builder(self, split, seq_len, seed):
         from ..data.seq2seq import PrefixLMBatches
 
-        ids = split.manifest["special_ids"]
-        pairs = PrefixLMBatches(split, seq_len, seed, ids["eos"], self.pad)
-        pairs.concat_length = seq_len  # on a decoder: the window and <eos>, shifted by one
-        return pairs
+        return PrefixLMBatches(split, seq_len, seed, split.manifest["special_ids"]["eos"], self.pad)
 
 
 def tokenizer_ids(split: TokenSplit) -> tuple[tuple[int, ...], tuple[int, ...]]:

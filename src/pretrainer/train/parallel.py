@@ -28,8 +28,7 @@ from ..config import TrainConfig
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of any of the three model kinds (an encoder-decoder: both stacks')."""
-    stacks = [model.encoder, model.decoder] if hasattr(model, "decoder") else [model]
-    return [b for s in stacks for b in s.blocks]
+    return [b for s in model.stacks for b in s.blocks]
 
 
 def parallel_mode(t: TrainConfig, world: int) -> str:
@@ -97,7 +96,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     kw = {"preserve_rng_state": True}  # the wrapper checkpoints without reentrancy by default
     if mode == "selective":
         kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_matmuls)
-    for stack in ([model.encoder, model.decoder] if hasattr(model, "decoder") else [model]):
+    for stack in model.stacks:
         for i, block in enumerate(stack.blocks):
             stack.blocks[i] = checkpoint_wrapper(block, **kw)
 
