@@ -56,7 +56,11 @@ def cmd_info(args) -> None:
     print(f"{args.model}: {layers} layers x {cfg.d_model} wide, {cfg.n_head} heads "
           f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
     print(f"  parameters              {info['params']:>16,}")
-    print(f"  non-embedding (Kaplan)  {info['params_non_embedding']:>16,}")
+    if "params_active" in info:
+        print(f"  active per token        {info['params_active']:>16,}  ({info['experts_per_token']} of "
+              f"{info['n_experts']} experts in each MoE layer)")
+    print(f"  non-embedding (Kaplan)  {info['params_non_embedding']:>16,}"
+          f"{'  (active)' if 'params_active' in info else ''}")
     if "params_mlm_head" in info:
         what = "output bias" if cfg.tie_embeddings else "output bias and untied output matrix"
         print(f"  + MLM head (not above)  {info['params_mlm_head']:>16,}  (dense + norm transform, {what})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,25 @@ from .errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------
 # Model
+
+
+@dataclass
+class MoEConfig:
+    """A mixture-of-experts MLP (``model.moe``): each token goes to ``top_k`` of ``n_experts``
+    MLPs chosen by a learned router (Shazeer et al. 2017; Switch: Fedus et al. 2021, top-1;
+    Mixtral: Jiang et al. 2024, top-2). ``n_experts: 0`` is a dense model."""
+
+    n_experts: int = 0  # 0 = dense MLPs; Switch-Base-8 and Mixtral 8x7B have 8
+    top_k: int = 1  # experts per token: 1 = Switch, 2 = Mixtral (their weights renormalised to sum to 1)
+    capacity_factor: float = 1.25  # training: an expert takes at most this x its even share; 0 = no limit
+    aux_loss_weight: float = 0.01  # Switch's load-balancing loss n_experts * sum_i f_i P_i (Fedus et al.: 0.01)
+    z_loss_weight: float = 0.0  # router z-loss, mean logsumexp(router logits)^2 (ST-MoE: 0.001)
+    every: int = 1  # MoE layers: 1, 1 + every, 1 + 2 every ... as Switch places them; 1 = all (Mixtral)
+    d_ff: int | None = None  # each expert's hidden size (None = the model's d_ff)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` of a stack has experts (counting from 0 in each stack)."""
+        return self.n_experts > 0 and i % self.every == 1 % self.every
 
 
 @dataclass
@@ -73,7 +93,12 @@ class ModelConfig:
     type_vocab_size: int = 0  # segment (token-type) embeddings; encoder only (BERT: 2)
     pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
     mlm_head: bool = True  # encoder: dense + activation + norm before the tied output (BERT)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts MLPs (n_experts > 0)
     preset: str | None = None  # the preset this section started from (informational)
+
+    def __post_init__(self):
+        # from a preset, a saved config or a YAML mapping; a copy (dataclasses.replace shares it)
+        self.moe = MoEConfig(**self.moe) if isinstance(self.moe, dict) else dataclasses.replace(self.moe)
 
     @property
     def kv_heads(self) -> int:
@@ -138,6 +163,27 @@ class ModelConfig:
                                   f"arch=decoder only, got {self.arch}")
         if self.position == "relative" and self.rel_buckets < 4:
             raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
+        self.validate_moe(f"{where}.moe")
+
+    def validate_moe(self, where: str) -> None:
+        m = self.moe
+        if m.n_experts == 0:
+            return
+        if m.n_experts < 0:
+            raise ConfigError(f"{where}.n_experts={m.n_experts}: expected 0 (dense) or a positive integer")
+        for name in ("top_k", "every"):
+            _positive(where, name, getattr(m, name))
+        if m.d_ff is not None:
+            _positive(where, "d_ff", m.d_ff)
+        if m.top_k > m.n_experts:
+            raise ConfigError(f"{where}.top_k={m.top_k}: expected at most n_experts={m.n_experts}")
+        for name in ("capacity_factor", "aux_loss_weight", "z_loss_weight"):
+            value = getattr(m, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{where}.{name}={value}: expected a finite number >= 0")
+        if m.every > 1 and self.n_layer < 2:
+            raise ConfigError(f"{where}.every={m.every}: the first MoE layer is layer 1, but "
+                              f"n_layer={self.n_layer}; set every=1")
 
 
 #: The model architectures and what each is.
@@ -213,6 +259,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t5-v1_1-small": dict(_T5_V1_1, n_layer=8, n_head=6, d_head=64, d_model=512, d_ff=1024),
     # BART (Lewis et al. 2020): post-norm, learned positions, a norm on the embeddings.
     "bart-base": dict(_BART, n_layer=6, n_head=12, d_model=768, d_ff=3072),
+    # Mixtures of experts. Mixtral 8x7B (Jiang et al. 2024): a Mistral 7B whose MLPs are 8
+    # experts, 2 per token, no capacity limit; 46.7B parameters, 12.9B active. mixtral-tiny is
+    # llama-tiny with 8 such experts for CPU runs.
+    "mixtral-tiny": dict(_LLAMA, n_layer=4, n_head=4, n_kv_heads=2, d_model=256, d_ff=688,
+                         max_seq_len=256, norm_eps=1e-5, moe=dict(n_experts=8, top_k=2)),
+    "mixtral-8x7b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_heads=8, d_model=4096, d_ff=14336,
+                         vocab_size=32000, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5,
+                         moe=dict(n_experts=8, top_k=2, capacity_factor=0.0)),
+    # Switch Transformers (Fedus et al. 2021): T5 whose every fourth MLP from layer 1 is 8 top-1
+    # experts, as transformers' SwitchTransformersConfig defaults (d_ff 2048; router z-loss and
+    # load-balancing loss at 0.001 each).
+    "switch-base-8": dict(_T5, n_layer=12, n_head=12, d_model=768, d_ff=2048,
+                          moe=dict(n_experts=8, top_k=1, every=4, aux_loss_weight=0.001,
+                                   z_loss_weight=0.001)),
 }
 
 
@@ -531,6 +591,10 @@ def set_key(cfg: Any, dotted: str, value: Any, where: str = "config") -> None:
         path.append(part)
         if i == len(parts) - 1:
             f = next(f for f in dataclasses.fields(obj) if f.name == part)
+            if dataclasses.is_dataclass(getattr(obj, part)) and isinstance(value, dict):
+                for key, item in value.items():  # a section given whole: key by key
+                    set_key(cfg, f"{dotted}.{key}", item, where)
+                return
             setattr(obj, part, _coerce(".".join(path), value, f.type, where))
         else:
             obj = getattr(obj, part)
@@ -607,7 +671,7 @@ def _flatten(raw: dict, prefix: str = ""):
 
 def _all_keys() -> list[str]:
     keys = []
-    for name, sub in (("model", ModelConfig), ("train", TrainConfig), ("noise", NoiseConfig),
+    for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
                       ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]

@@ -42,7 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoEConfig
 from ..errors import PretrainerError
 from ..model import make_model
 from ..train.checkpoint import is_tied_copy
@@ -66,7 +66,7 @@ _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
                       r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
 #: The names Hugging Face checkpoints may repeat the token embedding as, when the output is tied
 #: (and, for encoder-decoders, always: each stack's copy of the shared embedding).
-_TIED = {"gpt2": ("lm_head.weight",), "llama": ("lm_head.weight",),
+_TIED = {"gpt2": ("lm_head.weight",), "llama": ("lm_head.weight",), "mixtral": ("lm_head.weight",),
          "bert": ("cls.predictions.decoder.weight",),
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
@@ -94,6 +94,9 @@ def hf_family(cfg: ModelConfig) -> str:
 
     Raises a one-line PretrainerError naming the first option that has no Hugging Face equivalent.
     """
+    if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope"):
+        raise _no_equivalent("moe.n_experts", cfg.moe.n_experts,
+                             "experts convert as Mixtral only: a rope, rmsnorm decoder")
     if cfg.arch == "encoder":
         return _bert_family(cfg)
     if cfg.arch == "encoder-decoder":
@@ -118,8 +121,23 @@ def hf_family(cfg: ModelConfig) -> str:
             raise _no_equivalent("norm", cfg.norm, "Llama (rope) uses rmsnorm")
         if cfg.mlp not in _LLAMA_ACT:
             raise _no_equivalent("mlp", cfg.mlp, f"Llama (rope) takes {', '.join(_LLAMA_ACT)}")
-        return "llama"
+        return _mixtral_family(cfg) if cfg.moe.n_experts else "llama"
     raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama rope")
+
+
+def _mixtral_family(cfg: ModelConfig) -> str:
+    """Mixtral: experts in every layer, two or more per token (its router renormalises the chosen
+    experts' probabilities, which for one expert would be a weight of 1, not Switch's p), no biases."""
+    m = cfg.moe
+    if m.every != 1:
+        raise _no_equivalent("moe.every", m.every, "Mixtral has experts in every layer")
+    if m.top_k < 2:
+        raise _no_equivalent("moe.top_k", m.top_k, "Mixtral weighs one expert by 1, Switch's top-1 by its probability")
+    if cfg.bias:
+        raise _no_equivalent("bias", cfg.bias, "Mixtral has no biases")
+    if cfg.mlp != "swiglu":
+        raise _no_equivalent("mlp", cfg.mlp, "Mixtral's experts are SwiGLU")
+    return "mixtral"
 
 
 def _require(cfg: ModelConfig, family: str, wanted: dict, mlps: dict) -> None:
@@ -185,6 +203,7 @@ def _gpt2_tensors(cfg: ModelConfig) -> list[_Tensor]:
 
 
 def _llama_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    """Llama and Mistral; Mixtral (``model.moe``) has a router and experts where Llama has its MLP."""
     q, kv, ff = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ff_dim
     kinds = ("weight", "bias") if cfg.bias else ("weight",)
     names = [_Tensor("tok_emb.weight", ("model.embed_tokens.weight",))]
@@ -197,10 +216,23 @@ def _llama_tensors(cfg: ModelConfig) -> list[_Tensor]:
                 _Tensor(f"{ours}attn.qkv.{kind}", tuple(f"{hf}self_attn.{p}_proj.{kind}" for p in "qkv"),
                         rows=(q, kv, kv)),
                 _Tensor(f"{ours}attn.proj.{kind}", (f"{hf}self_attn.o_proj.{kind}",)),
+            ]
+            if cfg.moe.n_experts:
+                continue
+            names += [
                 _Tensor(f"{ours}mlp.up.{kind}", (f"{hf}mlp.gate_proj.{kind}", f"{hf}mlp.up_proj.{kind}"),
                         rows=(ff, ff)),
                 _Tensor(f"{ours}mlp.down.{kind}", (f"{hf}mlp.down_proj.{kind}",)),
             ]
+        if cfg.moe.n_experts:  # Mixtral: w1 is the gate, w3 the up projection, w2 the down
+            moe, ff = f"{hf}block_sparse_moe.", cfg.moe.d_ff or ff
+            names.append(_Tensor(f"{ours}mlp.router.weight", (f"{moe}gate.weight",)))
+            for e in range(cfg.moe.n_experts):
+                names += [
+                    _Tensor(f"{ours}mlp.experts.{e}.up.weight",
+                            (f"{moe}experts.{e}.w1.weight", f"{moe}experts.{e}.w3.weight"), rows=(ff, ff)),
+                    _Tensor(f"{ours}mlp.experts.{e}.down.weight", (f"{moe}experts.{e}.w2.weight",)),
+                ]
     names.append(_Tensor("norm_f.weight", ("model.norm.weight",)))
     if not cfg.tie_embeddings:
         names.append(_Tensor("lm_head.weight", ("lm_head.weight",)))
@@ -301,7 +333,7 @@ def _bart_tensors(cfg: ModelConfig) -> list[_Tensor]:
 
 
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
-    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "bert": _bert_tensors,
+    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "mixtral": _llama_tensors, "bert": _bert_tensors,
             "t5": _t5_tensors, "bart": _bart_tensors}[family](cfg)
 
 
@@ -358,7 +390,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, scale_attn_weights=True, **common,
         )
-    return dict(
+    llama = dict(
         model_type="llama", architectures=["LlamaForCausalLM"],
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.kv_heads, hidden_size=cfg.d_model, head_dim=cfg.head_dim,
@@ -368,6 +400,13 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout, **common,
     )
+    if family == "mixtral":  # Mixtral has no bias switches; its experts replace the MLP
+        del llama["attention_bias"], llama["mlp_bias"]
+        llama.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                     intermediate_size=cfg.moe.d_ff or cfg.ff_dim, num_local_experts=cfg.moe.n_experts,
+                     num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_weight,
+                     router_jitter_noise=0.0, sliding_window=None, output_router_logits=False)
+    return llama
 
 
 def to_hf_state_dict(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -492,6 +531,8 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _gpt2_config(f)
     elif model_type in _LLAMA_TYPES:
         cfg = _llama_config(f)
+    elif model_type == "mixtral":
+        cfg = _mixtral_config(f)
     elif model_type == "bert":
         cfg = _bert_config(f)
     elif model_type == "t5":
@@ -500,7 +541,7 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, {', '.join(_LLAMA_TYPES)}, bert, t5, bart")
+                              f"gpt2, {', '.join(_LLAMA_TYPES)}, mixtral, bert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -597,6 +638,20 @@ def _llama_config(f: _Fields) -> ModelConfig:
     )
 
 
+def _mixtral_config(f: _Fields) -> ModelConfig:
+    """A Mistral whose MLPs are experts: every token routed to ``num_experts_per_tok`` of
+    ``num_local_experts``, none dropped (capacity_factor 0)."""
+    f.expect("router_jitter_noise", 0.0, 0.0)  # pretrainer's router has no input noise
+    cfg = _llama_config(f)
+    n, k = f.get("num_local_experts"), f.get("num_experts_per_tok")
+    if not 2 <= k <= n:
+        raise PretrainerError(f"{f.where}: num_experts_per_tok={k}: expected 2 .. num_local_experts={n} "
+                              f"(Mixtral renormalises the chosen experts' weights; one expert would weigh 1)")
+    cfg.moe = MoEConfig(n_experts=n, top_k=k, capacity_factor=0.0,
+                        aux_loss_weight=float(f.get("router_aux_loss_coef", 0.001)))
+    return cfg
+
+
 def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
                        where: str = "weights") -> torch.nn.Module:
     """Our model, in eval mode, holding the Hugging Face ``weights`` (any dtype; stored as float32).
@@ -607,7 +662,8 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     a pooler. A missing, unexpected or misshapen tensor raises a PretrainerError naming it.
     """
     family = hf_family(cfg)
-    prefix = {"gpt2": "transformer.", "llama": "model.", "bert": "bert.", "t5": "", "bart": "model."}[family]
+    prefix = {"gpt2": "transformer.", "llama": "model.", "mixtral": "model.", "bert": "bert.", "t5": "",
+              "bart": "model."}[family]
     heads = ("lm_head.", "cls.", "final_logits_bias")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}

@@ -9,6 +9,10 @@ under a second on a laptop. Definitions:
   matrix if untied) are reported apart as ``params_mlm_head``.
 - ``params_non_embedding``: Kaplan et al. (2020) N: without the token, position and segment
   embeddings and without an untied output (unembedding) matrix.
+- A mixture of experts (``model.moe``) also has ``params_active``: what one token uses, the
+  ``top_k`` chosen experts of each MoE layer and not the others (Mixtral 8x7B: 12.9B of 46.7B).
+  Its ``params_non_embedding`` (the scaling lab's N) and both FLOP counts are of the active
+  parameters; ``params_non_embedding_total`` counts every expert. Memory counts every expert.
 - ``flops_per_token_kaplan``: training FLOPs per token as Kaplan et al. write it,
   6 N + 6 n_layer n_ctx d_model (forward 2N + 2 n_layer n_ctx d, backward twice the forward).
 - ``flops_per_token``: what the hardware actually does, used for MFU (PaLM, Chowdhery et al. 2022,
@@ -22,6 +26,7 @@ under a second on a laptop. Definitions:
 from __future__ import annotations
 
 from ..config import ModelConfig
+from .layers import MoE
 
 
 def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
@@ -45,24 +50,31 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         total = sum(p.numel() for p in model.parameters())
         head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
     non_emb = total - emb - pos - head
+    # a mixture of experts: a token runs top_k of each MoE layer's experts; the rest are idle for it
+    idle = sum((m.n_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
+               for m in model.modules() if isinstance(m, MoE))
+    active = total - idle
+    non_emb_active = non_emb - idle
     T = seq_len or cfg.max_seq_len
     L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
     if cfg.arch == "encoder-decoder":  # attention FLOPs: both stacks' self-attention, plus cross
         L = cfg.n_layer + 2 * cfg.decoder_layers
-    matmul_params = non_emb + mlm_head + V * d
+    matmul_params = non_emb_active + mlm_head + V * d
     stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
     return {
         "preset": cfg.preset,
         "params": total,
-        "params_non_embedding": non_emb,
+        **({"params_active": active, "params_non_embedding_total": non_emb} if idle else {}),
+        "params_non_embedding": non_emb_active,
         "params_embedding": emb + pos + head,
         **({"params_mlm_head": mlm_head} if cfg.arch == "encoder" else {}),
         "n_layer": cfg.n_layer, **({"n_decoder_layer": cfg.decoder_layers}
                                    if cfg.arch == "encoder-decoder" else {}),
         "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
         "d_ff": cfg.ff_dim, "vocab_size": V, "max_seq_len": cfg.max_seq_len, "seq_len": T,
-        "flops_per_token_kaplan": 6 * non_emb + 6 * L * T * d,
+        **({"n_experts": cfg.moe.n_experts, "experts_per_token": cfg.moe.top_k} if idle else {}),
+        "flops_per_token_kaplan": 6 * non_emb_active + 6 * L * T * d,
         "flops_per_token": 6 * matmul_params + 12 * L * d * T,
         "memory_bytes": {
             "weights_fp32": 4 * stored,

@@ -316,10 +316,10 @@ def activation(mlp: str):
 class MLP(nn.Module):
     """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
         self.gated = cfg.mlp in GATED
-        hidden = cfg.ff_dim
+        hidden = hidden or cfg.ff_dim
         self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.down.is_residual_out = True
@@ -336,13 +336,128 @@ class MLP(nn.Module):
         return self.down(self.activate(self.up(x)))
 
 
+class MoE(nn.Module):
+    """A mixture of expert MLPs with token-choice routing (Shazeer et al. 2017; Switch
+    Transformers, Fedus et al. 2021; Mixtral, Jiang et al. 2024).
+
+    A linear router scores each token against every expert; the softmax of the scores gives
+    probabilities p, and the token goes to its ``top_k`` most probable experts, whose outputs are
+    summed weighted by p (renormalised over the chosen experts when ``top_k`` > 1, as Mixtral;
+    Switch's top-1 keeps p itself, so that the router gets a gradient).
+
+    While training, an expert takes at most ``capacity = ceil(capacity_factor * tokens * top_k /
+    n_experts)`` of the tokens it is sent, first choices before second choices and earlier tokens
+    first (GShard, Lepikhin et al. 2020); a token that gets no expert passes through the block's
+    residual unchanged. Evaluation and generation route every token (no capacity), so a token's
+    output never depends on the other tokens of its batch.
+
+    Each forward pass leaves ``aux_loss`` on the layer: Switch's load-balancing loss
+    ``n_experts * sum_i f_i * P_i`` (f_i: the fraction of routed assignments that chose expert i,
+    P_i: the mean router probability of expert i; 1 when balanced) times ``aux_loss_weight``, plus
+    the router z-loss ``mean(logsumexp(scores)^2)`` (ST-MoE, Zoph et al. 2022) times
+    ``z_loss_weight``. Training passes also add to ``load`` (assignments per expert), ``dropped``
+    (assignments over capacity) and ``aux_sum``, which the trainer reads and resets
+    (:func:`router_stats`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.n_experts, self.top_k = m.n_experts, m.top_k
+        self.capacity_factor = m.capacity_factor
+        self.aux_weight, self.z_weight = m.aux_loss_weight, m.z_loss_weight
+        self.router = nn.Linear(cfg.d_model, m.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, m.d_ff) for _ in range(m.n_experts))
+        self.aux_loss: torch.Tensor | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the router statistics (plain tensors, not state: on the CPU even in a ``meta`` build)."""
+        self.load = torch.zeros(self.n_experts, dtype=torch.float64, device="cpu")
+        self.dropped = torch.zeros((), dtype=torch.float64, device="cpu")
+        self.aux_sum, self.passes = torch.zeros((), device="cpu"), 0
+
+    def within_capacity(self, expert: torch.Tensor) -> torch.Tensor:
+        """Boolean [N, top_k]: which of the assignments ``expert`` [N, top_k] an expert takes."""
+        N = expert.shape[0]
+        capacity = math.ceil(self.capacity_factor * N * self.top_k / self.n_experts)
+        chosen = F.one_hot(expert.t().reshape(-1), self.n_experts)  # [k*N, E]: first choices first
+        place = (chosen.cumsum(0) * chosen).sum(-1) - 1  # each assignment's place in its expert's queue
+        return (place < capacity).view(self.top_k, N).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N tokens, d_model]
+        scores = self.router(x).float()
+        probs = scores.softmax(dim=-1)
+        weight, expert = probs.topk(self.top_k, dim=-1)  # [N, top_k]
+        if self.top_k > 1:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        keep = torch.ones_like(expert, dtype=torch.bool)
+        if self.training and self.capacity_factor > 0:
+            keep = self.within_capacity(expert)
+        weight = (weight * keep).to(x.dtype)
+        y = torch.zeros_like(x)
+        for e, mlp in enumerate(self.experts):  # every expert runs, on no tokens if none chose it
+            token, slot = torch.where((expert == e) & keep)
+            y.index_add_(0, token, mlp(x[token]) * weight[token, slot, None])
+        self.aux_loss = self.router_losses(scores, probs, expert)
+        if self.training and not _in_backward():  # (not again when a checkpointed block recomputes)
+            with torch.no_grad():
+                self.load = self.load.to(x.device) + torch.bincount(expert.flatten(), minlength=self.n_experts)
+                self.dropped = self.dropped.to(x.device) + (~keep).sum()
+                self.aux_sum, self.passes = self.aux_sum.to(x.device) + self.aux_loss.detach(), self.passes + 1
+        return y.view(shape)
+
+    def router_losses(self, scores: torch.Tensor, probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """``aux_loss_weight`` x Switch's load-balancing loss + ``z_loss_weight`` x the z-loss."""
+        f = F.one_hot(expert, self.n_experts).float().mean(dim=(0, 1))  # fraction of assignments
+        balance = self.n_experts * (f * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(scores, dim=-1).square().mean()
+        return self.aux_weight * balance + self.z_weight * z
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing recomputes blocks there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the MoE layers' auxiliary losses from the model's last forward pass (None for a
+    dense model): what an objective adds to its loss in a training step."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def router_stats(model: nn.Module, reset: bool = True, all_sum=None) -> dict | None:
+    """Routing in the training passes since the last reset, over the MoE layers of ``model`` (None
+    for a dense model or before any pass): ``moe_load_max`` (the busiest expert's assignments over
+    the mean, averaged over layers; 1 is perfectly balanced), ``moe_dropped`` (the fraction of
+    assignments over capacity) and ``moe_aux_loss`` (the weighted auxiliary losses of a pass, summed
+    over layers, averaged over passes). ``all_sum(tensor)`` adds every process's counts first."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers or not layers[0].passes:
+        return None
+    load = torch.stack([m.load.double().cpu() for m in layers])  # [layers, experts]
+    sums = torch.stack([torch.stack([m.dropped.double().cpu() for m in layers]).sum(),
+                        sum(m.aux_sum.double().cpu() / m.passes for m in layers), torch.tensor(1.0).double()])
+    if all_sum is not None:
+        load, sums = all_sum(load), all_sum(sums)
+    if reset:
+        for m in layers:
+            m.reset_stats()
+    dropped, aux, processes = sums.tolist()
+    return {"moe_load_max": float((load.max(dim=1).values / load.mean(dim=1)).mean()),
+            "moe_dropped": dropped / float(load.sum()), "moe_aux_loss": aux / processes}
+
+
 # ----------------------------------------------------------------------------------------------
 # Block
 
 
 class Block(nn.Module):
     """Self-attention, cross-attention to an encoder's output (``cross``, encoder-decoder decoders
-    only), then the MLP, each in a residual branch normed before (pre-norm) or after (post-norm)."""
+    only), then the MLP (a mixture of experts in the layers ``model.moe`` names), each in a residual branch normed before (pre-norm) or after (post-norm)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool, cross: bool = False):
         super().__init__()
@@ -352,7 +467,7 @@ class Block(nn.Module):
         self.norm_x = make_norm(cfg) if cross else None
         self.xattn = CrossAttention(cfg, layer_idx) if cross else None
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.moe.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..model.layers import moe_aux_loss
 
 
 #: Peak dense bf16 throughput (FLOP/s) of accelerators we know, for MFU.
@@ -123,16 +124,23 @@ class StopFlag:
 
 class TrainStep(torch.nn.Module):
     """The model and its objective's (or fine-tuning task's) loss as one module:
-    ``TrainStep(model, objective)(batch)`` is ``objective.loss(model, batch)``. Data-parallel wrappers (DDP, FSDP2) wrap this module, so everything the
-    loss touches, the output layer of the fused head included, runs inside their forward."""
+    ``TrainStep(model, objective)(batch)`` is ``objective.loss(model, batch)``, plus the auxiliary
+    losses a mixture-of-experts model leaves from that forward pass (load balance, router z-loss:
+    :func:`~pretrainer.model.layers.moe_aux_loss`). Data-parallel wrappers (DDP, FSDP2) wrap this
+    module, so everything the loss touches, the output layer of the fused head included, runs
+    inside their forward."""
 
     def __init__(self, model: torch.nn.Module, objective):
         super().__init__()
         self.model, self.objective = model, objective
 
     def forward(self, batch: dict, fn=None):
-        """``objective.loss`` of the batch, or ``fn(model, batch)`` (evaluation: ``eval_sums``)."""
-        return (fn or self.objective.loss)(self.model, batch)
+        """The training loss of the batch, or ``fn(model, batch)`` (evaluation: ``eval_sums``)."""
+        if fn is not None:
+            return fn(self.model, batch)
+        loss = self.objective.loss(self.model, batch)
+        aux = moe_aux_loss(self.model)
+        return loss if aux is None else loss + aux.to(loss.dtype)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

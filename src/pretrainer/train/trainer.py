@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import make_model
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
+from ..model.layers import router_stats
 from .objectives import Objective, get_objective
 from .parallel import parallel_mode, parallelize
 from .checkpoint import latest_checkpoint, restore, save_checkpoint, save_sharded_checkpoint
@@ -270,12 +271,15 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                        "flops_per_s": flops_per_step * window_steps / dt}
                 if peak:
                     rec["mfu"] = rec["flops_per_s"] / (peak * env.world)
+                routing = router_stats(model, all_sum=lambda x: env.all_sum_tensor(x.to(env.device)).cpu())
+                rec.update(routing or {})
                 log.write(rec)
                 elapsed = time.perf_counter() - run_t0
                 eta = elapsed / (step - start_step) * (t.max_steps - step)
                 log.say(f"step {step:>6}/{t.max_steps} | loss {loss_avg:.4f} | lr {lr:.2e} | "
                         f"{tps:,.0f} tok/s | {rec['ms_per_step']:.0f} ms/step"
                         f"{' | mfu %.1f%%' % (100 * rec['mfu']) if 'mfu' in rec else ''} | "
+                        f"{'experts max/mean %.2f, dropped %.1f%% | ' % (routing['moe_load_max'], 100 * routing['moe_dropped']) if routing else ''}"
                         f"eta {_fmt_time(eta)}")
                 window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
 
