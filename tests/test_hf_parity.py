@@ -228,6 +228,19 @@ def test_neox_transformers_4_config_and_lm_head_name(tmp_path):
     _compare(from_hf_state_dict(config_from_hf(hf.config.to_dict()), state), hf)
 
 
+def test_import_old_neox_checkpoint_with_buffers(tmp_path):
+    """Older GPT-NeoX / Pythia files keep causal-mask and rotary buffers beside the weights."""
+    hf = _hf_neox("serial")
+    weights = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf.state_dict().items()}
+    for i in range(2):
+        weights[f"gpt_neox.layers.{i}.attention.bias"] = torch.tril(torch.ones(1, 1, T, T, dtype=torch.bool))
+        weights[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        weights[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "config.json")
+    _compare(import_hf(tmp_path), hf)
+
+
 def test_mistral_sliding_window_imports_as_its_window(tmp_path):
     config = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=96, vocab_size=V,

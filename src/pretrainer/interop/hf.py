@@ -68,8 +68,8 @@ _NEOX_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 _BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _BERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
-# tensors of old checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rotary
-# table, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
+# tensors of old checkpoints that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers,
+# rotary tables, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
 _IGNORED = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
                       r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
 #: The names Hugging Face checkpoints may repeat the token embedding as, when the output is tied
@@ -116,9 +116,9 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.arch == "encoder-decoder":
         return _seq2seq_family(cfg)
     if cfg.embed_norm:
-        raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2 and Llama have no embedding norm")
+        raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2, Llama and GPT-NeoX have no embedding norm")
     if not cfg.prenorm:
-        raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2 and Llama are pre-norm")
+        raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2, Llama and GPT-NeoX are pre-norm")
     if cfg.position == "learned":
         if cfg.parallel_block:
             raise _no_equivalent("parallel_block", True, "GPT-2 has serial blocks")
