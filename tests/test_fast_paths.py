@@ -16,8 +16,17 @@ CASES = {
     "gpt2-small": dict(SMALL),  # LayerNorm, learned positions, GELU
     "t5-tiny": dict(SMALL, d_ff=96),  # encoder-decoder, relative bias
     "bert-tiny": dict(SMALL),
+    "palm-tiny": dict(SMALL, d_ff=96),  # parallel block, one shared norm, multi-query
+    # GPT-NeoX: parallel block with a norm per branch, a quarter of each head rotated
+    "neox": dict(SMALL, norm="layernorm", bias=True, mlp="gelu", parallel_block=True, rope_fraction=0.25),
 }
-LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "t5-tiny": "span", "bert-tiny": "mlm"}
+LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "t5-tiny": "span", "bert-tiny": "mlm", "palm-tiny": "clm",
+        "neox": "clm"}
+PRESET = {"neox": "llama-tiny"}  # cases that are not a preset's name: the preset they refine
+
+
+def build(name: str):
+    return build_model(PRESET.get(name, name), **CASES[name])
 
 
 def batch_for(name: str, gen: torch.Generator) -> dict:
@@ -36,8 +45,8 @@ def batch_for(name: str, gen: torch.Generator) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_fast_paths_equal_the_plain_layers(name):
     torch.manual_seed(0)
-    plain = build_model(name, **CASES[name]).train()
-    fast = apply_fast_paths(build_model(name, **CASES[name]).train())
+    plain = build(name).train()
+    fast = apply_fast_paths(build(name).train())
     fast.load_state_dict(plain.state_dict())
     assert list(fast.state_dict()) == list(plain.state_dict())
     batch = batch_for(name, torch.Generator().manual_seed(1))

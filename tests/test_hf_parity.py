@@ -1,6 +1,6 @@
 """Parity with Hugging Face ``transformers`` (a test-only dependency), built locally from random weights.
 
-Both directions are checked for GPT-2 and Llama shaped models: a Hugging Face model saved with
+Both directions are checked for GPT-2, Llama and GPT-NeoX shaped models: a Hugging Face model saved with
 ``save_pretrained`` and read by ``import_hf`` gives the same logits as the original, and a model of
 ours written by ``export_hf`` loads in ``AutoModelForCausalLM`` with no missing or unexpected weights
 and gives the same logits. Every parameter is perturbed first, so biases and norm gains are not
@@ -24,6 +24,8 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -45,6 +47,10 @@ LLAMA_VARIANTS = {
     "tied": (2, True, False, "swiglu"),
     "bias-geglu": (2, False, True, "geglu"),
 }
+
+# GPT-NeoX (use_parallel_residual, tie_word_embeddings), Pythia's quarter of each head rotated
+NEOX_VARIANTS = {"parallel": (True, False), "serial": (False, False), "parallel-tied": (True, True)}
+NEOX_ROPE = dict(rope_theta=10000.0, rope_fraction=0.25)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -69,6 +75,24 @@ def _ours_llama(variant: str):
     return _perturb(build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=n_kv,
                                 d_ff=96, vocab_size=V, max_seq_len=T, tie_embeddings=tie, bias=bias,
                                 mlp=mlp, rope_theta=500000.0))
+
+
+def _ours_neox(variant: str):
+    parallel, tie = NEOX_VARIANTS[variant]
+    return _perturb(build_model("llama-tiny", n_layer=2, d_model=64, n_head=4, n_kv_heads=None, d_ff=96,
+                                vocab_size=V, max_seq_len=T, norm="layernorm", bias=True, mlp="gelu",
+                                parallel_block=parallel, tie_embeddings=tie, **NEOX_ROPE))
+
+
+def _hf_neox(variant: str):
+    parallel, tie = NEOX_VARIANTS[variant]
+    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                           vocab_size=V, max_position_embeddings=T, use_parallel_residual=parallel,
+                           tie_word_embeddings=tie, hidden_act="gelu",
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.25},
+                           attn_implementation="eager")
+    return _perturb(GPTNeoXForCausalLM(config))
 
 
 def _hf_gpt2(tie: bool = True):
@@ -108,7 +132,8 @@ def _exported_keys_match(model, hf) -> None:
     hf_keys = set(hf.state_dict())
     if model.cfg.tie_embeddings:
         hf_keys.discard("lm_head.weight")
-    assert set(weights) == hf_keys
+    # GPT-NeoX files name the output matrix embed_out; transformers 5 renames it lm_head on load
+    assert {"lm_head.weight" if k == "embed_out.weight" else k for k in weights} == hf_keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +180,67 @@ def test_llama_ours_to_hf(tmp_path, variant):
     _compare(ours, hf)
 
 
+@pytest.mark.parametrize("variant", NEOX_VARIANTS)
+def test_neox_hf_to_ours(tmp_path, variant):
+    hf = _hf_neox(variant)
+    hf.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    cfg = ours.cfg
+    assert (cfg.parallel_block, cfg.tie_embeddings) == NEOX_VARIANTS[variant]
+    assert (cfg.parallel_norms, cfg.rotary_dim, cfg.norm, cfg.mlp) == (2, 4, "layernorm", "gelu")
+    _compare(ours, hf)
+
+
+@pytest.mark.parametrize("variant", NEOX_VARIANTS)
+def test_neox_ours_to_hf(tmp_path, variant):
+    ours = _ours_neox(variant)
+    export_hf(ours, tmp_path)
+    hf = _load_hf(tmp_path)
+    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    assert hf.config.use_parallel_residual == NEOX_VARIANTS[variant][0]
+    _exported_keys_match(ours, hf)
+    _compare(ours, hf)
+
+
+def test_neox_query_key_value_rows_are_interleaved_per_head(tmp_path):
+    """GPT-NeoX's fused projection holds q, k and v of each head in turn; ours [all q; all k; all v]."""
+    ours = _ours_neox("parallel")
+    _, weights = to_hf_state_dict(ours)
+    hf_qkv = weights["gpt_neox.layers.0.attention.query_key_value.weight"].view(4, 3, 16, 64)
+    q, k, v = ours.blocks[0].attn.qkv.weight.view(3, 4, 16, 64)
+    for head in range(4):
+        assert torch.equal(hf_qkv[head, 0], q[head]) and torch.equal(hf_qkv[head, 1], k[head])
+        assert torch.equal(hf_qkv[head, 2], v[head])
+
+
+def test_neox_transformers_4_config_and_lm_head_name(tmp_path):
+    """transformers 4.x writes rotary_pct and rotary_emb_base; an in-memory state dict of 5.x calls
+    the output matrix lm_head (files call it embed_out): both import."""
+    hf = _hf_neox("parallel")
+    config = {k: v for k, v in hf.config.to_dict().items() if k != "rope_parameters"}
+    config.update(rotary_pct=0.5, rotary_emb_base=500.0, rope_scaling=None)
+    cfg = config_from_hf(config)
+    assert (cfg.rope_fraction, cfg.rotary_dim, cfg.rope_theta) == (0.5, 8, 500.0)
+    from pretrainer.interop.hf import from_hf_state_dict
+
+    state = hf.state_dict()
+    assert "lm_head.weight" in state
+    _compare(from_hf_state_dict(config_from_hf(hf.config.to_dict()), state), hf)
+
+
+def test_import_old_neox_checkpoint_with_buffers(tmp_path):
+    """Older GPT-NeoX / Pythia files keep causal-mask and rotary buffers beside the weights."""
+    hf = _hf_neox("serial")
+    weights = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf.state_dict().items()}
+    for i in range(2):
+        weights[f"gpt_neox.layers.{i}.attention.bias"] = torch.tril(torch.ones(1, 1, T, T, dtype=torch.bool))
+        weights[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        weights[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "config.json")
+    _compare(import_hf(tmp_path), hf)
+
+
 def test_mistral_sliding_window_imports_as_its_window(tmp_path):
     config = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=96, vocab_size=V,
@@ -166,9 +252,15 @@ def test_mistral_sliding_window_imports_as_its_window(tmp_path):
     _compare(ours, hf, _ids(length=16))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gqa", "tied"])
+def _ours(family: str):
+    if family == "gpt2":
+        return _ours_gpt2()
+    return _ours_neox(family) if family in NEOX_VARIANTS else _ours_llama(family)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gqa", "tied", "parallel", "serial"])
 def test_round_trip_is_exact(tmp_path, family):
-    ours = _ours_gpt2() if family == "gpt2" else _ours_llama(family)
+    ours = _ours(family)
     export_hf(ours, tmp_path)
     back = import_hf(tmp_path)
     assert dataclasses.replace(back.cfg, preset=None) == dataclasses.replace(ours.cfg, preset=None)
@@ -212,9 +304,9 @@ def test_parameter_counts_equal_hf(preset):
 # Greedy generation
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gqa"])
+@pytest.mark.parametrize("family", ["gpt2", "gqa", "parallel"])
 def test_greedy_generation_matches_hf(tmp_path, family):
-    ours = _ours_gpt2() if family == "gpt2" else _ours_llama(family)
+    ours = _ours(family)
     export_hf(ours, tmp_path)
     hf = _load_hf(tmp_path)
     hf.generation_config.eos_token_id = None  # never stop early: compare all 10 tokens
@@ -295,7 +387,12 @@ def test_export_and_import_need_no_transformers(tmp_path):
     ("gpt-nano", dict(position="sinusoidal"), "model.position='sinusoidal'"),
     ("gpt-nano", dict(mlp="swiglu"), "model.mlp='swiglu'"),
     ("gpt-nano", dict(n_kv_heads=1), "model.n_kv_heads=1"),
-    ("llama-tiny", dict(norm="layernorm"), "model.norm='layernorm'"),
+    ("llama-tiny", dict(mlp="gelu"), "model.mlp='gelu'"),
+    ("llama-tiny", dict(parallel_block=True), "model.parallel_block=True"),
+    ("llama-tiny", dict(rope_fraction=0.5), "model.rope_fraction=0.5"),
+    ("palm-tiny", dict(), "model.parallel_norms=1"),  # GPT-J / PaLM's shared norm
+    ("palm-tiny", dict(parallel_norms=2), "model.bias=False"),
+    ("gpt-nano", dict(parallel_block=True), "model.parallel_block=True"),
 ])
 def test_export_refuses_configs_without_hf_equivalent(tmp_path, preset, overrides, named):
     model = build_model(preset, n_layer=1, vocab_size=50, **overrides)
@@ -339,6 +436,18 @@ def test_import_errors_name_file_and_field(tmp_path):
 class _Pickled:
     def __reduce__(self):
         return (print, ("unpickled",))
+
+
+def test_neox_import_refuses_what_it_cannot_map():
+    config = _hf_neox("parallel").config.to_dict()
+    _one_line_error(lambda: config_from_hf({**config, "attention_bias": False}), "attention_bias=False")
+    _one_line_error(lambda: config_from_hf({**config, "hidden_act": "silu"}), "hidden_act='silu'")
+    _one_line_error(lambda: config_from_hf({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+                    "rope_scaling")
+    _one_line_error(lambda: config_from_hf({**config, "rope_parameters": {
+        "rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}), "rope_type='linear'")
+    _one_line_error(lambda: config_from_hf({**config, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1}}), "rope_fraction")
 
 
 def test_config_from_transformers_4_llama_config():

@@ -20,6 +20,11 @@ FAMILIES = {
     "llama-gqa": dict(SMALL, n_kv_heads=2, **{"_preset": "llama-tiny"}),
     "llama-mqa": dict(SMALL, n_kv_heads=1, **{"_preset": "llama-tiny"}),
     "postnorm-sinusoidal": dict(SMALL, prenorm=False, position="sinusoidal", **{"_preset": "gpt"}),
+    # parallel blocks: PaLM's (one shared norm, multi-query) and GPT-NeoX's (a norm per branch,
+    # a quarter of each head rotated)
+    "palm": dict(SMALL, **{"_preset": "palm-tiny"}),
+    "neox": dict(SMALL, norm="layernorm", bias=True, mlp="gelu", parallel_block=True, rope_fraction=0.25,
+                 **{"_preset": "llama-tiny"}),
 }
 
 

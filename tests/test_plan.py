@@ -115,17 +115,22 @@ def test_none_matches_korthikanti_for_a_gpt_layer():
     assert layer_activation_bytes(cfg, s, "full", residual=2) == 2 * s * h
 
 
-@pytest.mark.parametrize("name", ["gpt2-small", "llama-tiny"])
+@pytest.mark.parametrize("name", ["gpt2-small", "llama-tiny", "palm-tiny", "neox"])
 def test_none_matches_what_autograd_saves_for_one_block(name):
     # an independent count: every distinct storage autograd keeps for the backward pass of one
     # block under bf16 autocast (weights excluded: only tensors with the sequence dimension)
     s = 96  # a length no weight has
-    cfg = dataclasses.replace(model_preset(name), d_model=128, n_head=4, n_kv_heads=None,
-                              d_ff=352 if name == "llama-tiny" else None, vocab_size=100, dropout=0.0)
+    # palm-tiny: the parallel block with one shared norm; neox: with a norm per branch
+    base = (dataclasses.replace(model_preset("llama-tiny"), norm="layernorm", bias=True, mlp="gelu",
+                                parallel_block=True, rope_fraction=0.25)
+            if name == "neox" else model_preset(name))
+    cfg = dataclasses.replace(base, d_model=128, n_head=4, n_kv_heads=None,
+                              d_ff=352 if name in ("llama-tiny", "palm-tiny") else None, vocab_size=100,
+                              dropout=0.0)
     # with the fast paths, as a CPU run has them (on a GPU torch.compile fuses the same pieces)
     block = apply_fast_paths(Block(cfg, 0, causal=True)).train()
     x = torch.randn(1, s, cfg.d_model, requires_grad=True)
-    kwargs = {"rotary": Rotary(cfg.head_dim, 256, 10000.0)} if cfg.position == "rope" else {}
+    kwargs = {"rotary": Rotary(cfg.rotary_dim, 256, 10000.0)} if cfg.position == "rope" else {}
     storages = {}
 
     def pack(t):

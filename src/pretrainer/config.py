@@ -76,11 +76,14 @@ class ModelConfig:
     prenorm: bool = True  # pre-norm (GPT-2, Llama) or post-norm (original Transformer, GPT-1, BERT)
     position: str = "learned"  # learned | rope | sinusoidal | relative (T5 bias) | none
     rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # rope: the share of each head's dims rotated, the first ones (GPT-NeoX/Pythia 0.25)
     rel_buckets: int = 32  # relative: T5's log-spaced distance buckets, one bias per head and bucket
     rel_max_distance: int = 128  # relative: distances beyond this share the last bucket
     attn_scale: bool = True  # scores divided by sqrt(head_dim); T5 folds that into its init (false)
     attention_layers: str = "global"  # the layers' attention, a pattern repeated: "global,local" (GPT-3, GPT-Neo)
     attention_window: int | None = None  # local layers: each position sees the last W (itself included)
+    parallel_block: bool = False  # pre-norm: x + attn(norm(x)) + mlp(norm(x)) (GPT-J, GPT-NeoX, PaLM)
+    parallel_norms: int = 2  # parallel block: 2 = a norm per branch (GPT-NeoX), 1 = one shared (GPT-J, PaLM)
     mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu | geglu_tanh (T5 v1.1)
     bias: bool = True  # biases in linear layers and norms
     tie_embeddings: bool = True
@@ -113,6 +116,11 @@ class ModelConfig:
         return self.d_head or self.d_model // self.n_head
 
     @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that rope rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.rope_fraction)
+
+    @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
 
@@ -142,6 +150,26 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"{where}: rope needs an even head dimension, got {self.head_dim}")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise ConfigError(f"{where}.rope_fraction={self.rope_fraction}: expected a value in (0, 1]")
+        if self.rope_fraction != 1.0:
+            if self.position != "rope":
+                raise ConfigError(f"{where}.rope_fraction={self.rope_fraction} applies to position=rope only")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ConfigError(f"{where}.rope_fraction={self.rope_fraction}: rotates {self.rotary_dim} of "
+                                  f"{self.head_dim} dims of a head; expected an even number, at least 2")
+        if self.parallel_norms not in (1, 2):
+            raise ConfigError(f"{where}.parallel_norms={self.parallel_norms!r}: expected 1 (one shared norm) "
+                              f"or 2 (a norm per branch)")
+        if self.parallel_block:
+            if not self.prenorm:
+                raise ConfigError(f"{where}.parallel_block=true needs prenorm=true (both branches read "
+                                  f"the normed block input)")
+            if self.arch == "encoder-decoder":
+                raise ConfigError(f"{where}.parallel_block applies to arch=decoder or encoder, not "
+                                  f"encoder-decoder (no parallel form with cross-attention)")
+        elif self.parallel_norms != 2:
+            raise ConfigError(f"{where}.parallel_norms={self.parallel_norms} applies to parallel_block=true only")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout={self.dropout}: expected a value in [0, 1)")
         if self.type_vocab_size < 0:
@@ -199,6 +227,14 @@ _LLAMA = dict(
     position="rope", norm="rmsnorm", prenorm=True, mlp="swiglu", bias=False,
     tie_embeddings=False, scaled_residual_init=False,
 )
+# PaLM (Chowdhery et al. 2022, section 2): the parallel block with one shared norm, multi-query
+# attention, SwiGLU with d_ff = 4 d_model, RoPE, no biases in the dense kernels or the layer norms,
+# shared input/output embeddings. (PaLM's initialisation, N(0, 1) embeddings with the logits scaled
+# by d_model**-0.5, is not reproduced: these presets start like Llama, N(0, init_std).)
+_PALM = dict(
+    position="rope", norm="layernorm", prenorm=True, parallel_block=True, parallel_norms=1,
+    n_kv_heads=1, mlp="swiglu", bias=False, tie_embeddings=True, scaled_residual_init=False,
+)
 _BERT = dict(
     arch="encoder", position="learned", norm="layernorm", norm_eps=1e-12, prenorm=False, mlp="gelu",
     bias=True, tie_embeddings=True, vocab_size=30522, max_seq_len=512, embed_norm=True,
@@ -242,6 +278,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=4096, norm_eps=1e-5),
     "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_heads=8, d_model=4096, d_ff=14336,
                       vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5),
+    # PaLM (Chowdhery et al. 2022): a CPU size, and the 8B model of Table 1 (256k SentencePiece vocabulary).
+    "palm-tiny": dict(_PALM, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_seq_len=256),
+    "palm-8b": dict(_PALM, n_layer=32, n_head=16, d_model=4096, d_ff=16384, vocab_size=256000,
+                    max_seq_len=2048),
     # BERT (Devlin et al. 2019) and the compact BERTs of Turc et al. (2019): 30,522 WordPieces.
     "bert-tiny": dict(_BERT, n_layer=2, n_head=2, d_model=128),
     "bert-mini": dict(_BERT, n_layer=4, n_head=4, d_model=256),

@@ -1,6 +1,6 @@
 """Hugging Face interop: export a model as a ``transformers`` folder and import one back.
 
-Three families have an exact Hugging Face counterpart:
+These families have an exact Hugging Face counterpart:
 
 - GPT-2 (``GPT2LMHeadModel``): learned positions, pre-norm LayerNorm, a plain GELU/ReLU MLP and
   biases everywhere. GPT-2 stores its projections as ``Conv1D`` weights [in, out]; ours are
@@ -10,6 +10,12 @@ Three families have an exact Hugging Face counterpart:
   ``num_key_value_heads``. Our rotary layout is Llama's (``rotate_half``), so query and key rows
   need no permutation; our fused [q; k; v] and [gate; up] matrices are split into Llama's separate
   projections and joined back on import.
+- GPT-NeoX (``GPTNeoXForCausalLM``; Pythia): rotary positions on the first ``rotary_pct`` of each
+  head's dimensions (our ``rope_fraction``), pre-norm LayerNorm, a plain GELU MLP, biases everywhere,
+  and the parallel block with a norm per branch (``use_parallel_residual``; the serial block when
+  false). GPT-NeoX's fused ``query_key_value`` holds q, k and v of each head in turn (rows
+  [heads, 3, head_dim]); ours holds all queries, then all keys, then all values, so the rows are
+  reordered each way. The output matrix is ``embed_out`` (``lm_head`` in newer files: both import).
 - BERT (``BertForMaskedLM``; ``BertModel`` weights for the backbone): an encoder with learned
   positions, segment embeddings, a LayerNorm on the embeddings, post-norm blocks and BERT's MLM
   head. Our fused [q; k; v] matrix is split into BERT's query, key and value. Our pooler is
@@ -57,16 +63,19 @@ _GPT2_ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 _LLAMA_ACT = {"swiglu": "silu", "geglu": "gelu"}
 _LLAMA_ACT_IN = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 _LLAMA_TYPES = ("llama", "mistral")
+_NEOX_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+_NEOX_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _BERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
-# tensors of old checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rotary
-# table, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
-_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
+# tensors of old checkpoints that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers,
+# rotary tables, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
+_IGNORED = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
                       r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
 #: The names Hugging Face checkpoints may repeat the token embedding as, when the output is tied
 #: (and, for encoder-decoders, always: each stack's copy of the shared embedding).
 _TIED = {"gpt2": ("lm_head.weight",), "llama": ("lm_head.weight",), "mixtral": ("lm_head.weight",),
+         "gpt_neox": ("embed_out.weight", "lm_head.weight"),
          "bert": ("cls.predictions.decoder.weight",),
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
@@ -82,6 +91,14 @@ class _Tensor(NamedTuple):
     rows: tuple[int, ...] = ()  # row count of each HF piece when there is more than one
     conv1d: bool = False  # GPT-2 Conv1D weight: stored transposed
     lead_rows: int = 0  # HF rows in front of ours that no input reaches (BART's position offset)
+    per_head: int = 0  # heads of a fused qkv whose HF rows are [heads, 3, head_dim] (GPT-NeoX)
+
+
+def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
+    """A fused qkv weight or bias with its rows reordered between our [3, heads, head_dim] (all
+    queries, all keys, all values) and GPT-NeoX's [heads, 3, head_dim] (q, k, v of each head)."""
+    shape = (3, heads, -1) if to_hf else (heads, 3, -1)
+    return t.reshape(*shape, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,12 +106,12 @@ class _Tensor(NamedTuple):
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """``"gpt2"``, ``"llama"`` or ``"bert"``: the Hugging Face model a configuration converts to
-    exactly.
+    """``"gpt2"``, ``"llama"``, ``"gpt_neox"``, ``"bert"``, ``"t5"`` or ``"bart"``: the Hugging
+    Face model a configuration converts to exactly.
 
     Raises a one-line PretrainerError naming the first option that has no Hugging Face equivalent.
     """
-    if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope"):
+    if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm"):
         raise _no_equivalent("moe.n_experts", cfg.moe.n_experts,
                              "experts convert as Mixtral only: a rope, rmsnorm decoder")
     if cfg.arch == "encoder":
@@ -102,10 +119,12 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.arch == "encoder-decoder":
         return _seq2seq_family(cfg)
     if cfg.embed_norm:
-        raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2 and Llama have no embedding norm")
+        raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2, Llama and GPT-NeoX have no embedding norm")
     if not cfg.prenorm:
-        raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2 and Llama are pre-norm")
+        raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2, Llama and GPT-NeoX are pre-norm")
     if cfg.position == "learned":
+        if cfg.parallel_block:
+            raise _no_equivalent("parallel_block", True, "GPT-2 has serial blocks")
         if cfg.norm != "layernorm":
             raise _no_equivalent("norm", cfg.norm, "GPT-2 (learned positions) uses layernorm")
         if cfg.mlp not in _GPT2_ACT:
@@ -117,12 +136,28 @@ def hf_family(cfg: ModelConfig) -> str:
                                  "GPT-2 (learned positions) has no grouped-query attention")
         return "gpt2"
     if cfg.position == "rope":
-        if cfg.norm != "rmsnorm":
-            raise _no_equivalent("norm", cfg.norm, "Llama (rope) uses rmsnorm")
+        if cfg.norm == "layernorm":
+            return _neox_family(cfg)
+        if cfg.parallel_block:
+            raise _no_equivalent("parallel_block", True, "Llama (rope, rmsnorm) has serial blocks")
+        if cfg.rope_fraction != 1.0:
+            raise _no_equivalent("rope_fraction", cfg.rope_fraction, "Llama (rope, rmsnorm) rotates whole heads")
         if cfg.mlp not in _LLAMA_ACT:
             raise _no_equivalent("mlp", cfg.mlp, f"Llama (rope) takes {', '.join(_LLAMA_ACT)}")
         return _mixtral_family(cfg) if cfg.moe.n_experts else "llama"
-    raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama rope")
+    raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama and GPT-NeoX rope")
+
+
+def _neox_family(cfg: ModelConfig) -> str:
+    """GPT-NeoX: rope with layernorm (Llama has rmsnorm), a plain MLP and biases everywhere."""
+    if cfg.parallel_block and cfg.parallel_norms != 2:
+        raise _no_equivalent("parallel_norms", cfg.parallel_norms,
+                             "GPT-NeoX (rope, layernorm) has a norm per branch")
+    _require(cfg, "GPT-NeoX (rope, layernorm)", dict(bias=True, attn_scale=True, attention_layers="global"),
+             _NEOX_ACT)
+    if cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise _no_equivalent("d_head", cfg.d_head, "GPT-NeoX's heads split hidden_size")
+    return "gpt_neox"
 
 
 def _mixtral_family(cfg: ModelConfig) -> str:
@@ -239,6 +274,23 @@ def _llama_tensors(cfg: ModelConfig) -> list[_Tensor]:
     return names
 
 
+def _neox_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    names = [_Tensor("tok_emb.weight", ("gpt_neox.embed_in.weight",))]
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"gpt_neox.layers.{i}."
+        for our_mod, hf_mod in (("norm1", "input_layernorm"), ("attn.qkv", "attention.query_key_value"),
+                                ("attn.proj", "attention.dense"), ("norm2", "post_attention_layernorm"),
+                                ("mlp.up", "mlp.dense_h_to_4h"), ("mlp.down", "mlp.dense_4h_to_h")):
+            heads = cfg.n_head if our_mod == "attn.qkv" else 0
+            names += [_Tensor(f"{ours}{our_mod}.{kind}", (f"{hf}{hf_mod}.{kind}",), per_head=heads)
+                      for kind in ("weight", "bias")]
+    names += [_Tensor("norm_f.weight", ("gpt_neox.final_layer_norm.weight",)),
+              _Tensor("norm_f.bias", ("gpt_neox.final_layer_norm.bias",))]
+    if not cfg.tie_embeddings:
+        names.append(_Tensor("lm_head.weight", ("embed_out.weight",)))
+    return names
+
+
 def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     d = cfg.d_model
 
@@ -333,7 +385,8 @@ def _bart_tensors(cfg: ModelConfig) -> list[_Tensor]:
 
 
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
-    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "mixtral": _llama_tensors, "bert": _bert_tensors,
+    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "mixtral": _llama_tensors, "gpt_neox": _neox_tensors,
+            "bert": _bert_tensors,
             "t5": _t5_tensors, "bart": _bart_tensors}[family](cfg)
 
 
@@ -390,6 +443,19 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, scale_attn_weights=True, **common,
         )
+    if family == "gpt_neox":
+        return dict(
+            model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, hidden_size=cfg.d_model,
+            intermediate_size=cfg.ff_dim, hidden_act=_NEOX_ACT[cfg.mlp],
+            max_position_embeddings=cfg.max_seq_len, layer_norm_eps=cfg.norm_eps,
+            use_parallel_residual=cfg.parallel_block, attention_bias=True,
+            # rotary_pct and rotary_emb_base for transformers 4.x, rope_parameters for 5.x
+            rotary_pct=cfg.rope_fraction, rotary_emb_base=cfg.rope_theta,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
+                             "partial_rotary_factor": cfg.rope_fraction},
+            hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout, **common,
+        )
     llama = dict(
         model_type="llama", architectures=["LlamaForCausalLM"],
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
@@ -423,6 +489,7 @@ def to_hf_state_dict(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tens
         pieces = ours[t.ours].detach().split(t.rows) if t.rows else [ours[t.ours].detach()]
         for name, piece in zip(t.hf, pieces):
             piece = piece.t() if t.conv1d else piece
+            piece = _qkv_rows(piece, t.per_head, to_hf=True) if t.per_head else piece
             if t.lead_rows:
                 piece = torch.cat([piece.new_zeros(t.lead_rows, *piece.shape[1:]), piece])
             weights[name] = piece.clone(memory_format=torch.contiguous_format)
@@ -520,7 +587,7 @@ class _Fields:
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, llama,
-    mistral or bert).
+    mistral, gpt_neox, bert, t5 or bart).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -533,6 +600,8 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _llama_config(f)
     elif model_type == "mixtral":
         cfg = _mixtral_config(f)
+    elif model_type == "gpt_neox":
+        cfg = _neox_config(f)
     elif model_type == "bert":
         cfg = _bert_config(f)
     elif model_type == "t5":
@@ -541,7 +610,7 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, {', '.join(_LLAMA_TYPES)}, mixtral, bert, t5, bart")
+                              f"gpt2, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -614,6 +683,32 @@ def _bart_config(f: _Fields) -> ModelConfig:
     )
 
 
+def _neox_config(f: _Fields) -> ModelConfig:
+    # transformers 5.x: rope_parameters; 4.x: rotary_pct, rotary_emb_base and rope_scaling
+    rope = f.get("rope_parameters", {})
+    f.expect("rope_scaling", None, None)
+    if rope.get("rope_type", "default") != "default":
+        raise PretrainerError(f"{f.where}: rope_parameters.rope_type={rope['rope_type']!r} has no "
+                              f"pretrainer equivalent (expected 'default')")
+    f.expect("attention_bias", True, True)  # our one bias switch: GPT-NeoX's MLP and norms always have them
+    d_model, n_head = f.get("hidden_size"), f.get("num_attention_heads")
+    f.expect("head_dim", d_model // n_head, d_model // n_head)
+    fraction = rope.get("partial_rotary_factor")
+    theta = rope.get("rope_theta")
+    return ModelConfig(
+        n_layer=f.get("num_hidden_layers"), n_head=n_head, d_model=d_model,
+        d_ff=f.get("intermediate_size"), vocab_size=f.get("vocab_size"),
+        max_seq_len=f.get("max_position_embeddings", 2048), norm="layernorm",
+        norm_eps=f.get("layer_norm_eps", 1e-5), position="rope",
+        rope_theta=float(theta if theta is not None else f.get("rotary_emb_base", 10000.0)),
+        rope_fraction=float(fraction if fraction is not None else f.get("rotary_pct", 0.25)),
+        parallel_block=bool(f.get("use_parallel_residual", True)),
+        mlp=f.choice("hidden_act", "gelu", _NEOX_ACT_IN), bias=True,
+        tie_embeddings=f.get("tie_word_embeddings", False), dropout=f.get("hidden_dropout", 0.0),
+        init_std=f.get("initializer_range", 0.02), scaled_residual_init=False,
+    )
+
+
 def _llama_config(f: _Fields) -> ModelConfig:
     rope = f.get("rope_parameters", {})  # transformers 5.x; 4.x has rope_theta and rope_scaling
     f.expect("rope_scaling", None, None)
@@ -662,11 +757,13 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     a pooler. A missing, unexpected or misshapen tensor raises a PretrainerError naming it.
     """
     family = hf_family(cfg)
-    prefix = {"gpt2": "transformer.", "llama": "model.", "mixtral": "model.", "bert": "bert.", "t5": "",
-              "bart": "model."}[family]
-    heads = ("lm_head.", "cls.", "final_logits_bias")
+    prefix = {"gpt2": "transformer.", "llama": "model.", "mixtral": "model.", "gpt_neox": "gpt_neox.",
+              "bert": "bert.", "t5": "", "bart": "model."}[family]
+    heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
+    if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:
+        weights = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in weights.items()}
     if family == "bert" and cfg.pooler and "bert.pooler.dense.weight" not in weights:
         cfg = dataclasses.replace(cfg, pooler=False)
     model = make_model(cfg)
@@ -679,6 +776,8 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
         pieces = [weights[name].t() if t.conv1d else weights[name] for name in t.hf]
         tensor = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         tensor = tensor[t.lead_rows:]
+        if t.per_head and tensor.shape == expected[t.ours].shape:
+            tensor = _qkv_rows(tensor, t.per_head, to_hf=False)
         if tensor.shape != expected[t.ours].shape:
             shapes = " + ".join(f"{n} {list(weights[n].shape)}" for n in t.hf)
             raise PretrainerError(f"{where}: {shapes} does not fit {list(expected[t.ours].shape)} "

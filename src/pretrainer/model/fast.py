@@ -80,8 +80,9 @@ class _RMSNorm(torch.autograd.Function):
 
 class _SplitHeads(torch.autograd.Function):
     """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
-    [B, heads, T, D], the queries and keys rotated (``cos`` [T, D] and ``sin`` [T, D/2] from
-    :meth:`Rotary.tables`, or None for no rotary).
+    [B, heads, T, D], the queries and keys rotated (``cos`` [T, R] and ``sin`` [T, R/2] from
+    :meth:`Rotary.tables`, or None for no rotary; with R < D the first R dimensions of each head
+    rotate and the rest pass through, as in :func:`~.layers.apply_rotary`).
 
     Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
     tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
@@ -95,7 +96,7 @@ class _SplitHeads(torch.autograd.Function):
         qk, v = qkv[:, :, :n_qk], qkv[:, :, n_qk:]
         if cos is not None:
             c, s = cos[:, None, :], sin[:, None, :]
-            qk = _rotate(qk, c, s, qk.new_empty(qk.shape), 1.0)
+            qk = _rotate_first(qk, c, s, qk.new_empty(qk.shape), 1.0)
             ctx.save_for_backward(c, s)
         return qk[:, :, :n_q].transpose(1, 2), qk[:, :, n_q:].transpose(1, 2), v.transpose(1, 2)
 
@@ -107,10 +108,22 @@ class _SplitHeads(torch.autograd.Function):
         rotation = ctx.saved_tensors  # (cos, sin), or () without rotary
         for grad, out in ((dq, g[:, :, :ctx.n_q]), (dk, g[:, :, ctx.n_q:ctx.n_qk])):
             if rotation:  # the inverse rotation: the same with sin negated
-                _rotate(grad.transpose(1, 2), *rotation, out, -1.0)
+                _rotate_first(grad.transpose(1, 2), *rotation, out, -1.0)
             else:
                 out.copy_(grad.transpose(1, 2))
         return g, None, None, None, None
+
+
+def _rotate_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                  sign: float) -> torch.Tensor:
+    """:func:`_rotate` on the first ``cos.shape[-1]`` dimensions of ``x``; the rest copied as they
+    are (partial rotary)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        out[..., rot:].copy_(x[..., rot:])
+        _rotate(x[..., :rot], cos, sin, out[..., :rot], sign)
+        return out
+    return _rotate(x, cos, sin, out, sign)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The pieces every model is built from: norms, positions, attention, MLPs and the block.
 
 One implementation covers the families by options (see :class:`~pretrainer.config.ModelConfig`):
-LayerNorm or RMSNorm, pre- or post-norm; learned, sinusoidal, rotary or T5 relative positions;
+LayerNorm or RMSNorm, pre- or post-norm, serial or parallel blocks; learned, sinusoidal, rotary
+(whole heads or their first dimensions) or T5 relative positions;
 multi-head, grouped-query or multi-query attention through ``n_kv_heads``; cross-attention for
 encoder-decoders; GELU, ReLU, SwiGLU or GeGLU MLPs. Attention always goes through
 ``F.scaled_dot_product_attention``.
@@ -59,29 +60,32 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021), half-split layout as in Hugging Face Llama."""
+    """Rotary position embedding (Su et al. 2021), half-split layout as in Hugging Face Llama.
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    ``dim``: the dimensions of each head that are rotated, the first ones (GPT-NeoX and Pythia
+    rotate a quarter of each head, ``model.rope_fraction``); the tables are ``dim`` wide."""
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Compute the tables (again, e.g. after a model built on the ``meta`` device is placed)."""
         if self.cos.is_meta:
             return
-        d = self.head_dim
+        d = self.dim
         inv_freq = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
         angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim]
+        angles = torch.cat([angles, angles], dim=-1)  # [T, dim]
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
     def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos`` [length, head_dim] and ``sin`` [length, head_dim // 2] (both halves of a row
-        are equal) of positions ``start .. start+length-1``."""
+        """``cos`` [length, dim] and ``sin`` [length, dim // 2] (both halves of a row are equal) of
+        positions ``start .. start+length-1``."""
         return (self.cos[start:start + length].to(dtype),
                 self.sin[start:start + length, : self.cos.shape[-1] // 2].to(dtype))
 
@@ -134,8 +138,12 @@ class RelativeBias(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` [B, H, T, D] rotated by position: ``x * cos + rotate_half(x) * sin`` with
     ``rotate_half(x) = [-x2, x1]`` (Su et al. 2021, the half-split layout of Hugging Face Llama).
-    ``cos`` [T, D] and ``sin`` [T, D/2] as :meth:`Rotary.tables` gives them."""
-    half = x.shape[-1] // 2
+    ``cos`` [T, R] and ``sin`` [T, R/2] as :meth:`Rotary.tables` gives them; when R < D only the
+    first R dimensions rotate and the rest pass through (partial rotary, GPT-NeoX)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    half = rot // 2
     x1, x2 = x[..., :half], x[..., half:]
     c = cos[:, :half]
     return torch.cat([x1 * c - x2 * sin, x2 * c + x1 * sin], dim=-1)
@@ -457,20 +465,30 @@ def router_stats(model: nn.Module, reset: bool = True, all_sum=None) -> dict | N
 
 class Block(nn.Module):
     """Self-attention, cross-attention to an encoder's output (``cross``, encoder-decoder decoders
-    only), then the MLP (a mixture of experts in the layers ``model.moe`` names), each in a residual branch normed before (pre-norm) or after (post-norm)."""
+    only), then the MLP (a mixture of experts in the layers ``model.moe`` names), each in a residual branch normed before (pre-norm) or after (post-norm).
+
+    The parallel block (``model.parallel_block``; GPT-J, GPT-NeoX, PaLM: Chowdhery et al. 2022,
+    section 2) computes both branches from the block's input and adds them at once:
+    ``x + attn(norm1(x)) + mlp(norm2(x))``, or with one shared norm (``parallel_norms=1``, GPT-J
+    and PaLM) ``x + attn(norm1(x)) + mlp(norm1(x))``; the block then has no ``norm2``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool, cross: bool = False):
         super().__init__()
         self.prenorm = cfg.prenorm
+        self.parallel = cfg.parallel_block
         self.norm1 = make_norm(cfg)
         self.attn = SelfAttention(cfg, layer_idx, causal)
         self.norm_x = make_norm(cfg) if cross else None
         self.xattn = CrossAttention(cfg, layer_idx) if cross else None
-        self.norm2 = make_norm(cfg)
+        self.norm2 = None if self.parallel and cfg.parallel_norms == 1 else make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.moe.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None):
+        if self.parallel:
+            h = self.norm1(x)
+            h_mlp = self.norm2(x) if self.norm2 is not None else h
+            return x + self.drop(self.attn(h, rotary, cache, attn_mask)) + self.drop(self.mlp(h_mlp))
         if self.prenorm:
             x = x + self.drop(self.attn(self.norm1(x), rotary, cache, attn_mask))
             if self.xattn is not None:
@@ -512,7 +530,7 @@ class Transformer(nn.Module):
             self.reset_buffers()
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
-        self.rotary = (Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rotary = (Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
                        if cfg.position == "rope" else None)
         self.rel_bias = RelativeBias(cfg, bidirectional=not causal) if cfg.position == "relative" else None
         self.drop = nn.Dropout(cfg.dropout)

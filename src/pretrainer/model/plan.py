@@ -39,7 +39,9 @@ layers (GQA, gated MLPs, cross-attention, dropout off), one layer stores:
   on a GPU grouped key/value heads copied to every query head: ``_attention_inputs``); the
   attention output and its log-sum-exp; the MLP input, the activation's input and output (gated:
   the up/gate product, the activation and the product, 4 x s x d_ff; ReLU: its output only); a
-  1-byte dropout mask per residual branch when dropout > 0.
+  1-byte dropout mask per residual branch when dropout > 0. A parallel block
+  (``model.parallel_block``) keeps one norm input (both norms read the block's input), and with one
+  shared norm one normed input for attention and MLP.
   For a GPT-2-shaped layer with a 16-bit residual stream and dropout this is Korthikanti's 34sh
   (plus the 4as of the log-sum-exp). tests/test_plan.py checks the count against the tensors
   autograd saves for one block under bf16 autocast on a CPU (``saved_tensors_hooks``).
@@ -141,6 +143,8 @@ def layer_activation_bytes(cfg: ModelConfig, seq: int, mode: str, *, elt: int = 
         raise ConfigError(f"activation checkpointing '{mode}': expected one of {', '.join(CHECKPOINTING)}")
     mask = s * h if cfg.dropout > 0 else 0  # one byte per element of a residual branch
     norms = (3 if cross_len is not None else 2) * residual * s * h
+    if cfg.parallel_block:  # both norms read the block input, one stored tensor
+        norms = residual * s * h
     attn = elt * s * h + elt * s * _attention_inputs(cfg) + elt * s * inner + lse + mask
     if cross_len is not None:
         m = cross_len
@@ -148,6 +152,8 @@ def layer_activation_bytes(cfg: ModelConfig, seq: int, mode: str, *, elt: int = 
             + 4 * a * s + mask
     act = 4 if gated else (1 if cfg.mlp == "relu" else 2)
     mlp = elt * s * h + act * elt * s * f + mask
+    if cfg.parallel_block and cfg.parallel_norms == 1:  # the MLP reads the attention's input
+        mlp -= elt * s * h
     return norms + attn + mlp
 
 
