@@ -142,13 +142,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of past positions for every layer, preallocated to ``max_len``."""
+    """Keys and values of past positions for every layer.
+
+    A global layer's are preallocated to ``max_len`` positions. A local layer (``windows[i]`` = W,
+    GPT-3 / GPT-Neo) never looks further back than W - 1 positions, so it keeps only the last W,
+    in a ring buffer: position p in slot p % W (a window of at least ``max_len`` needs no ring)."""
 
     def __init__(self, n_layer: int, batch: int, n_kv: int, max_len: int, head_dim: int,
-                 device, dtype):
-        shape = (batch, n_kv, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+                 device, dtype, windows: list[int | None] | None = None):
+        windows = windows or [None] * n_layer
+        self.windows = [w if w is not None and w < max_len else None for w in windows]
+        sizes = [max_len if w is None else w for w in self.windows]
+        self.k = [torch.zeros(batch, n_kv, n, head_dim, device=device, dtype=dtype) for n in sizes]
+        self.v = [torch.zeros(batch, n_kv, n, head_dim, device=device, dtype=dtype) for n in sizes]
+        # the position each slot of a ring holds (-1: none yet)
+        self.slot_pos = [None if w is None else torch.full((w,), -1, device=device) for w in self.windows]
         self.max_len = max_len
         self.length = 0  # positions filled (same for every layer once a forward pass completes)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer  # enc-dec
@@ -161,12 +169,34 @@ class KVCache:
                       for kv in self.cross]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the keys and values [B, Hkv, T, D] of positions ``length .. length+T-1``; return
+        the keys and values those positions attend over, and the keys' positions (None when they
+        are ``0 .. S-1`` in order)."""
         start, end = self.length, self.length + k.shape[-2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        W = self.windows[layer]
+        if W is None:
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], None
+        ring_k, ring_v, pos = self.k[layer], self.v[layer], self.slot_pos[layer]
+        if end - start == 1:  # one position: it takes the slot of the one that left its window
+            slot = start % W
+            ring_k[:, :, slot] = k[:, :, 0]
+            ring_v[:, :, slot] = v[:, :, 0]
+            pos[slot] = start
+            n = min(end, W)
+            return ring_k[:, :, :n], ring_v[:, :, :n], pos[:n]
+        # a chunk: its first positions still need keys that its last ones will overwrite
+        n = min(start, W)
+        keys, values = torch.cat([ring_k[:, :, :n], k], dim=2), torch.cat([ring_v[:, :, :n], v], dim=2)
+        key_pos = torch.cat([pos[:n], torch.arange(start, end, device=pos.device)])
+        kept = torch.arange(max(start, end - W), end, device=pos.device)  # the last W positions
+        ring_k[:, :, kept % W] = k[:, :, kept - start]
+        ring_v[:, :, kept % W] = v[:, :, kept - start]
+        pos[kept % W] = kept
+        return keys, values, key_pos
 
 
 # torch >= 2.5: scaled_dot_product_attention takes fewer key/value heads than query heads itself
@@ -204,11 +234,13 @@ class SelfAttention(nn.Module):
         # GPT-3 / GPT-Neo: some layers attend to a local window only (model.attention_layers)
         self.window = cfg.attention_window if causal and cfg.layer_kind(layer_idx) == "local" else None
 
-    def local_mask(self, start: int, T: int, S: int, attn_mask: torch.Tensor | None, device) -> torch.Tensor:
+    def local_mask(self, start: int, T: int, S: int, attn_mask: torch.Tensor | None, device,
+                   key_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Queries at ``start .. start+T-1`` see keys at most ``window - 1`` positions back: with the
-        causal part when no mask is given, else within the given mask (which holds it)."""
+        causal part when no mask is given, else within the given mask (which holds it). The keys
+        are at ``key_pos`` [S] (a cache's ring buffer), or at ``0 .. S-1``."""
         q = torch.arange(start, start + T, device=device)[:, None]
-        k = torch.arange(S, device=device)[None, :]
+        k = (key_pos if key_pos is not None else torch.arange(S, device=device))[None, :]
         near = q - k < self.window
         if attn_mask is None:
             return near & (k <= q)
@@ -236,12 +268,13 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
         tables = rotary.tables(start, T, qkv.dtype) if rotary is not None else None
         q, k, v = self.split_heads(qkv, tables)
+        key_pos = None  # keys at 0 .. S-1, unless a local layer's cache keeps only its window
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v, key_pos = cache.update(self.layer_idx, k, v)
         k, v, gqa = _share_kv_heads(k, v, H)
         mask, is_causal = attn_mask, False
         if self.window is not None:  # a local layer: the last `window` positions, itself included
-            mask = self.local_mask(start, T, k.shape[-2], attn_mask, x.device)
+            mask = self.local_mask(start, T, k.shape[-2], attn_mask, x.device, key_pos)
         elif self.causal and attn_mask is None:
             if start == 0:
                 is_causal = T > 1
