@@ -14,10 +14,11 @@ SMALL = dict(n_layer=2, d_model=64, n_head=4, max_seq_len=64, vocab_size=101)
 CASES = {
     "llama-tiny": dict(SMALL, n_kv_heads=2, d_ff=96),  # RMSNorm, rotary, SwiGLU, GQA
     "gpt2-small": dict(SMALL),  # LayerNorm, learned positions, GELU
+    "gpt-neo-125m": dict(SMALL, attention_window=8),  # local layers, q/k/v without bias, unscaled
     "t5-tiny": dict(SMALL, d_ff=96),  # encoder-decoder, relative bias
     "bert-tiny": dict(SMALL),
 }
-LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "t5-tiny": "span", "bert-tiny": "mlm"}
+LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "gpt-neo-125m": "clm", "t5-tiny": "span", "bert-tiny": "mlm"}
 
 
 def batch_for(name: str, gen: torch.Generator) -> dict:

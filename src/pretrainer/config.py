@@ -63,6 +63,7 @@ class ModelConfig:
     attention_window: int | None = None  # local layers: each position sees the last W (itself included)
     mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu | geglu_tanh (T5 v1.1)
     bias: bool = True  # biases in linear layers and norms
+    qkv_bias: bool | None = None  # biases of the query, key and value projections (None = as bias; GPT-Neo: false)
     tie_embeddings: bool = True
     scale_tied_output: bool = False  # T5 (v1.0): hidden states times d_model**-0.5 before a tied head
     dropout: float = 0.0
@@ -86,6 +87,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_head or self.d_model // self.n_head
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Whether the query, key and value projections have biases (``qkv_bias``, else ``bias``)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def decoder_layers(self) -> int:
@@ -136,6 +142,8 @@ class ModelConfig:
             if self.arch != "decoder":
                 raise ConfigError(f"{where}.attention_layers: local (banded causal) attention applies to "
                                   f"arch=decoder only, got {self.arch}")
+        if self.qkv_bias not in (None, True, False):
+            raise ConfigError(f"{where}.qkv_bias={self.qkv_bias!r}: expected true, false or null (as {where}.bias)")
         if self.position == "relative" and self.rel_buckets < 4:
             raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
 
@@ -196,6 +204,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=4096, norm_eps=1e-5),
     "llama3-8b": dict(_LLAMA, n_layer=32, n_head=32, n_kv_heads=8, d_model=4096, d_ff=14336,
                       vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5),
+    # GPT-Neo 125M (Black et al. 2021): GPT-3's alternating global and local (256-position) layers,
+    # unscaled attention scores, no biases on the query/key/value projections; 2,048 context.
+    "gpt-neo-125m": dict(_GPT2, n_layer=12, n_head=12, d_model=768, max_seq_len=2048, attn_scale=False,
+                         qkv_bias=False, attention_layers="global,local", attention_window=256),
     # BERT (Devlin et al. 2019) and the compact BERTs of Turc et al. (2019): 30,522 WordPieces.
     "bert-tiny": dict(_BERT, n_layer=2, n_head=2, d_model=128),
     "bert-mini": dict(_BERT, n_layer=4, n_head=4, d_model=256),

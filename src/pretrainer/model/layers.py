@@ -225,7 +225,7 @@ class SelfAttention(nn.Module):
         self.causal = causal
         self.layer_idx = layer_idx
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.has_qkv_bias)
         self.qkv.query_rows = self.n_head * self.head_dim
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_out = True
@@ -296,9 +296,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.layer_idx = layer_idx
-        self.q = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
+        self.q = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.has_qkv_bias)
         self.q.query_rows = self.n_head * self.head_dim
-        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=cfg.has_qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_out = True
         self.dropout = cfg.dropout
