@@ -147,3 +147,37 @@ def test_a_window_as_long_as_the_cache_needs_no_ring():
     with torch.no_grad():
         full = model(ids).logits
     torch.testing.assert_close(chunked_logits(model, ids, [2, 1, 3]), full, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path: local layers computed block by block
+
+
+@pytest.mark.parametrize("T, kv_heads", [(40, None), (37, 2), (9, None)], ids=["blocks", "ragged-gqa", "short"])
+def test_banded_attention_equals_the_masked_plain_layer(T, kv_heads):
+    plain = local_layer(n_kv_heads=kv_heads).train()  # training: values and gradients
+    fast = apply_fast_paths(local_layer(n_kv_heads=kv_heads).train())
+    x = torch.randn(2, T, 32, requires_grad=True)
+    y = plain(x)
+    dx, *dw = torch.autograd.grad(y.square().sum(), [x, *plain.parameters()])
+    y_fast = fast(x)
+    dx_fast, *dw_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
+    torch.testing.assert_close(y_fast, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_fast, dx, rtol=1e-4, atol=1e-5)
+    for a, b in zip(dw_fast, dw):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_banded_attention_is_used_only_where_it_applies(monkeypatch):
+    import pretrainer.model.fast as fast_module
+
+    calls = []
+    real = fast_module.banded_attention
+    monkeypatch.setattr(fast_module, "banded_attention", lambda *a: calls.append(a[0].shape[-2]) or real(*a))
+    model = apply_fast_paths(alternating("gpt-nano"))
+    ids = torch.randint(0, 60, (1, 5 * WINDOW))
+    with torch.no_grad():
+        model(ids)  # two local layers, 30 positions > 2 windows
+        model(ids[:, :2 * WINDOW])  # too short to gain: the plain masked path
+        model.generate(ids, 3)  # cached: the plain path (the ring)
+    assert calls == [5 * WINDOW, 5 * WINDOW]

@@ -271,21 +271,27 @@ class SelfAttention(nn.Module):
         key_pos = None  # keys at 0 .. S-1, unless a local layer's cache keeps only its window
         if cache is not None:
             k, v, key_pos = cache.update(self.layer_idx, k, v)
-        k, v, gqa = _share_kv_heads(k, v, H)
+        y = self.attend(q, k, v, start, key_pos, attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def attend(self, q, k, v, start: int, key_pos: torch.Tensor | None,
+               attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q k^T * scale + mask) v`` [B, H, T, D] for the queries at ``start ..
+        start+T-1`` over the keys and values [B, Hkv, S, D] at ``key_pos`` (or ``0 .. S-1``)."""
+        T, S = q.shape[-2], k.shape[-2]
+        k, v, gqa = _share_kv_heads(k, v, self.n_head)
         mask, is_causal = attn_mask, False
-        if self.window is not None:  # a local layer: the last `window` positions, itself included
-            mask = self.local_mask(start, T, k.shape[-2], attn_mask, x.device, key_pos)
-        elif self.causal and attn_mask is None:
+        if self.window is not None and start + T > self.window:  # a local layer: the last `window`
+            mask = self.local_mask(start, T, S, attn_mask, q.device, key_pos)  # positions, itself included
+        elif self.causal and attn_mask is None:  # (a window that reaches every key is plain causal)
             if start == 0:
                 is_causal = T > 1
             elif T > 1:  # a chunk after cached positions: query i sees keys <= start + i
-                S = k.shape[-2]
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale, **gqa,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class CrossAttention(nn.Module):
