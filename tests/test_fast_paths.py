@@ -14,13 +14,14 @@ SMALL = dict(n_layer=2, d_model=64, n_head=4, max_seq_len=64, vocab_size=101)
 CASES = {
     "llama-tiny": dict(SMALL, n_kv_heads=2, d_ff=96),  # RMSNorm, rotary, SwiGLU, GQA
     "gpt2-small": dict(SMALL),  # LayerNorm, learned positions, GELU
+    "gpt-neo-125m": dict(SMALL, attention_window=8),  # local layers, q/k/v without bias, unscaled
     "t5-tiny": dict(SMALL, d_ff=96),  # encoder-decoder, relative bias
     "bert-tiny": dict(SMALL),
     "palm-tiny": dict(SMALL, d_ff=96),  # parallel block, one shared norm, multi-query
     # GPT-NeoX: parallel block with a norm per branch, a quarter of each head rotated
     "neox": dict(SMALL, norm="layernorm", bias=True, mlp="gelu", parallel_block=True, rope_fraction=0.25),
 }
-LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "t5-tiny": "span", "bert-tiny": "mlm", "palm-tiny": "clm",
+LOSS = {"llama-tiny": "clm", "gpt2-small": "clm", "gpt-neo-125m": "clm", "t5-tiny": "span", "bert-tiny": "mlm", "palm-tiny": "clm",
         "neox": "clm"}
 PRESET = {"neox": "llama-tiny"}  # cases that are not a preset's name: the preset they refine
 

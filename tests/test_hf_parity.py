@@ -1,6 +1,6 @@
 """Parity with Hugging Face ``transformers`` (a test-only dependency), built locally from random weights.
 
-Both directions are checked for GPT-2, Llama and GPT-NeoX shaped models: a Hugging Face model saved with
+Both directions are checked for GPT-2, GPT-Neo, Llama and GPT-NeoX shaped models: a Hugging Face model saved with
 ``save_pretrained`` and read by ``import_hf`` gives the same logits as the original, and a model of
 ours written by ``export_hf`` loads in ``AutoModelForCausalLM`` with no missing or unexpected weights
 and gives the same logits. Every parameter is perturbed first, so biases and norm gains are not
@@ -26,6 +26,8 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -114,6 +116,24 @@ def _hf_llama(variant: str):
     return _perturb(LlamaForCausalLM(config))
 
 
+# GPT-Neo: alternating global and local layers, a window shorter than the 40-token inputs
+NEO_WINDOW = 8
+
+
+def _ours_gpt_neo(**kw):
+    kw = {**dict(n_layer=4, d_model=64, n_head=4, d_ff=96, vocab_size=V, max_seq_len=T,
+                 attention_window=NEO_WINDOW), **kw}
+    return _perturb(build_model("gpt-neo-125m", **kw))
+
+
+def _hf_gpt_neo(tie: bool = True, types=(("global", "local"), 2)):
+    config = GPTNeoConfig(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=96, vocab_size=V,
+                          max_position_embeddings=T, attention_types=[[list(types[0]), types[1]]],
+                          window_size=NEO_WINDOW, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                          attn_implementation="eager")
+    return _perturb(GPTNeoForCausalLM(config))
+
+
 def _compare(ours, hf, ids=None):
     ids = _ids() if ids is None else ids
     with torch.no_grad():
@@ -156,6 +176,48 @@ def test_gpt2_ours_to_hf(tmp_path, tie):
     hf = _load_hf(tmp_path)
     assert type(hf).__name__ == "GPT2LMHeadModel"
     _exported_keys_match(ours, hf)
+    _compare(ours, hf)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_gpt_neo_hf_to_ours(tmp_path, tie):
+    hf = _hf_gpt_neo(tie)
+    hf.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    cfg = ours.cfg
+    assert (cfg.attention_layers, cfg.attention_window, cfg.attn_scale, cfg.has_qkv_bias, cfg.bias) == (
+        "global,local", NEO_WINDOW, False, False, True)
+    assert [b.attn.window for b in ours.blocks] == [None, NEO_WINDOW, None, NEO_WINDOW]
+    assert cfg.tie_embeddings == tie and cfg.d_ff == 96 and cfg.mlp == "gelu_tanh"
+    _compare(ours, hf)
+
+
+def test_gpt_neo_layer_patterns_import_as_their_shortest_repeat(tmp_path):
+    hf = _hf_gpt_neo(types=(("local", "local", "global", "local"), 1))
+    hf.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    assert ours.cfg.attention_layers == "local,local,global"  # repeated: local, local, global, local
+    _compare(ours, hf)
+    cfg = config_from_hf({**hf.config.to_dict(), "attention_types": [[["global"], 4]]})
+    assert (cfg.attention_layers, cfg.attention_window) == ("global", None)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_gpt_neo_ours_to_hf(tmp_path, tie):
+    ours = _ours_gpt_neo(tie_embeddings=tie)
+    export_hf(ours, tmp_path)
+    hf = _load_hf(tmp_path)
+    assert type(hf).__name__ == "GPTNeoForCausalLM"
+    assert hf.config.attention_layers == ["global", "local", "global", "local"]
+    _exported_keys_match(ours, hf)
+    _compare(ours, hf)
+
+
+def test_gpt_neo_pattern_that_does_not_divide_the_layers_exports(tmp_path):
+    ours = _ours_gpt_neo(n_layer=3, attention_layers="local,global")  # local, global, local
+    export_hf(ours, tmp_path)
+    hf = _load_hf(tmp_path)
+    assert hf.config.attention_layers == ["local", "global", "local"]
     _compare(ours, hf)
 
 
@@ -255,10 +317,12 @@ def test_mistral_sliding_window_imports_as_its_window(tmp_path):
 def _ours(family: str):
     if family == "gpt2":
         return _ours_gpt2()
+    if family == "gpt_neo":
+        return _ours_gpt_neo()
     return _ours_neox(family) if family in NEOX_VARIANTS else _ours_llama(family)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gqa", "tied", "parallel", "serial"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gqa", "tied", "parallel", "serial"])
 def test_round_trip_is_exact(tmp_path, family):
     ours = _ours(family)
     export_hf(ours, tmp_path)
@@ -287,6 +351,9 @@ HF_REFERENCES = {
     "llama3-8b": (8_030_261_248, lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=8192))),
     "gpt": (116_534_784, _hf_gpt1),
+    # EleutherAI/gpt-neo-125M's config: 12 layers alternating global and local, 2,048 positions
+    "gpt-neo-125m": (125_198_592, lambda: GPTNeoForCausalLM(GPTNeoConfig(
+        num_layers=12, hidden_size=768, num_heads=12, attention_types=[[["global", "local"], 6]]))),
 }
 
 
@@ -304,16 +371,18 @@ def test_parameter_counts_equal_hf(preset):
 # Greedy generation
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gqa", "parallel"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gqa", "parallel"])
 def test_greedy_generation_matches_hf(tmp_path, family):
     ours = _ours(family)
     export_hf(ours, tmp_path)
     hf = _load_hf(tmp_path)
-    hf.generation_config.eos_token_id = None  # never stop early: compare all 10 tokens
+    hf.generation_config.eos_token_id = None  # never stop early: compare all the new tokens
+    # GPT-Neo: 8 + 16 positions, three windows; our local layers' cache holds the last 8 only
+    new = 16 if family == "gpt_neo" else 10
     prompt = _ids(length=8)
-    expected = ours.generate(prompt, max_new_tokens=10, temperature=0.0)
-    got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
-    assert expected.shape == (2, 18)
+    expected = ours.generate(prompt, max_new_tokens=new, temperature=0.0)
+    got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False)
+    assert expected.shape == (2, 8 + new)
     assert torch.equal(got, expected)
 
 
@@ -393,6 +462,15 @@ def test_export_and_import_need_no_transformers(tmp_path):
     ("palm-tiny", dict(), "model.parallel_norms=1"),  # GPT-J / PaLM's shared norm
     ("palm-tiny", dict(parallel_norms=2), "model.bias=False"),
     ("gpt-nano", dict(parallel_block=True), "model.parallel_block=True"),
+    # GPT-2 and Llama have neither local layers nor unscaled scores; GPT-Neo has q/k/v without bias
+    ("gpt-nano", dict(attention_layers="local", attention_window=4), "model.attention_layers='local'"),
+    ("gpt-nano", dict(qkv_bias=False), "model.qkv_bias=False"),
+    ("gpt-neo-125m", dict(qkv_bias=True), "model.qkv_bias=True"),
+    ("gpt-neo-125m", dict(n_kv_heads=2), "model.n_kv_heads=2"),
+    ("llama-tiny", dict(attention_layers="local", attention_window=4), "model.attention_layers='local'"),
+    ("llama-tiny", dict(attn_scale=False), "model.attn_scale=False"),
+    ("llama-tiny", dict(qkv_bias=True), "model.qkv_bias=True"),
+    ("bert-tiny", dict(attn_scale=False), "model.attn_scale=False"),
 ])
 def test_export_refuses_configs_without_hf_equivalent(tmp_path, preset, overrides, named):
     model = build_model(preset, n_layer=1, vocab_size=50, **overrides)
@@ -431,6 +509,17 @@ def test_import_errors_name_file_and_field(tmp_path):
     _one_line_error(lambda: import_hf(tmp_path), "pytorch_model.bin", "transformer.ln_f.bias")
     torch.save({"code": _Pickled()}, tmp_path / "pytorch_model.bin")  # never unpickled
     _one_line_error(lambda: import_hf(tmp_path), "pytorch_model.bin", "refusing")
+
+
+def test_gpt_neo_import_refuses_what_it_cannot_hold():
+    base = _hf_gpt_neo().config.to_dict()
+    _one_line_error(lambda: config_from_hf({**base, "attention_types": [[["global", "sparse"], 2]]}),
+                    "config.json", "'sparse'")
+    _one_line_error(lambda: config_from_hf({**base, "attention_types": [[["global", "local"], 3]]}),
+                    "attention_types", "num_layers=4")
+    _one_line_error(lambda: config_from_hf({**base, "attention_types": "global"}), "attention_types")
+    _one_line_error(lambda: config_from_hf({**base, "activation_function": "silu"}),
+                    "activation_function='silu'")
 
 
 class _Pickled:

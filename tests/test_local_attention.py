@@ -71,3 +71,113 @@ def test_local_layers_are_configured_with_a_window_on_decoders():
         build_model("gpt-nano", vocab_size=50, attention_layers="glboal")
     with pytest.raises(ConfigError, match="arch=decoder only"):
         build_model("bert-tiny", attention_layers="local", attention_window=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache of a local layer keeps its window only (a ring buffer)
+
+WINDOW = 6
+
+
+def alternating(preset: str, max_seq_len: int = 128):
+    torch.manual_seed(0)
+    kw = dict(n_kv_heads=2, d_ff=64) if preset == "llama-tiny" else {}
+    return build_model(preset, n_layer=4, d_model=32, n_head=4, vocab_size=60, max_seq_len=max_seq_len,
+                       attention_layers="global,local", attention_window=WINDOW, **kw).eval()
+
+
+def chunked_logits(model, ids, chunks, cache=None):
+    """Logits of ``ids`` fed through one cache in pieces of the given lengths."""
+    cache = cache or model.new_cache(ids.shape[0])
+    out, at = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(ids[:, at:at + n], cache=cache).logits)
+            at += n
+    assert at == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-tiny"])
+def test_a_local_layers_cache_holds_its_window_and_generation_is_unchanged(preset):
+    model = alternating(preset)
+    cache = model.new_cache(2)
+    sizes = [tuple(k.shape) for k in cache.k] + [tuple(v.shape) for v in cache.v]
+    kv = model.cfg.kv_heads
+    assert sizes == 2 * [(2, kv, 128, 8), (2, kv, WINDOW, 8), (2, kv, 128, 8), (2, kv, WINDOW, 8)]
+    x = torch.randint(0, 60, (2, 9))
+    a = model.generate(x, 40, use_cache=True)  # 49 positions: the rings wrap eight times
+    b = model.generate(x, 40, use_cache=False)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        full = model(a).logits
+    step = chunked_logits(model, a, [9] + [1] * 40)
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 30, [4, 3, 7, 1, 1, 2, 9, 3], [WINDOW - 1, WINDOW, WINDOW + 1, 1, 17]],
+                         ids=["one-by-one", "mixed", "around-the-window"])
+def test_chunks_after_cached_positions_equal_one_forward(chunks):
+    model = alternating("llama-tiny")
+    ids = torch.randint(0, 60, (3, sum(chunks)))
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(chunked_logits(model, ids, chunks), full, rtol=1e-4, atol=1e-5)
+
+
+def test_reordering_a_cache_with_rings_follows_the_rows():
+    """What beam search does: keep some rows (repeated, reordered) and go on from there."""
+    model = alternating("gpt-nano")
+    ids = torch.randint(0, 60, (3, 20))
+    cache = model.new_cache(3)
+    chunked_logits(model, ids[:, :13], [10, 1, 1, 1], cache)  # the rings have wrapped
+    rows = torch.tensor([2, 0, 0])
+    cache.reorder(rows)
+    with torch.no_grad():
+        expected = model(ids[rows]).logits[:, 13:]
+    got = chunked_logits(model, ids[rows, 13:], [1, 3, 1, 2], cache)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_window_as_long_as_the_cache_needs_no_ring():
+    model = alternating("gpt-nano", max_seq_len=WINDOW)
+    cache = model.new_cache(1)
+    assert cache.windows == [None] * 4 and all(k.shape[2] == WINDOW for k in cache.k)
+    ids = torch.randint(0, 60, (1, WINDOW))
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(chunked_logits(model, ids, [2, 1, 3]), full, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path: local layers computed block by block
+
+
+@pytest.mark.parametrize("T, kv_heads", [(40, None), (37, 2), (9, None)], ids=["blocks", "ragged-gqa", "short"])
+def test_banded_attention_equals_the_masked_plain_layer(T, kv_heads):
+    plain = local_layer(n_kv_heads=kv_heads).train()  # training: values and gradients
+    fast = apply_fast_paths(local_layer(n_kv_heads=kv_heads).train())
+    x = torch.randn(2, T, 32, requires_grad=True)
+    y = plain(x)
+    dx, *dw = torch.autograd.grad(y.square().sum(), [x, *plain.parameters()])
+    y_fast = fast(x)
+    dx_fast, *dw_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
+    torch.testing.assert_close(y_fast, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_fast, dx, rtol=1e-4, atol=1e-5)
+    for a, b in zip(dw_fast, dw):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_banded_attention_is_used_only_where_it_applies(monkeypatch):
+    import pretrainer.model.fast as fast_module
+
+    calls = []
+    real = fast_module.banded_attention
+    monkeypatch.setattr(fast_module, "banded_attention", lambda *a: calls.append(a[0].shape[-2]) or real(*a))
+    model = apply_fast_paths(alternating("gpt-nano"))
+    ids = torch.randint(0, 60, (1, 5 * WINDOW))
+    with torch.no_grad():
+        model(ids)  # two local layers, 30 positions > 2 windows
+        model(ids[:, :2 * WINDOW])  # too short to gain: the plain masked path
+        model.generate(ids, 3)  # cached: the plain path (the ring)
+    assert calls == [5 * WINDOW, 5 * WINDOW]

@@ -25,6 +25,7 @@ FAMILIES = {
     "palm": dict(SMALL, **{"_preset": "palm-tiny"}),
     "neox": dict(SMALL, norm="layernorm", bias=True, mlp="gelu", parallel_block=True, rope_fraction=0.25,
                  **{"_preset": "llama-tiny"}),
+    "gpt-neo": dict(SMALL, attention_window=5, **{"_preset": "gpt-neo-125m"}),  # global, local
 }
 
 
@@ -149,6 +150,22 @@ def test_initialisation_scales_residual_projections():
     assert model.lm_head.weight is model.tok_emb.weight  # tied
     untied = build_model("llama-tiny", vocab_size=500)
     assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_qkv_bias_switches_the_query_key_value_biases_alone():
+    def biases(**kw):
+        return {n for n, _ in build_model("gpt-nano", vocab_size=50, n_layer=1, **kw).named_parameters()
+                if n.startswith("blocks.0.") and n.endswith(".bias")}
+
+    everything = {"blocks.0.norm1.bias", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias",
+                  "blocks.0.norm2.bias", "blocks.0.mlp.up.bias", "blocks.0.mlp.down.bias"}
+    assert biases() == everything
+    assert biases(qkv_bias=False) == everything - {"blocks.0.attn.qkv.bias"}  # GPT-Neo
+    assert biases(bias=False, qkv_bias=True) == {"blocks.0.attn.qkv.bias"}  # Qwen-2 style
+    with pytest.raises(ConfigError, match="model.qkv_bias='maybe': expected true or false"):
+        pretrainer.config.load_config(overrides=["model.qkv_bias=maybe"])
+    with pytest.raises(ConfigError, match="model.qkv_bias=2"):
+        ModelConfig(qkv_bias=2).validate()
 
 
 def test_build_model_overrides_are_checked():

@@ -86,6 +86,7 @@ class ModelConfig:
     parallel_norms: int = 2  # parallel block: 2 = a norm per branch (GPT-NeoX), 1 = one shared (GPT-J, PaLM)
     mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu | geglu_tanh (T5 v1.1)
     bias: bool = True  # biases in linear layers and norms
+    qkv_bias: bool | None = None  # biases of the query, key and value projections (None = as bias; GPT-Neo: false)
     tie_embeddings: bool = True
     scale_tied_output: bool = False  # T5 (v1.0): hidden states times d_model**-0.5 before a tied head
     dropout: float = 0.0
@@ -119,6 +120,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Dimensions of each head that rope rotates (the first ones; the rest pass through)."""
         return int(self.head_dim * self.rope_fraction)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Whether the query, key and value projections have biases (``qkv_bias``, else ``bias``)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def decoder_layers(self) -> int:
@@ -189,6 +195,8 @@ class ModelConfig:
             if self.arch != "decoder":
                 raise ConfigError(f"{where}.attention_layers: local (banded causal) attention applies to "
                                   f"arch=decoder only, got {self.arch}")
+        if self.qkv_bias not in (None, True, False):
+            raise ConfigError(f"{where}.qkv_bias={self.qkv_bias!r}: expected true, false or null (as {where}.bias)")
         if self.position == "relative" and self.rel_buckets < 4:
             raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
         self.validate_moe(f"{where}.moe")
@@ -282,6 +290,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "palm-tiny": dict(_PALM, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_seq_len=256),
     "palm-8b": dict(_PALM, n_layer=32, n_head=16, d_model=4096, d_ff=16384, vocab_size=256000,
                     max_seq_len=2048),
+    # GPT-Neo 125M (Black et al. 2021): GPT-3's alternating global and local (256-position) layers,
+    # unscaled attention scores, no biases on the query/key/value projections; 2,048 context.
+    "gpt-neo-125m": dict(_GPT2, n_layer=12, n_head=12, d_model=768, max_seq_len=2048, attn_scale=False,
+                         qkv_bias=False, attention_layers="global,local", attention_window=256),
     # BERT (Devlin et al. 2019) and the compact BERTs of Turc et al. (2019): 30,522 WordPieces.
     "bert-tiny": dict(_BERT, n_layer=2, n_head=2, d_model=128),
     "bert-mini": dict(_BERT, n_layer=4, n_head=4, d_model=256),

@@ -5,6 +5,11 @@ These families have an exact Hugging Face counterpart:
 - GPT-2 (``GPT2LMHeadModel``): learned positions, pre-norm LayerNorm, a plain GELU/ReLU MLP and
   biases everywhere. GPT-2 stores its projections as ``Conv1D`` weights [in, out]; ours are
   ``nn.Linear`` weights [out, in], so those matrices are transposed.
+- GPT-Neo (``GPTNeoForCausalLM``): GPT-2's layout with GPT-3's alternating global and local
+  (banded) attention layers (``attention_layers``, ``attention_window``), unscaled attention
+  scores and no biases on the query, key and value projections, which are ``nn.Linear`` matrices
+  ``q_proj``, ``k_proj`` and ``v_proj`` (joined into our fused [q; k; v] on import). With learned
+  positions, ``attn_scale=false`` is what tells it from GPT-2 (whose scores are always scaled).
 - Llama (``LlamaForCausalLM``; Mistral configs import too): rotary positions, pre-norm RMSNorm and a
   gated MLP (SwiGLU, or GeGLU as ``hidden_act="gelu"``), with grouped-query attention through
   ``num_key_value_heads``. Our rotary layout is Llama's (``rotate_half``), so query and key rows
@@ -68,14 +73,15 @@ _NEOX_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 _BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _BERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
-# tensors of old checkpoints that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers,
-# rotary tables, BERT's position ids; and BERT's copy of the output bias (tied to cls.predictions.bias)
-_IGNORED = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$|"
+# tensors of old checkpoints that are not weights: GPT-2's, GPT-Neo's and GPT-NeoX's causal-mask
+# buffers, rotary tables, BERT's position ids; and BERT's copy of the output bias (tied to
+# cls.predictions.bias)
+_IGNORED = re.compile(r"(^|\.)(attn|attention)\.(attention\.)?(bias|masked_bias)$|rotary_emb\.inv_freq$|"
                       r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
 #: The names Hugging Face checkpoints may repeat the token embedding as, when the output is tied
 #: (and, for encoder-decoders, always: each stack's copy of the shared embedding).
-_TIED = {"gpt2": ("lm_head.weight",), "llama": ("lm_head.weight",), "mixtral": ("lm_head.weight",),
-         "gpt_neox": ("embed_out.weight", "lm_head.weight"),
+_TIED = {"gpt2": ("lm_head.weight",), "gpt_neo": ("lm_head.weight",), "llama": ("lm_head.weight",),
+         "mixtral": ("lm_head.weight",), "gpt_neox": ("embed_out.weight", "lm_head.weight"),
          "bert": ("cls.predictions.decoder.weight",),
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
@@ -106,8 +112,12 @@ def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """``"gpt2"``, ``"llama"``, ``"gpt_neox"``, ``"bert"``, ``"t5"`` or ``"bart"``: the Hugging
-    Face model a configuration converts to exactly.
+    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"t5"`` or
+    ``"bart"``: the Hugging Face model a configuration converts to exactly.
+
+    A decoder with learned positions is GPT-Neo when its attention scores are unscaled
+    (``attn_scale=false``), else GPT-2: GPT-Neo never scales them and GPT-2 always does, so the two
+    never overlap. Local layers and unbiased query/key/value projections then belong to GPT-Neo only.
 
     Raises a one-line PretrainerError naming the first option that has no Hugging Face equivalent.
     """
@@ -134,6 +144,17 @@ def hf_family(cfg: ModelConfig) -> str:
         if cfg.kv_heads != cfg.n_head:
             raise _no_equivalent("n_kv_heads", cfg.n_kv_heads,
                                  "GPT-2 (learned positions) has no grouped-query attention")
+        if cfg.head_dim * cfg.n_head != cfg.d_model:
+            raise _no_equivalent("d_head", cfg.d_head, "GPT-2's heads split d_model")
+        if not cfg.attn_scale:
+            if cfg.has_qkv_bias:
+                raise _no_equivalent("qkv_bias", cfg.qkv_bias, "GPT-Neo (learned positions, attn_scale=false) "
+                                                               "has no query/key/value biases")
+            return "gpt_neo"
+        if not cfg.has_qkv_bias:
+            raise _no_equivalent("qkv_bias", cfg.qkv_bias, "GPT-2 has query/key/value biases; GPT-Neo, "
+                                                           "which has none, also has attn_scale=false")
+        _global_only(cfg, "GPT-2 has no local layers; GPT-Neo, which has, also has attn_scale=false")
         return "gpt2"
     if cfg.position == "rope":
         if cfg.norm == "layernorm":
@@ -144,8 +165,13 @@ def hf_family(cfg: ModelConfig) -> str:
             raise _no_equivalent("rope_fraction", cfg.rope_fraction, "Llama (rope, rmsnorm) rotates whole heads")
         if cfg.mlp not in _LLAMA_ACT:
             raise _no_equivalent("mlp", cfg.mlp, f"Llama (rope) takes {', '.join(_LLAMA_ACT)}")
+        if not cfg.attn_scale:
+            raise _no_equivalent("attn_scale", cfg.attn_scale, "Llama scales its attention scores")
+        if cfg.has_qkv_bias != cfg.bias:
+            raise _no_equivalent("qkv_bias", cfg.qkv_bias, "Llama's attention_bias covers q, k, v and o alike")
+        _global_only(cfg, "Llama has no local layers")
         return _mixtral_family(cfg) if cfg.moe.n_experts else "llama"
-    raise _no_equivalent("position", cfg.position, "GPT-2 takes learned positions, Llama and GPT-NeoX rope")
+    raise _no_equivalent("position", cfg.position, "GPT-2 and GPT-Neo take learned positions, Llama and GPT-NeoX rope")
 
 
 def _neox_family(cfg: ModelConfig) -> str:
@@ -155,6 +181,8 @@ def _neox_family(cfg: ModelConfig) -> str:
                              "GPT-NeoX (rope, layernorm) has a norm per branch")
     _require(cfg, "GPT-NeoX (rope, layernorm)", dict(bias=True, attn_scale=True, attention_layers="global"),
              _NEOX_ACT)
+    if not cfg.has_qkv_bias:
+        raise _no_equivalent("qkv_bias", cfg.qkv_bias, "GPT-NeoX has biases on its query, key and value")
     if cfg.head_dim * cfg.n_head != cfg.d_model:
         raise _no_equivalent("d_head", cfg.d_head, "GPT-NeoX's heads split hidden_size")
     return "gpt_neox"
@@ -175,12 +203,19 @@ def _mixtral_family(cfg: ModelConfig) -> str:
     return "mixtral"
 
 
+def _global_only(cfg: ModelConfig, why: str) -> None:
+    if any(cfg.layer_kind(i) == "local" for i in range(cfg.n_layer)):
+        raise _no_equivalent("attention_layers", cfg.attention_layers, why)
+
+
 def _require(cfg: ModelConfig, family: str, wanted: dict, mlps: dict) -> None:
     """Refuse the first field that differs from ``wanted``, an MLP not in ``mlps``, or grouped-query
     attention: what an encoder or encoder-decoder family must have to convert exactly."""
     for field, value in wanted.items():
         if getattr(cfg, field) != value:
             raise _no_equivalent(field, getattr(cfg, field), f"{family} has {field}={value}")
+    if cfg.has_qkv_bias != cfg.bias:
+        raise _no_equivalent("qkv_bias", cfg.qkv_bias, f"{family}'s query/key/value biases are its other biases")
     if cfg.mlp not in mlps:
         raise _no_equivalent("mlp", cfg.mlp, f"{family} takes {', '.join(mlps)}")
     if cfg.kv_heads != cfg.n_head:
@@ -189,7 +224,8 @@ def _require(cfg: ModelConfig, family: str, wanted: dict, mlps: dict) -> None:
 
 def _bert_family(cfg: ModelConfig) -> str:
     _require(cfg, "BERT", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
-                               embed_norm=True, mlm_head=True, tie_embeddings=True), _BERT_ACT)
+                               embed_norm=True, mlm_head=True, tie_embeddings=True, attn_scale=True),
+             _BERT_ACT)
     if cfg.type_vocab_size < 1:
         raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "BERT has segment embeddings")
     return "bert"
@@ -230,6 +266,25 @@ def _gpt2_tensors(cfg: ModelConfig) -> list[_Tensor]:
                                         ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
             names.append(_Tensor(f"{ours}{our_mod}.weight", (f"{hf}{hf_mod}.weight",), conv1d=linear))
             names.append(_Tensor(f"{ours}{our_mod}.bias", (f"{hf}{hf_mod}.bias",)))
+    names += [_Tensor("norm_f.weight", ("transformer.ln_f.weight",)),
+              _Tensor("norm_f.bias", ("transformer.ln_f.bias",))]
+    if not cfg.tie_embeddings:
+        names.append(_Tensor("lm_head.weight", ("lm_head.weight",)))
+    return names
+
+
+def _gpt_neo_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    d = cfg.d_model
+    names = [_Tensor("tok_emb.weight", ("transformer.wte.weight",)),
+             _Tensor("pos_emb.weight", ("transformer.wpe.weight",))]
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
+        att = f"{hf}attn.attention."
+        names.append(_Tensor(f"{ours}attn.qkv.weight", tuple(f"{att}{p}_proj.weight" for p in "qkv"),
+                             rows=(d, d, d)))
+        for our_mod, hf_mod in (("attn.proj", "attn.attention.out_proj"), ("norm1", "ln_1"),
+                                ("norm2", "ln_2"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+            names += [_Tensor(f"{ours}{our_mod}.{kind}", (f"{hf}{hf_mod}.{kind}",)) for kind in ("weight", "bias")]
     names += [_Tensor("norm_f.weight", ("transformer.ln_f.weight",)),
               _Tensor("norm_f.bias", ("transformer.ln_f.bias",))]
     if not cfg.tie_embeddings:
@@ -385,8 +440,8 @@ def _bart_tensors(cfg: ModelConfig) -> list[_Tensor]:
 
 
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
-    return {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "mixtral": _llama_tensors, "gpt_neox": _neox_tensors,
-            "bert": _bert_tensors,
+    return {"gpt2": _gpt2_tensors, "gpt_neo": _gpt_neo_tensors, "llama": _llama_tensors,
+            "mixtral": _llama_tensors, "gpt_neox": _neox_tensors, "bert": _bert_tensors,
             "t5": _t5_tensors, "bart": _bart_tensors}[family](cfg)
 
 
@@ -455,6 +510,19 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
                              "partial_rotary_factor": cfg.rope_fraction},
             hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout, **common,
+        )
+    if family == "gpt_neo":
+        kinds = [k.strip() for k in cfg.attention_layers.split(",")]
+        if cfg.n_layer % len(kinds):  # the pattern does not fit a whole number of times: spell it out
+            kinds = [cfg.layer_kind(i) for i in range(cfg.n_layer)]
+        return dict(
+            model_type="gpt_neo", architectures=["GPTNeoForCausalLM"],
+            num_layers=cfg.n_layer, num_heads=cfg.n_head, hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_ff,  # None: 4 * hidden_size, in GPT-Neo as in ours
+            max_position_embeddings=cfg.max_seq_len, attention_types=[[kinds, cfg.n_layer // len(kinds)]],
+            window_size=cfg.attention_window or 256, activation_function=_GPT2_ACT[cfg.mlp],
+            layer_norm_epsilon=cfg.norm_eps, resid_dropout=cfg.dropout, embed_dropout=cfg.dropout,
+            attention_dropout=cfg.dropout, **common,
         )
     llama = dict(
         model_type="llama", architectures=["LlamaForCausalLM"],
@@ -586,8 +654,8 @@ class _Fields:
 
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, llama,
-    mistral, gpt_neox, bert, t5 or bart).
+    """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, gpt_neo,
+    llama, mistral, mixtral, gpt_neox, bert, t5 or bart).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -596,6 +664,8 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
     model_type = hf_config.get("model_type")
     if model_type == "gpt2":
         cfg = _gpt2_config(f)
+    elif model_type == "gpt_neo":
+        cfg = _gpt_neo_config(f)
     elif model_type in _LLAMA_TYPES:
         cfg = _llama_config(f)
     elif model_type == "mixtral":
@@ -610,7 +680,7 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, t5, bart")
+                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -625,6 +695,38 @@ def _gpt2_config(f: _Fields) -> ModelConfig:
         norm="layernorm", norm_eps=f.get("layer_norm_epsilon", 1e-5), position="learned",
         mlp=f.choice("activation_function", "gelu_new", _GPT2_ACT_IN), bias=True,
         tie_embeddings=f.get("tie_word_embeddings", True), dropout=f.get("resid_pdrop", 0.1),
+        init_std=f.get("initializer_range", 0.02), scaled_residual_init=True,
+    )
+
+
+def _gpt_neo_config(f: _Fields) -> ModelConfig:
+    """GPT-Neo: ``attention_types`` such as ``[[["global", "local"], 12]]`` (a list of kinds
+    repeated n times) become our repeated ``attention_layers`` pattern."""
+    n_layer = f.get("num_layers")
+    types = f.get("attention_types", [[["global", "local"], 12]])  # GPTNeoConfig's default
+    try:
+        kinds = [kind for group, times in types for _ in range(times) for kind in group]
+    except (TypeError, ValueError):
+        raise PretrainerError(f"{f.where}: attention_types={types!r}: expected a list of "
+                              f"[[kinds...], times] pairs") from None
+    for kind in kinds:
+        if kind not in ("global", "local"):
+            raise PretrainerError(f"{f.where}: attention_types holds {kind!r}, which has no pretrainer "
+                                  f"equivalent (expected global or local)")
+    if len(kinds) != n_layer:
+        raise PretrainerError(f"{f.where}: attention_types gives {len(kinds)} layers, num_layers={n_layer}")
+    period = next(p for p in range(1, n_layer + 1)  # the shortest pattern that repeats into kinds
+                  if all(kinds[i] == kinds[i % p] for i in range(n_layer)))
+    local = "local" in kinds
+    return ModelConfig(
+        n_layer=n_layer, n_head=f.get("num_heads"), d_model=f.get("hidden_size"),
+        d_ff=f.get("intermediate_size", None), vocab_size=f.get("vocab_size"),
+        max_seq_len=f.get("max_position_embeddings"), norm="layernorm",
+        norm_eps=f.get("layer_norm_epsilon", 1e-5), position="learned",
+        mlp=f.choice("activation_function", "gelu_new", _GPT2_ACT_IN), bias=True, qkv_bias=False,
+        attn_scale=False, attention_layers=",".join(kinds[:period]),
+        attention_window=f.get("window_size", 256) if local else None,
+        tie_embeddings=f.get("tie_word_embeddings", True), dropout=f.get("resid_dropout", 0.0),
         init_std=f.get("initializer_range", 0.02), scaled_residual_init=True,
     )
 
@@ -757,8 +859,8 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     a pooler. A missing, unexpected or misshapen tensor raises a PretrainerError naming it.
     """
     family = hf_family(cfg)
-    prefix = {"gpt2": "transformer.", "llama": "model.", "mixtral": "model.", "gpt_neox": "gpt_neox.",
-              "bert": "bert.", "t5": "", "bart": "model."}[family]
+    prefix = {"gpt2": "transformer.", "gpt_neo": "transformer.", "llama": "model.", "mixtral": "model.",
+              "gpt_neox": "gpt_neox.", "bert": "bert.", "t5": "", "bart": "model."}[family]
     heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}

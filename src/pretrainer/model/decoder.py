@@ -88,9 +88,11 @@ class DecoderLM(Transformer):
 
     # -- generation ----------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` positions (``max_seq_len``); local
+        layers keep only their window."""
         p = self.tok_emb.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
-                       self.cfg.head_dim, p.device, p.dtype)
+                       self.cfg.head_dim, p.device, p.dtype, windows=[b.attn.window for b in self.blocks])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

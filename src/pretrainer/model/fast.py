@@ -8,7 +8,9 @@ its parent's parameters and state-dict names and overrides one method:
   activations about twice as often), and one-pass C kernels each way;
 - :class:`FastSelfAttention`: the head split and the rotary rotation in one autograd Function whose
   backward writes the three gradients, rotated back, straight into one buffer laid out like the
-  projection's output (autograd would concatenate and transpose: two copies);
+  projection's output (autograd would concatenate and transpose: two copies); and local (banded)
+  layers computed block by block over the keys their band reaches (:func:`banded_attention`)
+  instead of a T x T masked product;
 - :class:`FastMLP` (SwiGLU): both halves of the gradient written into one buffer, silu recomputed
   in the backward so its output is not kept; one-pass C kernels each way.
 
@@ -168,12 +170,49 @@ class _SwiGLU(torch.autograd.Function):
         return g
 
 
+def banded_attention(q, k, v, window: int, scale: float | None, dropout_p: float) -> torch.Tensor:
+    """Causal attention over the last ``window`` positions (a local layer; queries, keys and values
+    [B, H, T, D] from position 0), block by block: the queries in blocks of ``window`` positions,
+    each block over its own keys and the previous block's, the only ones its band reaches. That is
+    T x 2 window scores instead of the T x T of the masked dense attention, most of them masked;
+    the result is the same."""
+    B, H, T, D = q.shape
+    W = window
+    n = -(-T // W)  # blocks; the last one padded with zero positions, which no real query sees
+    q, k, v = (F.pad(x, (0, 0, 0, n * W - T)) for x in (q, k, v))
+
+    def with_previous(x):  # [B * H, n, 2W, D]: each block's keys after the previous block's
+        blocks = x.reshape(B, H, n, W, D)
+        previous = F.pad(blocks, (0, 0, 0, 0, 1, 0))[:, :, :-1]  # zeros before the first block
+        return torch.cat([previous, blocks], dim=3).flatten(0, 1)
+
+    # query r of a block sees key j of [previous; own] (position W + r - j back) when 0 <= W + r - j < W
+    r, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
+    mask = ((j > r) & (j <= r + W)).expand(n, W, 2 * W).clone()
+    mask[0, :, :W] = False  # the first block has no previous one
+    y = F.scaled_dot_product_attention(q.reshape(B * H, n, W, D), with_previous(k), with_previous(v),
+                                       attn_mask=mask[None], dropout_p=dropout_p, scale=scale)
+    return y.reshape(B, H, n * W, D)[:, :, :T]
+
+
 class FastSelfAttention(SelfAttention):
-    """:class:`SelfAttention` whose head split and rotation run as :class:`_SplitHeads`."""
+    """:class:`SelfAttention` whose head split and rotation run as :class:`_SplitHeads`, and whose
+    local layers attend block by block (:func:`banded_attention`) over a sequence longer than two
+    windows (no cache, no mask: training and scoring)."""
 
     def split_heads(self, qkv, tables):
         cos, sin = tables if tables is not None else (None, None)
         return _SplitHeads.apply(qkv, cos, sin, self.n_head, self.n_kv)
+
+    def attend(self, q, k, v, start, key_pos, attn_mask):
+        banded = (self.window is not None and start == 0 and key_pos is None and attn_mask is None
+                  and q.shape[-2] > 2 * self.window)
+        if not banded:
+            return super().attend(q, k, v, start, key_pos, attn_mask)
+        if k.shape[1] != self.n_head:  # grouped-query: each key/value head serves several query heads
+            group = self.n_head // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return banded_attention(q, k, v, self.window, self.scale, self.dropout if self.training else 0.0)
 
 
 class FastMLP(MLP):

@@ -150,13 +150,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of past positions for every layer, preallocated to ``max_len``."""
+    """Keys and values of past positions for every layer.
+
+    A global layer's are preallocated to ``max_len`` positions. A local layer (``windows[i]`` = W,
+    GPT-3 / GPT-Neo) never looks further back than W - 1 positions, so it keeps only the last W,
+    in a ring buffer: position p in slot p % W (a window of at least ``max_len`` needs no ring)."""
 
     def __init__(self, n_layer: int, batch: int, n_kv: int, max_len: int, head_dim: int,
-                 device, dtype):
-        shape = (batch, n_kv, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+                 device, dtype, windows: list[int | None] | None = None):
+        windows = windows or [None] * n_layer
+        self.windows = [w if w is not None and w < max_len else None for w in windows]
+        sizes = [max_len if w is None else w for w in self.windows]
+        self.k = [torch.zeros(batch, n_kv, n, head_dim, device=device, dtype=dtype) for n in sizes]
+        self.v = [torch.zeros(batch, n_kv, n, head_dim, device=device, dtype=dtype) for n in sizes]
+        # the position each slot of a ring holds (-1: none yet)
+        self.slot_pos = [None if w is None else torch.full((w,), -1, device=device) for w in self.windows]
         self.max_len = max_len
         self.length = 0  # positions filled (same for every layer once a forward pass completes)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer  # enc-dec
@@ -169,12 +177,34 @@ class KVCache:
                       for kv in self.cross]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the keys and values [B, Hkv, T, D] of positions ``length .. length+T-1``; return
+        the keys and values those positions attend over, and the keys' positions (None when they
+        are ``0 .. S-1`` in order)."""
         start, end = self.length, self.length + k.shape[-2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        W = self.windows[layer]
+        if W is None:
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], None
+        ring_k, ring_v, pos = self.k[layer], self.v[layer], self.slot_pos[layer]
+        if end - start == 1:  # one position: it takes the slot of the one that left its window
+            slot = start % W
+            ring_k[:, :, slot] = k[:, :, 0]
+            ring_v[:, :, slot] = v[:, :, 0]
+            pos[slot] = start
+            n = min(end, W)
+            return ring_k[:, :, :n], ring_v[:, :, :n], pos[:n]
+        # a chunk: its first positions still need keys that its last ones will overwrite
+        n = min(start, W)
+        keys, values = torch.cat([ring_k[:, :, :n], k], dim=2), torch.cat([ring_v[:, :, :n], v], dim=2)
+        key_pos = torch.cat([pos[:n], torch.arange(start, end, device=pos.device)])
+        kept = torch.arange(max(start, end - W), end, device=pos.device)  # the last W positions
+        ring_k[:, :, kept % W] = k[:, :, kept - start]
+        ring_v[:, :, kept % W] = v[:, :, kept - start]
+        pos[kept % W] = kept
+        return keys, values, key_pos
 
 
 # torch >= 2.5: scaled_dot_product_attention takes fewer key/value heads than query heads itself
@@ -203,7 +233,7 @@ class SelfAttention(nn.Module):
         self.causal = causal
         self.layer_idx = layer_idx
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.has_qkv_bias)
         self.qkv.query_rows = self.n_head * self.head_dim
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_out = True
@@ -212,11 +242,13 @@ class SelfAttention(nn.Module):
         # GPT-3 / GPT-Neo: some layers attend to a local window only (model.attention_layers)
         self.window = cfg.attention_window if causal and cfg.layer_kind(layer_idx) == "local" else None
 
-    def local_mask(self, start: int, T: int, S: int, attn_mask: torch.Tensor | None, device) -> torch.Tensor:
+    def local_mask(self, start: int, T: int, S: int, attn_mask: torch.Tensor | None, device,
+                   key_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Queries at ``start .. start+T-1`` see keys at most ``window - 1`` positions back: with the
-        causal part when no mask is given, else within the given mask (which holds it)."""
+        causal part when no mask is given, else within the given mask (which holds it). The keys
+        are at ``key_pos`` [S] (a cache's ring buffer), or at ``0 .. S-1``."""
         q = torch.arange(start, start + T, device=device)[:, None]
-        k = torch.arange(S, device=device)[None, :]
+        k = (key_pos if key_pos is not None else torch.arange(S, device=device))[None, :]
         near = q - k < self.window
         if attn_mask is None:
             return near & (k <= q)
@@ -244,23 +276,30 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
         tables = rotary.tables(start, T, qkv.dtype) if rotary is not None else None
         q, k, v = self.split_heads(qkv, tables)
+        key_pos = None  # keys at 0 .. S-1, unless a local layer's cache keeps only its window
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        k, v, gqa = _share_kv_heads(k, v, H)
+            k, v, key_pos = cache.update(self.layer_idx, k, v)
+        y = self.attend(q, k, v, start, key_pos, attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def attend(self, q, k, v, start: int, key_pos: torch.Tensor | None,
+               attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q k^T * scale + mask) v`` [B, H, T, D] for the queries at ``start ..
+        start+T-1`` over the keys and values [B, Hkv, S, D] at ``key_pos`` (or ``0 .. S-1``)."""
+        T, S = q.shape[-2], k.shape[-2]
+        k, v, gqa = _share_kv_heads(k, v, self.n_head)
         mask, is_causal = attn_mask, False
-        if self.window is not None:  # a local layer: the last `window` positions, itself included
-            mask = self.local_mask(start, T, k.shape[-2], attn_mask, x.device)
-        elif self.causal and attn_mask is None:
+        if self.window is not None and start + T > self.window:  # a local layer: the last `window`
+            mask = self.local_mask(start, T, S, attn_mask, q.device, key_pos)  # positions, itself included
+        elif self.causal and attn_mask is None:  # (a window that reaches every key is plain causal)
             if start == 0:
                 is_causal = T > 1
             elif T > 1:  # a chunk after cached positions: query i sees keys <= start + i
-                S = k.shape[-2]
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale, **gqa,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class CrossAttention(nn.Module):
@@ -271,9 +310,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.layer_idx = layer_idx
-        self.q = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
+        self.q = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.has_qkv_bias)
         self.q.query_rows = self.n_head * self.head_dim
-        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=cfg.has_qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_out = True
         self.dropout = cfg.dropout
