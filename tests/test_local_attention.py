@@ -181,3 +181,19 @@ def test_banded_attention_is_used_only_where_it_applies(monkeypatch):
         model(ids[:, :2 * WINDOW])  # too short to gain: the plain masked path
         model.generate(ids, 3)  # cached: the plain path (the ring)
     assert calls == [5 * WINDOW, 5 * WINDOW]
+
+
+def test_info_counts_a_local_layers_window_not_the_whole_context():
+    """Each of gpt-neo-125m's 6 local layers attends to 256 keys, not 2,048: 12 d (T - W) FLOPs per
+    token fewer per local layer in the hardware count (6 d (T - W) in Kaplan's)."""
+    import dataclasses
+
+    from pretrainer.config import model_preset
+    from pretrainer.model.info import model_info
+
+    neo = model_preset("gpt-neo-125m")
+    dense = model_info(dataclasses.replace(neo, attention_layers="global"))
+    local = model_info(neo)
+    assert dense["flops_per_token"] - local["flops_per_token"] == 12 * 768 * 6 * (2048 - 256)
+    assert dense["flops_per_token_kaplan"] - local["flops_per_token_kaplan"] == 6 * 768 * 6 * (2048 - 256)
+    assert local["params"] == dense["params"]

@@ -14,7 +14,8 @@ under a second on a laptop. Definitions:
   Its ``params_non_embedding`` (the scaling lab's N) and both FLOP counts are of the active
   parameters; ``params_non_embedding_total`` counts every expert. Memory counts every expert.
 - ``flops_per_token_kaplan``: training FLOPs per token as Kaplan et al. write it,
-  6 N + 6 n_layer n_ctx d_model (forward 2N + 2 n_layer n_ctx d, backward twice the forward).
+  6 N + 6 n_layer n_ctx d_model (forward 2N + 2 n_layer n_ctx d, backward twice the forward);
+  a local layer (``model.attention_layers``) counts its window instead of n_ctx, in both counts.
 - ``flops_per_token``: what the hardware actually does, used for MFU (PaLM, Chowdhery et al. 2022,
   appendix B): 6 x (every matmul parameter, the output head included) + 12 n_layer d_model n_ctx.
 - memory: weights in fp32 and bf16; mixed-precision AdamW training state at 16 bytes per
@@ -59,6 +60,9 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
     if cfg.arch == "encoder-decoder":  # attention FLOPs: both stacks' self-attention, plus cross
         L = cfg.n_layer + 2 * cfg.decoder_layers
+    # keys a query attends to, summed over the layers: T, or the window in a local layer
+    attended = T * L if cfg.arch != "decoder" else sum(
+        min(T, cfg.attention_window) if cfg.layer_kind(i) == "local" else T for i in range(L))
     matmul_params = non_emb_active + mlm_head + V * d
     stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
@@ -74,8 +78,8 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
         "d_ff": cfg.ff_dim, "vocab_size": V, "max_seq_len": cfg.max_seq_len, "seq_len": T,
         **({"n_experts": cfg.moe.n_experts, "experts_per_token": cfg.moe.top_k} if idle else {}),
-        "flops_per_token_kaplan": 6 * non_emb_active + 6 * L * T * d,
-        "flops_per_token": 6 * matmul_params + 12 * L * d * T,
+        "flops_per_token_kaplan": 6 * non_emb_active + 6 * attended * d,
+        "flops_per_token": 6 * matmul_params + 12 * attended * d,
         "memory_bytes": {
             "weights_fp32": 4 * stored,
             "weights_bf16": 2 * stored,
