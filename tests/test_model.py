@@ -277,3 +277,34 @@ def test_grouped_query_attention_shares_heads_like_copies():
         got = F.scaled_dot_product_attention(q, k2, v2, **kw, **extra)
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, *copies, **kw))
     assert _share_kv_heads(k, v, 3)[2] == {}  # as many key/value heads as query heads: untouched
+
+
+def test_a_decoder_with_t5s_tied_head_scales_its_hidden_states():
+    """scale_tied_output (T5 v1.0) means the same on a decoder as on an encoder-decoder: the final
+    states times d_model**-0.5 before the tied output; GPT-2 and Llama exports refuse it."""
+    import pytest as _pytest
+
+    from pretrainer.errors import PretrainerError
+    from pretrainer.interop.hf import hf_family
+
+    torch.manual_seed(0)
+    plain = build_model("gpt-nano", vocab_size=50).eval()
+    scaled = build_model("gpt-nano", vocab_size=50, scale_tied_output=True).eval()
+    scaled.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 50, (1, 9))
+    torch.testing.assert_close(scaled(ids).logits, plain(ids).logits * 48 ** -0.5)
+    with _pytest.raises(PretrainerError, match="scale_tied_output"):
+        hf_family(scaled.cfg)
+
+
+def test_t5_initialisation_shrinks_queries_only_for_unscaled_attention():
+    """init_scheme=t5 starts the query rows 1/sqrt(head_dim) smaller only when the scores are not
+    divided by sqrt(head_dim) themselves (attn_scale=false, T5); otherwise it would do it twice."""
+    torch.manual_seed(0)
+    t5 = build_model("t5-tiny", vocab_size=64)
+    torch.manual_seed(0)
+    scaled = build_model("t5-tiny", vocab_size=64, attn_scale=True)
+    q_rows = t5.encoder.blocks[0].attn.qkv.query_rows
+    w, w_scaled = t5.encoder.blocks[0].attn.qkv.weight, scaled.encoder.blocks[0].attn.qkv.weight
+    torch.testing.assert_close(w[:q_rows] * 8.0, w_scaled[:q_rows])  # head_dim 64
+    torch.testing.assert_close(w[q_rows:], w_scaled[q_rows:])

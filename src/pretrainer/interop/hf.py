@@ -130,6 +130,8 @@ def hf_family(cfg: ModelConfig) -> str:
         return _seq2seq_family(cfg)
     if cfg.embed_norm:
         raise _no_equivalent("embed_norm", cfg.embed_norm, "GPT-2, Llama and GPT-NeoX have no embedding norm")
+    if cfg.tie_embeddings and cfg.scale_tied_output:
+        raise _no_equivalent("scale_tied_output", True, "only T5 scales the hidden states before its tied head")
     if not cfg.prenorm:
         raise _no_equivalent("prenorm", cfg.prenorm, "GPT-2, Llama and GPT-NeoX are pre-norm")
     if cfg.position == "learned":

@@ -58,7 +58,8 @@ class DecoderLM(Transformer):
                       decoder_input_ids: torch.Tensor | None = None,
                       prefix_len: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states [B, T, d_model] (after the last norm). The keywords are the same for
+        """Final hidden states [B, T, d_model] (after the last norm; times d_model**-0.5 for T5's
+        tied head, ``scale_tied_output``). The keywords are the same for
         the three model kinds. ``attention_mask`` is accepted for right-padded batches and needs
         nothing here: causal attention never lets a real token see the padding after it.
         ``token_type_ids`` must be None or zeros (a decoder has no segment embeddings)."""
@@ -68,7 +69,10 @@ class DecoderLM(Transformer):
             if cache is not None:
                 raise ValueError("prefix_len and a KV cache do not combine")
             mask = prefix_attention_mask(prefix_len, input_ids.shape[1])
-        return self.encode(input_ids, cache, attn_mask=mask)
+        h = self.encode(input_ids, cache, attn_mask=mask)
+        if self.cfg.tie_embeddings and self.cfg.scale_tied_output:  # T5's tied head, as in encdec
+            h = h * self.cfg.d_model ** -0.5
+        return h
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -678,7 +678,7 @@ class Transformer(nn.Module):
         d, head = self.cfg.d_model, self.cfg.head_dim
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, 0.0, module.in_features ** -0.5)
-            if hasattr(module, "query_rows"):  # no 1/sqrt(head_dim) in the scores: start small
+            if not self.cfg.attn_scale and hasattr(module, "query_rows"):  # unscaled scores: start small
                 module.weight.data[:module.query_rows] /= math.sqrt(head)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
