@@ -91,6 +91,7 @@ def test_tokens_over_capacity_are_dropped_and_counted():
     stats = router_stats(layer)
     assert stats["moe_dropped"] == pytest.approx(2 / 8)
     assert stats["moe_load_max"] == pytest.approx(6 / 4)  # assignments 6 and 2, mean 4
+    assert stats["moe_load"] == [0.75, 0.25]
     assert router_stats(layer) is None  # read and reset
     assert layer.eval()(x)[4:6].abs().sum() > 0
 

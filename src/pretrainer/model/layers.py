@@ -478,8 +478,9 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 def router_stats(model: nn.Module, reset: bool = True, all_sum=None) -> dict | None:
     """Routing in the training passes since the last reset, over the MoE layers of ``model`` (None
-    for a dense model or before any pass): ``moe_load_max`` (the busiest expert's assignments over
-    the mean, averaged over layers; 1 is perfectly balanced), ``moe_dropped`` (the fraction of
+    for a dense model or before any pass): ``moe_load`` (each expert's share of the assignments,
+    averaged over layers), ``moe_load_max`` (the busiest expert's assignments over the mean,
+    averaged over layers; 1 is perfectly balanced), ``moe_dropped`` (the fraction of
     assignments over capacity) and ``moe_aux_loss`` (the weighted auxiliary losses of a pass, summed
     over layers, averaged over passes). ``all_sum(tensor)`` adds every process's counts first."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
@@ -494,7 +495,8 @@ def router_stats(model: nn.Module, reset: bool = True, all_sum=None) -> dict | N
         for m in layers:
             m.reset_stats()
     dropped, aux, processes = sums.tolist()
-    return {"moe_load_max": float((load.max(dim=1).values / load.mean(dim=1)).mean()),
+    return {"moe_load": [round(f, 4) for f in (load / load.sum(dim=1, keepdim=True)).mean(dim=0).tolist()],
+            "moe_load_max": float((load.max(dim=1).values / load.mean(dim=1)).mean()),
             "moe_dropped": dropped / float(load.sum()), "moe_aux_loss": aux / processes}
 
 
