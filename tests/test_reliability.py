@@ -284,3 +284,29 @@ def test_a_batch_larger_than_the_data_is_refused_before_anything_is_allocated(sy
                                           rf"1,024,000 tokens per step, more than the {n:,} tokens of .*train split"):
         train(tiny_cfg(synthetic_data, tmp_path / "run", batch_size=2000, grad_accum=4, seq_len=128), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_every_process_skips_a_step_that_is_nan_on_one_of_them(synthetic_data, tmp_path, bad_losses):
+    """DDP and FSDP on two processes (torchrun, gloo), the loss NaN on the second process only at
+    step 3: both skip it (else the replicas would part, or a collective hang), and the losses
+    logged are those of one process whose step 3 was NaN."""
+    common = ["model=gpt-nano", f"data={synthetic_data}", "train.max_steps=5", "train.seq_len=32",
+              "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "train.warmup_steps=1",
+              "train.checkpoint_every=0", "train.plot=false"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"overrides": common + [f"out={tmp_path / mode}", "train.batch_size=2",
+                                                        f"train.parallel={mode}"], "nan_rank": 1, "nan_step": 3}
+                                for mode in ("ddp", "fsdp")]))
+    worker = Path(__file__).parent / "helpers" / "nan_worker.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(worker), str(spec)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bad_losses({3: float("nan")})
+    train(load_config(None, common + [f"out={tmp_path / 'one'}", "train.batch_size=4"]), quiet=True)
+    one = {r["step"]: r for r in records(tmp_path / "one") if "tokens_per_s" in r}
+    assert "loss" not in one[3] and one[5]["skipped_steps"] == 1
+    for mode in ("ddp", "fsdp"):
+        two = {r["step"]: r for r in records(tmp_path / mode) if "tokens_per_s" in r}
+        assert "loss" not in two[3] and two[5]["skipped_steps"] == 1, mode
+        for s in (1, 2, 4, 5):
+            assert two[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-5), (mode, s)
