@@ -1,7 +1,9 @@
 """Command line: parse, call the library, print. ``pretrainer --help`` lists the commands.
 
 Every error the user can fix is one line on stderr and exit status 2 (1 for anything unexpected);
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. A diverged run exits with 3, a run stopped by SIGTERM or
+Ctrl-C after saving its checkpoint with 75 (:data:`~pretrainer.errors.EXIT_PREEMPTED`): see
+:data:`EXIT_STATUSES`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import KernelWarning, PretrainerError
+from .errors import EXIT_PREEMPTED, KernelWarning, PretrainerError
 from .eval import cli as icl_cli
 from .finetune import cli as finetune_cli
+
+
+#: What the exit statuses mean (``pretrainer --help`` shows them).
+EXIT_STATUSES = ("exit status: 0 done; 1 unexpected error (a bug: --debug shows the traceback); 2 an "
+                 "error you can fix (one line says what); 3 training diverged (non-finite or spiking "
+                 f"loss; the last good checkpoint is kept); {EXIT_PREEMPTED} stopped by SIGTERM or Ctrl-C "
+                 "after saving a checkpoint (continue with --resume); 130 a second Ctrl-C")
 
 
 def _json_out(obj) -> None:
@@ -99,7 +108,7 @@ def cmd_prepare(args) -> None:
           f"vocab {manifest['vocab_size']} ({manifest['dtype']})")
 
 
-def cmd_pretrain(args) -> None:
+def cmd_pretrain(args) -> int | None:
     from .config import load_config
     from .train.trainer import resume_config, train
 
@@ -108,13 +117,15 @@ def cmd_pretrain(args) -> None:
     else:
         cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    status = EXIT_PREEMPTED if summary["preempted"] else None  # every process of a job says the same
     if int(os.environ.get("RANK", "0")) != 0:
-        return
+        return status
     if args.json:
         _json_out(summary)
     elif summary.get("val_loss") is not None:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
               f"run folder {summary['run']}, loss curve {summary['loss_png']}")
+    return status
 
 
 def add_token_options(s, roles=("eos", "pad")) -> None:
@@ -386,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import SweepConfig
 
     p = argparse.ArgumentParser(prog="pretrainer", description=(
-        "Pretrain, fine-tune, prompt and scale Transformers. Start with 'pretrainer quickstart'."))
+        "Pretrain, fine-tune, prompt and scale Transformers. Start with 'pretrainer quickstart'."),
+        epilog=EXIT_STATUSES)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -453,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pretrain a model (or resume a run)", description=(
         "Pretrain from a YAML config and/or key=value overrides, e.g. "
         "'pretrainer pretrain model=gpt-micro data=data/stdlib out=runs/a train.max_steps=2000'. "
-        "Required: data, out. Resume with --resume RUN (overrides such as train.max_steps=N extend it)."))
+        "Required: data, out. Resume with --resume RUN (overrides such as train.max_steps=N extend it)."),
+        epilog=EXIT_STATUSES)
     s.add_argument("overrides", nargs="*", help="key=value settings (model=PRESET, data=DIR, out=DIR, train.lr=...)")
     s.add_argument("--config", "-c", help="YAML config file (or the name of one under configs/)")
     s.add_argument("--resume", metavar="RUN", help="continue RUN from its newest intact checkpoint")
@@ -581,12 +594,12 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = one_line
     try:
-        args.func(args)
+        status = args.func(args)
     except PretrainerError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -600,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         warnings.formatwarning = plain_format
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

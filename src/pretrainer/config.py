@@ -176,8 +176,12 @@ class ModelConfig:
                                   f"encoder-decoder (no parallel form with cross-attention)")
         elif self.parallel_norms != 2:
             raise ConfigError(f"{where}.parallel_norms={self.parallel_norms} applies to parallel_block=true only")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{where}.dropout={self.dropout}: expected a value in [0, 1)")
+        for name, ok, expected in (
+                ("dropout", lambda v: 0 <= v < 1, "a value in [0, 1)"),
+                ("init_std", lambda v: 0 < v <= 1, "a standard deviation in (0, 1] (GPT-2, Llama: 0.02)"),
+                ("norm_eps", lambda v: v > 0, "a positive, finite value (1e-5, 1e-6)"),
+                ("rope_theta", lambda v: v > 0, "a positive, finite base (10000)")):
+            _finite(where, name, getattr(self, name), ok, expected)
         if self.type_vocab_size < 0:
             raise ConfigError(f"{where}.type_vocab_size={self.type_vocab_size}: expected a value >= 0")
         if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
@@ -359,6 +363,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    # divergence guards: a step whose loss or gradient norm is not finite is skipped (no update)
+    max_skipped_steps: int = 5  # this many skipped steps in a row stop the run; 0 = never stop
+    spike_factor: float = 10.0  # a loss over this x the median of the last 100 steps' (at least 1) stops it; 0 = off
+    on_spike: str = "stop"  # stop | rollback: reload the last checkpoint and go on with the data after the spike
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
@@ -377,13 +385,20 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
                      "log_every", "keep_checkpoints"):
             _positive("train", name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr={self.lr}: expected a positive learning rate")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1]")
+        for name, ok, expected in (
+                ("lr", lambda v: v > 0, "a positive, finite learning rate"),
+                ("min_lr_ratio", lambda v: 0 <= v <= 1, "a value in [0, 1]"),
+                ("weight_decay", lambda v: v >= 0, "a finite value >= 0"),
+                ("beta1", lambda v: 0 <= v < 1, "a value in [0, 1)"),
+                ("beta2", lambda v: 0 <= v < 1, "a value in [0, 1)"),
+                ("eps", lambda v: v > 0, "a positive, finite value (AdamW's default: 1e-8)"),
+                ("grad_clip", lambda v: v >= 0, "a finite gradient norm >= 0 (0 = off)"),
+                ("spike_factor", lambda v: v == 0 or v > 1, "0 (off) or a finite factor > 1")):
+            _finite("train", name, getattr(self, name), ok, expected)
+        _choice("train", "on_spike", self.on_spike, ["stop", "rollback"])
         _choice("train", "schedule", self.schedule, ["cosine", "linear", "constant"])
         _choice("train", "lr_scale", self.lr_scale, ["none", "rms"])
         _choice("train", "dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
@@ -422,8 +437,8 @@ class NoiseConfig:
         for name in ("noise_density", "mask_ratio", "token_mask_ratio", "delete_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"noise.{name}={getattr(self, name)}: expected a value in [0, 1)")
-        if self.mean_span_length < 1 or self.poisson_lambda <= 0:
-            raise ConfigError("noise.mean_span_length must be >= 1 and noise.poisson_lambda > 0")
+        _finite("noise", "mean_span_length", self.mean_span_length, lambda v: v >= 1, "a finite value >= 1")
+        _finite("noise", "poisson_lambda", self.poisson_lambda, lambda v: v > 0, "a positive, finite value")
 
 
 @dataclass
@@ -525,8 +540,12 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: expected a positive, finite learning rate")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay {self.weight_decay}: expected a finite value >= 0")
+        if not (math.isfinite(self.mixing_temperature) and self.mixing_temperature > 0):
+            raise ConfigError(f"--mixing-temperature {self.mixing_temperature}: expected a positive, finite value")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup {self.warmup}: expected a fraction of the steps in [0, 1)")
         if self.patience is not None and self.patience <= 0:
@@ -740,6 +759,12 @@ def _choice(where: str, name: str, value: Any, options: list[str]) -> None:
         key = f"{where}.{name}" if where else name
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(options)}"
                           f"{_suggest(str(value), options)}")
+
+
+def _finite(where: str, name: str, value: Any, ok, expected: str) -> None:
+    """A finite number for which ``ok(value)`` holds (NaN and infinities never do)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+        raise ConfigError(f"{where}.{name}={value!r}: expected {expected}")
 
 
 def _positive(where: str, name: str, value: Any) -> None:

@@ -1,12 +1,26 @@
 """User-facing errors.
 
 A :class:`PretrainerError` carries a one-line message meant for the person at the terminal: the CLI
-prints it without a traceback (unless ``--debug``) and exits non-zero. Library callers can catch it.
+prints it without a traceback (unless ``--debug``) and exits with its ``exit_status``. Library
+callers can catch it.
+
+The command line's exit statuses: 0 done; 1 an unexpected error (a bug: run with ``--debug``); 2 a
+:class:`PretrainerError` (bad input or state, the message says what to change); 3 a
+:class:`DivergenceError` (training stopped on a non-finite or spiking loss; the last good
+checkpoint is kept); :data:`EXIT_PREEMPTED` (75) a run stopped by SIGTERM or Ctrl-C after saving
+a checkpoint, to be continued with ``--resume``; 130 a second Ctrl-C (stopped without a checkpoint).
 """
+
+#: Exit status of a run stopped early by a signal (SIGTERM, as a scheduler preempting it, or Ctrl-C)
+#: after saving a resumable checkpoint: BSD's EX_TEMPFAIL, "temporary failure, try again", so a
+#: job script can tell "requeue me" from "done" (0) and "failed" (1, 2, 3).
+EXIT_PREEMPTED = 75
 
 
 class PretrainerError(Exception):
     """Bad input or a state the user can fix; the message is one line and names what was expected."""
+
+    exit_status = 2
 
 
 class ConfigError(PretrainerError):
@@ -19,6 +33,14 @@ class DataError(PretrainerError):
 
 class CheckpointError(PretrainerError):
     """A checkpoint is missing, truncated or does not match the model."""
+
+
+class DivergenceError(PretrainerError):
+    """Training diverged: too many steps in a row with a non-finite loss or gradient norm, a loss
+    spike (``train.spike_factor``) or non-finite weights; the run stopped with its last good
+    checkpoint kept."""
+
+    exit_status = 3
 
 
 class KernelWarning(UserWarning):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 
-def cmd_finetune(args) -> None:
+def cmd_finetune(args) -> int | None:
     from ..errors import ConfigError
     from .runner import finetune, resume_finetune
 
@@ -20,15 +20,19 @@ def cmd_finetune(args) -> None:
         raise ConfigError(f"finetune: {', '.join(missing)} required (or --resume RUN)")
     result = finetune(args.source, args.task, args.train, args.out, eval=args.eval,
                       **finetune_options(args))
-    _report(result, args.json)
+    return _report(result, args.json)
 
 
-def _report(result: dict, as_json: bool) -> None:
+def _report(result: dict, as_json: bool) -> int | None:
+    """Print the result; the exit status of a run stopped by a signal (resumable)."""
+    from ..errors import EXIT_PREEMPTED
+
+    status = EXIT_PREEMPTED if result.get("preempted") else None
     if as_json:
         print(json.dumps(result, indent=2))
-        return
+        return status
     if "stopped_at_step" in result:
-        return  # the runner said where it stopped and how to go on
+        return status  # the runner said where it stopped and how to go on
     skip = {"run", "task", "epoch", "epochs_run", "steps", "train_examples", "eval_examples", "seconds",
             "selected_by"}
     scores = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in skip)

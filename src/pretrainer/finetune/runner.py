@@ -29,10 +29,10 @@ import yaml
 
 from ..common import IGNORE
 from ..config import PRESETS, FinetuneConfig, TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergenceError
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
                                 save_checkpoint)
-from ..train.loop import Env, StopFlag, TrainStep, optimizer_step, to_device
+from ..train.loop import DivergenceGuard, Env, StopFlag, TrainStep, optimizer_step, to_device
 from ..train.parallel import barrier, ddp
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..train.optim import lr_at, make_optimizer, set_lr
@@ -254,6 +254,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
             write_atomic(run / "labels.json", json.dumps(the_task.labels, ensure_ascii=False, indent=1) + "\n")
         metrics_path.write_text("")
     barrier(env.world)
+    guard = DivergenceGuard(tcfg.max_skipped_steps, state=meta if resume else None)  # no spike check
 
     def log(record: dict) -> None:
         if env.master:
@@ -265,7 +266,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         if env.master:
             save_checkpoint(run / "resume", model, optimizer,
                             {"step": step, "epoch": epoch, "k": k, "best": best,
-                             "best_metrics": best_metrics, "bad_epochs": bad_epochs}, keep=1)
+                             "best_metrics": best_metrics, "bad_epochs": bad_epochs, **guard.state()}, keep=1)
         barrier(env.world)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -290,7 +291,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
         for epoch in range(start_epoch, opts.epochs + 1):
             order = the_task.epoch_order(train_ex, train_feats,
                                          torch.Generator().manual_seed(opts.seed * 1000 + epoch))
-            window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+            window_loss, window_n, window_applied, window_t = 0.0, 0, 0, time.perf_counter()
             for k in range(start_k if epoch == start_epoch else 0, steps_per_epoch):
                 idx = order[k * opts.batch_size:(k + 1) * opts.batch_size]
                 mine = idx[env.rank::env.world]
@@ -301,18 +302,28 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
                     micro[0]["_count"] = torch.zeros((), dtype=torch.float64, device=device)
                 lr = lr_at(step, tcfg)
                 set_lr(optimizer, lr)
-                share = optimizer_step(step_fn, model, optimizer, micro, count, env, mode, grad_clip=1.0)
+                result = optimizer_step(step_fn, model, optimizer, micro, count, env, mode, grad_clip=1.0)
                 step += 1
-                window_loss += env.all_sum(float(share)) * len(idx)
                 window_n += len(idx)
+                if result.skipped:
+                    say(f"step {step}: loss {result.loss:.4g}, gradient norm {result.grad_norm:.4g}; "
+                        f"not finite, step skipped")
+                else:
+                    window_loss += result.loss * len(idx)
+                    window_applied += len(idx)
+                problem = guard.check(result)
+                if problem:
+                    raise DivergenceError(f"step {step}: {problem}; stopped: fine-tune again with a lower --lr")
                 if step % log_every == 0 or k == steps_per_epoch - 1:
                     dt = time.perf_counter() - window_t
-                    rec = {"epoch": epoch, "step": step, "loss": window_loss / window_n, "lr": lr,
-                           "examples_per_s": window_n / dt if dt > 0 else None}
+                    rec = {"epoch": epoch, "step": step,
+                           "loss": window_loss / window_applied if window_applied else None, "lr": lr,
+                           "examples_per_s": window_n / dt if dt > 0 else None, "skipped_steps": guard.skipped}
                     log(rec)
-                    say(f"epoch {epoch}/{opts.epochs} | step {step:>5}/{total} | loss {rec['loss']:.4f} | "
-                        f"lr {lr:.2e} | {rec['examples_per_s'] or 0:,.1f} ex/s")
-                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+                    say(f"epoch {epoch}/{opts.epochs} | step {step:>5}/{total} | loss {math.nan if rec['loss'] is None else rec['loss']:.4f} | "
+                        f"lr {lr:.2e} | {rec['examples_per_s'] or 0:,.1f} ex/s"
+                        f"{' | skipped %d' % guard.skipped if guard.skipped else ''}")
+                    window_loss, window_n, window_applied, window_t = 0.0, 0, 0, time.perf_counter()
                 stop = flag.stop or (stop_at is not None and step >= stop_at)
                 if env.world > 1:
                     stop = env.all_sum(float(stop)) > 0
@@ -361,7 +372,8 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
 
     if stopped:
         say(f"stopped at step {step}; continue with: pretrainer finetune --resume {run}")
-        return {"run": str(run), "task": task, "stopped_at_step": step, "epoch": epoch}
+        return {"run": str(run), "task": task, "stopped_at_step": step, "epoch": epoch,
+                "preempted": stop_at is None or step < stop_at}  # by a signal, not stop_at
     summary = {"run": str(run), "task": task, "epoch": best, "epochs_run": epoch, "steps": step,
                "train_examples": len(train_ex), "seconds": round(time.perf_counter() - t0, 1)}
     if not env.master:

@@ -15,6 +15,14 @@ token of a global batch weighs the same however it is split, so two processes lo
 one with the same global batch, and a run resumes at another number of processes (the global batch
 kept by recomputing ``train.grad_accum``). ``init_from`` starts from another run's or a Hugging
 Face model's weights (its architecture, a fresh optimizer, step 0).
+
+Divergence guards (:class:`~.loop.DivergenceGuard`): a step with a non-finite loss or gradient norm
+is skipped (the data position still advances past it) and counted (``skipped_steps``);
+``train.max_skipped_steps`` of them in a row, a loss spike over ``train.spike_factor`` times the
+recent median, or non-finite weights stop the run with a :class:`~pretrainer.errors.DivergenceError`,
+or with ``train.on_spike=rollback`` reload the last checkpoint and go on with the data after the
+spike (at most :data:`MAX_ROLLBACKS` times). A checkpoint is written only with finite weights, and
+a periodic one not right after a skipped step, so rotation never removes the last good one.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch.distributed as dist
 from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
 from ..data.tokens import TokenSplit
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..model import make_model
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
@@ -42,8 +50,11 @@ from ..model.layers import router_stats
 from .objectives import Objective, get_objective
 from .parallel import parallel_mode, parallelize
 from .checkpoint import latest_checkpoint, restore, save_checkpoint, save_sharded_checkpoint
-from .loop import Env, StopFlag, TrainStep, optimizer_step, to_device
+from .loop import DivergenceGuard, Env, StopFlag, TrainStep, finite_weights, optimizer_step, to_device
 from .optim import lr_at, make_optimizer, set_lr
+
+#: ``train.on_spike=rollback``: rollbacks to the last checkpoint before a divergence stops the run
+MAX_ROLLBACKS = 3
 
 # ----------------------------------------------------------------------------------------------
 # Logging
@@ -156,6 +167,14 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         keep_global_batch(t, meta, env.world, log.say)
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
+    if tokens_per_step > len(train_split):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum}"
+            f"{' x %d processes' % env.world if env.world > 1 else ''} x train.seq_len={t.seq_len} = "
+            f"{tokens_per_step:,} tokens per step, more than the {len(train_split):,} tokens of {cfg.data}'s "
+            f"train split; lower them or prepare more data")
+    guard = DivergenceGuard(t.max_skipped_steps, t.spike_factor, meta if resume else None)
+    rollbacks = meta.get("rollbacks", 0) if resume else 0
 
     mode = parallel_mode(t, env.world)
     with torch.device("meta") if mode == "fsdp" else contextlib.nullcontext():  # sharded: no full copy
@@ -169,7 +188,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
 
     if resume:
         restore(ckpt, model, optimizer, meta, env.rank, sharded=mode == "fsdp")
-        resumed_window = (meta.get("window_loss", 0.0), meta.get("window_steps", 0))
+        resumed_window = (meta.get("window_loss", 0.0), meta.get("window_steps", 0),
+                          meta.get("window_skipped", 0), meta.get("window_grad_norm", 0.0))
         log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens"
                 f"{', written by %d processes' % meta['world_size'] if meta.get('world_size', 1) != env.world else ''})")
         log.truncate_after(step)
@@ -217,11 +237,14 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         return rec
 
     def checkpoint(at_step: int) -> None:
-        # the partial logging window goes too (summed over the processes), so the next logged
-        # loss averages the same steps as in a run that never stopped
+        if not finite_weights(model, env):  # never saved: the last good checkpoint stays the newest
+            diverged("the weights are not finite")  # stops the run, or rolls back (and saves that)
+        # the partial logging window goes too, so the next logged loss averages the same steps as
+        # in a run that never stopped; and the divergence guard's counts and recent losses
         state = {"step": at_step, "samples": samples, "tokens": samples * t.seq_len,
-                 "global_batch": global_batch, "window_loss": env.all_sum(float(window_loss)),
-                 "window_steps": window_steps}
+                 "global_batch": global_batch, "window_loss": window_loss, "window_steps": window_steps,
+                 "window_skipped": window_skipped, "window_grad_norm": window_norm,
+                 "rollbacks": rollbacks, **guard.state()}
         if mode == "fsdp":
             save_sharded_checkpoint(run, model, optimizer, state, env.rank, env.world,
                                     keep=t.keep_checkpoints)
@@ -232,16 +255,39 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         if env.world > 1:
             dist.barrier()
 
+    def diverged(reason: str) -> None:
+        """Roll back to the last checkpoint (``train.on_spike=rollback``) or stop the run."""
+        nonlocal rollbacks
+        try:
+            ckpt, meta = latest_checkpoint(run, warn=lambda s: None)
+        except CheckpointError:
+            ckpt = None
+        where = {"step": step, "tokens": samples * t.seq_len, "reason": reason}
+        if t.on_spike == "rollback" and ckpt is not None and rollbacks < MAX_ROLLBACKS:
+            restore(ckpt, model, optimizer, meta, env.rank, sharded=mode == "fsdp")
+            rollbacks += 1
+            guard.in_a_row = 0
+            log.write({**where, "rollback": ckpt.name})
+            log.say(f"step {step}: {reason}; rolled back to {ckpt.name} ({rollbacks}/{MAX_ROLLBACKS}), "
+                    f"going on with the data after step {step}")
+            return
+        log.write({**where, "diverged": True, "skipped_steps": guard.skipped})
+        then = (f"the last good checkpoint is {ckpt}; lower train.lr (or raise train.warmup_steps) and "
+                f"continue with --resume {run}" if ckpt else "no checkpoint was written; start again "
+                f"with a lower train.lr (or a longer train.warmup_steps)")
+        raise DivergenceError(f"step {step}: {reason}; stopped: {then}")
+
     if step == 0 and val_split is not None:
         log.write({"step": 0, "tokens": 0, **evaluate()})
 
     model.train()
     start_step = step
     window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    if resume:  # the saved window is the sum over the processes: one process carries it
-        window_loss, window_steps = (resumed_window[0] if env.master else 0.0), resumed_window[1]
+    window_skipped, window_norm = 0, 0.0
+    if resume:
+        window_loss, window_steps, window_skipped, window_norm = resumed_window
     run_t0 = time.perf_counter()
-    last_val = None
+    last_val, preempted = None, False
     kernels.used.clear()  # what the training steps run, reported after the first one
     with StopFlag() as flag:
         while step < t.max_steps:
@@ -250,25 +296,39 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
             micro_batches = [to_device(batches.batch(samples + (m * env.world + env.rank) * t.batch_size,
                                                      t.batch_size), env.device)
                              for m in range(t.grad_accum)]
-            step_loss = optimizer_step(step_fn, model, optimizer, micro_batches, objective.count, env,
-                                       mode, t.grad_clip)
+            result = optimizer_step(step_fn, model, optimizer, micro_batches, objective.count, env,
+                                    mode, t.grad_clip)
             step += 1
             if step == start_step + 1 and kernels.used:
                 log.say(f"fused CPU kernels: {', '.join(sorted(kernels.used))}")
-            samples += global_batch
+            samples += global_batch  # a skipped step's data is skipped too
             window_steps += 1
             window_tokens += tokens_per_step
-            window_loss += step_loss  # this process's share of the step's mean: no sync until logging
+            if result.skipped:
+                window_skipped += 1
+                log.say(f"step {step}: loss {result.loss:.4g}, gradient norm {result.grad_norm:.4g}; "
+                        f"not finite, step skipped")
+            else:
+                window_loss += result.loss
+                window_norm += result.grad_norm
+            problem = guard.check(result)
+            if problem:
+                diverged(problem)
 
             if step % t.log_every == 0 or step == t.max_steps:
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - window_t0
-                loss_avg = env.all_sum(float(window_loss)) / window_steps
+                applied = window_steps - window_skipped  # the steps not skipped: their mean loss
+                loss_avg = window_loss / applied if applied else math.nan
                 tps = window_tokens / dt
                 rec = {"step": step, "loss": loss_avg, "lr": lr, "tokens": samples * t.seq_len,
                        "tokens_per_s": tps, "ms_per_step": 1000 * dt / window_steps,
-                       "flops_per_s": flops_per_step * window_steps / dt}
+                       "flops_per_s": flops_per_step * window_steps / dt,
+                       "grad_norm": window_norm / applied if applied else math.nan,
+                       "skipped_steps": guard.skipped}
+                if not applied:  # a window of skipped steps only: no loss (JSON has no NaN)
+                    del rec["loss"], rec["grad_norm"]
                 if peak:
                     rec["mfu"] = rec["flops_per_s"] / (peak * env.world)
                 routing = router_stats(model, all_sum=lambda x: env.all_sum_tensor(x.to(env.device)).cpu())
@@ -280,8 +340,10 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                         f"{tps:,.0f} tok/s | {rec['ms_per_step']:.0f} ms/step"
                         f"{' | mfu %.1f%%' % (100 * rec['mfu']) if 'mfu' in rec else ''} | "
                         f"{'experts max/mean %.2f, dropped %.1f%% | ' % (routing['moe_load_max'], 100 * routing['moe_dropped']) if routing else ''}"
+                        f"{'skipped %d | ' % guard.skipped if guard.skipped else ''}"
                         f"eta {_fmt_time(eta)}")
                 window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                window_skipped, window_norm = 0, 0.0
 
             is_last = step == t.max_steps
             if val_split is not None and ((t.eval_every and step % t.eval_every == 0) or is_last):
@@ -291,20 +353,25 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                 if t.plot and env.master:
                     plot_losses(run)
                 window_t0 = time.perf_counter()
-            stopping = flag.stop or (stop_at is not None and step >= stop_at)
+            signalled = flag.stop
             if env.world > 1:  # a signal may reach the processes at different steps: agree
-                stopping = env.all_mean(float(stopping)) > 0
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or is_last or stopping:
+                signalled = env.all_mean(float(signalled)) > 0
+            stopping = signalled or (stop_at is not None and step >= stop_at)
+            # not while steps are being skipped (those weights just gave a non-finite loss), but
+            # always at the end, or to resume a stopped run
+            due = t.checkpoint_every and step % t.checkpoint_every == 0 and not guard.in_a_row
+            if due or is_last or stopping:
                 checkpoint(step)
                 window_t0 = time.perf_counter()
             if stopping and not is_last:
                 log.say(f"stopped at step {step}; continue with: pretrainer pretrain --resume {run}")
+                preempted = signalled
                 break
     if t.plot and env.master:
         plot_losses(run)
     return {"run": str(run), "step": step, "val_loss": last_val,
             "tokens": samples * t.seq_len, "seconds": time.perf_counter() - run_t0,
-            "loss_png": str(run / "loss.png")}
+            "loss_png": str(run / "loss.png"), "skipped_steps": guard.skipped, "preempted": preempted}
 
 
 @torch.no_grad()
