@@ -309,3 +309,16 @@ def test_sample_efficiency_on_hand_made_curves():
     se = sample_efficiency([big, small], targets=[3.0])
     assert se["sizes"][0]["tokens_to_target"]["3"] == pytest.approx(100)
     assert se["sizes"][1]["tokens_to_target"]["3"] == pytest.approx(20 + 60)  # 5.0 -> 2.5 between 0 and 100
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_diverging_rate_candidate_is_recorded_and_the_sweep_goes_on(tmp_path, jobs):
+    """A learning rate so large that the run's divergence guard stops it (train.lr=1e4) is a
+    search candidate with an infinite loss, not the end of the sweep: the finite rate is kept."""
+    cfg = micro_config(tmp_path)
+    out = tmp_path / "div"
+    s = run_sweep(cfg, out, quiet=True, sizes="16x1", tokens="4k", lr_search="1e-2,1e4", jobs=jobs, threads=1)
+    search = {r["lr"]: r for r in rows(out / "lr_search.jsonl")}
+    assert search[1e4]["diverged"] and search[1e4]["loss"] == float("inf")
+    assert any("diverged" in w for w in search[1e4]["warnings"])
+    assert s["lr_search"]["d16-l1"]["lr"] == 1e-2 and s["n_runs"] == 1

@@ -63,7 +63,7 @@ from pathlib import Path
 import yaml
 
 from ..config import RunConfig, SweepConfig, apply_override, from_dict, save_config, section
-from ..errors import CheckpointError, ConfigError, DataError, PretrainerError
+from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, PretrainerError
 
 SWEEP_FILE = "sweep.jsonl"
 LR_SEARCH_FILE = "lr_search.jsonl"
@@ -243,6 +243,12 @@ def is_finished(run: Path, steps: int) -> bool:
     return any(r.get("step") == steps and "val_loss" in r for r in _metrics(run))
 
 
+def is_diverged(run: Path) -> bool:
+    """The run stopped on a divergence guard (``metrics.jsonl`` holds its ``diverged`` line): it is
+    over, with no loss to fit (a learning-rate candidate too large, typically)."""
+    return any(r.get("diverged") for r in _metrics(run)) if (Path(run) / "metrics.jsonl").is_file() else False
+
+
 def late_drop(train_curve: list[tuple[int, float]], steps: int) -> float | None:
     """Relative fall of the logged training loss over the last 20 % of the run: mean over steps in
     70-80 % of ``steps`` minus mean over 90-100 %, divided by the latter (None: too few points)."""
@@ -273,6 +279,9 @@ def record_for(spec: RunSpec, out: Path, train_tokens: int, converge_tol: float,
     rows = _metrics(run)
     val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    diverged = next((r for r in rows if r.get("diverged")), None)
+    if diverged is not None:  # no final loss: an infinite one loses every comparison, and fits leave it out
+        val = [*val, (diverged.get("tokens", 0), math.inf)]
     if not val:
         raise DataError(f"{run / 'metrics.jsonl'}: no validation loss (expected a finished run)")
     if wall_s is None:  # trained elsewhere (--print-commands)
@@ -285,6 +294,8 @@ def record_for(spec: RunSpec, out: Path, train_tokens: int, converge_tol: float,
     warnings = []
     if epochs > 1:
         warnings.append(f"repeats data: {epochs:.2f} passes over the {train_tokens:,} training tokens")
+    if diverged is not None:
+        warnings.append(f"diverged at step {diverged.get('step')} (lr {spec.lr:.3g}); left out of the fits")
     if drop is not None and drop > converge_tol:
         warnings.append(f"far from converged: training loss fell {drop:.1%} over the last 20% of steps "
                         f"(threshold {converge_tol:.0%})")
@@ -296,7 +307,8 @@ def record_for(spec: RunSpec, out: Path, train_tokens: int, converge_tol: float,
         "loss": val[-1][1], "final_val_loss": val[-1][1], "best_val_loss": min(v for _, v in val),
         "final_train_loss": train[-1][1] if train else None,
         "wall_s": round(wall_s, 2), "lr": spec.lr, "lr_rule": spec.lr_rule, "epochs": epochs,
-        "late_drop": drop, "warnings": warnings, "curve": [[t, v] for t, v in val],
+        "late_drop": drop, "warnings": warnings, "curve": [[t, v] for t, v in val if math.isfinite(v)],
+        **({"diverged": True} if diverged is not None else {}),
     }
     if spec.c_target is not None:
         rec["C_target"] = spec.c_target
@@ -563,7 +575,10 @@ def _train_in_process(spec: RunSpec) -> None:
     from ..train.checkpoint import list_checkpoints
     from ..train.trainer import train
 
-    train(copy.deepcopy(spec.cfg), resume=bool(list_checkpoints(spec.cfg.out)), quiet=True)
+    try:
+        train(copy.deepcopy(spec.cfg), resume=bool(list_checkpoints(spec.cfg.out)), quiet=True)
+    except DivergenceError:  # recorded in its metrics.jsonl; the sweep goes on
+        pass
 
 
 def _child(spec: RunSpec, out: Path, threads: int) -> subprocess.Popen:
@@ -589,7 +604,7 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
     for spec in specs:
         if spec.name in known:
             continue
-        if is_finished(Path(spec.cfg.out), spec.steps):  # trained elsewhere, or before a crash of the sweep
+        if is_finished(Path(spec.cfg.out), spec.steps) or is_diverged(Path(spec.cfg.out)):  # trained elsewhere, or before a crash of the sweep
             known[spec.name] = record_for(spec, out, train_tokens, opts["converge_tol"], None)
             _append_jsonl(file, known[spec.name])
         elif spec.name not in {p.name for p in pending}:
@@ -614,7 +629,7 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
     def finish(spec, t0):
         t0, resumed_at = t0
         wall = time.perf_counter() - t0
-        if not is_finished(Path(spec.cfg.out), spec.steps):
+        if not (is_finished(Path(spec.cfg.out), spec.steps) or is_diverged(Path(spec.cfg.out))):
             raise Interrupted(f"{spec.name} stopped before step {spec.steps}; run the same command again to resume "
                               f"(log: {out / 'logs' / (spec.name + '.log')} with --jobs > 1)")
         rec = record_for(spec, out, train_tokens, opts["converge_tol"], wall, resumed_at)
@@ -756,13 +771,14 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
     from .plan import plan
 
     out = Path(out)
-    records = sorted(records, key=lambda r: (r["N"], r["D"]))
+    diverged = [r["name"] for r in records if r.get("diverged")]
+    records = sorted((r for r in records if not r.get("diverged")), key=lambda r: (r["N"], r["D"]))
     # this sweep's rows only (sweep.jsonl may also hold runs of earlier settings)
     points = [{k: r[k] for k in ("N", "D", "C", "loss")} for r in records]
     n_boot = int(opts.get("bootstrap") or 200)
     summary: dict = {"out": str(out), "n_runs": len(records), "records": [
         {k: r.get(k) for k in SUMMARY_COLUMNS} for r in records]}
-    warnings = []
+    warnings = [f"diverged, left out of the fits: {', '.join(diverged)}"] if diverged else []
     kaplan = None
     try:
         kaplan = fit_kaplan(points, n_boot=n_boot, source=str(out))
