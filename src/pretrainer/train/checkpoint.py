@@ -164,7 +164,7 @@ def verify_checkpoint(path: Path) -> dict:
     of this format, its own checksum matches, its step is the folder's (``step_00001000``), and
     every file it lists is there with its size, SHA-256 and a readable safetensors header. Raises a
     one-line :class:`CheckpointError` naming the first thing that does not. Hashing reads every
-    byte (about a second per GB)."""
+    byte (1-2 s per GB on one CPU core)."""
     path = Path(path)
     state = path / "state.json"
     try:
