@@ -55,12 +55,12 @@ class RunLock:
     def acquire(self, rank: int = 0, world: int = 1) -> RunLock:
         """Take the lock (the first process of a job); raise :class:`RunLocked` on every process
         when another process holds it."""
-        error = None
+        error = None  # (held by another process?, the line to say)
         if rank == 0:
             try:
                 self._take()
             except PretrainerError as e:
-                error = str(e)
+                error = (isinstance(e, RunLocked), str(e))
         if world > 1:
             import torch.distributed as dist
 
@@ -68,7 +68,7 @@ class RunLock:
             dist.broadcast_object_list(box, src=0)
             error = box[0]
         if error:
-            raise RunLocked(error)
+            raise (RunLocked if error[0] else PretrainerError)(error[1])
         return self
 
     @property
