@@ -14,9 +14,10 @@ from .train.checkpoint import latest_checkpoint, load_weights, verify_checkpoint
 __all__ = ["build_model", "load", "load_with_tokenizer", "generate_samples", "find_run_files"]
 
 
-def find_run_files(path: str | Path, warn=lambda s: None) -> tuple[Path, Path]:
-    """``(config.yaml, checkpoint folder)`` for a run folder (newest intact checkpoint) or for one
-    checkpoint folder inside a run."""
+def find_run_files(path: str | Path, warn=None) -> tuple[Path, Path]:
+    """``(config.yaml, checkpoint folder)`` for a run folder (newest intact checkpoint; a broken
+    newer one is reported through ``warn``, by default on stderr) or for one checkpoint folder
+    inside a run (which must verify)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
@@ -30,10 +31,12 @@ def find_run_files(path: str | Path, warn=lambda s: None) -> tuple[Path, Path]:
                           f"or a Hugging Face folder (no config.json)")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", warn=lambda s: None,
+def load(path: str | Path, device: str | torch.device = "cpu", warn=None,
          fast_paths: bool | None = None) -> torch.nn.Module:
     """A model with its trained weights, from a run folder (newest intact checkpoint, sharded or
     not), one checkpoint folder, or a Hugging Face model folder (``config.json`` + safetensors).
+    Checkpoints are verified (sizes, SHA-256, headers); a broken newest one is skipped for the
+    newest intact one with a warning through ``warn`` (default: one line on stderr).
     ``fast_paths`` (default: on a CPU) swaps in :mod:`pretrainer.model.fast`'s layers."""
     from .model.fast import apply_fast_paths
 
@@ -53,7 +56,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", warn=lambda s: No
 
 
 def load_with_tokenizer(run: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None,
-                        warn=lambda s: None):
+                        warn=None):
     """``(model, tokenizer)`` of a run folder (its ``tokenizer/``), a checkpoint folder or a Hugging
     Face folder (its ``tokenizer.json``); ``overrides``: ``{role: token text}`` (see
     :func:`pretrainer.tokenization.load_tokenizer`)."""

@@ -234,7 +234,7 @@ def cmd_evaluate(args) -> None:
     from .api import find_run_files
     from . import load
 
-    config_file, _ = find_run_files(args.run)
+    config_file, _ = find_run_files(args.run, warn=lambda s: None)  # load() below says it once
     cfg = config_from_file(config_file)
     model = load(args.run, device=args.device, warn=lambda s: print(s, file=sys.stderr))
     data = args.data or cfg.data

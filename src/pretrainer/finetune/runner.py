@@ -30,8 +30,9 @@ import yaml
 from ..common import IGNORE
 from ..config import PRESETS, FinetuneConfig, TrainConfig
 from ..errors import ConfigError, DivergenceError
+from ..runlock import RunLock
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
-                                save_checkpoint)
+                                remove_failed_saves, save_checkpoint)
 from ..train.loop import DivergenceGuard, Env, StopFlag, TrainStep, optimizer_step, to_device
 from ..train.parallel import barrier, ddp
 from ..model.fast import apply_fast_paths, wants_fast_paths
@@ -156,8 +157,15 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     share of every batch (a DistributedDataParallel replica; the first process evaluates and
     writes). The training state is saved after every epoch and when the run is stopped (Ctrl-C,
     ``stop_at``) in ``OUT/resume/``; :func:`resume_finetune` continues from it, with the losses of a
-    run that never stopped.
+    run that never stopped. ``out`` is locked for the run's life (:mod:`pretrainer.runlock`): a
+    second writer is refused.
     """
+    with RunLock(out, "fine-tuning run") as lock:
+        return _finetune(source, task, train, out, eval, resume, stop_at, lock, options)
+
+
+def _finetune(source: str, task: str, train: str, out: str, eval: str | None, resume: bool,
+              stop_at: int | None, lock: RunLock, options: dict) -> dict:
     opts = FinetuneOptions(**options)
     opts.validate()
     run = Path(out)
@@ -168,6 +176,10 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     env = Env(TrainConfig(device=opts.device, compile="false"))
     device = env.device
     say = lambda text: _say(opts.quiet or not env.master, text)  # noqa: E731
+    lock.acquire(env.rank, env.world)  # from here on this job is the folder's only writer
+    if env.master:
+        for gone in remove_failed_saves(run) + remove_failed_saves(run / "resume"):
+            say(f"note: removed {gone}, left by a checkpoint save that did not finish")
 
     kw = dict(text_column=opts.text_column, text_pair_column=opts.text_pair_column, label_column=opts.label_column)
     if task == "qa":

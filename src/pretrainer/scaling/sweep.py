@@ -40,7 +40,8 @@ Resumable: a run whose folder holds a checkpoint at its last step and a final va
 finished and is not trained again; a run with earlier checkpoints resumes from the newest.
 ``print_commands`` writes each run's config under ``DIR/configs/`` and prints one
 ``pretrainer pretrain`` command per unfinished run instead of training; running the sweep again
-afterwards collects the finished runs.
+afterwards collects the finished runs. The sweep folder is locked while a sweep runs in it
+(:mod:`pretrainer.runlock`): a second sweep in the same folder is refused.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import yaml
 
 from ..config import RunConfig, SweepConfig, apply_override, from_dict, save_config, section
 from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, PretrainerError
+from ..runlock import RunLock
 
 SWEEP_FILE = "sweep.jsonl"
 LR_SEARCH_FILE = "lr_search.jsonl"
@@ -691,7 +693,12 @@ def run_sweep(config: str, out, overrides=(), print_commands: bool = False, quie
     parse_sizes(opts["sizes"], base.model)  # bad input fails before any data is prepared
     for key in ("tokens", "isoflop", "lr_search"):
         [parse_count(v, key) for v in _items(opts[key])]
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "sweep") as lock:  # one sweep per folder (its runs lock their own folders)
+        lock.acquire()
+        return _run_sweep(base, out, opts, print_commands, say)
+
+
+def _run_sweep(base: RunConfig, out: Path, opts: dict, print_commands: bool, say) -> dict:
     manifest = _prepare_data(base, out, opts, say)
     train_tokens = int(manifest["splits"]["train"]["tokens"])
     base.validate()

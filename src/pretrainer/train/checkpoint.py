@@ -2,7 +2,7 @@
 
 ``RUN/checkpoints/step_00001000/`` holds ``model.safetensors``, ``optimizer.safetensors``,
 ``rng.safetensors`` and ``state.json`` (step, data position, optimizer hyper-parameters, and the
-byte size of every file, so that a truncated checkpoint is recognised before anything is loaded).
+byte size and SHA-256 of every file, computed from the bytes as they were written).
 A run sharded with FSDP2 (``train.parallel=fsdp``) writes ``dcp/`` instead of the two weight
 files: model and optimizer state through ``torch.distributed.checkpoint`` (each process writes its
 own shards; no process gathers the model), and ``rng_rank{N}.safetensors`` per process. Either
@@ -10,27 +10,38 @@ kind resumes at any number of processes, sharded or not (:func:`restore`), and e
 weights (generation, export, fine-tuning) reads both (:func:`load_weights`).
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash leaves
-the previous one intact; nothing is ever unpickled.
+the previous one intact (the next start of the run removes the temporary folder:
+:func:`remove_failed_saves`); nothing is ever unpickled. Every reader verifies a checkpoint before
+using it (:func:`verify_checkpoint`): ``state.json`` must be a JSON object whose own checksum and
+step agree with its contents and its folder name, and every file must have its recorded size,
+SHA-256 and a readable safetensors header. :func:`latest_checkpoint` skips a checkpoint that fails
+(with a one-line warning naming it and why) for the newest one that passes. Checkpoints written
+before checksums existed are checked by size and header.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import warnings
 import shutil
+import struct
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 
 FORMAT = "pretrainer-checkpoint"
 STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"  # a save in progress (or one that never finished): .tmp-step_00001000[-PID]
+CHUNK = 1 << 20  # bytes hashed at a time
 
 
 def checkpoint_dir(run: str | Path, step: int) -> Path:
@@ -42,7 +53,8 @@ def list_checkpoints(run: str | Path) -> list[Path]:
     root = Path(run) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
@@ -50,19 +62,18 @@ def save_checkpoint(run: str | Path, model: torch.nn.Module, optimizer: torch.op
                     state: dict, keep: int = 2) -> Path:
     """Write a checkpoint for ``state["step"]`` atomically and keep the newest ``keep``."""
     final = checkpoint_dir(run, state["step"])
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    digests = {"model.safetensors": write_safetensors(model_tensors(model), tmp / "model.safetensors")}
     meta = dict(state, format=FORMAT, saved_at=time.time())
     if optimizer is not None:
         tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        digests["optimizer.safetensors"] = write_safetensors(tensors, tmp / "optimizer.safetensors")
         meta["optimizer"] = opt_meta
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
-    meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    digests["rng.safetensors"] = write_safetensors(_rng_state(), tmp / "rng.safetensors")
+    _write_state(tmp, meta, digests)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
         shutil.rmtree(final)
@@ -72,36 +83,180 @@ def save_checkpoint(run: str | Path, model: torch.nn.Module, optimizer: torch.op
     return final
 
 
+def remove_failed_saves(run: str | Path) -> list[Path]:
+    """Remove the temporary folders that saves which never finished (a kill, a full disk) left
+    under ``RUN/checkpoints``; called when a run starts, holding the run's lock, so no save is in
+    progress. Returns what was removed."""
+    root = Path(run) / "checkpoints"
+    gone = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return gone
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums: computed while writing, verified on every read
+
+
+#: safetensors' dtype names, in the order safetensors itself lays tensors out (last first)
+_DTYPES = [(torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch.float8_e5m2, "F8_E5M2"),
+           (torch.float8_e4m3fn, "F8_E4M3"), (torch.int16, "I16"), (torch.uint16, "U16"),
+           (torch.float16, "F16"), (torch.bfloat16, "BF16"), (torch.int32, "I32"), (torch.uint32, "U32"),
+           (torch.float32, "F32"), (torch.float64, "F64"), (torch.int64, "I64"), (torch.uint64, "U64")]
+_DTYPE_NAME = {d: name for d, name in _DTYPES}
+_DTYPE_RANK = {d: i for i, (d, _) in enumerate(_DTYPES)}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> tuple[int, str]:
+    """Write ``tensors`` as a safetensors file, byte for byte what ``safetensors.torch.save_file``
+    writes (an 8-byte header length, the JSON header padded to 8 bytes, the tensors' bytes, largest
+    dtypes first), streaming each tensor from its own memory; returns the file's size and the
+    SHA-256 of the bytes as they were written."""
+    items = sorted(((k, v.detach().cpu().contiguous()) for k, v in tensors.items()),
+                   key=lambda kv: (-_DTYPE_RANK[kv[1].dtype], kv[0]))
+    header, offset = {}, 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        def put(chunk) -> None:
+            f.write(chunk)
+            digest.update(chunk)
+
+        put(struct.pack("<Q", len(text)))
+        put(text)
+        for _, t in items:
+            data = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+            for i in range(0, len(data), CHUNK):
+                put(memoryview(data[i:i + CHUNK]))
+    return 8 + len(text) + offset, digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_digest(meta: dict) -> str:
+    """The checksum ``state.json`` carries of its own contents (every key but this one)."""
+    body = {k: v for k, v in meta.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_state(folder: Path, meta: dict, digests: dict[str, tuple[int, str]]) -> None:
+    """``state.json``: ``meta`` with each file's size (``files``) and SHA-256 (``sha256``), and
+    the checksum of all that (``state_sha256``)."""
+    meta = dict(meta, files={k: size for k, (size, _) in sorted(digests.items())},
+                sha256={k: sha for k, (_, sha) in sorted(digests.items())})
+    meta = json.loads(json.dumps(meta))  # what reading it back gives (tuples as lists, keys as text)
+    meta["state_sha256"] = _state_digest(meta)
+    (folder / "state.json").write_text(json.dumps(meta, indent=1))
+
+
 def verify_checkpoint(path: Path) -> dict:
-    """Read ``state.json`` and check every file is present with its recorded size."""
+    """``state.json`` of the checkpoint folder ``path``, once everything checks: it is a JSON object
+    of this format, its own checksum matches, its step is the folder's (``step_00001000``), and
+    every file it lists is there with its size, SHA-256 and a readable safetensors header. Raises a
+    one-line :class:`CheckpointError` naming the first thing that does not. Hashing reads every
+    byte (1-2 s per GB on one CPU core)."""
+    path = Path(path)
+    state = path / "state.json"
     try:
-        meta = json.loads((path / "state.json").read_text())
+        meta = json.loads(state.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no state.json (incomplete checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'state.json'}: not valid JSON ({e.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / 'state.json'}: not a pretrainer checkpoint")
-    for name, size in meta.get("files", {}).items():
+    except OSError as e:
+        raise CheckpointError(f"{state}: unreadable ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state}: not valid JSON ({getattr(e, 'msg', None) or e.reason})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{state}: not a pretrainer checkpoint")
+    if "state_sha256" in meta and meta["state_sha256"] != _state_digest(meta):
+        raise CheckpointError(f"{state}: its contents do not match their checksum (damaged)")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise CheckpointError(f"{state}: no step (expected an integer)")
+    name = path.name
+    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() and int(name[len(STEP_PREFIX):]) != step:
+        raise CheckpointError(f"{state}: step {step} disagrees with the folder name {name}")
+    files, sums = meta.get("files", {}), meta.get("sha256", {})
+    if not isinstance(files, dict) or not isinstance(sums, dict):
+        raise CheckpointError(f"{state}: 'files' and 'sha256' must map file names to sizes and checksums")
+    for name, size in files.items():
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {size} (truncated?)")
+        try:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, expected {size} (truncated?)")
+            if name.endswith(".safetensors"):
+                _check_safetensors_header(f)
+            if name in sums and sha256_file(f) != sums[name]:
+                raise CheckpointError(f"{f}: SHA-256 differs from the one recorded when it was written (damaged)")
+        except OSError as e:
+            raise CheckpointError(f"{f}: unreadable ({e.strerror or e})") from None
     return meta
 
 
-def latest_checkpoint(run: str | Path, warn=print) -> tuple[Path, dict]:
-    """The newest checkpoint that verifies; broken newer ones are reported through ``warn``."""
+def _check_safetensors_header(f: Path) -> None:
+    """The header of a safetensors file parses and its tensors fill the file exactly."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise CheckpointError(f"{f}: damaged safetensors header (length {n})")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise CheckpointError(f"{f}: damaged safetensors header (not a JSON table of tensors)") from None
+    if max(ends, default=0) != size - 8 - n:
+        raise CheckpointError(f"{f}: damaged safetensors header (its tensors do not fill the file)")
+
+
+def latest_checkpoint(run: str | Path, warn=None) -> tuple[Path, dict]:
+    """The newest checkpoint that verifies. Each broken newer one is reported through ``warn``
+    (default: one line on stderr) naming it, why, and the checkpoint used instead."""
+    warn = warn or _stderr
     found = list_checkpoints(run)
     if not found:
-        raise CheckpointError(f"{run}: no checkpoints under {Path(run) / 'checkpoints'}")
+        raise CheckpointError(f"{run}: no finished checkpoint under {Path(run) / 'checkpoints'}")
+    broken = []
     for path in reversed(found):
         try:
-            return path, verify_checkpoint(path)
+            meta = verify_checkpoint(path)
         except CheckpointError as e:
-            warn(f"warning: skipping broken checkpoint: {e}")
+            broken.append(str(e))
+            continue
+        for why in broken:
+            warn(f"warning: skipping broken checkpoint: {why}; using {path.name}")
+        return path, meta
+    for why in broken:
+        warn(f"warning: skipping broken checkpoint: {why}")
     raise CheckpointError(f"{run}: every checkpoint is broken (newest: {found[-1].name})")
+
+
+def resume_point(run: str | Path, warn=None) -> tuple[Path, dict]:
+    """:func:`latest_checkpoint` for ``--resume``: a run with no finished checkpoint (stopped before
+    its first save finished) is said to be one that starts again."""
+    if not list_checkpoints(run):
+        raise CheckpointError(f"{run}: nothing to resume (no finished checkpoint: the run stopped before "
+                              f"its first save); start it again without --resume: "
+                              f"pretrainer pretrain -c {Path(run) / 'config.yaml'}")
+    return latest_checkpoint(run, warn)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -222,32 +377,48 @@ def _barrier(world: int) -> None:
 def save_sharded_checkpoint(run: str | Path, model: torch.nn.Module, optimizer, state: dict,
                             rank: int, world: int, keep: int = 2) -> Path:
     """Every process writes its shards of the model and optimizer (``torch.distributed.checkpoint``)
-    and its RNG state into one temporary folder, then the first process records the file sizes,
-    checks it can see every process's files (several machines need a shared run folder) and renames
-    the folder into place. A crash (or SIGKILL) before the rename leaves the previous checkpoint."""
+    and its RNG state into one temporary folder, hashing each file as it writes it, and lists the
+    sizes and SHA-256 of its files in ``sha256_rank{N}.json``; then the first process checks it can
+    see every process's files (several machines need a shared run folder), merges the lists into
+    ``state.json`` and renames the folder into place. A crash (or SIGKILL) before the rename leaves
+    the previous checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = checkpoint_dir(run, state["step"])
-    tmp = final.parent / f".tmp-{final.name}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier(world)
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "dcp"))
-    save_file(_rng_state(), str(tmp / f"rng_rank{rank}.safetensors"))
+    written: dict[Path, tuple[int, str]] = {}
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "dcp"),
+             storage_writer=_hashing_dcp_writer(tmp / "dcp", written))
+    written[tmp / f"rng_rank{rank}.safetensors"] = write_safetensors(_rng_state(), tmp / f"rng_rank{rank}.safetensors")
+    mine = {str(p.relative_to(tmp)): list(v) for p, v in written.items()}
+    (tmp / f"sha256_rank{rank}.json").write_text(json.dumps(mine))
     _barrier(world)
     if rank == 0:
-        missing = [r for r in range(world) if not (tmp / f"rng_rank{r}.safetensors").is_file()]
+        missing = [r for r in range(world) if not (tmp / f"sha256_rank{r}.json").is_file()]
         if missing:
             raise CheckpointError(f"{tmp}: the files of process {missing[0]} are not visible here; "
                                   f"on several machines out= must be a folder that all of them share")
+        recorded = {}
+        for r in range(world):
+            manifest = tmp / f"sha256_rank{r}.json"
+            recorded.update(json.loads(manifest.read_text()))
+            manifest.unlink()
+        digests = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                name = str(p.relative_to(tmp))
+                size, sha = recorded.get(name, (None, None))
+                # a file written past the hashing stream (a change inside torch): hash it as it is
+                digests[name] = (size, sha) if size == p.stat().st_size else (p.stat().st_size, sha256_file(p))
         meta = dict(state, format=FORMAT, saved_at=time.time(), sharded=True, world_size=world)
-        meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                         if p.is_file()}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        _write_state(tmp, meta, digests)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -256,6 +427,65 @@ def save_sharded_checkpoint(run: str | Path, model: torch.nn.Module, optimizer, 
             shutil.rmtree(old, ignore_errors=True)
     _barrier(world)
     return final
+
+
+def _hashing_dcp_writer(path: Path, written: dict):
+    """A ``torch.distributed.checkpoint`` file-system writer that records the size and SHA-256 of
+    every file it writes into ``written`` (by path), from the bytes as they go out."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class HashingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, target, mode):
+            with super().create_stream(target, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                out = _HashingStream(stream)
+                yield out
+            written[Path(target)] = (out.size, out.digest.hexdigest())
+
+        def rename(self, src, dst) -> None:  # DCP writes .metadata.tmp, then renames it
+            super().rename(src, dst)
+            if Path(src) in written:
+                written[Path(dst)] = written.pop(Path(src))
+
+    writer = FileSystemWriter(path)
+    writer.fs = HashingFileSystem()
+    return writer
+
+
+class _HashingStream:
+    """A binary file being written, hashed on the way."""
+
+    def __init__(self, raw):
+        self.raw, self.size, self.digest = raw, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.size += len(view)
+        return self.raw.write(view)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
 
 
 def restore(path: Path, model: torch.nn.Module, optimizer, meta: dict, rank: int = 0,

@@ -49,7 +49,9 @@ from ..model.info import human, model_info
 from ..model.layers import router_stats
 from .objectives import Objective, get_objective
 from .parallel import parallel_mode, parallelize
-from .checkpoint import latest_checkpoint, restore, save_checkpoint, save_sharded_checkpoint
+from ..runlock import RunLock
+from .checkpoint import (latest_checkpoint, list_checkpoints, remove_failed_saves, restore, resume_point,
+                         save_checkpoint, save_sharded_checkpoint)
 from .loop import DivergenceGuard, Env, StopFlag, TrainStep, finite_weights, optimizer_step, to_device
 from .optim import lr_at, make_optimizer, set_lr
 
@@ -138,7 +140,13 @@ def prepare_run_config(cfg: RunConfig, split: TokenSplit) -> RunConfig:
 
 def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
     """Run (or resume) training; returns a summary dict. ``stop_at`` ends the run early after
-    checkpointing at that step, as a preemption would (used to test exact resume)."""
+    checkpointing at that step, as a preemption would (used to test exact resume). The run folder
+    is locked for the run's life (:mod:`pretrainer.runlock`): a second writer is refused."""
+    with RunLock(cfg.out, "run") as lock:
+        return _train(cfg, resume, stop_at, quiet, lock)
+
+
+def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock: RunLock) -> dict:
     run = Path(cfg.out)
     if resume and not (run / "config.yaml").is_file():
         shared = (" (under torchrun on several machines, out= must be a folder all of them share)"
@@ -161,8 +169,13 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     objective = get_objective(cfg)
     batches = objective.batches(train_split)
     step, samples = 0, 0
+    lock.acquire(env.rank, env.world)  # from here on this job is the folder's only writer
+    if env.master:
+        for gone in remove_failed_saves(run):
+            log.say(f"note: removed {gone}, left by a checkpoint save that did not finish")
     if resume:
-        ckpt, meta = latest_checkpoint(run, warn=log.say if env.master else (lambda s: None))
+        ckpt, meta = resume_point(run, warn=(lambda s: print(s, file=sys.stderr, flush=True))
+                                  if env.master else (lambda s: None))
         step, samples = meta["step"], meta["samples"]
         keep_global_batch(t, meta, env.world, log.say)
     global_batch = t.batch_size * t.grad_accum * env.world
@@ -194,7 +207,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
                 f"{', written by %d processes' % meta['world_size'] if meta.get('world_size', 1) != env.world else ''})")
         log.truncate_after(step)
     elif env.master:
-        if run.exists() and (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()):
+        if list_checkpoints(run):  # (a folder whose first save never finished holds none)
             raise ConfigError(f"out={run}: already holds a run; resume it with --resume {run} "
                               f"or choose another out")
         run.mkdir(parents=True, exist_ok=True)
@@ -274,7 +287,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
         log.write({**where, "diverged": True, "skipped_steps": guard.skipped})
         then = (f"the last good checkpoint is {ckpt}; lower train.lr (or raise train.warmup_steps) and "
                 f"continue with --resume {run}" if ckpt else "no checkpoint was written; start again "
-                f"with a lower train.lr (or a longer train.warmup_steps)")
+                "with a lower train.lr (or a longer train.warmup_steps)")
         raise DivergenceError(f"step {step}: {reason}; stopped: {then}")
 
     if step == 0 and val_split is not None:
@@ -441,7 +454,7 @@ def initial_model_config(source: str, data: str | None = None):
         model_cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
         tok_dirs = [p]
     else:
-        config_file, _ = find_run_files(p)
+        config_file, _ = find_run_files(p, warn=lambda s: None)  # load_initial_weights says it
         model_cfg = config_from_file(config_file).model
         tok_dirs = [config_file.parent / "tokenizer"]
     if data:
