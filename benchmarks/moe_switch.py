@@ -204,11 +204,11 @@ def plot(runs: dict, path: Path) -> None:
     for key, r in runs.items():
         steps, losses = zip(*r["val"][1:])
         ax.plot(steps, losses, marker="o", ms=3, color="C1" if r["model"] == "switch" else "C0",
-                ls="-" if r["seed"] == runs[key]["seed"] and r["seed"] % 2 == 0 else "--",
+                ls="-" if r["seed"] % 2 == 0 else "--",
                 label=f"{r['model']} (seed {r['seed']}, {r['params_active']:,} active)")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
-    ax.set_title("Switch (8 experts, top-1, every other layer) vs dense, equal active size")
+    ax.set_title("Switch (8 experts, top-1, every other layer) vs dense,\nequal active size", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
