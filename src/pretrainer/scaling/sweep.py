@@ -641,14 +641,18 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
             + "".join(f"\n        warning: {w}" for w in rec["warnings"]))
 
     if jobs <= 1:
-        if threads:
-            import torch
+        import torch
 
+        before = torch.get_num_threads()
+        if threads:
             torch.set_num_threads(int(threads))
-        for spec in pending:
-            t0 = start(spec)
-            _train_in_process(spec)
-            finish(spec, t0)
+        try:
+            for spec in pending:
+                t0 = start(spec)
+                _train_in_process(spec)
+                finish(spec, t0)
+        finally:  # the caller's setting again (a library call leaves the process as it found it)
+            torch.set_num_threads(before)
         return True
     running: list[tuple[RunSpec, subprocess.Popen, float]] = []
     queue = list(pending)
