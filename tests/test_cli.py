@@ -101,8 +101,8 @@ def test_generate_and_evaluate_on_a_tiny_run(tmp_path, synthetic_data):
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["val_loss"] > 0 and abs(res["val_ppl"] - 2.718281828 ** res["val_loss"]) < 1e-6 * res["val_ppl"]
-    one_line_error(run_cli("generate", str(run), "--no-repeat-ngram", "-1"), "--no-repeat-ngram -1")
-    one_line_error(run_cli("generate", str(run), "--beams", "0"), "--beams 0", "expected a positive width")
+    one_line_error(run_cli("generate", str(run), "--no-repeat-ngram", "-1"), "--no-repeat-ngram: -1: expected an integer >= 0")
+    one_line_error(run_cli("generate", str(run), "--beams", "0"), "--beams: 0: expected a positive integer")
 
 
 def test_kernel_fallback_is_one_warning_line(tmp_path, synthetic_data):

@@ -310,3 +310,43 @@ def test_every_process_skips_a_step_that_is_nan_on_one_of_them(synthetic_data, t
         assert "loss" not in two[3] and two[5]["skipped_steps"] == 1, mode
         for s in (1, 2, 4, 5):
             assert two[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-5), (mode, s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments and half-written metadata
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "RUN", "--max-new-tokens", "-1"], "--max-new-tokens: -1: expected an integer >= 0"),
+    (["generate", "RUN", "--temperature", "-0.5"], "--temperature: -0.5: expected a finite number >= 0"),
+    (["generate", "RUN", "--top-p", "1.5"], "--top-p: 1.5: expected a number in (0, 1]"),
+    (["generate", "RUN", "--num-samples", "0"], "--num-samples: 0: expected a positive integer"),
+    (["embed", "RUN", "--input", "x", "--max-len", "0"], "--max-len: 0: expected a positive integer"),
+    (["evaluate", "RUN", "--batch-size", "0"], "--batch-size: 0: expected a positive integer"),
+    (["info", "gpt2-small", "--seq-len", "-1"], "--seq-len: -1: expected a positive integer"),
+    (["pretrain", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["pretrain"], "data: missing"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    from pretrainer.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_last_metrics_line_cut_short_is_dropped_with_a_warning_on_resume(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_cfg(synthetic_data, out, max_steps=6), stop_at=4, quiet=True)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 4.1')  # the process died while writing this line
+    train(resume_config(str(out), []), resume=True, quiet=True)
+    assert "dropped a last line cut short" in capsys.readouterr().err
+    assert steps_of(out)[-1] == 6 and all(isinstance(r, dict) for r in records(out))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo\n{"step": 8}\n')  # damage before the last line is an error, not a guess
+    with pytest.raises(trainer.DataError, match=r"metrics.jsonl:\d+: not a JSON row"):
+        trainer.read_metrics(out / "metrics.jsonl")

@@ -393,10 +393,39 @@ def cmd_scaling_sweep(args) -> None:
 # Parser
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line (and a pointer to ``--help``) instead of the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, what=""):
+    """An argparse ``type`` that reads ``kind`` and checks a finite value against its range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+        if (value != value or value in (float("inf"), float("-inf"))
+                or (low is not None and (value <= low if low_open else value < low))
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"{text}: expected {what}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, what="a positive integer")
+COUNT = _number(int, 0, what="an integer >= 0")
+NONNEG = _number(float, 0.0, what="a finite number >= 0")
+PROBABILITY = _number(float, 0.0, 1.0, low_open=True, what="a number in (0, 1]")
+POSITIVE_FLOAT = _number(float, 0.0, low_open=True, what="a finite number > 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import SweepConfig
 
-    p = argparse.ArgumentParser(prog="pretrainer", description=(
+    p = OneLineParser(prog="pretrainer", description=(
         "Pretrain, fine-tune, prompt and scale Transformers. Start with 'pretrainer quickstart'."),
         epilog=EXIT_STATUSES)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -409,16 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
         "'pretrainer info llama2-7b --plan --devices 8 --device-memory 80GB'."))
     s.add_argument("model", help="preset name, e.g. gpt2-small, llama2-7b")
     s.add_argument("overrides", nargs="*", help="model field overrides, e.g. n_layer=6")
-    s.add_argument("--vocab-size", type=int, default=8192,
+    s.add_argument("--vocab-size", type=POSITIVE, default=8192,
                    help="vocabulary for presets that take it from the data (default 8192)")
-    s.add_argument("--seq-len", type=int, default=None,
+    s.add_argument("--seq-len", type=POSITIVE, default=None,
                    help="tokens per sequence, for the attention FLOPs and the plan (default: max_seq_len)")
     s.add_argument("--plan", action="store_true",
                    help="memory plan: model state, activations, fits yes/no and max micro-batch per device")
-    s.add_argument("--devices", type=int, default=1, help="--plan: number of devices (default 1)")
+    s.add_argument("--devices", type=POSITIVE, default=1, help="--plan: number of devices (default 1)")
     s.add_argument("--device-memory", default="80GB",
                    help="--plan: memory per device, e.g. 80GB, 24GiB, 40000MB (plain number = GB; default 80GB)")
-    s.add_argument("--micro-batch", type=int, default=None,
+    s.add_argument("--micro-batch", type=POSITIVE, default=None,
                    help="--plan: sequences per device (default: report the largest that fits)")
     s.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default=None,
                    help="--plan: only this mode (default: all three)")
@@ -478,14 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder, checkpoint folder or HF folder")
     s.add_argument("--prompt", default=None)
     s.add_argument("--input", help="file with one prompt (encoder-decoder: one source) per line")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--beams", type=int, default=1, help="beam search width (encoder-decoder runs; 1 = sample or greedy)")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+    s.add_argument("--max-new-tokens", type=COUNT, default=200)
+    s.add_argument("--beams", type=POSITIVE, default=1, help="beam search width (encoder-decoder runs; 1 = sample or greedy)")
+    s.add_argument("--temperature", type=NONNEG, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=POSITIVE, default=None)
+    s.add_argument("--top-p", type=PROBABILITY, default=None)
+    s.add_argument("--no-repeat-ngram", type=COUNT, default=0, metavar="N",
                    help="never repeat an n-gram of N tokens (0 = off; 3 is common for summaries)")
-    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--num-samples", type=POSITIVE, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     add_token_options(s, ("eos",))
@@ -499,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pooling", choices=["mean", "tokens"], default="mean",
                    help="mean over the text's tokens, or one vector per token")
     s.add_argument("--text-field", default="text")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--max-len", type=int, default=512, help="tokens per text (longer texts are cut)")
+    s.add_argument("--batch-size", type=POSITIVE, default=32)
+    s.add_argument("--max-len", type=POSITIVE, default=512, help="tokens per text (longer texts are cut)")
     s.add_argument("--device", default="cpu")
     add_token_options(s, ("eos", "pad"))
     s.add_argument("--json", action="store_true")
@@ -510,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--data", help="a prepared data folder (default: the run's)")
     s.add_argument("--split", default="val")
-    s.add_argument("--seq-len", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
+    s.add_argument("--seq-len", type=POSITIVE, default=None)
+    s.add_argument("--batch-size", type=POSITIVE, default=8)
+    s.add_argument("--max-batches", type=POSITIVE, default=None, help="default: the whole split")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate)
@@ -544,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = ssub.add_parser("plan", help="compute-optimal N and D for a compute budget",
                         description="PATH: a fit.json from 'scaling fit', or data to fit first (Chinchilla form).")
     t.add_argument("path", metavar="PATH|FIT.json")
-    t.add_argument("--compute", type=float, required=True, help="training FLOPs, e.g. 1e18")
+    t.add_argument("--compute", type=POSITIVE_FLOAT, required=True, help="training FLOPs, e.g. 1e18")
     t.add_argument("--form", choices=["kaplan", "chinchilla"], default=None, help="when PATH is data (default chinchilla)")
     t.add_argument("--out", help="folder for plan.png (default: the folder of PATH)")
     t.add_argument("--bootstrap", type=int, default=200)
@@ -570,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
     s.add_argument("--out", default="runs/quickstart")
-    s.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    s.add_argument("--minutes", type=POSITIVE_FLOAT, default=4.0, help="training time budget")
     s.add_argument("--corpus", default="builtin:stdlib")
     s.set_defaults(func=cmd_quickstart)
     return p

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
 from ..data.tokens import TokenSplit
-from ..errors import CheckpointError, ConfigError, DivergenceError
+from ..errors import CheckpointError, ConfigError, DataError, DivergenceError
 from ..model import make_model
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
@@ -62,6 +62,23 @@ MAX_ROLLBACKS = 3
 # Logging
 
 
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """The rows of a ``metrics.jsonl``. A last line cut short (a process killed while writing it)
+    is dropped, with a warning through ``warn``; a damaged line before the last is a DataError
+    naming the file and the line."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k < len(lines) - 1:
+                raise DataError(f"{path}:{i}: not a JSON row ({e.msg})") from None
+            if warn is not None:
+                warn(f"warning: {path}:{i}: dropped a last line cut short ({len(line)} characters)")
+    return rows
+
+
 class RunLog:
     """Progress on stderr and one JSON object per event in ``metrics.jsonl`` (master only)."""
 
@@ -73,10 +90,10 @@ class RunLog:
         """On resume, drop lines logged after the checkpoint we restart from."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [r for r in read_metrics(self.path, warn=lambda text: print(text, file=sys.stderr, flush=True))
+                if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
@@ -98,7 +115,7 @@ def plot_losses(run: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
@@ -142,6 +159,8 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     """Run (or resume) training; returns a summary dict. ``stop_at`` ends the run early after
     checkpointing at that step, as a preemption would (used to test exact resume). The run folder
     is locked for the run's life (:mod:`pretrainer.runlock`): a second writer is refused."""
+    if not (cfg.data and cfg.out):
+        cfg.validate()  # names what is missing, in one line, before anything touches a folder
     with RunLock(cfg.out, "run") as lock:
         return _train(cfg, resume, stop_at, quiet, lock)
 
