@@ -350,3 +350,19 @@ def test_a_last_metrics_line_cut_short_is_dropped_with_a_warning_on_resume(synth
         f.write('{"step": 7, "lo\n{"step": 8}\n')  # damage before the last line is an error, not a guess
     with pytest.raises(trainer.DataError, match=r"metrics.jsonl:\d+: not a JSON row"):
         trainer.read_metrics(out / "metrics.jsonl")
+
+
+def test_data_tokenized_by_another_tokenizer_is_refused_on_resume_and_evaluate(synthetic_data, span_data,
+                                                                              tmp_path, capsys):
+    """The manifest's tokenizer hash against the run's tokenizer: token ids of another tokenizer
+    would mean other words (the losses would be silently wrong)."""
+    from pretrainer.cli import main
+
+    out = tmp_path / "run"
+    train(tiny_cfg(synthetic_data, out, max_steps=4), stop_at=2, quiet=True)
+    with pytest.raises(ConfigError, match="tokenized with another tokenizer"):
+        train(resume_config(str(out), [f"data={span_data}"]), resume=True, quiet=True)
+    assert main(["evaluate", str(out), "--data", str(span_data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data=" in err[0] and "another tokenizer" in err[0], err
+    assert main(["evaluate", str(out), "--json", "--max-batches", "1"]) == 0  # its own data is fine

@@ -230,7 +230,7 @@ def cmd_evaluate(args) -> None:
     from .config import config_from_file
     from .data.tokens import TokenSplit
     from .train.objectives import get_objective
-    from .train.trainer import evaluate_split
+    from .train.trainer import check_same_tokenizer, evaluate_split
     from .api import find_run_files
     from . import load
 
@@ -238,6 +238,7 @@ def cmd_evaluate(args) -> None:
     cfg = config_from_file(config_file)
     model = load(args.run, device=args.device, warn=lambda s: print(s, file=sys.stderr))
     data = args.data or cfg.data
+    check_same_tokenizer(config_file.parent, data, "--data")
     split = TokenSplit(data, args.split)
     seq_len = args.seq_len or cfg.train.seq_len
     n_windows = (len(split) - 1) // seq_len

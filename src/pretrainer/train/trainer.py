@@ -174,6 +174,8 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
     if cfg.init_from and not resume:  # the source's architecture and sizes, its weights below
         cfg.model = initial_model_config(cfg.init_from, cfg.data)
     cfg.validate()
+    if resume:  # the data must speak the run's tokenizer (checked before its vocabulary size)
+        check_same_tokenizer(run, cfg.data, "data")
     env = Env(cfg.train)
     torch.manual_seed(cfg.train.seed)
     train_split = TokenSplit(cfg.data, "train")
@@ -486,6 +488,23 @@ def initial_model_config(source: str, data: str | None = None):
                 raise ConfigError(f"data={data} was tokenized with another tokenizer than init_from="
                                   f"{source}'s; prepare it with --tokenizer {d}")
     return model_cfg
+
+
+def check_same_tokenizer(run: Path, data: str | Path, what: str) -> None:
+    """A ConfigError when the data folder was tokenized with another tokenizer than the run was
+    trained with (the manifest's tokenizer hash against the run's ``tokenizer/``): token ids would
+    mean other words, and every number computed on them would be silently wrong."""
+    from ..data.prepare import load_manifest
+    from ..tokenization import load_tokenizer
+
+    tok_dir = Path(run) / "tokenizer"
+    want = load_manifest(Path(data))["tokenizer"].get("hash")
+    if not want or not (tok_dir / "tokenizer.json").is_file():
+        return
+    have = load_tokenizer(tok_dir).hash
+    if have != want:
+        raise ConfigError(f"{what}={data} was tokenized with another tokenizer (hash {want}) than the run "
+                          f"{run} (hash {have}); use data prepared with --tokenizer {tok_dir}")
 
 
 def load_initial_weights(model: torch.nn.Module, source: str, sharded: bool = False) -> None:
