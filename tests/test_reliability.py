@@ -366,3 +366,25 @@ def test_data_tokenized_by_another_tokenizer_is_refused_on_resume_and_evaluate(s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data=" in err[0] and "another tokenizer" in err[0], err
     assert main(["evaluate", str(out), "--json", "--max-batches", "1"]) == 0  # its own data is fine
+
+
+def test_out_must_be_absent_empty_or_of_the_same_kind(synthetic_data, tmp_path, capsys):
+    """A file, a data folder or someone's notes are never written into: one line, exit 2."""
+    from pretrainer.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    for argv, expected in [
+        (["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={tmp_path / 'a-file'}"], "is a file"),
+        (["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={synthetic_data}"], "holds other files"),
+        (["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={notes}"], "holds other files (todo.txt)"),
+        (["tokenizer", "train", "--corpus", "builtin:synthetic", "--kind", "char", "--out", str(notes)],
+         "expected an empty folder or a tokenizer folder"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    assert (tmp_path / "a-file").read_text() == "x"

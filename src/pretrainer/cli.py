@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import EXIT_PREEMPTED, KernelWarning, PretrainerError
+from .errors import EXIT_PREEMPTED, KernelWarning, PretrainerError, check_out_folder
 from .eval import cli as icl_cli
 from .finetune import cli as finetune_cli
 
@@ -85,6 +85,7 @@ def cmd_tokenizer_train(args) -> None:
     from .data.corpus import iter_documents
     from .tokenization import save_tokenizer, train_tokenizer
 
+    check_out_folder(args.out, "tokenizer", ("tokenizer.json",))
     texts = (text for _, text in iter_documents(args.corpus, text_field=args.text_field))
     tok = train_tokenizer(texts, args.kind, args.vocab_size, sentinels=args.sentinels)
     save_tokenizer(tok, args.out)
@@ -261,6 +262,7 @@ def cmd_export(args) -> None:
 
     model = load(args.run)
     tok_dir = Path(args.run) / "tokenizer"
+    check_out_folder(args.out, "Hugging Face model", ("config.json", "model.safetensors"))
     export_hf(model, args.out, tokenizer_dir=tok_dir if tok_dir.is_dir() else None)
     print(f"exported {args.run} to {args.out} (Hugging Face format)")
 

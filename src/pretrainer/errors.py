@@ -46,3 +46,20 @@ class DivergenceError(PretrainerError):
 class KernelWarning(UserWarning):
     """The fused CPU kernels (pretrainer.kernels) could not be built or loaded; PyTorch ops are
     used instead."""
+
+
+def check_out_folder(path, kind: str, markers: tuple[str, ...]) -> None:
+    """Refuse, in one line, an output path that is a file, or a folder holding files of something
+    else: ``out`` must be absent, empty, or already a ``kind`` folder (one holding any of
+    ``markers``), so that nothing foreign is overwritten or mixed in (a data folder, someone's notes)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"out={p}: is a file; expected a folder (absent, empty, or a {kind} folder)")
+    if not p.is_dir():
+        return
+    names = sorted(x.name for x in p.iterdir())
+    if names and not any(m in names for m in markers):
+        raise ConfigError(f"out={p}: holds other files ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); "
+                          f"expected an empty folder or a {kind} folder")

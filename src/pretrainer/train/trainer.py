@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
 from ..data.tokens import TokenSplit
-from ..errors import CheckpointError, ConfigError, DataError, DivergenceError
+from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, check_out_folder
 from ..model import make_model
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
@@ -155,12 +155,17 @@ def prepare_run_config(cfg: RunConfig, split: TokenSplit) -> RunConfig:
     return cfg
 
 
+#: What a run folder holds (any one makes a folder a run folder for ``out``).
+RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl", ".lock")
+
+
 def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
     """Run (or resume) training; returns a summary dict. ``stop_at`` ends the run early after
     checkpointing at that step, as a preemption would (used to test exact resume). The run folder
     is locked for the run's life (:mod:`pretrainer.runlock`): a second writer is refused."""
     if not (cfg.data and cfg.out):
         cfg.validate()  # names what is missing, in one line, before anything touches a folder
+    check_out_folder(cfg.out, "run", RUN_MARKERS)
     with RunLock(cfg.out, "run") as lock:
         return _train(cfg, resume, stop_at, quiet, lock)
 
