@@ -159,7 +159,7 @@ def test_parse_memory():
 
 def test_bad_plan_options_are_one_line_errors():
     for args, needle in ((["--device-memory", "eighty"], "--device-memory 'eighty'"),
-                         (["--devices", "0"], "--devices 0"),
+                         (["--devices", "0"], "--devices: 0: expected a positive integer"),
                          (["--seq-len", "100000"], "--seq-len 100000")):
         out = subprocess.run([sys.executable, "-m", "pretrainer", "info", "gpt2-small", "--plan", *args],
                              capture_output=True, text=True, timeout=120)
