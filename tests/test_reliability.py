@@ -388,3 +388,15 @@ def test_out_must_be_absent_empty_or_of_the_same_kind(synthetic_data, tmp_path, 
         assert len(err) == 1 and expected in err[0], err
     assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
     assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_a_config_yaml_cut_short_is_one_line_naming_the_file_and_line(synthetic_data, tmp_path, capsys):
+    from pretrainer.cli import main
+
+    out = tmp_path / "run"
+    train(tiny_cfg(synthetic_data, out, max_steps=2), quiet=True)
+    text = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(text[: len(text) // 2] + "\n  bad: [1,\n")
+    assert main(["pretrain", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out / 'config.yaml'} line " in err[0] and "not valid YAML" in err[0], err

@@ -608,15 +608,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     cfg = RunConfig()
     if path:
         file = _find_config_file(path)
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            at = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"{file}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file}: expected a mapping of config keys at the top level")
-        cfg = from_dict(raw, where=str(file))
+        cfg = from_dict(read_yaml(file), where=str(file))
     for item in overrides:
         apply_override(cfg, item)
     return cfg
@@ -793,9 +785,26 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; a ConfigError naming the file (and the line) when it cannot
+    be read, is not YAML (a file cut short, say) or is not a mapping."""
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{file}{at}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected a mapping of config keys at the top level")
+    return raw
+
+
 def config_from_file(path: str | Path) -> RunConfig:
     """Read a run folder's resolved ``config.yaml`` back (no preset re-resolution)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(path)
     cfg = RunConfig()
     model = raw.pop("model", {}) or {}
     cfg.model = ModelConfig()
