@@ -31,13 +31,20 @@ def setup(tmp_path):
                 lr=2e-3, max_len=16, seed=3, quiet=True, log_every=1, device="cpu")
 
 
-def test_a_stopped_fine_tuning_run_resumes_with_the_same_numbers(tmp_path):
+def test_a_stopped_fine_tuning_run_resumes_with_the_same_numbers(tmp_path, capsys):
+    from pretrainer.finetune.predict import Predictor
+
     kw = setup(tmp_path)
     whole = finetune(out=str(tmp_path / "whole"), **kw)
     stopped = finetune(out=str(tmp_path / "part"), stop_at=8, **kw)  # mid-epoch 2 (6 steps an epoch)
     assert stopped["stopped_at_step"] == 8
     assert not (tmp_path / "part" / "predictions.jsonl").exists()
+    capsys.readouterr()
+    Predictor(tmp_path / "part")  # predicting with an unfinished run works, and says so
+    assert "the fine-tuning did not finish" in capsys.readouterr().err
     resumed = resume_finetune(str(tmp_path / "part"), quiet=True)
+    Predictor(tmp_path / "part")
+    assert "did not finish" not in capsys.readouterr().err
     a, b = lines(tmp_path / "whole"), lines(tmp_path / "part")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     np.testing.assert_allclose([r.get("loss", r.get("accuracy")) for r in a],

@@ -10,6 +10,7 @@ prediction per input row: ``{"label", "probs"}`` (classification, labels by name
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -41,7 +42,11 @@ class Predictor:
         self.batch_size = batch_size
         cfg = ModelConfig(**self.settings["model"])
         self.model = self.task.build_model(make_model(cfg), self.settings["options"].get("dropout", 0.1))
-        ckpt, _ = latest_checkpoint(self.run)
+        ckpt, meta = latest_checkpoint(self.run)
+        if not self.settings.get("best"):  # a finished fine-tune records its selected checkpoint
+            print(f"warning: {self.run}: the fine-tuning did not finish; predicting with its newest "
+                  f"checkpoint ({ckpt.name}, epoch {meta.get('epoch', '?')}); finish it with "
+                  f"pretrainer finetune --resume {self.run}", file=sys.stderr, flush=True)
         load_weights(self.model, ckpt)
         self.model.to(self.device).eval()
         self.task.bind(self.tok)
