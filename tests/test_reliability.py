@@ -400,3 +400,15 @@ def test_a_config_yaml_cut_short_is_one_line_naming_the_file_and_line(synthetic_
     assert main(["pretrain", "--resume", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{out / 'config.yaml'} line " in err[0] and "not valid YAML" in err[0], err
+
+
+def test_finetune_refuses_an_out_with_foreign_files(tmp_path, capsys):
+    from pretrainer.finetune.runner import finetune
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"holds other files \(todo.txt\); expected an empty folder or a "
+                                          r"fine-tuning run folder"):
+        finetune("bert-tiny", "classification", "builtin:stdlib-package", str(notes), from_scratch=True)
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]

@@ -29,7 +29,7 @@ import yaml
 
 from ..common import IGNORE
 from ..config import PRESETS, FinetuneConfig, TrainConfig
-from ..errors import ConfigError, DivergenceError
+from ..errors import ConfigError, DivergenceError, check_out_folder
 from ..runlock import RunLock
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
                                 remove_failed_saves, save_checkpoint)
@@ -160,6 +160,7 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     run that never stopped. ``out`` is locked for the run's life (:mod:`pretrainer.runlock`): a
     second writer is refused.
     """
+    check_out_folder(out, "fine-tuning run", ("config.yaml", "checkpoints", "resume", "metrics.jsonl", ".lock"))
     with RunLock(out, "fine-tuning run") as lock:
         return _finetune(source, task, train, out, eval, resume, stop_at, lock, options)
 
