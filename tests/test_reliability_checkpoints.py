@@ -16,29 +16,21 @@ import pytest
 import torch
 
 from pretrainer import load
-from pretrainer.config import RunConfig, TrainConfig, model_preset
+from pretrainer.config import RunConfig
 from pretrainer.errors import CheckpointError
 from pretrainer.runlock import RunLock, RunLocked
 from pretrainer.train.checkpoint import (latest_checkpoint, list_checkpoints, sha256_file, verify_checkpoint,
                                          write_safetensors)
 from pretrainer.train.trainer import resume_config, train
+from test_train import logged, tiny_cfg as train_cfg
 
 HELPERS = Path(__file__).parent / "helpers"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def tiny_cfg(data, out, **train_kw) -> RunConfig:
-    model = model_preset("gpt-nano")
-    model.dropout = 0.1  # exact resume needs the RNG state too
-    kw = dict(max_steps=20, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=5, eval_every=10,
-              eval_batches=2, log_every=5, checkpoint_every=10, keep_checkpoints=5, plot=False)
-    kw.update(train_kw)
-    return RunConfig(model=model, data=str(data), out=str(out), train=TrainConfig(**kw))
-
-
-def logged(run: Path, key: str = "loss") -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r[key] for r in rows if key in r}
+    """test_train's run (gpt-nano with dropout, so exact resume needs the RNG state), 20 steps."""
+    return train_cfg(data, out, **{"max_steps": 20, **train_kw})
 
 
 def flip(path: Path, offset: int) -> None:

@@ -27,7 +27,7 @@ under a second on a laptop. Definitions:
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .layers import MoE
+from .layers import moe_layers
 
 
 def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
@@ -53,7 +53,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     non_emb = total - emb - pos - head
     # a mixture of experts: a token runs top_k of each MoE layer's experts; the rest are idle for it
     idle = sum((m.n_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
-               for m in model.modules() if isinstance(m, MoE))
+               for m in moe_layers(model))
     active = total - idle
     non_emb_active = non_emb - idle
     T = seq_len or cfg.max_seq_len
@@ -61,8 +61,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     if cfg.arch == "encoder-decoder":  # attention FLOPs: both stacks' self-attention, plus cross
         L = cfg.n_layer + 2 * cfg.decoder_layers
     # keys a query attends to, summed over the layers: T, or the window in a local layer
-    attended = T * L if cfg.arch != "decoder" else sum(
-        min(T, cfg.attention_window) if cfg.layer_kind(i) == "local" else T for i in range(L))
+    attended = sum(min(T, cfg.attention_window) if cfg.layer_kind(i) == "local" else T for i in range(L))
     matmul_params = non_emb_active + mlm_head + V * d
     stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1

@@ -469,10 +469,15 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """The sum of the MoE layers' auxiliary losses from the model's last forward pass (None for a
-    dense model): what an objective adds to its loss in a training step."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's mixture-of-experts layers (none for a dense model)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def moe_aux_loss(layers: list[MoE]) -> torch.Tensor | None:
+    """The sum of the MoE ``layers``' auxiliary losses from their last forward pass (None without
+    layers): what the training step adds to the objective's loss."""
+    losses = [m.aux_loss for m in layers if m.aux_loss is not None]
     return torch.stack(losses).sum() if losses else None
 
 
@@ -483,7 +488,7 @@ def router_stats(model: nn.Module, reset: bool = True, all_sum=None) -> dict | N
     averaged over layers; 1 is perfectly balanced), ``moe_dropped`` (the fraction of
     assignments over capacity) and ``moe_aux_loss`` (the weighted auxiliary losses of a pass, summed
     over layers, averaged over passes). ``all_sum(tensor)`` adds every process's counts first."""
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = moe_layers(model)
     if not layers or not layers[0].passes:
         return None
     load = torch.stack([m.load.double().cpu() for m in layers])  # [layers, experts]

@@ -219,17 +219,10 @@ def make_spec(base: RunConfig, out: Path, size: Size, steps: int, lr: float, lr_
 
 
 def _metrics(run: Path) -> list[dict]:
+    from ..train.trainer import read_metrics
+
     f = run / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    rows = []
-    for line in f.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-    return rows
+    return read_metrics(f) if f.is_file() else []  # (a last line cut by a crash is dropped)
 
 
 def is_finished(run: Path, steps: int) -> bool:
@@ -248,7 +241,7 @@ def is_finished(run: Path, steps: int) -> bool:
 def is_diverged(run: Path) -> bool:
     """The run stopped on a divergence guard (``metrics.jsonl`` holds its ``diverged`` line): it is
     over, with no loss to fit (a learning-rate candidate too large, typically)."""
-    return any(r.get("diverged") for r in _metrics(run)) if (Path(run) / "metrics.jsonl").is_file() else False
+    return any(r.get("diverged") for r in _metrics(Path(run)))
 
 
 def late_drop(train_curve: list[tuple[int, float]], steps: int) -> float | None:

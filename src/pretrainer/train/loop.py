@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..model.layers import moe_aux_loss
+from ..model.layers import moe_aux_loss, moe_layers
 
 
 #: Peak dense bf16 throughput (FLOP/s) of accelerators we know, for MFU.
@@ -139,13 +139,14 @@ class TrainStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, objective):
         super().__init__()
         self.model, self.objective = model, objective
+        self.moe = moe_layers(model)  # found once: a plain list, not submodules of this one
 
     def forward(self, batch: dict, fn=None):
         """The training loss of the batch, or ``fn(model, batch)`` (evaluation: ``eval_sums``)."""
         if fn is not None:
             return fn(self.model, batch)
         loss = self.objective.loss(self.model, batch)
-        aux = moe_aux_loss(self.model)
+        aux = moe_aux_loss(self.moe)
         return loss if aux is None else loss + aux.to(loss.dtype)
 
 
@@ -191,12 +192,12 @@ def optimizer_step(step_fn: torch.nn.Module, model: torch.nn.Module, optimizer, 
         step_loss += loss.detach().double() * share
     norm = grad_norm(model, grad_clip)
     summed = env.all_sum_tensor(torch.stack([step_loss, (~torch.isfinite(norm)).double()]))
-    loss, bad_norms = summed.tolist()  # the one host sync of a step
+    loss, bad_norms, norm = torch.cat([summed, norm.double().reshape(1)]).tolist()  # the step's one host sync
     skipped = not math.isfinite(loss) or bad_norms > 0
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, norm.item(), skipped)
+    return StepResult(loss, norm, skipped)
 
 
 def grad_norm(model: torch.nn.Module, clip: float = 0.0) -> torch.Tensor:
