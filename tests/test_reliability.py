@@ -370,13 +370,19 @@ def test_data_tokenized_by_another_tokenizer_is_refused_on_resume_and_evaluate(s
 
 def test_out_must_be_absent_empty_or_of_the_same_kind(synthetic_data, tmp_path, capsys):
     """A file, a data folder or someone's notes are never written into: one line, exit 2."""
+    from pretrainer import build_model
     from pretrainer.cli import main
+    from pretrainer.interop.hf import export_hf
 
     (tmp_path / "a-file").write_text("x")
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("keep me")
+    hf = export_hf(build_model("gpt-nano", vocab_size=50, max_seq_len=16), tmp_path / "hf")
     for argv, expected in [
+        (["import", str(hf), "--out", str(synthetic_data)], "holds other files (manifest.json"),
+        (["import", str(hf), "--out", str(notes)], "expected an empty folder or a run folder"),
+        (["import", str(hf), "--out", str(tmp_path / "a-file")], "is a file"),
         (["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={tmp_path / 'a-file'}"], "is a file"),
         (["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={synthetic_data}"], "holds other files"),
         (["pretrain", "model=gpt-nano", f"data={synthetic_data}", f"out={notes}"], "holds other files (todo.txt)"),
@@ -412,3 +418,27 @@ def test_finetune_refuses_an_out_with_foreign_files(tmp_path, capsys):
                                           r"fine-tuning run folder"):
         finetune("bert-tiny", "classification", "builtin:stdlib-package", str(notes), from_scratch=True)
     assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+
+def test_generate_reads_only_utf8_text_and_says_when_a_prompt_is_longer_than_the_context(synthetic_data, tmp_path,
+                                                                                         capsys):
+    from pretrainer import build_model
+    from pretrainer.cli import main
+    from pretrainer.interop.hf import export_hf, import_run
+
+    torch.manual_seed(0)
+    hf = export_hf(build_model("gpt-nano", vocab_size=320, max_seq_len=16), tmp_path / "hf",
+                   tokenizer_dir=synthetic_data / "tokenizer")
+    run = import_run(hf, tmp_path / "run")
+    (tmp_path / "binary.txt").write_bytes(b"ok\n\xff\xfe\x00")
+    for path, message in [(tmp_path / "absent.txt", "absent.txt: no such file"),
+                          (tmp_path, "is a folder; expected a text file"),
+                          (tmp_path / "binary.txt", "binary.txt: not UTF-8 text (byte 3)")]:
+        assert main(["generate", str(run), "--input", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    (tmp_path / "long.txt").write_text("the quick brown fox " * 20 + "\nshort\n")
+    assert main(["generate", str(run), "--input", str(tmp_path / "long.txt"), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: prompt 1 is" in err and "more than the model's context of 16; only its last 16" in err
+    assert "prompt 2" not in err

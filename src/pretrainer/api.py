@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -98,16 +99,23 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
         raise PretrainerError("--beams applies to encoder-decoder runs (T5, BART); sample or use "
                               "--temperature 0 for greedy decoding")
     out = []
-    for prompt in prompts:
+    context = getattr(model.cfg, "max_seq_len", None)
+    for n, prompt in enumerate(prompts, 1):
+        enc = tok.encode(prompt)
+        length = len(enc) + 1
+        if context and length > context:  # nothing is cropped without a word
+            print(f"warning: prompt {n} is {length} tokens, more than the model's context of {context}; "
+                  f"{'its first' if seq2seq else 'only its last'} {context} tokens are read",
+                  file=sys.stderr, flush=True)
         if seq2seq:
-            x = torch.tensor([tok.encode(prompt) + [eos]])
+            x = torch.tensor([enc[:context - 1 if context else None] + [eos]])
             y = model.generate(x, max_new_tokens, num_beams=beams, temperature=temperature,
                                top_k=top_k, top_p=top_p, eos_id=eos, generator=gen,
                                no_repeat_ngram_size=no_repeat_ngram)
             new = [i for i in y[0].tolist() if i not in (eos, pad)]
             out.append(tok.decode(new))
             continue
-        ids = [eos] + tok.encode(prompt)
+        ids = [eos] + enc
         x = torch.tensor([ids])
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_id=eos, generator=gen, no_repeat_ngram_size=no_repeat_ngram)

@@ -16,7 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import EXIT_PREEMPTED, KernelWarning, PretrainerError, check_out_folder
+from .errors import (EXIT_PREEMPTED, KernelWarning, PretrainerError, check_out_folder, os_error_of, storage,
+                     storage_error, write_atomic)
 from .eval import cli as icl_cli
 from .finetune import cli as finetune_cli
 
@@ -198,7 +199,9 @@ def cmd_generate(args) -> None:
     model, tok = _load_run_and_tokenizer(args.run, args.device, token_overrides(args))
     prompts = [args.prompt] if args.prompt is not None else []
     if args.input:
-        prompts += [line.rstrip("\n") for line in open(args.input) if line.strip()]
+        from .embed import read_texts
+
+        prompts += read_texts(args.input)  # one prompt per line (or JSONL rows with "text")
     if not prompts:
         prompts = [""]
     texts = generate_samples(model, tok, prompts * args.num_samples, args.max_new_tokens,
@@ -292,11 +295,10 @@ def cmd_scaling_fit(args) -> None:
 
     points, result = _scaling_fit_from(args.path, args.form, args.bootstrap, args.seed)
     out = Path(args.out) if args.out else (Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent)
-    out.mkdir(parents=True, exist_ok=True)
+    with storage(out, "create the folder"):
+        out.mkdir(parents=True, exist_ok=True)
     fit_json, fit_png = out / "fit.json", out / "fit.png"
-    tmp = fit_json.with_name(".fit.json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, fit_json)
+    write_atomic(fit_json, json.dumps(result, indent=2) + "\n")
     plot_fit(points, result, fit_png)
     if args.json:
         shown = {k: v for k, v in result.items() if k != "bootstrap"}
@@ -509,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="sample text from a trained run (or answer, for T5/BART)")
     s.add_argument("run", help="run folder, checkpoint folder or HF folder")
     s.add_argument("--prompt", default=None)
-    s.add_argument("--input", help="file with one prompt (encoder-decoder: one source) per line")
+    s.add_argument("--input", help="UTF-8 file with one prompt (encoder-decoder: one source) per line, "
+                   "or .jsonl rows with a 'text' field")
     s.add_argument("--max-new-tokens", type=COUNT, default=200)
     s.add_argument("--beams", type=POSITIVE, default=1, help="beam search width (encoder-decoder runs; 1 = sample or greedy)")
     s.add_argument("--temperature", type=NONNEG, default=0.8, help="0 = greedy")
@@ -641,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line unless --debug
         if args.debug:
             raise
+        if os_error_of(e) is not None:  # a full disk, a read-only folder ... not wrapped where it happened
+            print(f"error: {storage_error(os_error_of(e), doing='open')}", file=sys.stderr)
+            return 2
         print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:

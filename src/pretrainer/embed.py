@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError, PretrainerError
+from .errors import DataError, PretrainerError, storage
 
 
 def _inputs(model, tok, texts: list[str], max_len: int) -> list[list[int]]:
@@ -63,9 +63,18 @@ def embed_texts(model, tok, texts: list[str], pooling: str = "mean", batch_size:
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
     """Texts of a file: one per line, or the ``field`` of each JSONL row (``.jsonl``)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder; expected a text file (one text per line, or JSONL)")
     if not p.is_file():
         raise DataError(f"{p}: no such file")
-    lines = [line for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        if "\0" in text:  # valid UTF-8, but a binary file's
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start}); expected one text per line, or JSONL") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{p}: empty; expected one text per line (or JSONL rows with '{field}')")
     if p.suffix != ".jsonl":
@@ -87,14 +96,15 @@ def write_embeddings(path: str | Path, texts: list[str], vectors: list[np.ndarra
     per-token vectors as a list of lists); written to a temporary name and renamed."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp")
-    if p.suffix == ".npy":
-        if pooling != "mean":
-            raise PretrainerError(f"{p}: .npy holds one vector per text; use .jsonl for --pooling tokens")
-        with open(tmp, "wb") as f:
-            np.save(f, np.stack(vectors).astype(np.float32))
-    else:
-        with open(tmp, "w") as f:
-            for text, v in zip(texts, vectors):
-                f.write(json.dumps({"text": text, "embedding": np.round(v, 6).tolist()}) + "\n")
-    tmp.replace(p)
+    if p.suffix == ".npy" and pooling != "mean":
+        raise PretrainerError(f"{p}: .npy holds one vector per text; use .jsonl for --pooling tokens")
+    with storage(p, "write", cleanup=tmp):  # a full disk: one line, no temporary file left
+        if p.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, np.stack(vectors).astype(np.float32))
+        else:
+            with open(tmp, "w") as f:
+                for text, v in zip(texts, vectors):
+                    f.write(json.dumps({"text": text, "embedding": np.round(v, 6).tolist()}) + "\n")
+        tmp.replace(p)
     return p

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import PretrainerError
+from .errors import PretrainerError, storage_error
 
 try:
     import fcntl
@@ -85,8 +85,7 @@ class RunLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise PretrainerError(f"{self.path}: cannot create the lock file ({e.strerror}); "
-                                  f"is the folder writable?") from None
+            raise storage_error(e, self.path, "create the lock file") from None
         if fcntl is None:  # pragma: no cover
             self._fd = fd
             return
@@ -98,8 +97,12 @@ class RunLock:
             raise RunLocked(f"{self.folder}: in use by another {self.what} ({holder}); wait for it to end "
                             f"or stop it, or choose another folder") from None
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (record + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (record + "\n").encode(), 0)
+        except OSError as e:  # a full disk
+            os.close(fd)
+            raise storage_error(e, self.path, "write the lock file") from None
         self._fd = fd
 
     def release(self) -> None:

@@ -29,7 +29,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from pretrainer.errors import DataError
+from pretrainer.errors import DataError, writing_folder
 
 PAD, BOS, EOS, UNK, CLS, SEP, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<cls>", "<sep>", "<mask>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, CLS, SEP, MASK]  # ids 0..6 in every tokenizer we train
@@ -154,23 +154,24 @@ def save_tokenizer(tok: Tokenizer | "Tok", out_dir: str | Path) -> Path:
     """
     tok = tok if isinstance(tok, Tok) else Tok(tok)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.tok.save(str(out_dir / "tokenizer.json"))
-    specials = {f"{role}_token": tok.role_token(role) for role in ROLES if tok.role_id(role) is not None}
-    vocab = tok.tok.get_vocab(with_added_tokens=True)
-    sentinels = sorted((t for t in vocab if t.startswith("<extra_id_")), key=vocab.__getitem__)
-    if sentinels:
-        specials["additional_special_tokens"] = sentinels
-    kept = {k: v for k, v in tok.config.items() if not (k.endswith("_token") and k[:-6] in ROLES)}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
-        "model_max_length": 1_000_000_000,  # the model's context, not the tokenizer, sets the limit
-        **kept,
-        **specials,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+    with writing_folder(out_dir, "write the tokenizer"):  # a full disk: one line, nothing half-written
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tok.tok.save(str(out_dir / "tokenizer.json"))
+        specials = {f"{role}_token": tok.role_token(role) for role in ROLES if tok.role_id(role) is not None}
+        vocab = tok.tok.get_vocab(with_added_tokens=True)
+        sentinels = sorted((t for t in vocab if t.startswith("<extra_id_")), key=vocab.__getitem__)
+        if sentinels:
+            specials["additional_special_tokens"] = sentinels
+        kept = {k: v for k, v in tok.config.items() if not (k.endswith("_token") and k[:-6] in ROLES)}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
+            "model_max_length": 1_000_000_000,  # the model's context, not the tokenizer, sets the limit
+            **kept,
+            **specials,
+        }
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
     return out_dir
 
 

@@ -57,7 +57,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from pretrainer.data.corpus import iter_documents
-from pretrainer.errors import DataError
+from pretrainer.errors import DataError, PretrainerError, os_error_of, storage, storage_error
 from pretrainer.tokenization import Tok, load_tokenizer
 
 FORMAT, VERSION = "pretrainer-shards", 1
@@ -125,8 +125,9 @@ def prepare(
     eos_id = tok.need("eos", "to separate documents")
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-prepare-", dir=out.parent))
+    with storage(out, "write the data folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-prepare-", dir=out.parent))
     try:
         tok.save(tmp / "tokenizer")
         tokenizer_info = {"path": "tokenizer", "hash": tok.hash, "kind": tok.kind}
@@ -175,8 +176,11 @@ def prepare(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = os_error_of(e) if isinstance(e, Exception) and not isinstance(e, PretrainerError) else None
+        if err is not None:  # a full disk: one line naming out
+            raise storage_error(err, out, "write the data folder") from e
         raise
     log.summary(manifest)
     return manifest

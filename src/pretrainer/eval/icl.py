@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, storage, write_atomic
 from . import BUILTIN_TASKS, SCORINGS
 from .scoring import (
     encode_context,
@@ -285,7 +285,8 @@ def run_icl(models: Sequence[tuple[str, object, object]], task: Task, shots: Seq
 
 def write_outputs(result: dict, out: str | Path) -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with storage(out, "create the folder"):
+        out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", result["task"].removeprefix("builtin:")).strip("-") or "task"
     files = {"json": str(out / f"{stem}.json"), "png": str(out / f"{stem}.png")}
     curves = [{"label": Path(r["run"]).name or r["run"], "shots": r["shots"]} for r in result["runs"]]
@@ -293,9 +294,7 @@ def write_outputs(result: dict, out: str | Path) -> dict:
     if len(result["runs"]) > 1:
         files["params_png"] = str(out / f"{stem}-params.png")
         plot_params(result["runs"], files["params_png"], title=f"{result['task']} ({result['scoring']})")
-    tmp = out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps({**result, "files": files}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(files["json"])
+    write_atomic(files["json"], json.dumps({**result, "files": files}, indent=2) + "\n")
     return files
 
 

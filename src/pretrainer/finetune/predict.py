@@ -16,13 +16,13 @@ from pathlib import Path
 import yaml
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, storage, write_atomic
 from ..model import make_model
 from ..tokenization import load_tokenizer
 from ..train.checkpoint import latest_checkpoint, load_weights
 from .backbone import is_finetune_run
 from .heads import InputFormat
-from .runner import _device, write_atomic
+from .runner import _device
 from .tasks import task_from_state
 
 
@@ -96,7 +96,8 @@ def predict_file(run: str | Path, input_path: str, out: str | Path, device: str 
     predictor = Predictor(run, device=device)
     preds = predictor.predict_file(input_path)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with storage(out.parent, "create the folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     return {"run": str(run), "input": str(input_path), "out": str(out), "predictions": len(preds)}
 

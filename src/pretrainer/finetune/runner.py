@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 
 from ..common import IGNORE
 from ..config import PRESETS, FinetuneConfig, TrainConfig
-from ..errors import ConfigError, DivergenceError, check_out_folder
+from ..errors import ConfigError, DivergenceError, check_out_folder, storage, write_atomic
 from ..runlock import RunLock
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
                                 remove_failed_saves, save_checkpoint)
@@ -58,12 +57,6 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available; use --device cpu")
     return torch.device(name)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def resolve_eval(train: str, eval_source: str | None) -> str | None:
@@ -260,18 +253,19 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
                     if line.strip() and json.loads(line)["step"] <= step]
             write_atomic(metrics_path, "".join(line + "\n" for line in keep))
     elif env.master:
-        run.mkdir(parents=True, exist_ok=True)
+        with storage(run, "write the run folder"):
+            run.mkdir(parents=True, exist_ok=True)
         tok.save(run / "tokenizer")
         write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
         if the_task.labels is not None:
             write_atomic(run / "labels.json", json.dumps(the_task.labels, ensure_ascii=False, indent=1) + "\n")
-        metrics_path.write_text("")
+        write_atomic(metrics_path, "")
     barrier(env.world)
     guard = DivergenceGuard(tcfg.max_skipped_steps, state=meta if resume else None)  # no spike check
 
     def log(record: dict) -> None:
         if env.master:
-            with open(metrics_path, "a") as f:
+            with storage(metrics_path, "append to"), open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save_state(epoch: int, k: int) -> None:

@@ -54,7 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig, MoEConfig
-from ..errors import PretrainerError
+from ..errors import PretrainerError, check_out_folder, writing_folder
 from ..model import make_model
 from ..train.checkpoint import is_tied_copy
 
@@ -585,22 +585,26 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
         tok_files, ids = _tokenizer_export(Path(tokenizer_dir), model.cfg.vocab_size)
         config.update({k: v for k, v in ids.items() if k in config})
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     generation = {k: config[k] for k in (*DEFAULT_SPECIAL_IDS, "decoder_start_token_id") if k in config}
-    _write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    _write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    if model.cfg.arch != "encoder":
-        _write(out / "generation_config.json",
-               lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
-    for src in tok_files:
-        _write(out / src.name, lambda p: shutil.copyfile(src, p))
+    with writing_folder(out, "export"):  # a full disk: one line naming out, nothing half-written
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+        _write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+        if model.cfg.arch != "encoder":
+            _write(out / "generation_config.json",
+                   lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
+        for src in tok_files:
+            _write(out / src.name, lambda p: shutil.copyfile(src, p))
     return out
 
 
 def _write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _tokenizer_export(folder: Path, vocab_size: int) -> tuple[list[Path], dict]:
@@ -977,17 +981,19 @@ def import_run(hf_dir: str | Path, out: str | Path) -> Path:
     from ..train.checkpoint import list_checkpoints, save_checkpoint
 
     out = Path(out)
+    check_out_folder(out, "run", ("config.yaml", "checkpoints", "metrics.jsonl", ".lock"))  # never a data folder
     if list_checkpoints(out):
         raise PretrainerError(f"out={out}: already holds a run; choose another folder")
     model = import_hf(hf_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig(model=model.cfg, data=None, out=str(out), objective=default_objective(model.cfg.arch))
-    save_checkpoint(out, model, None, {"step": 0, "samples": 0, "tokens": 0,
-                                       "imported_from": str(Path(hf_dir).resolve())})
-    if (Path(hf_dir) / "tokenizer.json").is_file():
-        (out / "tokenizer").mkdir(exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(hf_dir) / name).is_file():
-                shutil.copy2(Path(hf_dir) / name, out / "tokenizer" / name)
-    save_config(cfg, out / "config.yaml")  # last: its presence marks a complete run folder
+    with writing_folder(out, "import into"):  # a full disk: one line naming out, nothing half-written
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out, model, None, {"step": 0, "samples": 0, "tokens": 0,
+                                           "imported_from": str(Path(hf_dir).resolve())})
+        if (Path(hf_dir) / "tokenizer.json").is_file():
+            (out / "tokenizer").mkdir(exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (Path(hf_dir) / name).is_file():
+                    shutil.copy2(Path(hf_dir) / name, out / "tokenizer" / name)
+        save_config(cfg, out / "config.yaml")  # last: its presence marks a complete run folder
     return out

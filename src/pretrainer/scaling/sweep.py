@@ -64,7 +64,7 @@ from pathlib import Path
 import yaml
 
 from ..config import RunConfig, SweepConfig, apply_override, from_dict, save_config, section
-from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, PretrainerError
+from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, PretrainerError, storage, write_atomic
 from ..runlock import RunLock
 
 SWEEP_FILE = "sweep.jsonl"
@@ -325,14 +325,8 @@ def _read_jsonl(path: Path) -> dict[str, dict]:
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
+    with storage(path, "append to"), open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -798,9 +792,9 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
     fit = fit or kaplan
     if fit is not None:
         fit.setdefault("source", str(out))
-        _write_atomic(out / "fit.json", json.dumps(fit, indent=2) + "\n")
+        write_atomic(out / "fit.json", json.dumps(fit, indent=2) + "\n")
     if kaplan is not None:
-        _write_atomic(out / "fit_kaplan.json", json.dumps(kaplan, indent=2) + "\n")
+        write_atomic(out / "fit_kaplan.json", json.dumps(kaplan, indent=2) + "\n")
     c_max = max(r["C"] for r in records) if records else 0
     compute = float(parse_count(opts["plan_compute"], "plan_compute")) if opts.get("plan_compute") else 10 * c_max
     the_plan = None
@@ -810,7 +804,7 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
         except PretrainerError as e:
             warnings.append(f"plan: {e}")
     if the_plan is not None:
-        _write_atomic(out / "plan.json", json.dumps(the_plan, indent=2) + "\n")
+        write_atomic(out / "plan.json", json.dumps(the_plan, indent=2) + "\n")
     se = sample_efficiency(records, opts.get("targets") and [parse_count(t, "targets") for t in _items(opts["targets"])])
     iso = isoflop_sets(records)
     if kaplan:
@@ -857,7 +851,7 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
     except ImportError as e:  # matplotlib missing
         warnings.append(f"no plots: {e}")
     summary["files"] = {k: str(v) for k, v in files.items() if v}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _write_csv(out / "summary.csv", summary["records"])
     return summary
 
@@ -872,9 +866,10 @@ def _frontier_points(records: list[dict], iso: list[dict]) -> list[tuple[float, 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in r.items()})
-    os.replace(tmp, path)
+    with storage(path, "write", cleanup=tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in r.items()})
+        os.replace(tmp, path)

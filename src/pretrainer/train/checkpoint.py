@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, storage
 
 FORMAT = "pretrainer-checkpoint"
 STEP_PREFIX = "step_"
@@ -65,19 +65,21 @@ def save_checkpoint(run: str | Path, model: torch.nn.Module, optimizer: torch.op
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    digests = {"model.safetensors": write_safetensors(model_tensors(model), tmp / "model.safetensors")}
-    meta = dict(state, format=FORMAT, saved_at=time.time())
-    if optimizer is not None:
-        tensors, opt_meta = _flatten_optimizer(optimizer)
-        digests["optimizer.safetensors"] = write_safetensors(tensors, tmp / "optimizer.safetensors")
-        meta["optimizer"] = opt_meta
-    digests["rng.safetensors"] = write_safetensors(_rng_state(), tmp / "rng.safetensors")
-    _write_state(tmp, meta, digests)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # a full disk or a read-only folder: one line naming the checkpoint, and no half-written folder
+    with storage(final, "save a checkpoint", cleanup=tmp):
+        tmp.mkdir(parents=True)
+        digests = {"model.safetensors": write_safetensors(model_tensors(model), tmp / "model.safetensors")}
+        meta = dict(state, format=FORMAT, saved_at=time.time())
+        if optimizer is not None:
+            tensors, opt_meta = _flatten_optimizer(optimizer)
+            digests["optimizer.safetensors"] = write_safetensors(tensors, tmp / "optimizer.safetensors")
+            meta["optimizer"] = opt_meta
+        digests["rng.safetensors"] = write_safetensors(_rng_state(), tmp / "rng.safetensors")
+        _write_state(tmp, meta, digests)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -394,11 +396,14 @@ def save_sharded_checkpoint(run: str | Path, model: torch.nn.Module, optimizer, 
     _barrier(world)
     msd, osd = get_state_dict(model, optimizer)
     written: dict[Path, tuple[int, str]] = {}
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "dcp"),
-             storage_writer=_hashing_dcp_writer(tmp / "dcp", written))
-    written[tmp / f"rng_rank{rank}.safetensors"] = write_safetensors(_rng_state(), tmp / f"rng_rank{rank}.safetensors")
-    mine = {str(p.relative_to(tmp)): list(v) for p, v in written.items()}
-    (tmp / f"sha256_rank{rank}.json").write_text(json.dumps(mine))
+    # the temporary folder of a failed save is removed when the run next starts (remove_failed_saves):
+    # here other processes may still be writing into it
+    with storage(final, "save a checkpoint"):
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / "dcp"),
+                 storage_writer=_hashing_dcp_writer(tmp / "dcp", written))
+        written[tmp / f"rng_rank{rank}.safetensors"] = write_safetensors(_rng_state(), tmp / f"rng_rank{rank}.safetensors")
+        mine = {str(p.relative_to(tmp)): list(v) for p, v in written.items()}
+        (tmp / f"sha256_rank{rank}.json").write_text(json.dumps(mine))
     _barrier(world)
     if rank == 0:
         missing = [r for r in range(world) if not (tmp / f"sha256_rank{r}.json").is_file()]
@@ -418,11 +423,12 @@ def save_sharded_checkpoint(run: str | Path, model: torch.nn.Module, optimizer, 
                 # a file written past the hashing stream (a change inside torch): hash it as it is
                 digests[name] = (size, sha) if size == p.stat().st_size else (p.stat().st_size, sha256_file(p))
         meta = dict(state, format=FORMAT, saved_at=time.time(), sharded=True, world_size=world)
-        _write_state(tmp, meta, digests)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with storage(final, "save a checkpoint", cleanup=tmp):  # every process has written by now
+            _write_state(tmp, meta, digests)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(world)

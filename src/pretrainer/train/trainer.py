@@ -42,7 +42,8 @@ import torch.distributed as dist
 from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
 from ..data.tokens import TokenSplit
-from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, check_out_folder
+from ..errors import (CheckpointError, ConfigError, DataError, DivergenceError, check_out_folder, os_error_of,
+                      storage)
 from ..model import make_model
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
@@ -93,12 +94,13 @@ class RunLog:
         keep = [r for r in read_metrics(self.path, warn=lambda text: print(text, file=sys.stderr, flush=True))
                 if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        with storage(self.path, "rewrite", cleanup=tmp):
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with storage(self.path, "append to"), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def say(self, text: str) -> None:
@@ -133,9 +135,17 @@ def plot_losses(run: Path) -> Path | None:
     fig.tight_layout()
     out = run / "loss.png"
     tmp = run / ".loss.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+    except Exception as e:  # noqa: BLE001 - a plot is not worth failing a finished run for
+        if os_error_of(e) is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        print(f"warning: {out}: not written ({os_error_of(e).strerror})", file=sys.stderr, flush=True)
+        return None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -236,12 +246,13 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         if list_checkpoints(run):  # (a folder whose first save never finished holds none)
             raise ConfigError(f"out={run}: already holds a run; resume it with --resume {run} "
                               f"or choose another out")
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
-        tok_src = Path(cfg.data) / "tokenizer"
-        if tok_src.is_dir():
-            shutil.copytree(tok_src, run / "tokenizer", dirs_exist_ok=True)
-        (run / "metrics.jsonl").write_text("")
+        with storage(run, "write the run folder"):
+            run.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run / "config.yaml")
+            tok_src = Path(cfg.data) / "tokenizer"
+            if tok_src.is_dir():
+                shutil.copytree(tok_src, run / "tokenizer", dirs_exist_ok=True)
+            (run / "metrics.jsonl").write_text("")
     if env.world > 1:
         dist.barrier()
         if not (run / "config.yaml").is_file():  # another machine's first process wrote it
