@@ -308,3 +308,33 @@ def test_t5_initialisation_shrinks_queries_only_for_unscaled_attention():
     w, w_scaled = t5.encoder.blocks[0].attn.qkv.weight, scaled.encoder.blocks[0].attn.qkv.weight
     torch.testing.assert_close(w[:q_rows] * 8.0, w_scaled[:q_rows])  # head_dim 64
     torch.testing.assert_close(w[q_rows:], w_scaled[q_rows:])
+
+
+def test_factorised_embeddings_are_d_embed_wide_and_projected_up():
+    """ALBERT's factorisation (Lan et al. 2020, section 3.1): V x E embeddings and an E x H map
+    instead of V x H; the MLM transform maps back to E for the tied output. The count differs from
+    BERT's by exactly those matrices, and the model still computes."""
+    import dataclasses
+
+    from pretrainer.config import model_preset
+    from pretrainer.errors import ConfigError
+    from pretrainer.model import make_model
+    from pretrainer.model.info import model_info
+
+    bert = model_preset("bert-tiny")
+    bert.vocab_size = 100
+    E, H, V, P, T = 32, bert.d_model, 100, bert.max_seq_len, bert.type_vocab_size
+    albert = dataclasses.replace(bert, d_embed=E)
+    albert.validate()
+    model = make_model(albert)
+    assert model.tok_emb.weight.shape == (V, E) and model.mlm.out.weight is model.tok_emb.weight
+    embeddings = lambda d: (V + P + T) * d + 2 * d  # tables and their norm
+    backbone = model_info(bert)["params"] - embeddings(H) + embeddings(E) + E * H + H  # + embed_proj
+    assert model_info(albert)["params"] == backbone  # info counts the backbone (no MLM head)
+    head = H * E + E + 2 * E + V  # the MLM transform, E wide, and the output bias
+    assert sum(p.numel() for p in model.parameters()) == backbone + head
+    assert model(torch.randint(0, V, (2, 9))).logits.shape == (2, 9, V)
+    for bad, message in [(dict(arch="decoder"), "applies to arch=encoder only"),
+                         (dict(mlm_head=False), "needs model.mlm_head=true")]:
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(albert, **bad).validate()

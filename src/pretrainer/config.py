@@ -69,6 +69,7 @@ class ModelConfig:
     d_model: int = 256
     d_ff: int | None = None  # None = 4 * d_model
     d_head: int | None = None  # None = d_model // n_head (T5 v1.1 small: 6 heads of 64 in 512)
+    d_embed: int | None = None  # encoder: factorised embeddings of this width, projected up to d_model (ALBERT, ELECTRA-small); None = d_model
     vocab_size: int | None = None  # None = taken from the data folder's tokenizer when training
     max_seq_len: int = 256
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -113,6 +114,11 @@ class ModelConfig:
         return self.d_ff or 4 * self.d_model
 
     @property
+    def embed_dim(self) -> int:
+        """Width of the token, position and segment embeddings (``d_embed``, else ``d_model``)."""
+        return self.d_embed or self.d_model
+
+    @property
     def head_dim(self) -> int:
         return self.d_head or self.d_model // self.n_head
 
@@ -143,7 +149,7 @@ class ModelConfig:
         _choice(where, "mlp", self.mlp, ["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh"])
         for name in ("n_layer", "n_head", "d_model", "max_seq_len", "rel_buckets", "rel_max_distance"):
             _positive(where, name, getattr(self, name))
-        for name in ("n_kv_heads", "d_ff", "vocab_size", "n_decoder_layer", "d_head"):
+        for name in ("n_kv_heads", "d_ff", "vocab_size", "n_decoder_layer", "d_head", "d_embed"):
             if getattr(self, name) is not None:
                 _positive(where, name, getattr(self, name))
         if self.d_head is None and self.d_model % self.n_head:
@@ -187,6 +193,13 @@ class ModelConfig:
         if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
             name = "type_vocab_size" if self.type_vocab_size else "pooler"
             raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=encoder only")
+        if self.embed_dim != self.d_model:
+            if self.arch != "encoder":
+                raise ConfigError(f"{where}.d_embed={self.d_embed} (factorised embeddings) applies to arch=encoder "
+                                  f"only (ALBERT, ELECTRA); leave it unset")
+            if not self.mlm_head:
+                raise ConfigError(f"{where}.d_embed={self.d_embed} needs {where}.mlm_head=true (its dense layer "
+                                  f"maps d_model back to d_embed for the tied output)")
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
         kinds = [p.strip() for p in self.attention_layers.split(",")]

@@ -124,6 +124,9 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm"):
         raise _no_equivalent("moe.n_experts", cfg.moe.n_experts,
                              "experts convert as Mixtral only: a rope, rmsnorm decoder")
+    if cfg.embed_dim != cfg.d_model:
+        raise _no_equivalent("d_embed", cfg.d_embed, "factorised embeddings convert as ALBERT or ELECTRA, "
+                                                     "not yet supported")
     if cfg.arch == "encoder":
         return _bert_family(cfg)
     if cfg.arch == "encoder-decoder":

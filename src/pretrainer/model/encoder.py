@@ -6,7 +6,7 @@
 :meth:`EncoderLM.pooled` is BERT's pooler on it). The masked-LM loss is the ``mlm`` objective's
 (:mod:`pretrainer.train.objectives`), which runs the head on the selected positions only.
 
-The MLM head is BERT's: ``dense(d, d)`` + activation + norm (``mlm_head``; left out, the hidden
+The MLM head is BERT's: ``dense(d, d)`` (``d_embed`` wide with factorised embeddings) + activation + norm (``mlm_head``; left out, the hidden
 states go straight to the output), then an output layer whose matrix is the token embedding
 (``tie_embeddings``) plus a bias per vocabulary entry.
 """
@@ -35,10 +35,11 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model) if cfg.mlm_head else None
+        E = cfg.embed_dim  # factorised embeddings (d_embed): the transform maps back to their width
+        self.dense = nn.Linear(cfg.d_model, E) if cfg.mlm_head else None
         self.act = activation(cfg.mlp)
-        self.norm = make_norm(cfg) if cfg.mlm_head else None
-        self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        self.norm = make_norm(cfg, E) if cfg.mlm_head else None
+        self.out = nn.Linear(E, cfg.vocab_size, bias=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:

@@ -39,10 +39,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over ``dim`` features (``d_model`` unless given)."""
+    dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,7 +557,9 @@ class Transformer(nn.Module):
 
     Token embedding ``tok_emb``; positions (``pos_emb``: learned, a fixed sinusoidal table, or
     rotary in every attention); segment embeddings ``type_emb`` when ``type_vocab_size`` > 0; a
-    norm on the summed embeddings when ``embed_norm`` (BERT); dropout; ``n_layer`` blocks, causal or
+    norm on the summed embeddings when ``embed_norm`` (BERT); dropout; with ``d_embed`` (factorised
+    embeddings, ALBERT and ELECTRA-small) the embeddings are ``d_embed`` wide and ``embed_proj`` maps
+    them up to ``d_model``; ``n_layer`` blocks, causal or
     bidirectional; a final norm for pre-norm stacks (post-norm blocks already end with one).
     With ``position="relative"`` a T5 bias (:class:`RelativeBias`) is added in every attention.
     An encoder-decoder's decoder stack has ``cross`` attention and shares the encoder's
@@ -569,13 +573,15 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size is not set (a preset with vocab from data needs it)")
         self.cfg = cfg
         self.causal = causal
-        self.tok_emb = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        E = cfg.embed_dim
+        self.tok_emb = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, E)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, E) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", torch.empty(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.register_buffer("pos_table", torch.empty(cfg.max_seq_len, E), persistent=False)
             self.reset_buffers()
-        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
-        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg, E) if cfg.embed_norm else None
+        self.embed_proj = nn.Linear(E, cfg.d_model) if E != cfg.d_model else None
         self.rotary = (Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
                        if cfg.position == "rope" else None)
         self.rel_bias = RelativeBias(cfg, bidirectional=not causal) if cfg.position == "relative" else None
@@ -591,7 +597,7 @@ class Transformer(nn.Module):
     def reset_buffers(self) -> None:
         """Compute the fixed sinusoidal table (again, after a ``meta``-device build is placed)."""
         if hasattr(self, "pos_table") and not self.pos_table.is_meta:
-            self.pos_table.copy_(sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model))
+            self.pos_table.copy_(sinusoidal_table(self.cfg.max_seq_len, self.cfg.embed_dim))
 
     def reset_parameters(self, materialise=None) -> None:
         """N(0, init_std) for matrices and embeddings, zero biases, unit norms; GPT-2 scales the
@@ -658,6 +664,8 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
         if self.rel_bias is not None:
             attn_mask = self.position_bias(start, T, attn_mask, x.dtype)
         for block in self.blocks:
