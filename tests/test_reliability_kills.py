@@ -1,7 +1,8 @@
 """Issue 20, check 1 (slow): 20 SIGKILLs, 15 at random moments of one run's life and 5 inside the
 first checkpoint save (each file half written, before state.json, before the rename). After every
 kill the folder is resumable (``--resume``, or a fresh start when no checkpoint survived), and
-every run ends with weights and logged losses bit for bit those of a run never killed.
+every run ends with weights and logged losses bit for bit those of a run never killed. And a
+fine-tune SIGKILLed after its first epoch resumes to the metrics of one never killed.
 
     pytest -m slow tests/test_reliability_kills.py
 """
@@ -117,3 +118,46 @@ def test_a_kill_inside_the_first_save_leaves_a_folder_that_restarts_bit_exact(sy
     assert [p.name.split("-")[1] for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
     finish(synthetic_data, run, SHORT)  # no checkpoint: a fresh start, which the folder accepts
     assert_same(run, short_reference, SHORT)
+
+
+def test_a_fine_tune_killed_after_its_first_epoch_resumes_to_the_same_metrics(tmp_path):
+    """Check 6: SIGKILL once epoch 1's training state is saved; ``finetune --resume`` ends with the
+    metrics (every logged loss and score) and predictions of a run never killed."""
+    from test_finetune import sentiment_tsv
+    from pretrainer.tokenization import Tok
+
+    train = sentiment_tsv(tmp_path / "train.tsv", 480, 1)
+    dev = sentiment_tsv(tmp_path / "dev.tsv", 64, 2)
+    texts = [line.split("\t")[0] for line in train.read_text().splitlines()[1:]]
+    Tok.train(texts, "wordpiece", 120).save(tmp_path / "tok")
+
+    def finetune(out: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pretrainer", "finetune", "bert-tiny", "--from-scratch", "--task", "classification",
+             "--train", str(train), "--eval", str(dev), "--tokenizer", str(tmp_path / "tok"), "--epochs", "3",
+             "--batch-size", "16", "--lr", "2e-3", "--max-len", "16", "--seed", "3", "--log-every", "1",
+             "--out", str(out), "--quiet"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    whole = finetune(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    part = finetune(tmp_path / "part")
+    while not list_checkpoints(tmp_path / "part" / "resume") and part.poll() is None:
+        time.sleep(0.01)
+    assert part.poll() is None, "the fine-tune finished before the kill; give it more data"
+    part.send_signal(signal.SIGKILL)
+    part.wait()
+    killed_at = json.loads((list_checkpoints(tmp_path / "part" / "resume")[-1] / "state.json").read_text())
+    assert killed_at["epoch"] <= 2
+    resumed = subprocess.run([sys.executable, "-m", "pretrainer", "finetune", "--resume", str(tmp_path / "part"),
+                              "--quiet"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    a, b = read(tmp_path / "whole"), read(tmp_path / "part")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float) and not k.endswith("_per_s"):  # speeds are the machine's
+                assert y[k] == pytest.approx(x[k], rel=1e-6), (x["step"], k)
+    pred = lambda run: (run / "predictions.jsonl").read_text()
+    assert pred(tmp_path / "part") == pred(tmp_path / "whole")
