@@ -6,10 +6,19 @@
 >>> model(input_ids).logits                             # [batch, seq, vocab]
 """
 
-from .api import build_model, load
+from ._version import __version__
 from .config import ModelConfig, RunConfig, TrainConfig, load_config
 from .errors import PretrainerError
 
-__version__ = "0.1.0"
 __all__ = ["build_model", "load", "load_config", "ModelConfig", "RunConfig", "TrainConfig",
            "PretrainerError", "__version__"]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use of a model, so that the command line (--help, prepare with a
+    # tokenizer folder, scaling fit) starts in a fraction of a second
+    if name in ("build_model", "load"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'pretrainer' has no attribute {name!r}")

@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ._version import __version__
 from .errors import (EXIT_PREEMPTED, KernelWarning, PretrainerError, check_out_folder, os_error_of, storage,
                      storage_error, write_atomic)
 from .eval import cli as icl_cli
@@ -434,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Pretrain, fine-tune, prompt and scale Transformers. Start with 'pretrainer quickstart'."),
         epilog=EXIT_STATUSES)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--version", action="version", version=f"pretrainer {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a model preset", description=(
