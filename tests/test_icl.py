@@ -304,6 +304,42 @@ def test_cli_icl_json(tiny_run, tmp_path, capsys):
     assert "1 shots" in text and "chance: 0.250" in text
 
 
+def test_lm_eval_from_its_own_command_line_equals_icl(tiny_run, tmp_path, monkeypatch, capsys):
+    """``pretrainer lm-eval`` is lm_eval's command line with the model 'pretrainer' registered: a
+    local multiple-choice task scores as ``icl`` scores the same rows (0 shots, summed log-probs)."""
+    pytest.importorskip("lm_eval")
+    from pretrainer.api import load_with_tokenizer
+
+    for var, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf"))):
+        monkeypatch.setenv(var, value)
+    rows = task_rows("lookup", 16, "test")
+    data = tmp_path / "lookup.jsonl"
+    data.write_text("".join(json.dumps({"question": r["input"], "choices": r["choices"],
+                                        "gold": r["choices"].index(r["target"])}) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "lookup_cli.yaml").write_text(
+        "task: lookup_cli\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}} =>\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\ntarget_delimiter: \" \"\n"
+        "metric_list:\n  - metric: acc\n")
+    out = tmp_path / "results"
+    assert main(["lm-eval", "--model", "pretrainer", "--model_args", f"run={tiny_run}", "--tasks", "lookup_cli",
+                 "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--output_path", str(out)]) == 0
+    written = json.loads(next(out.rglob("results_*.json")).read_text())
+    model, tok = load_with_tokenizer(str(tiny_run), "cpu")
+    task = Task(name="lookup", rows=rows, pool=[], scoring="choice")
+    expected = evaluate(model, tok, task, [0])["shots"]["0"]["accuracy_sum"]
+    assert written["results"]["lookup_cli"]["acc,none"] == pytest.approx(expected)
+
+
+def test_lm_eval_without_the_package_is_a_one_line_hint(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # as if lm-eval were not installed
+    assert main(["lm-eval", "--tasks", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: lm-eval is not installed; pip install 'pretrainer[eval]' (or lm-eval)"]
+
+
 def _one_line_error(capsys, argv, *needles):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

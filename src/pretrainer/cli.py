@@ -278,6 +278,25 @@ def cmd_import(args) -> None:
     print(f"imported {args.hf_dir} into run folder {args.out}")
 
 
+def cmd_lm_eval(args) -> int:
+    """lm-eval's command line in this process, after registering the ``pretrainer`` model."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise PretrainerError("lm-eval is not installed; pip install 'pretrainer[eval]' (or lm-eval)") from None
+    from .eval import lm_eval_adapter  # noqa: F401 - registers the model name 'pretrainer'
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    try:
+        cli_evaluate()
+    except SystemExit as e:  # lm_eval's --help and its own argument errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def cmd_quickstart(args) -> None:
     from .quickstart import quickstart
 
@@ -605,6 +624,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     icl_cli.register(sub)  # icl
 
+    s = sub.add_parser("lm-eval", help="run lm-evaluation-harness with pretrainer runs as models",
+                       description="lm-evaluation-harness's own command line (every lm_eval argument), with "
+                                   "the model 'pretrainer' registered: pretrainer lm-eval --model pretrainer "
+                                   "--model_args run=RUN --tasks TASK [--include_path DIR] [--device cpu] ... "
+                                   "Needs lm-eval: pip install 'pretrainer[eval]'.", add_help=False)
+    s.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval (its --help lists them)")
+    s.set_defaults(func=cmd_lm_eval)
+
     s = sub.add_parser("quickstart", help="prepare the embedded corpus, pretrain a small GPT, sample")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--minutes", type=POSITIVE_FLOAT, default=4.0, help="training time budget")
@@ -615,7 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "lm-eval":  # every later argument is lm_eval's own
+        args, extra = parser.parse_known_args(argv[:command + 1])
+        args.lm_eval_args = argv[command + 1:]
+    else:
+        args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (pretrain --quiet train.lr=1e-3)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
