@@ -393,6 +393,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 2
     plot: bool = True
+    loggers: str = "jsonl"  # metrics.jsonl always; add tensorboard and/or wandb: "jsonl,tensorboard"
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
@@ -420,6 +421,8 @@ class TrainConfig:
         _choice("train", "parallel", self.parallel, ["auto", "ddp", "fsdp"])
         _choice("train", "activation_checkpointing", self.activation_checkpointing,
                 ["none", "full", "selective"])
+        for name in str(self.loggers).split(","):
+            _choice("train", "loggers", name.strip(), ["jsonl", "tensorboard", "wandb"])
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device='{self.device}': expected auto, cpu, cuda, cuda:N or mps")
 
@@ -532,6 +535,8 @@ class FinetuneConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
     quiet: bool = option(False, "no progress lines")
     log_every: int | None = option(None, "steps between progress lines (default: about 5 per epoch)")
+    loggers: str = option("jsonl", "metrics.jsonl always; add tensorboard and/or wandb: jsonl,tensorboard "
+                                   "(RUN/tensorboard, RUN/wandb)")
     # text2text (encoder-decoder) only
     input_column: str | None = option(None, "text2text: default input, source or text", group="text2text")
     target_column: str | None = option(None, "text2text: default target, summary or output", group="text2text")
@@ -549,6 +554,10 @@ class FinetuneConfig:
     def validate(self) -> None:
         if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
             raise ConfigError(f"--no-repeat-ngram {self.no_repeat_ngram}: expected 0 (off) or a positive integer")
+        for name in str(self.loggers).split(","):
+            if name.strip() not in ("jsonl", "tensorboard", "wandb"):
+                raise ConfigError(f"--loggers {self.loggers}: unknown logger '{name.strip()}'; expected a "
+                                  f"comma-separated list of jsonl, tensorboard, wandb")
         for name in ("epochs", "batch_size", "grad_accum", "max_len", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -712,6 +721,8 @@ def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
         elif t is str:
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 return str(value)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):  # [a, b]: "a,b"
+                return ",".join(value)
             if isinstance(value, bool):  # YAML reads "true" as a bool; keep its text for str fields
                 return str(value).lower()
         elif dataclasses.is_dataclass(t):

@@ -29,6 +29,7 @@ import yaml
 from ..common import IGNORE
 from ..config import PRESETS, FinetuneConfig, TrainConfig
 from ..errors import ConfigError, DivergenceError, check_out_folder, storage, write_atomic
+from ..train.tracking import Trackers, check_installed, parse_loggers
 from ..runlock import RunLock
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
                                 remove_failed_saves, save_checkpoint)
@@ -162,6 +163,7 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
               stop_at: int | None, lock: RunLock, options: dict) -> dict:
     opts = FinetuneOptions(**options)
     opts.validate()
+    check_installed(parse_loggers(opts.loggers, "--loggers"), "--loggers")
     run = Path(out)
     if not resume and list_checkpoints(run):
         raise ConfigError(f"--out {run}: already holds a fine-tuning or training run; choose another folder")
@@ -262,11 +264,14 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
         write_atomic(metrics_path, "")
     barrier(env.world)
     guard = DivergenceGuard(tcfg.max_skipped_steps, state=meta if resume else None)  # no spike check
+    trackers = Trackers(run, parse_loggers(opts.loggers, "--loggers"), settings, step if resume else None,
+                        enabled=env.master)
 
     def log(record: dict) -> None:
         if env.master:
             with storage(metrics_path, "append to"), open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            trackers.log(record)
 
     def save_state(epoch: int, k: int) -> None:
         """What resuming needs: weights, optimizer, RNG, and where the loop stands."""
@@ -377,6 +382,7 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
                 stopped = not early_stop
                 break
 
+    trackers.close()
     if stopped:
         say(f"stopped at step {step}; continue with: pretrainer finetune --resume {run}")
         return {"run": str(run), "task": task, "stopped_at_step": step, "epoch": epoch,

@@ -55,6 +55,7 @@ from .checkpoint import (latest_checkpoint, list_checkpoints, remove_failed_save
                          save_checkpoint, save_sharded_checkpoint)
 from .loop import DivergenceGuard, Env, StopFlag, TrainStep, finite_weights, optimizer_step, to_device
 from .optim import lr_at, make_optimizer, set_lr
+from .tracking import Trackers, check_installed, parse_loggers
 
 #: ``train.on_spike=rollback``: rollbacks to the last checkpoint before a divergence stops the run
 MAX_ROLLBACKS = 3
@@ -86,6 +87,17 @@ class RunLog:
     def __init__(self, run: Path, enabled: bool, quiet: bool = False):
         self.path = run / "metrics.jsonl"
         self.enabled, self.quiet = enabled, quiet
+        self.trackers = None
+
+    def track(self, loggers: str, config: dict, resume_step: int | None) -> None:
+        """Send every line's scalars to the loggers ``train.loggers`` names besides jsonl."""
+        if self.enabled:
+            self.trackers = Trackers(self.path.parent, parse_loggers(loggers), config, resume_step)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint we restart from."""
@@ -102,6 +114,8 @@ class RunLog:
         if self.enabled:
             with storage(self.path, "append to"), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def say(self, text: str) -> None:
         if self.enabled and not self.quiet:
@@ -189,6 +203,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
     if cfg.init_from and not resume:  # the source's architecture and sizes, its weights below
         cfg.model = initial_model_config(cfg.init_from, cfg.data)
     cfg.validate()
+    check_installed(parse_loggers(cfg.train.loggers))  # a missing tensorboard or wandb: before any work
     if resume:  # the data must speak the run's tokenizer (checked before its vocabulary size)
         check_same_tokenizer(run, cfg.data, "data")
     env = Env(cfg.train)
@@ -258,6 +273,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         if not (run / "config.yaml").is_file():  # another machine's first process wrote it
             raise CheckpointError(f"{run}: process {env.rank} cannot see the run folder that process 0 "
                                   f"wrote; on several machines out= must be a folder all of them share")
+    log.track(t.loggers, cfg.to_dict(), step if resume else None)
 
     info = model_info(cfg.model, t.seq_len)
     flops_per_step = info["flops_per_token"] * tokens_per_step
@@ -417,6 +433,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 log.say(f"stopped at step {step}; continue with: pretrainer pretrain --resume {run}")
                 preempted = signalled
                 break
+    log.close()
     if t.plot and env.master:
         plot_losses(run)
     return {"run": str(run), "step": step, "val_loss": last_val,
