@@ -483,11 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = s.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a BPE, WordPiece, Unigram or character tokenizer")
-    t.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, builtin:stdlib or builtin:synthetic")
+    t.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, builtin:stdlib or builtin:synthetic")
     t.add_argument("--kind", choices=["bpe", "wordpiece", "unigram", "char"], default="bpe")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--sentinels", type=int, default=0, help="T5 sentinel tokens to reserve")
-    t.add_argument("--text-field", default="text", help="field/column with the text in JSONL/Parquet")
+    t.add_argument("--text-field", default="text", help="field/column with the text in JSONL/Parquet/datasets")
     t.add_argument("--out", required=True)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer's special tokens are read by role from its tokenizer_config.json / "
         "special_tokens_map.json (or known spellings in a bare tokenizer.json), and the manifest's "
         "special_ids records them. A tokenizer with no end-of-text token needs --eos-token TEXT."))
-    s.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, builtin:stdlib or builtin:synthetic")
+    s.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, builtin:stdlib or builtin:synthetic")
     s.add_argument("--tokenizer", required=True,
                    help="a tokenizer folder or tokenizer.json (ours or a Hugging Face one: its special tokens "
                         "are read by role from tokenizer_config.json), 'char', or KIND:SIZE to train one "

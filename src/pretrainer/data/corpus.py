@@ -9,6 +9,9 @@ A corpus spec is one of:
   file that starts with ``[`` is read as one array of such objects);
 - ``*.csv``: a header row and the text in column ``text_field``;
 - ``*.parquet``: the text in column ``text_field`` (needs ``pyarrow``);
+- a Hugging Face ``datasets`` folder written by ``save_to_disk`` (a ``DatasetDict``'s ``train``
+  split), or its ``*.arrow`` files, the text in column ``text_field`` (needs ``datasets``); a
+  ``datasets.Dataset`` or ``IterableDataset`` object passed to :func:`pretrainer.data.prepare.prepare`;
 - a folder: every non-hidden file below it, recursively, in sorted path order; files that are not
   UTF-8 text (NUL bytes or invalid UTF-8) are skipped;
 - a glob pattern such as ``data/*.txt`` or ``data/**/*.md``, in sorted order;
@@ -63,7 +66,10 @@ def iter_documents(src: str, text_field: str = "text", doc_separator: str | None
     """
     if doc_separator == "":
         raise DataError("doc_separator: expected a non-empty string or None")
-    if src.startswith("builtin:"):
+    if is_dataset(src):
+        docs = _from_dataset(src, text_field, dataset_label(src))
+        src = dataset_label(src)
+    elif src.startswith("builtin:"):
         docs = _builtin(src)
     else:
         docs = _from_paths(src, text_field, doc_separator)
@@ -72,6 +78,67 @@ def iter_documents(src: str, text_field: str = "text", doc_separator: str | None
         yield doc
     if n == 0:
         raise DataError(f"corpus '{src}': no text found (0 documents)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def is_dataset(obj) -> bool:
+    """Whether ``obj`` is a ``datasets.Dataset`` or ``IterableDataset`` (without importing datasets)."""
+    return type(obj).__module__.startswith("datasets.") and type(obj).__name__ in ("Dataset", "IterableDataset")
+
+
+def dataset_label(ds) -> str:
+    """How a dataset object is named in messages and in the manifest's ``sources``."""
+    size = f"{len(ds):,} rows" if type(ds).__name__ == "Dataset" else "streamed"
+    finger = getattr(ds, "_fingerprint", None)
+    return f"datasets.{type(ds).__name__}({size}{', fingerprint ' + finger if finger else ''})"
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder that ``datasets``' ``save_to_disk`` wrote (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file()
+                              or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()))
+
+
+def load_dataset_folder(path: Path, split: str = "train"):
+    """The Dataset of a ``save_to_disk`` folder (a DatasetDict's ``split``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: a Hugging Face datasets folder; reading it needs datasets "
+                        f"(pip install 'pretrainer[datasets]')") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid ...
+        raise DataError(f"{path}: not a readable datasets folder ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: a DatasetDict without a '{split}' split (splits: {', '.join(ds)}); "
+                            f"name the split's folder ({path / next(iter(ds), 'SPLIT')})")
+        ds = ds[split]
+    return ds
+
+
+def _from_dataset(ds, text_field: str, where: str) -> Iterator[tuple[str, str]]:
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise DataError(f"{where}: no column '{text_field}' (columns: {', '.join(columns)}); "
+                        f"name the text column with --text-field")
+    rows = ds.iter(batch_size=1024) if hasattr(ds, "iter") and type(ds).__name__ == "Dataset" else None
+    if rows is not None:
+        for batch in rows:
+            for text in batch[text_field]:
+                if isinstance(text, str) and text.strip():
+                    yield where, text
+        return
+    for i, row in enumerate(ds):  # an IterableDataset: row by row
+        text = row.get(text_field)
+        if text is None and columns is None:
+            raise DataError(f"{where} row {i}: no column '{text_field}' (columns: {', '.join(row)})")
+        if isinstance(text, str) and text.strip():
+            yield where, text
 
 
 def _builtin(src: str) -> Iterator[tuple[str, str]]:
@@ -117,6 +184,9 @@ def _from_paths(src: str, text_field: str, doc_separator: str | None) -> Iterato
     if path.is_file():
         yield from _read_file(path, text_field, doc_separator, strict=True)
         return
+    if is_dataset_folder(path):
+        yield from _from_dataset(load_dataset_folder(path), text_field, str(path))
+        return
     if path.is_dir():
         files = _walk(path)
     elif any(c in src for c in "*?["):
@@ -156,6 +226,8 @@ def _read_file(path: Path, text_field: str, doc_separator: str | None, strict: b
         rows = _read_csv(path, text_field)
     elif suffix == ".parquet":
         rows = _read_parquet(path, text_field)
+    elif suffix == ".arrow":
+        rows = (text for _, text in _from_dataset(_arrow_file(path), text_field, str(path)))
     else:
         try:
             yield from _read_text(path, doc_separator)
@@ -257,6 +329,18 @@ def _read_csv(path: Path, text_field: str) -> Iterator[str]:
                 yield row[text_field] or ""
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a read block)") from None
+
+
+def _arrow_file(path: Path):
+    """A ``datasets`` Arrow file (one shard of a ``save_to_disk`` folder), memory-mapped."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading Arrow files needs datasets (pip install 'pretrainer[datasets]')") from None
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable Arrow file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

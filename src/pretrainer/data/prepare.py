@@ -56,7 +56,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pretrainer.data.corpus import iter_documents
+from pretrainer.data.corpus import dataset_label, is_dataset, iter_documents
 from pretrainer.errors import DataError, PretrainerError, os_error_of, storage, storage_error
 from pretrainer.tokenization import Tok, load_tokenizer
 
@@ -71,7 +71,7 @@ _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # a newline between two non-space ch
 
 
 def prepare(
-    corpus: str | Sequence[str],
+    corpus: "str | Sequence[str] | datasets.Dataset | datasets.IterableDataset",
     tokenizer: str,
     out: str | Path,
     *,
@@ -88,7 +88,8 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Tokenise ``corpus`` (one spec or several, see :mod:`pretrainer.data.corpus`) into ``out``.
+    """Tokenise ``corpus`` (one spec or several, see :mod:`pretrainer.data.corpus`; a Hugging Face
+    ``datasets.Dataset``/``IterableDataset`` too, its ``text_field`` column) into ``out``.
 
     ``tokenizer`` is a tokenizer file or folder, ``"char"``, or ``"bpe:N"`` / ``"wordpiece:N"`` /
     ``"unigram:N"`` to train one of vocabulary size N on the corpus first (``sentinels`` T5
@@ -102,7 +103,7 @@ def prepare(
     when it is a previous output of ``prepare`` (or empty, or ``overwrite=True``); any other
     non-empty folder is refused. Returns the manifest.
     """
-    sources = [corpus] if isinstance(corpus, str) else list(corpus)
+    sources = [corpus] if isinstance(corpus, str) or is_dataset(corpus) else list(corpus)
     if not sources:
         raise DataError("corpus: expected at least one corpus spec")
     if not 0 <= val_fraction < 1:
@@ -157,7 +158,7 @@ def prepare(
         if split == "tail" and val_fraction > 0:
             _split_tail(writers, val_fraction, eos_id)
         if writers["train"].tokens == 0:
-            raise DataError(f"corpus '{', '.join(sources)}': too small to split "
+            raise DataError(f"corpus '{', '.join(dataset_label(s) if is_dataset(s) else s for s in sources)}': too small to split "
                             f"({writers['val'].tokens} tokens, val_fraction {val_fraction})")
 
         manifest = {
@@ -168,7 +169,7 @@ def prepare(
             "tokenizer": tokenizer_info,
             "special_ids": tok.roles,
             "splits": {s: w.summary() for s, w in writers.items()},
-            "sources": sources,
+            "sources": [dataset_label(s) if is_dataset(s) else s for s in sources],
             "split": split,
             "val_fraction": val_fraction,
             "seed": seed,
@@ -402,6 +403,8 @@ def _check_out(out: Path, sources: list[str], overwrite: bool) -> None:
         raise DataError(f"out '{out}': exists and is not a folder")
     resolved = out.resolve()
     for src in sources:
+        if not isinstance(src, str):  # a datasets object: no folder to overlap
+            continue
         src_path = Path(src).resolve()
         if not src.startswith("builtin:") and Path(src).exists() and (
                 resolved == src_path or src_path in resolved.parents or resolved in src_path.parents):

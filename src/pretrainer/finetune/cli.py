@@ -100,8 +100,8 @@ def register(sub) -> None:
     s.add_argument("--task", metavar="TASK",
                    help="classification, regression, tagging, qa, or text2text (encoder-decoder "
                         "backbones; the registry pretrainer.finetune.TASKS)")
-    s.add_argument("--train", metavar="FILE", help="training data (a file or builtin:NAME)")
-    s.add_argument("--eval", metavar="FILE", help="evaluation data (default for builtin:NAME: its eval split)")
+    s.add_argument("--train", metavar="FILE", help="training data (a file, a datasets save_to_disk folder, or builtin:NAME)")
+    s.add_argument("--eval", metavar="FILE", help="evaluation data, as --train (default for builtin:NAME: its eval split)")
     s.add_argument("--out", metavar="RUN", help="the new run folder")
     s.add_argument("-c", "--config", metavar="FILE", help="YAML whose 'finetune:' section sets any option below")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

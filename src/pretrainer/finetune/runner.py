@@ -60,6 +60,29 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rows_as_jsonl(source, path: Path, master: bool, world: int):
+    """``source`` unchanged, unless it is a Hugging Face ``datasets.Dataset`` or a ``save_to_disk``
+    folder (a DatasetDict's train split): then its rows are written to ``path`` as JSON lines (the
+    first process writes; resuming reads them from there) and ``path`` is returned."""
+    from ..data.corpus import is_dataset, is_dataset_folder, load_dataset_folder
+
+    if is_dataset(source):
+        ds = source
+    elif isinstance(source, (str, Path)) and is_dataset_folder(Path(source)):
+        ds = load_dataset_folder(Path(source))
+    else:
+        return source
+    if type(ds).__name__ != "Dataset":
+        raise ConfigError("fine-tuning data: a streamed IterableDataset cannot be read twice per epoch; "
+                          "pass a datasets.Dataset (or its save_to_disk folder)")
+    if master:
+        with storage(path.parent, "create the folder"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in ds))
+    barrier(world)
+    return str(path)
+
+
 def resolve_eval(train: str, eval_source: str | None) -> str | None:
     """The evaluation data: ``eval``, or for a built-in training task without one, the same
     built-in task (whose ``eval`` split is held out by file)."""
@@ -142,7 +165,9 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     ... as fit the task) with ``epoch``, ``run`` and a few counts. ``options`` are
     :class:`FinetuneOptions` fields.
 
-    ``train``/``eval`` are files (CSV, TSV, JSONL, CoNLL, SQuAD JSON) or a built-in task
+    ``train``/``eval`` are files (CSV, TSV, JSONL, CoNLL, SQuAD JSON), Hugging Face
+    ``datasets.Dataset`` objects or ``save_to_disk`` folders (their rows are copied into
+    ``OUT/data/*.jsonl``, columns named as in the files), or a built-in task
     (``builtin:stdlib-package``, ``builtin:stdlib-docstring``), whose held-out split is the
     evaluation data when ``eval`` is omitted or names the same built-in task.
 
@@ -187,6 +212,9 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
                   max_target_len=opts.max_target_len, beams=opts.beams,
                   no_repeat_ngram=opts.no_repeat_ngram)
     the_task = make_task(task, **kw)
+    if not resume:  # a datasets object or save_to_disk folder: its rows as JSON lines in the run folder
+        train, eval = (rows_as_jsonl(src, run / "data" / f"{name}.jsonl", env.master, env.world)
+                       for src, name in ((train, "train"), (eval, "eval")))
     train_ex = the_task.load(train, "train")
     the_task.fit_labels(train_ex)
     eval_source = resolve_eval(train, eval)
