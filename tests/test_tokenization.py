@@ -123,3 +123,32 @@ def test_load_errors_are_one_line_and_name_the_path(tmp_path):
 def test_bad_kind_and_size():
     _one_line_error(lambda: train_tokenizer(CORPUS, "sentencepiece", 100), "sentencepiece", "bpe")
     _one_line_error(lambda: train_tokenizer(CORPUS, "bpe", 5), "vocab_size 5")
+
+
+def test_the_training_sample_is_uniform_over_the_stream_and_holds_the_budget():
+    from pretrainer.tokenization import sample_texts
+
+    docs = [f"{i:04d}" + "x" * 96 for i in range(2000)]  # 100 bytes each
+    kept, read = sample_texts(iter(docs), max_bytes=10_000, seed=1)
+    assert read == {"documents": 2000, "bytes": 200_000, "sampled_documents": 100, "sampled_bytes": 10_000}
+    positions = sorted(int(d[:4]) for d in kept)
+    # uniform over the whole stream, not its head: about as many from each half
+    assert 30 <= sum(p < 1000 for p in positions) <= 70 and positions[-1] > 1500
+    assert sample_texts(iter(docs), None)[0] == docs  # no budget: everything, in order
+    assert sample_texts(iter(docs), max_bytes=10_000, seed=1)[0] == kept  # seeded
+
+
+def test_tokenizer_training_samples_and_says_what_it_read(tmp_path, capsys):
+    from pretrainer.cli import main
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "lorem ipsum dolor " * 30}) + "\n"
+                              for i in range(400)))
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--kind", "unigram", "--vocab-size", "200",
+                 "--sample-mb", "0.05", "--out", str(tmp_path / "tok")]) == 0
+    err = capsys.readouterr().err
+    k = next(n for n in range(1, 401) if sum(len(f"document {i} " + "lorem ipsum dolor " * 30) for i in range(n)) >= 50_000)
+    assert f"tokenizer: read 400 documents (0.2 MB); training unigram on a sample of {k} documents (0.1 MB)" in err
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--kind", "bpe", "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok2")]) == 0
+    assert "training bpe on all of it" in capsys.readouterr().err

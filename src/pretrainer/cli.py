@@ -89,7 +89,9 @@ def cmd_tokenizer_train(args) -> None:
 
     check_out_folder(args.out, "tokenizer", ("tokenizer.json",))
     texts = (text for _, text in iter_documents(args.corpus, text_field=args.text_field))
-    tok = train_tokenizer(texts, args.kind, args.vocab_size, sentinels=args.sentinels)
+    say = None if args.json else (lambda line: print(f"tokenizer: {line}", file=sys.stderr, flush=True))
+    tok = train_tokenizer(texts, args.kind, args.vocab_size, sentinels=args.sentinels, sample_mb=args.sample_mb,
+                          progress=say)
     save_tokenizer(tok, args.out)
     result = {"out": args.out, "kind": args.kind, "vocab_size": tok.get_vocab_size()}
     _json_out(result) if args.json else print(f"tokenizer ({args.kind}, {result['vocab_size']} tokens) "
@@ -103,7 +105,8 @@ def cmd_prepare(args) -> None:
                        split=args.split, seed=args.seed,
                        text_field=args.text_field, doc_separator=args.doc_separator,
                        sentinels=args.sentinels, eos_token=args.eos_token, pad_token=args.pad_token,
-                       mask_token=args.mask_token, overwrite=args.overwrite, progress=not args.json)
+                       mask_token=args.mask_token, overwrite=args.overwrite, progress=not args.json,
+                       tokenizer_sample_mb=args.tokenizer_sample_mb)
     if args.json:
         return _json_out(manifest)
     s = manifest["splits"]
@@ -488,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--sentinels", type=int, default=0, help="T5 sentinel tokens to reserve")
     t.add_argument("--text-field", default="text", help="field/column with the text in JSONL/Parquet/datasets")
+    t.add_argument("--sample-mb", type=NONNEG, default=None,
+                   help="train on a uniform sample of the documents of about this many MB (default: 64 for "
+                        "bpe and wordpiece, 8 for unigram; 0 = the whole corpus; char reads everything)")
     t.add_argument("--out", required=True)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
@@ -504,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "are read by role from tokenizer_config.json), 'char', or KIND:SIZE to train one "
                         "first (e.g. bpe:8192)")
     s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer-sample-mb", type=NONNEG, default=None,
+                   help="KIND:SIZE tokenizers train on a uniform sample of the documents of about this many MB "
+                        "(default: 64 for bpe and wordpiece, 8 for unigram; 0 = all)")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--split", choices=["document", "tail"], default="document",
                    help="validation = random documents, or the last tokens of the stream (nanoGPT)")

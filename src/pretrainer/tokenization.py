@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -67,10 +68,55 @@ def sentinel_tokens(n: int) -> list[str]:
     return [f"<extra_id_{i}>" for i in range(n)]
 
 
-def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, sentinels: int = 0) -> Tokenizer:
+#: How much text the learned kinds train on by default: a uniform sample of the corpus's documents
+#: of about this many bytes (as SentencePiece's ``input_sentence_size`` caps its input). Unigram
+#: training costs far more per byte than BPE's or WordPiece's counting of pairs; its budget keeps
+#: it to a couple of minutes on two cores. ``char`` always reads everything (a character it never
+#: saw would be unknown).
+DEFAULT_SAMPLE_MB = {"bpe": 64.0, "wordpiece": 64.0, "unigram": 8.0}
+
+
+def sample_texts(texts: Iterable[str], max_bytes: int | None, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> tuple[list[str], dict]:
+    """A uniform random sample of the documents of ``texts`` holding about ``max_bytes`` of UTF-8
+    (reservoir sampling: the stream is read once and any length is fine; ``None`` keeps all), and
+    counts of what was read and kept. ``progress`` receives a line every few seconds."""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    kept: list[str] = []
+    kept_bytes = seen = seen_bytes = 0
+    k = None  # reservoir size, fixed once the budget is first reached
+    last = time.monotonic()
+    for text in texts:
+        size = len(text.encode("utf-8"))
+        seen += 1
+        seen_bytes += size
+        if k is None:
+            kept.append(text)
+            kept_bytes += size
+            if max_bytes is not None and kept_bytes >= max_bytes:
+                k = len(kept)
+        else:
+            j = rng.randrange(seen)
+            if j < k:
+                kept_bytes += size - len(kept[j].encode("utf-8"))
+                kept[j] = text
+        if progress is not None and time.monotonic() - last > 5:
+            last = time.monotonic()
+            progress(f"read {seen:,} documents, {seen_bytes / 1e6:,.1f} MB")
+    return kept, {"documents": seen, "bytes": seen_bytes, "sampled_documents": len(kept), "sampled_bytes": kept_bytes}
+
+
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, sentinels: int = 0,
+                    sample_mb: float | None = None, progress: Callable[[str], None] | None = None) -> Tokenizer:
     """Train a tokenizer of the given kind on an iterable of texts (streamed, read once).
 
-    ``vocab_size`` counts the special tokens and sentinels; it is ignored for ``char``.
+    ``vocab_size`` counts the special tokens and sentinels; it is ignored for ``char``. The learned
+    kinds train on a uniform sample of the documents of about ``sample_mb`` MB (default:
+    :data:`DEFAULT_SAMPLE_MB`; 0 = everything). ``progress`` receives lines while reading and,
+    every 10 seconds, while training.
     """
     specials = SPECIAL_TOKENS + sentinel_tokens(sentinels)
     if kind == "char":
@@ -79,6 +125,15 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, sentinels:
         raise DataError(f"tokenizer kind '{kind}': expected one of {', '.join(KINDS)}")
     if vocab_size <= len(specials):
         raise DataError(f"tokenizer vocab_size {vocab_size}: expected more than the {len(specials)} special tokens")
+    if sample_mb is not None and not sample_mb >= 0:
+        raise DataError(f"tokenizer sample {sample_mb} MB: expected a size >= 0 (0 = the whole corpus)")
+    mb = DEFAULT_SAMPLE_MB[kind] if sample_mb is None else sample_mb
+    texts, read = sample_texts(texts, int(mb * 1e6) if mb else None, progress=progress)
+    if progress is not None:
+        share = (f"a sample of {read['sampled_documents']:,} documents ({read['sampled_bytes'] / 1e6:,.1f} MB)"
+                 if read["sampled_documents"] < read["documents"] else "all of it")
+        progress(f"read {read['documents']:,} documents ({read['bytes'] / 1e6:,.1f} MB); training {kind} "
+                 f"on {share}")
 
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
@@ -100,9 +155,36 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, sentinels:
         tok.decoder = decoders.Metaspace()
         trainer = trainers.UnigramTrainer(
             vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    with _heartbeat(progress, f"training {kind}"):
+        tok.train_from_iterator(texts, trainer=trainer)
     _check_special_ids(tok, specials, "trained tokenizer")
     return tok
+
+
+@contextmanager
+def _heartbeat(progress: Callable[[str], None] | None, what: str, every: float = 10.0):
+    """Call ``progress`` every ``every`` seconds while the block runs (training runs in Rust, which
+    leaves the interpreter free for this thread)."""
+    import threading
+    import time
+
+    if progress is None:
+        yield
+        return
+    done = threading.Event()
+    started = time.monotonic()
+
+    def beat():
+        while not done.wait(every):
+            progress(f"{what}: {time.monotonic() - started:,.0f} s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _train_char(texts: Iterable[str], specials: list[str]) -> Tokenizer:
@@ -282,8 +364,8 @@ class Tok:
         self.sentinel_ids = sorted(i for t, i in vocab.items() if t.startswith("<extra_id_"))
 
     @classmethod
-    def train(cls, texts: Iterable[str], kind: str, vocab_size: int, sentinels: int = 0) -> "Tok":
-        return cls(train_tokenizer(texts, kind, vocab_size, sentinels))
+    def train(cls, texts: Iterable[str], kind: str, vocab_size: int, sentinels: int = 0, **kw) -> "Tok":
+        return cls(train_tokenizer(texts, kind, vocab_size, sentinels, **kw))
 
     # --- roles -------------------------------------------------------------------------------
 

@@ -87,12 +87,14 @@ def prepare(
     mask_token: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    tokenizer_sample_mb: float | None = None,
 ) -> dict:
     """Tokenise ``corpus`` (one spec or several, see :mod:`pretrainer.data.corpus`; a Hugging Face
     ``datasets.Dataset``/``IterableDataset`` too, its ``text_field`` column) into ``out``.
 
     ``tokenizer`` is a tokenizer file or folder, ``"char"``, or ``"bpe:N"`` / ``"wordpiece:N"`` /
-    ``"unigram:N"`` to train one of vocabulary size N on the corpus first (``sentinels`` T5
+    ``"unigram:N"`` to train one of vocabulary size N on the corpus first (on a uniform sample of
+    about ``tokenizer_sample_mb`` MB of its documents: :data:`pretrainer.tokenization.DEFAULT_SAMPLE_MB`) (``sentinels`` T5
     sentinel tokens are added to a trained one). The tokenizer is saved in ``out/tokenizer``.
     Its special tokens are read by role (:func:`pretrainer.tokenization.find_roles`); ``eos_token``,
     ``pad_token`` and ``mask_token`` name the token that plays that role instead (``--eos-token``
@@ -121,7 +123,7 @@ def prepare(
             for _, text in iter_documents(src, text_field, doc_separator):
                 yield text
 
-    tok = _get_tokenizer(tokenizer, documents, sentinels, log)
+    tok = _get_tokenizer(tokenizer, documents, sentinels, log, tokenizer_sample_mb)
     tok.with_roles({"eos": eos_token, "pad": pad_token, "mask": mask_token})
     eos_id = tok.need("eos", "to separate documents")
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
@@ -221,7 +223,7 @@ def load_manifest(data_dir: str | Path) -> dict:
 
 # --- tokenizer -------------------------------------------------------------------------------------
 
-def _get_tokenizer(spec: str, documents, sentinels: int, log: "_Progress") -> Tok:
+def _get_tokenizer(spec: str, documents, sentinels: int, log: "_Progress", sample_mb: float | None = None) -> Tok:
     """Load the tokenizer ``spec`` names, or train the one it describes on ``documents()``."""
     kind, _, size = spec.partition(":")
     if spec == "char":
@@ -234,7 +236,8 @@ def _get_tokenizer(spec: str, documents, sentinels: int, log: "_Progress") -> To
         return load_tokenizer(spec)
     log.note(f"training a {spec} tokenizer on the corpus")
     started = time.perf_counter()
-    tok = Tok.train(documents(), kind, vocab_size, sentinels)
+    tok = Tok.train(documents(), kind, vocab_size, sentinels, sample_mb=sample_mb,
+                    progress=log.note if log.enabled else None)
     log.note(f"trained {tok.kind} tokenizer, vocab {tok.vocab_size}, in {time.perf_counter() - started:.1f} s")
     return tok
 
