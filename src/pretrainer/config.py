@@ -394,12 +394,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     plot: bool = True
     loggers: str = "jsonl"  # metrics.jsonl always; add tensorboard and/or wandb: "jsonl,tensorboard"
+    prefetch: int = 2  # micro-batches built ahead on a background thread while the model computes; 0 = off
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
                      "log_every", "keep_checkpoints"):
             _positive("train", name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_skipped_steps"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_skipped_steps", "prefetch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value >= 0")
         for name, ok, expected in (

@@ -55,6 +55,7 @@ from .checkpoint import (latest_checkpoint, list_checkpoints, remove_failed_save
                          save_checkpoint, save_sharded_checkpoint)
 from .loop import DivergenceGuard, Env, StopFlag, TrainStep, finite_weights, optimizer_step, to_device
 from .optim import lr_at, make_optimizer, set_lr
+from .prefetch import Prefetcher
 from .tracking import Trackers, check_installed, parse_loggers
 
 #: ``train.on_spike=rollback``: rollbacks to the last checkpoint before a divergence stops the run
@@ -219,6 +220,9 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         val_split = None
     objective = get_objective(cfg)
     batches = objective.batches(train_split)
+    if cfg.train.prefetch:  # the next steps' batches built while the model computes
+        batches = Prefetcher(batches, stride=env.world * cfg.train.batch_size, count=cfg.train.batch_size,
+                             depth=cfg.train.prefetch)
     step, samples = 0, 0
     lock.acquire(env.rank, env.world)  # from here on this job is the folder's only writer
     if env.master:
@@ -434,6 +438,8 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 preempted = signalled
                 break
     log.close()
+    if isinstance(batches, Prefetcher):
+        batches.close()
     if t.plot and env.master:
         plot_losses(run)
     return {"run": str(run), "step": step, "val_loss": last_val,
