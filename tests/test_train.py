@@ -15,7 +15,7 @@ from pretrainer.data.tokens import CLMBatches, TokenSplit, WindowOrder
 from pretrainer.errors import ConfigError
 from pretrainer.train.checkpoint import list_checkpoints
 from pretrainer.train.optim import lr_at, param_groups
-from pretrainer.train.trainer import train
+from pretrainer.train.trainer import train, resume_config
 
 
 def tiny_cfg(data, out, **train_kw) -> RunConfig:
@@ -222,3 +222,17 @@ def test_two_thousand_step_run_resumed_at_step_1234_is_bit_exact(synthetic_data,
     a, b = logged(tmp_path / "full"), logged(tmp_path / "part")
     assert len(a) == 40 and a == b
     assert logged(tmp_path / "full", "val_loss") == logged(tmp_path / "part", "val_loss")
+
+
+def test_resuming_with_a_longer_schedule_says_what_the_rate_does_and_records_it(synthetic_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_cfg(synthetic_data, run, max_steps=10, warmup_steps=2, eval_every=0), quiet=True)
+    summary = train(resume_config(run), resume=True, quiet=True)  # finished: nothing to do, nothing changed
+    assert summary["nothing_to_do"] and summary["step"] == 10
+    assert "nothing to do, the run is at step 10" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(run)][-1] == "step_00000010"
+    train(resume_config(run, ["train.max_steps=20"]), resume=True, quiet=True)
+    err = capsys.readouterr().err
+    assert "train.max_steps 10 -> 20: the cosine schedule is recomputed, so at step 10 the learning rate" in err
+    assert "(rising again)" in err
+    assert resume_config(run).train.max_steps == 20  # config.yaml holds the values in force

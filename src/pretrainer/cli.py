@@ -128,6 +128,8 @@ def cmd_pretrain(args) -> int | None:
         return status
     if args.json:
         _json_out(summary)
+    elif summary.get("nothing_to_do"):
+        print(f"done already: {summary['run']} is at step {summary['step']}")
     elif summary.get("val_loss") is not None:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
               f"run folder {summary['run']}, loss curve {summary['loss_png']}")

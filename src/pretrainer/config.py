@@ -807,7 +807,9 @@ def _find_config_file(path: str) -> Path:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .errors import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -232,7 +232,15 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         ckpt, meta = resume_point(run, warn=(lambda s: print(s, file=sys.stderr, flush=True))
                                   if env.master else (lambda s: None))
         step, samples = meta["step"], meta["samples"]
+        if step >= t.max_steps:  # a finished run: say so, change nothing
+            if env.master:  # said even with --quiet: the command did nothing
+                print(f"{run}: nothing to do, the run is at step {step} and train.max_steps={t.max_steps}; "
+                      f"to train further: pretrainer pretrain --resume {run} train.max_steps=N", file=sys.stderr)
+            return {"run": str(run), "step": step, "val_loss": None, "tokens": samples * t.seq_len, "seconds": 0.0,
+                    "loss_png": str(run / "loss.png"), "skipped_steps": meta.get("skipped_steps", 0),
+                    "preempted": False, "nothing_to_do": True}
         keep_global_batch(t, meta, env.world, log.say)
+        explain_schedule_change(run, t, step, lambda text: env.master and print(text, file=sys.stderr, flush=True))
     global_batch = t.batch_size * t.grad_accum * env.world
     tokens_per_step = global_batch * t.seq_len
     if tokens_per_step > len(train_split):
@@ -261,6 +269,8 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens"
                 f"{', written by %d processes' % meta['world_size'] if meta.get('world_size', 1) != env.world else ''})")
         log.truncate_after(step)
+        if env.master:  # the values in force from here (train.max_steps=... extends a run)
+            save_config(cfg, run / "config.yaml")
     elif env.master:
         if list_checkpoints(run):  # (a folder whose first save never finished holds none)
             raise ConfigError(f"out={run}: already holds a run; resume it with --resume {run} "
@@ -479,6 +489,25 @@ def evaluate_split(model, objective: Objective, split: TokenSplit, batch_size: i
         dist.all_reduce(total)
     run.train(was_training)
     return objective.metrics(dict(zip(keys, total.tolist())))
+
+
+def explain_schedule_change(run: Path, t, step: int, say) -> None:
+    """On resume with settings of the schedule changed (``train.max_steps=`` to extend a run, a new
+    ``lr`` ...): say what the learning rate does from here, since the schedule is recomputed from
+    the new values (extending a cosine run lifts its rate again)."""
+    try:
+        before = config_from_file(run / "config.yaml").train
+    except Exception:  # noqa: BLE001 - the run's own file was read already; nothing to compare
+        return
+    keys = ("max_steps", "lr", "warmup_steps", "schedule", "min_lr_ratio")
+    changed = [k for k in keys if getattr(before, k) != getattr(t, k)]
+    if not changed:
+        return
+    was, now = lr_at(step, before), lr_at(step, t)
+    what = ", ".join(f"train.{k} {getattr(before, k)} -> {getattr(t, k)}" for k in changed)
+    say(f"note: {what}: the {t.schedule} schedule is recomputed, so at step {step} the learning rate "
+        f"goes from {was:.3g} to {now:.3g}{' (rising again)' if now > was * 1.001 else ''}, then "
+        f"{'decays' if t.schedule != 'constant' else 'stays'} to step {t.max_steps}")
 
 
 def keep_global_batch(t, meta: dict, world: int, say) -> None:
