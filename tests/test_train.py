@@ -236,3 +236,21 @@ def test_resuming_with_a_longer_schedule_says_what_the_rate_does_and_records_it(
     assert "train.max_steps 10 -> 20: the cosine schedule is recomputed, so at step 10 the learning rate" in err
     assert "(rising again)" in err
     assert resume_config(run).train.max_steps == 20  # config.yaml holds the values in force
+
+
+def test_a_time_budget_stops_the_run_with_a_checkpoint_and_a_final_evaluation(synthetic_data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    summary = train(tiny_cfg(synthetic_data, run, max_steps=100_000, eval_every=0, max_minutes=0.05, threads=1),
+                    quiet=True)
+    assert torch.get_num_threads() == threads  # the run's thread count is not left behind
+    assert summary["out_of_time"] and 0 < summary["step"] < 100_000 and summary["seconds"] < 3 + 20
+    assert list_checkpoints(run)[-1].name == f"step_{summary['step']:08d}"
+    assert "val_loss" in logged_all(run)[-1] and logged_all(run)[-1]["step"] == summary["step"]
+    assert resume_config(run).train.max_steps == 100_000  # a later --resume goes on from there
+
+
+def logged_all(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

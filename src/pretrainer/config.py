@@ -395,12 +395,14 @@ class TrainConfig:
     plot: bool = True
     loggers: str = "jsonl"  # metrics.jsonl always; add tensorboard and/or wandb: "jsonl,tensorboard"
     prefetch: int = 2  # micro-batches built ahead on a background thread while the model computes; 0 = off
+    max_minutes: float = 0.0  # wall-clock budget of this invocation: stop (checkpoint, final eval) when spent; 0 = none
+    threads: int = 0  # torch's intra-op CPU threads for the run; 0 = torch's default
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
                      "log_every", "keep_checkpoints"):
             _positive("train", name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_skipped_steps", "prefetch"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "max_skipped_steps", "prefetch", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value >= 0")
         for name, ok, expected in (
@@ -411,7 +413,8 @@ class TrainConfig:
                 ("beta2", lambda v: 0 <= v < 1, "a value in [0, 1)"),
                 ("eps", lambda v: v > 0, "a positive, finite value (AdamW's default: 1e-8)"),
                 ("grad_clip", lambda v: v >= 0, "a finite gradient norm >= 0 (0 = off)"),
-                ("spike_factor", lambda v: v == 0 or v > 1, "0 (off) or a finite factor > 1")):
+                ("spike_factor", lambda v: v == 0 or v > 1, "0 (off) or a finite factor > 1"),
+                ("max_minutes", lambda v: v >= 0, "a finite number of minutes >= 0 (0 = no budget)")):
             _finite("train", name, getattr(self, name), ok, expected)
         _choice("train", "on_spike", self.on_spike, ["stop", "rollback"])
         _choice("train", "schedule", self.schedule, ["cosine", "linear", "constant"])

@@ -191,8 +191,14 @@ def train(cfg: RunConfig, resume: bool = False, stop_at: int | None = None, quie
     if not (cfg.data and cfg.out):
         cfg.validate()  # names what is missing, in one line, before anything touches a folder
     check_out_folder(cfg.out, "run", RUN_MARKERS)
-    with RunLock(cfg.out, "run") as lock:
-        return _train(cfg, resume, stop_at, quiet, lock)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        with RunLock(cfg.out, "run") as lock:
+            return _train(cfg, resume, stop_at, quiet, lock)
+    finally:
+        torch.set_num_threads(threads)  # a library caller's setting is theirs
 
 
 def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock: RunLock) -> dict:
@@ -425,7 +431,10 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 window_t0, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
                 window_skipped, window_norm = 0, 0.0
 
-            is_last = step == t.max_steps
+            out_of_time = bool(t.max_minutes) and time.perf_counter() - run_t0 >= 60 * t.max_minutes
+            if t.max_minutes and env.world > 1:  # the clocks of the processes differ: agree
+                out_of_time = env.all_mean(float(out_of_time)) > 0
+            is_last = step == t.max_steps or out_of_time
             if val_split is not None and ((t.eval_every and step % t.eval_every == 0) or is_last):
                 rec = evaluate()
                 last_val = rec["val_loss"]
@@ -447,6 +456,10 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 log.say(f"stopped at step {step}; continue with: pretrainer pretrain --resume {run}")
                 preempted = signalled
                 break
+            if out_of_time and step < t.max_steps:
+                log.say(f"time budget of {t.max_minutes:g} min reached at step {step} of {t.max_steps}; "
+                        f"continue with: pretrainer pretrain --resume {run}")
+                break
     log.close()
     if isinstance(batches, Prefetcher):
         batches.close()
@@ -454,7 +467,8 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         plot_losses(run)
     return {"run": str(run), "step": step, "val_loss": last_val,
             "tokens": samples * t.seq_len, "seconds": time.perf_counter() - run_t0,
-            "loss_png": str(run / "loss.png"), "skipped_steps": guard.skipped, "preempted": preempted}
+            "loss_png": str(run / "loss.png"), "skipped_steps": guard.skipped, "preempted": preempted,
+            "out_of_time": step < t.max_steps and not preempted and stop_at is None}
 
 
 @torch.no_grad()
