@@ -254,3 +254,16 @@ def test_a_time_budget_stops_the_run_with_a_checkpoint_and_a_final_evaluation(sy
 
 def logged_all(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_a_preset_takes_the_datas_vocabulary_unless_a_size_is_given(synthetic_data, tmp_path):
+    from pretrainer.config import load_config
+
+    cfg = load_config(None, ["model=bert-tiny", "objective=mlm", f"data={synthetic_data}", f"out={tmp_path / 'a'}",
+                             "train.max_steps=1", "train.batch_size=2", "train.seq_len=16", "train.eval_every=0",
+                             "train.plot=false"])
+    assert cfg.model.vocab_size is None  # bert-tiny's 30,522 is BERT's tokenizer's, not this data's
+    train(cfg, quiet=True)
+    assert resume_config(tmp_path / "a").model.vocab_size == 300  # the synthetic data's BPE
+    given = load_config(None, ["model=bert-tiny", "model.vocab_size=30522"])
+    assert given.model.vocab_size == 30522

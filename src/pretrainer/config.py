@@ -630,13 +630,22 @@ def section(cls, raw: dict | None, where: str):
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (or a file name under ``configs/``), then overrides."""
+    """Defaults, then the YAML file at ``path`` (or a file name under ``configs/``), then overrides.
+
+    A preset's published vocabulary size (BERT's 30,522, GPT-2's 50,257 ...) is not imposed on a
+    new run: unless ``model.vocab_size`` is given (in the file or an override), the run takes the
+    data's tokenizer's size, so a 4,096-token tokenizer gets a 4,096-row embedding."""
     cfg = RunConfig()
+    given = any(item.split("=", 1)[0].strip().lstrip("-") == "model.vocab_size" for item in overrides)
     if path:
         file = _find_config_file(path)
-        cfg = from_dict(read_yaml(file), where=str(file))
+        raw = read_yaml(file)
+        given = given or "model.vocab_size" in dict(_flatten(raw))
+        cfg = from_dict(raw, where=str(file))
     for item in overrides:
         apply_override(cfg, item)
+    if not given and PRESETS.get(cfg.model.preset or "", {}).get("vocab_size") == cfg.model.vocab_size:
+        cfg.model.vocab_size = None  # from the data (prepare_run_config)
     return cfg
 
 
