@@ -343,3 +343,15 @@ def test_finetune_from_an_imported_albert_folder(tmp_path):
 
 def test_finetune_from_an_albert_tiny_run(albert_run, tmp_path):
     _finetune_from(albert_run, tmp_path, "ft-run")
+
+
+def test_memory_plan_counts_a_shared_block_once_and_offers_ddp_only():
+    from pretrainer.model.plan import _parameter_units, plan
+
+    cfg = model_config("albert-tiny", **SMALL)
+    units = _parameter_units(cfg)
+    model = make_model(cfg)
+    assert units["params"] == _n(model)
+    assert units["root"] == _n(model) - _n(model.blocks[0]) and units["largest_block"] == _n(model.blocks[0])
+    result = plan(cfg, devices=2, device_memory_bytes=8e9)
+    assert {r["parallel"] for r in result["rows"]} == {"ddp"} and "fsdp" not in result["verdict"]
