@@ -355,3 +355,28 @@ def test_memory_plan_counts_a_shared_block_once_and_offers_ddp_only():
     assert units["root"] == _n(model) - _n(model.blocks[0]) and units["largest_block"] == _n(model.blocks[0])
     result = plan(cfg, devices=2, device_memory_bytes=8e9)
     assert {r["parallel"] for r in result["rows"]} == {"ddp"} and "fsdp" not in result["verdict"]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_of_shared_blocks_leaves_the_step_unchanged(mode):
+    from conftest import objective
+    from pretrainer.train.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain = _perturb(build_model("albert-tiny", **SMALL)).train()
+    wrapped = build_model("albert-tiny", **SMALL).train()
+    wrapped.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(wrapped, mode)
+    assert set(wrapped.state_dict()) == set(plain.state_dict())  # names unchanged
+    x = _inputs()
+    labels = torch.full_like(x["input_ids"], -100)
+    labels[:, 3::5] = x["input_ids"][:, 3::5]
+    batch = dict(x, labels=labels)
+    grads = []
+    for model in (plain, wrapped):
+        loss = objective("mlm", model).loss(model, batch)
+        params = [p for name, p in model.named_parameters() if not name.startswith("pooler")]  # unused by mlm
+        grads.append((loss, torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(grads[0][0], grads[1][0], **TOL)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, **TOL)
