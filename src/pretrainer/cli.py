@@ -72,6 +72,9 @@ def cmd_info(args) -> None:
               f"{info['n_experts']} experts in each MoE layer)")
     print(f"  non-embedding (Kaplan)  {info['params_non_embedding']:>16,}"
           f"{'  (active)' if 'params_active' in info else ''}")
+    if "params_reused" in info:
+        print(f"  + applied again         {info['params_reused']:>16,}  (share_layers={info['share_layers']}: "
+              f"shared weights run in every layer; in the FLOPs)")
     if "params_mlm_head" in info:
         what = "output bias" if cfg.tie_embeddings else "output bias and untied output matrix"
         print(f"  + MLM head (not above)  {info['params_mlm_head']:>16,}  (dense + norm transform, {what})")

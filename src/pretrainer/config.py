@@ -70,6 +70,7 @@ class ModelConfig:
     d_ff: int | None = None  # None = 4 * d_model
     d_head: int | None = None  # None = d_model // n_head (T5 v1.1 small: 6 heads of 64 in 512)
     d_embed: int | None = None  # encoder: factorised embeddings of this width, projected up to d_model (ALBERT, ELECTRA-small); None = d_model
+    share_layers: str = "none"  # encoder: cross-layer sharing (ALBERT): none | all (one block) | attention | ffn
     vocab_size: int | None = None  # None = taken from the data folder's tokenizer when training
     max_seq_len: int = 256
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -202,6 +203,7 @@ class ModelConfig:
                                   f"maps d_model back to d_embed for the tied output)")
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
+        self.validate_sharing(where)
         kinds = [p.strip() for p in self.attention_layers.split(",")]
         for kind in kinds:
             _choice(where, "attention_layers", kind, ["global", "local"])
@@ -217,6 +219,19 @@ class ModelConfig:
         if self.position == "relative" and self.rel_buckets < 4:
             raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
         self.validate_moe(f"{where}.moe")
+
+    def validate_sharing(self, where: str) -> None:
+        """``share_layers``: ALBERT's cross-layer sharing, for encoders (a decoder's generation cache
+        is kept per layer, by the attention module's index), and not of mixture-of-experts MLPs."""
+        _choice(where, "share_layers", self.share_layers, list(SHARE_LAYERS))
+        if self.share_layers == "none":
+            return
+        if self.arch != "encoder":
+            raise ConfigError(f"{where}.share_layers={self.share_layers} (cross-layer sharing, ALBERT) applies "
+                              f"to arch=encoder only; leave it none")
+        if self.moe.n_experts and self.share_layers != "attention":
+            raise ConfigError(f"{where}.share_layers={self.share_layers} shares the MLPs, which model.moe makes "
+                              f"experts in some layers only; use share_layers=attention or moe.n_experts=0")
 
     def validate_moe(self, where: str) -> None:
         m = self.moe
@@ -237,6 +252,12 @@ class ModelConfig:
         if m.every > 1 and self.n_layer < 2:
             raise ConfigError(f"{where}.every={m.every}: the first MoE layer is layer 1, but "
                               f"n_layer={self.n_layer}; set every=1")
+
+
+#: ``model.share_layers``: what every layer takes from the first (ALBERT, Lan et al. 2020, Table 4).
+SHARE_LAYERS = {"none": "every layer its own weights", "all": "one block (attention, MLP and norms) for every layer",
+                "attention": "the first layer's self-attention in every layer (norms and MLPs per layer)",
+                "ffn": "the first layer's MLP in every layer (norms and attention per layer)"}
 
 
 #: The model architectures and what each is.
@@ -265,6 +286,10 @@ _BERT = dict(
     bias=True, tie_embeddings=True, vocab_size=30522, max_seq_len=512, embed_norm=True,
     type_vocab_size=2, pooler=True, mlm_head=True, scaled_residual_init=False,
 )
+
+# ALBERT (Lan et al. 2020): BERT with factorised embeddings (E = 128) and one block shared by every
+# layer; v2 has no dropout and GELU's tanh form (HF's gelu_new), and a 30,000-piece SentencePiece vocabulary.
+_ALBERT = dict(_BERT, vocab_size=30000, d_embed=128, share_layers="all", mlp="gelu_tanh")
 
 _T5 = dict(
     arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
@@ -318,6 +343,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-medium": dict(_BERT, n_layer=8, n_head=8, d_model=512),
     "bert-base": dict(_BERT, n_layer=12, n_head=12, d_model=768),
     "bert-large": dict(_BERT, n_layer=24, n_head=16, d_model=1024),
+    # ALBERT: albert-base-v2 is 11,683,584 parameters as AlbertModel counts them (pooler included);
+    # albert-tiny is a CPU size whose vocabulary comes from the data.
+    "albert-tiny": dict(_ALBERT, vocab_size=None, n_layer=4, n_head=2, d_model=128, d_embed=64),
+    "albert-base-v2": dict(_ALBERT, n_layer=12, n_head=12, d_model=768, d_ff=3072),
     # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
     # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
     "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,

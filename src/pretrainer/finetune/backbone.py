@@ -27,7 +27,7 @@ from ..config import PRESETS, ModelConfig, config_from_file
 from ..errors import ConfigError, DataError, PretrainerError
 from ..model import make_model, model_config
 from ..tokenization import Tok, load_tokenizer
-from ..train.checkpoint import latest_checkpoint, load_weights
+from ..train.checkpoint import is_tied_copy, latest_checkpoint, load_weights
 
 FINETUNE_MARK = "task"  # a fine-tuning run's config.yaml has this key
 
@@ -115,7 +115,7 @@ def _from_finetune_run(path: Path, from_scratch: bool) -> Backbone:
         tensors = load_file(str(ckpt / "model.safetensors"))
         own = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
         missing, unexpected = model.load_state_dict(own, strict=False)
-        missing = [k for k in missing if k != model.tied_output]
+        missing = [k for k in missing if not is_tied_copy(model, k)]  # stored once (tied, shared)
         if missing or unexpected:
             raise PretrainerError(f"{ckpt}: backbone weights do not match its config "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

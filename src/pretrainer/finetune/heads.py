@@ -100,8 +100,8 @@ class TaskModel(nn.Module):
     ``reads="sequence"``: the head sees one vector per input (the pooled ``<cls>`` state, or the last
     non-pad token's state on a decoder) and returns [B, n_out]; ``reads="tokens"``: every position,
     [B, T, n_out]. The backbone keeps its pretraining output layer (unused here), so a checkpoint
-    holds a complete model; ``cfg`` and ``tied_output`` let the checkpoint helpers store the tied
-    output matrix once.
+    holds a complete model; ``cfg``, ``tied_output`` and ``shared_copies`` let the checkpoint helpers
+    store the tied output matrix and the weights shared across layers once.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, reads: str):
@@ -109,6 +109,7 @@ class TaskModel(nn.Module):
         self.backbone, self.head, self.reads = backbone, head, reads
         self.cfg = backbone.cfg
         self.tied_output = "backbone." + backbone.tied_output
+        self.shared_copies = tuple("backbone." + k for k in getattr(backbone, "shared_copies", ()))
         self.arch = backbone.cfg.arch
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -26,6 +26,11 @@ These families have an exact Hugging Face counterpart:
   head. Our fused [q; k; v] matrix is split into BERT's query, key and value. Our pooler is
   exported as ``bert.pooler`` (``BertForMaskedLM`` ignores it, ``BertModel`` loads it); a folder
   without one imports as a model without a pooler.
+- ALBERT (``AlbertForMaskedLM``; ``AlbertModel`` loads the backbone with its pooler): BERT's layout
+  with factorised embeddings (``d_embed``: ``embedding_size``, projected up by
+  ``embedding_hidden_mapping_in``) and one layer shared by all (``share_layers=all``: one hidden
+  group of one inner layer, ``albert_layer_groups.0.albert_layers.0``); the MLM head maps back to
+  ``d_embed``. Its pooler is ``albert.pooler`` (a plain Linear).
 - T5 (``T5ForConditionalGeneration``, v1.0 and v1.1): relative position bias in the first layer of
   each stack, RMSNorm pre-norm, no biases, ReLU or gated-GELU MLPs.
 - BART (``BartForConditionalGeneration``): learned positions (Hugging Face keeps two unused rows
@@ -83,6 +88,7 @@ _IGNORED = re.compile(r"(^|\.)(attn|attention)\.(attention\.)?(bias|masked_bias)
 _TIED = {"gpt2": ("lm_head.weight",), "gpt_neo": ("lm_head.weight",), "llama": ("lm_head.weight",),
          "mixtral": ("lm_head.weight",), "gpt_neox": ("embed_out.weight", "lm_head.weight"),
          "bert": ("cls.predictions.decoder.weight",),
+         "albert": ("predictions.decoder.weight", "predictions.decoder.bias"),  # bias: predictions.bias
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
            "bart": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")}
@@ -112,7 +118,7 @@ def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"t5"`` or
+    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"albert"``, ``"t5"`` or
     ``"bart"``: the Hugging Face model a configuration converts to exactly.
 
     A decoder with learned positions is GPT-Neo when its attention scores are unscaled
@@ -121,6 +127,8 @@ def hf_family(cfg: ModelConfig) -> str:
 
     Raises a one-line PretrainerError naming the first option that has no Hugging Face equivalent.
     """
+    if cfg.arch == "encoder" and cfg.share_layers != "none":
+        return _albert_family(cfg)  # one block for every layer, with or without d_embed: ALBERT
     if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm"):
         raise _no_equivalent("moe.n_experts", cfg.moe.n_experts,
                              "experts convert as Mixtral only: a rope, rmsnorm decoder")
@@ -234,6 +242,24 @@ def _bert_family(cfg: ModelConfig) -> str:
     if cfg.type_vocab_size < 1:
         raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "BERT has segment embeddings")
     return "bert"
+
+
+def _albert_family(cfg: ModelConfig) -> str:
+    """ALBERT: BERT's post-norm encoder, its embeddings projected up from ``embedding_size`` (always:
+    ``embedding_hidden_mapping_in`` exists even when the widths are equal) and one shared layer."""
+    if cfg.share_layers != "all":
+        raise _no_equivalent("share_layers", cfg.share_layers, "ALBERT shares whole layers (all) or none (BERT)")
+    if cfg.embed_dim == cfg.d_model:
+        raise _no_equivalent("d_embed", cfg.d_embed, "ALBERT always projects its embeddings up to the "
+                                                     "hidden size; set d_embed below d_model")
+    _require(cfg, "ALBERT", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+                                 embed_norm=True, mlm_head=True, tie_embeddings=True, attn_scale=True,
+                                 parallel_block=False), _BERT_ACT)
+    if cfg.type_vocab_size < 1:
+        raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "ALBERT has segment embeddings")
+    if cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise _no_equivalent("d_head", cfg.d_head, "ALBERT's heads split hidden_size")
+    return "albert"
 
 
 _T5_MLP = {"relu": "relu", "geglu_tanh": "gated-gelu"}
@@ -381,6 +407,33 @@ def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     return names
 
 
+def _albert_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    """ALBERT's names: the embeddings as BERT's, ``embedding_hidden_mapping_in`` (our ``embed_proj``),
+    and the one shared layer, which our ``blocks.0`` holds (the other blocks are the same module)."""
+    d = cfg.d_model
+
+    def both(ours: str, hf: str) -> list[_Tensor]:
+        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
+
+    emb, layer = "albert.embeddings.", "albert.encoder.albert_layer_groups.0.albert_layers.0."
+    names = [_Tensor("tok_emb.weight", (f"{emb}word_embeddings.weight",)),
+             _Tensor("pos_emb.weight", (f"{emb}position_embeddings.weight",)),
+             _Tensor("type_emb.weight", (f"{emb}token_type_embeddings.weight",)),
+             *both("embed_norm", f"{emb}LayerNorm"),
+             *both("embed_proj", "albert.encoder.embedding_hidden_mapping_in")]
+    for kind in ("weight", "bias"):
+        names.append(_Tensor(f"blocks.0.attn.qkv.{kind}",
+                             tuple(f"{layer}attention.{p}.{kind}" for p in ("query", "key", "value")),
+                             rows=(d, d, d)))
+    for ours, hf in (("attn.proj", "attention.dense"), ("norm1", "attention.LayerNorm"), ("mlp.up", "ffn"),
+                     ("mlp.down", "ffn_output"), ("norm2", "full_layer_layer_norm")):
+        names += both(f"blocks.0.{ours}", layer + hf)
+    if cfg.pooler:
+        names += both("pooler", "albert.pooler")
+    return names + [*both("mlm.dense", "predictions.dense"), *both("mlm.norm", "predictions.LayerNorm"),
+                    _Tensor("mlm.out.bias", ("predictions.bias",))]
+
+
 def _t5_tensors(cfg: ModelConfig) -> list[_Tensor]:
     inner, ff = cfg.n_head * cfg.head_dim, cfg.ff_dim
     names = [_Tensor("encoder.tok_emb.weight", ("shared.weight",))]
@@ -446,7 +499,7 @@ def _bart_tensors(cfg: ModelConfig) -> list[_Tensor]:
 
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
     return {"gpt2": _gpt2_tensors, "gpt_neo": _gpt_neo_tensors, "llama": _llama_tensors,
-            "mixtral": _llama_tensors, "gpt_neox": _neox_tensors, "bert": _bert_tensors,
+            "mixtral": _llama_tensors, "gpt_neox": _neox_tensors, "bert": _bert_tensors, "albert": _albert_tensors,
             "t5": _t5_tensors, "bart": _bart_tensors}[family](cfg)
 
 
@@ -469,6 +522,16 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout, position_embedding_type="absolute",
             **{k: v for k, v in common.items() if k != "use_cache"},
+        )
+    if family == "albert":
+        return dict(
+            model_type="albert", architectures=["AlbertForMaskedLM"], embedding_size=cfg.embed_dim,
+            num_hidden_layers=cfg.n_layer, num_hidden_groups=1, inner_group_num=1,
+            num_attention_heads=cfg.n_head, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
+            hidden_act=_BERT_ACT[cfg.mlp], max_position_embeddings=cfg.max_seq_len,
+            type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
+            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+            position_embedding_type="absolute", **{k: v for k, v in common.items() if k != "use_cache"},
         )
     if family == "t5":
         return dict(
@@ -664,7 +727,7 @@ class _Fields:
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, gpt_neo,
-    llama, mistral, mixtral, gpt_neox, bert, t5 or bart).
+    llama, mistral, mixtral, gpt_neox, bert, albert, t5 or bart).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -683,13 +746,15 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _neox_config(f)
     elif model_type == "bert":
         cfg = _bert_config(f)
+    elif model_type == "albert":
+        cfg = _albert_config(f)
     elif model_type == "t5":
         cfg = _t5_config(f)
     elif model_type == "bart":
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, t5, bart")
+                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, albert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -753,6 +818,31 @@ def _bert_config(f: _Fields) -> ModelConfig:
         mlp=f.choice("hidden_act", "gelu", _BERT_ACT_IN), bias=True, tie_embeddings=True,
         embed_norm=True, pooler=True, mlm_head=True, dropout=f.get("hidden_dropout_prob", 0.1),
         init_std=f.get("initializer_range", 0.02), scaled_residual_init=False,
+    )
+
+
+def _albert_config(f: _Fields) -> ModelConfig:
+    """ALBERT with one shared layer: one hidden group of one inner layer (several groups, or several
+    layers in a group, would be weights shared in a pattern our ``share_layers`` does not have)."""
+    f.expect("num_hidden_groups", 1, 1)
+    f.expect("inner_group_num", 1, 1)
+    f.expect("position_embedding_type", "absolute", "absolute")
+    f.expect("is_decoder", False, False)
+    f.expect("add_cross_attention", False, False)
+    f.expect("tie_word_embeddings", True, True)
+    d_model, d_embed = f.get("hidden_size"), f.get("embedding_size", 128)
+    if d_embed == d_model:
+        raise PretrainerError(f"{f.where}: embedding_size={d_embed} equals hidden_size: pretrainer's d_embed "
+                              f"has no projection at equal widths (ALBERT's embedding_hidden_mapping_in)")
+    return ModelConfig(
+        arch="encoder", n_layer=f.get("num_hidden_layers"), n_head=f.get("num_attention_heads"),
+        d_model=d_model, d_embed=d_embed, share_layers="all", d_ff=f.get("intermediate_size"),
+        vocab_size=f.get("vocab_size"), max_seq_len=f.get("max_position_embeddings", 512),
+        type_vocab_size=f.get("type_vocab_size", 2), norm="layernorm", norm_eps=f.get("layer_norm_eps", 1e-12),
+        prenorm=False, position="learned", mlp=f.choice("hidden_act", "gelu_new", _BERT_ACT_IN), bias=True,
+        tie_embeddings=True, embed_norm=True, pooler=True, mlm_head=True,
+        dropout=f.get("hidden_dropout_prob", 0.0), init_std=f.get("initializer_range", 0.02),
+        scaled_residual_init=False,
     )
 
 
@@ -869,13 +959,15 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     """
     family = hf_family(cfg)
     prefix = {"gpt2": "transformer.", "gpt_neo": "transformer.", "llama": "model.", "mixtral": "model.",
-              "gpt_neox": "gpt_neox.", "bert": "bert.", "t5": "", "bart": "model."}[family]
+              "gpt_neox": "gpt_neox.", "bert": "bert.", "albert": "albert.", "t5": "", "bart": "model."}[family]
     heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
     if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:
         weights = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in weights.items()}
     if family == "bert" and cfg.pooler and "bert.pooler.dense.weight" not in weights:
+        cfg = dataclasses.replace(cfg, pooler=False)
+    if family == "albert" and cfg.pooler and "albert.pooler.weight" not in weights:  # AlbertForMaskedLM has none
         cfg = dataclasses.replace(cfg, pooler=False)
     model = make_model(cfg)
     expected = model.state_dict()
@@ -906,10 +998,13 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     if unexpected:
         raise PretrainerError(f"{where}: unexpected tensor '{unexpected[0]}' "
                               f"({len(unexpected)} in all) for a {family} model")
-    embedding = _tensors(cfg, family)[0].ours  # every family lists its token embedding first
-    for key in expected:
+    # a tied or shared tensor's other names (the output matrix, later layers that share the first's)
+    first = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        first.setdefault(id(t), key)
+    for key, t in model.state_dict(keep_vars=True).items():
         if key not in ours and is_tied_copy(model, key):
-            ours[key] = ours[embedding]
+            ours[key] = ours[first[id(t)]]
     model.load_state_dict(ours)
     return model.eval()
 

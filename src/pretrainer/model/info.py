@@ -16,6 +16,10 @@ under a second on a laptop. Definitions:
 - ``flops_per_token_kaplan``: training FLOPs per token as Kaplan et al. write it,
   6 N + 6 n_layer n_ctx d_model (forward 2N + 2 n_layer n_ctx d, backward twice the forward);
   a local layer (``model.attention_layers``) counts its window instead of n_ctx, in both counts.
+- Cross-layer sharing (``model.share_layers``, ALBERT): ``params`` counts a shared weight once, as
+  ``AlbertModel`` does; ``params_reused`` is what the layers apply beyond that (a shared block's
+  weights in every layer after the first), which both FLOP counts include: sharing saves memory,
+  not compute.
 - ``flops_per_token``: what the hardware actually does, used for MFU (PaLM, Chowdhery et al. 2022,
   appendix B): 6 x (every matmul parameter, the output head included) + 12 n_layer d_model n_ctx.
 - memory: weights in fp32 and bf16; mixed-precision AdamW training state at 16 bytes per
@@ -56,13 +60,18 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
                for m in moe_layers(model))
     active = total - idle
     non_emb_active = non_emb - idle
+    # cross-layer sharing (model.share_layers, ALBERT): weights stored once are applied in every
+    # layer that shares them, so compute counts them once per layer (each block in full)
+    reused = sum(p.numel() for s in model.stacks for b in s.blocks for p in b.parameters()) - sum(
+        p.numel() for s in model.stacks for p in s.blocks.parameters())
+    applied = non_emb_active + reused
     T = seq_len or cfg.max_seq_len
     L, d, V = cfg.n_layer, cfg.d_model, cfg.vocab_size
     if cfg.arch == "encoder-decoder":  # attention FLOPs: both stacks' self-attention, plus cross
         L = cfg.n_layer + 2 * cfg.decoder_layers
     # keys a query attends to, summed over the layers: T, or the window in a local layer
     attended = sum(min(T, cfg.attention_window) if cfg.layer_kind(i) == "local" else T for i in range(L))
-    matmul_params = non_emb_active + mlm_head + V * d
+    matmul_params = applied + mlm_head + V * cfg.embed_dim  # the output layer is d_embed wide
     stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
     return {
@@ -77,7 +86,8 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,
         "d_ff": cfg.ff_dim, "vocab_size": V, "max_seq_len": cfg.max_seq_len, "seq_len": T,
         **({"n_experts": cfg.moe.n_experts, "experts_per_token": cfg.moe.top_k} if idle else {}),
-        "flops_per_token_kaplan": 6 * non_emb_active + 6 * attended * d,
+        **({"share_layers": cfg.share_layers, "params_reused": reused} if reused else {}),
+        "flops_per_token_kaplan": 6 * applied + 6 * attended * d,
         "flops_per_token": 6 * matmul_params + 12 * attended * d,
         "memory_bytes": {
             "weights_fp32": 4 * stored,

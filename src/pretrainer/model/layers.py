@@ -518,18 +518,22 @@ class Block(nn.Module):
     The parallel block (``model.parallel_block``; GPT-J, GPT-NeoX, PaLM: Chowdhery et al. 2022,
     section 2) computes both branches from the block's input and adds them at once:
     ``x + attn(norm1(x)) + mlp(norm2(x))``, or with one shared norm (``parallel_norms=1``, GPT-J
-    and PaLM) ``x + attn(norm1(x)) + mlp(norm1(x))``; the block then has no ``norm2``."""
+    and PaLM) ``x + attn(norm1(x)) + mlp(norm1(x))``; the block then has no ``norm2``.
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool, cross: bool = False):
+    ``attn`` / ``mlp``: modules to use instead of new ones, another block's (cross-layer sharing,
+    ``model.share_layers``)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, causal: bool, cross: bool = False,
+                 attn: nn.Module | None = None, mlp: nn.Module | None = None):
         super().__init__()
         self.prenorm = cfg.prenorm
         self.parallel = cfg.parallel_block
         self.norm1 = make_norm(cfg)
-        self.attn = SelfAttention(cfg, layer_idx, causal)
+        self.attn = attn if attn is not None else SelfAttention(cfg, layer_idx, causal)
         self.norm_x = make_norm(cfg) if cross else None
         self.xattn = CrossAttention(cfg, layer_idx) if cross else None
         self.norm2 = None if self.parallel and cfg.parallel_norms == 1 else make_norm(cfg)
-        self.mlp = MoE(cfg) if cfg.moe.is_moe_layer(layer_idx) else MLP(cfg)
+        self.mlp = mlp if mlp is not None else MoE(cfg) if cfg.moe.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None):
@@ -548,6 +552,19 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
+def shared_blocks(cfg: ModelConfig, causal: bool, cross: bool = False) -> list[Block]:
+    """The ``n_layer`` blocks of a stack, with ALBERT's cross-layer parameter sharing (Lan et al.
+    2020, section 3.1; ``model.share_layers``): ``all`` is one block run ``n_layer`` times;
+    ``attention`` / ``ffn`` give every block the first block's self-attention / MLP module and
+    its own other parts; ``none``, a block of its own for every layer."""
+    if cfg.share_layers == "all":
+        return [Block(cfg, 0, causal=causal, cross=cross)] * cfg.n_layer
+    first = Block(cfg, 0, causal=causal, cross=cross)
+    attn = first.attn if cfg.share_layers == "attention" else None
+    mlp = first.mlp if cfg.share_layers == "ffn" else None
+    return [first] + [Block(cfg, i, causal=causal, cross=cross, attn=attn, mlp=mlp) for i in range(1, cfg.n_layer)]
+
+
 # ----------------------------------------------------------------------------------------------
 # The stack both models share
 
@@ -559,8 +576,8 @@ class Transformer(nn.Module):
     rotary in every attention); segment embeddings ``type_emb`` when ``type_vocab_size`` > 0; a
     norm on the summed embeddings when ``embed_norm`` (BERT); dropout; with ``d_embed`` (factorised
     embeddings, ALBERT and ELECTRA-small) the embeddings are ``d_embed`` wide and ``embed_proj`` maps
-    them up to ``d_model``; ``n_layer`` blocks, causal or
-    bidirectional; a final norm for pre-norm stacks (post-norm blocks already end with one).
+    them up to ``d_model``; ``n_layer`` blocks (sharing their weights with ``share_layers``:
+    :func:`shared_blocks`), causal or bidirectional; a final norm for pre-norm stacks (post-norm blocks already end with one).
     With ``position="relative"`` a T5 bias (:class:`RelativeBias`) is added in every attention.
     An encoder-decoder's decoder stack has ``cross`` attention and shares the encoder's
     ``embedding``. Subclasses add their heads, then call :meth:`reset_parameters`.
@@ -586,8 +603,12 @@ class Transformer(nn.Module):
                        if cfg.position == "rope" else None)
         self.rel_bias = RelativeBias(cfg, bidirectional=not causal) if cfg.position == "relative" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, causal=causal, cross=cross) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(shared_blocks(cfg, causal, cross))
         self.norm_f = make_norm(cfg) if cfg.prenorm else nn.Identity()
+        # state-dict entries that name the first block's tensors again (share_layers): saved once
+        first = {id(t) for t in self.blocks[0].state_dict(keep_vars=True).values()}
+        self.shared_copies = tuple(f"blocks.{i}.{k}" for i in range(1, len(self.blocks))
+                                   for k, t in self.blocks[i].state_dict(keep_vars=True).items() if id(t) in first)
 
     @property
     def stacks(self) -> list["Transformer"]:

@@ -198,7 +198,8 @@ def _parameter_units(cfg: ModelConfig) -> dict:
         model = make_model(cfg)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     blocks = [sum(p.numel() for p in b.parameters()) for st in model.stacks for b in st.blocks]
-    return {"params": total, "largest_block": max(blocks), "root": total - sum(blocks)}
+    in_blocks = sum(p.numel() for st in model.stacks for p in st.blocks.parameters())  # shared ones once
+    return {"params": total, "largest_block": max(blocks), "root": total - in_blocks}
 
 
 def plan(cfg: ModelConfig, devices: int = 1, device_memory_bytes: float = 80e9,
@@ -238,7 +239,7 @@ def plan(cfg: ModelConfig, devices: int = 1, device_memory_bytes: float = 80e9,
     acts = {mode: activation_bytes(cfg, seq, mode, elt=elt, residual=residual) for mode in modes}
 
     rows = []
-    for parallel in PARALLEL:
+    for parallel in PARALLEL if cfg.share_layers == "none" else ("ddp",):  # fsdp refuses shared blocks
         share = 1 if parallel == "ddp" else devices
         params_b, grads_b, optim_b = 4 * n / share, 4 * n / share, 8 * n / share
         if parallel == "ddp":
@@ -289,6 +290,8 @@ def verdict(result: dict) -> str:
     mb = result["micro_batch"]
     for parallel in PARALLEL:
         rows = [r for r in result["rows"] if r["parallel"] == parallel]
+        if not rows:  # fsdp for a model with shared blocks (model.share_layers), which it refuses
+            continue
         fitting = sorted((r for r in rows if r["fits"]), key=lambda r: -r["max_micro_batch"])
         if fitting:
             best = ", ".join(f"{r['max_micro_batch']} with " + (

@@ -311,7 +311,8 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict for saving: a tied output matrix is stored once (as the embedding)."""
+    """The model's state dict for saving: a tied output matrix is stored once (as the embedding),
+    and weights shared across layers once (as the first layer's)."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
             if not is_tied_copy(model, k)}
 
@@ -319,7 +320,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def is_tied_copy(model: torch.nn.Module, key: str) -> bool:
     """Whether ``key`` is the output matrix that ``tie_embeddings`` shares with the embedding
     (each model names it in ``tied_output``) or another name of a shared tensor
-    (``shared_copies``: an encoder-decoder's decoder embedding)."""
+    (``shared_copies``: an encoder-decoder's decoder embedding; the later layers' names of the
+    weights that ``model.share_layers`` shares)."""
     return key in getattr(model, "shared_copies", ()) or (
         key == getattr(model, "tied_output", None)
         and getattr(getattr(model, "cfg", None), "tie_embeddings", False))

@@ -9,7 +9,8 @@
   forward and backward only; the root group holds the rest (embeddings, the tied output layer,
   final norms: a tied embedding and head are one parameter, in one group). The model is built on
   the ``meta`` device, sharded, then initialised module by module (:func:`init_sharded`): no
-  process ever holds a full copy of the model, and the weights equal a one-process run's. On CUDA
+  process ever holds a full copy of the model, and the weights equal a one-process run's. A model
+  whose blocks share weights (``model.share_layers``, ALBERT) is refused: use ``ddp``. On CUDA
   the parameters are gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``).
 
 ``train.activation_checkpointing``: ``full`` recomputes every block's activations in the backward
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import TrainConfig
+from ..errors import ConfigError
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -53,6 +55,9 @@ def parallelize(model: nn.Module, objective, env, t: TrainConfig) -> nn.Module:
     from .loop import TrainStep
 
     mode = parallel_mode(t, env.world)
+    if mode == "fsdp" and model.cfg.share_layers != "none":
+        raise ConfigError(f"model.share_layers={model.cfg.share_layers}: train.parallel=fsdp shards each block "
+                          f"apart and cannot shard weights that several blocks share; use train.parallel=ddp")
     apply_activation_checkpointing(model, t.activation_checkpointing)
     if env.compile:
         compile_blocks(model)
