@@ -149,13 +149,14 @@ class MLMMasking:
 class MLMBatches:
     """Masked-LM batches: windows ``<cls> + seq_len - 2 tokens + <sep>`` in the seeded window order
     (documents inside a window stay separated by ``<eos>``, which is never selected), each masked
-    with the generator of its sample index."""
+    with the generator of its sample index. ``masking_kw`` go to :class:`MLMMasking` (``mask_prob``,
+    ``mask_frac``, ``random_frac``)."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, seed: int, masking: str = "token"):
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, masking: str = "token", **masking_kw):
         if seq_len < 3:
             raise DataError(f"objective=mlm: seq_len={seq_len} leaves no room besides <cls> and <sep>")
         self.split, self.seq_len, self.seed = split, seq_len, seed
-        self.masking = MLMMasking.for_split(split, unit=masking)
+        self.masking = MLMMasking.for_split(split, unit=masking, **masking_kw)  # (ELECTRA: its own split)
         ids = split.manifest["special_ids"]
         self.cls, self.sep = ids["cls"], ids["sep"]
 
