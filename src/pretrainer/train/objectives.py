@@ -156,12 +156,14 @@ class Objective:
         processes with ``all_sum(tensor)``; ``{}`` for none."""
         return {}
 
-    def window_state(self) -> dict:
-        """What :meth:`train_metrics` has gathered so far, for a checkpoint (JSON numbers)."""
+    def window_state(self, all_sum) -> dict:
+        """What :meth:`train_metrics` has gathered so far, summed over the processes with
+        ``all_sum`` (every process calls it), for a checkpoint (JSON numbers)."""
         return {}
 
     def load_window_state(self, state: dict | None) -> None:
-        """Take back :meth:`window_state` when a run resumes."""
+        """Take back :meth:`window_state` when a run resumes (the first process; the others
+        start from nothing, so that the sum over the processes is what was saved)."""
 
 
 def trained_module(cfg: RunConfig, model):
@@ -369,14 +371,17 @@ class Electra(Objective):
     def train_metrics(self, all_sum):
         if not self._window:
             return {}
+        total = self.window_state(all_sum)
+        self._window = {}
+        return self._disc_metrics(total, "")
+
+    def window_state(self, all_sum):
+        if not self._window:
+            return {}
         keys = sorted(self._window)
         total = all_sum(torch.stack([torch.as_tensor(self._window[k], dtype=torch.float64).cpu()
                                      for k in keys])).tolist()
-        self._window = {}
-        return self._disc_metrics(dict(zip(keys, total)), "")
-
-    def window_state(self):
-        return {k: float(v) for k, v in self._window.items()}
+        return dict(zip(keys, total))
 
     def load_window_state(self, state):
         self._window = {k: float(v) for k, v in (state or {}).items()}

@@ -240,7 +240,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         restore(ckpt, model, optimizer, meta, env.rank, sharded=mode == "fsdp")
         resumed_window = (meta.get("window_loss", 0.0), meta.get("window_steps", 0),
                           meta.get("window_skipped", 0), meta.get("window_grad_norm", 0.0))
-        objective.load_window_state(meta.get("objective_window"))
+        objective.load_window_state(meta.get("objective_window") if env.master else None)  # (a global sum)
         log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens"
                 f"{', written by %d processes' % meta['world_size'] if meta.get('world_size', 1) != env.world else ''})")
         log.truncate_after(step)
@@ -297,8 +297,9 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                  "global_batch": global_batch, "window_loss": window_loss, "window_steps": window_steps,
                  "window_skipped": window_skipped, "window_grad_norm": window_norm,
                  "rollbacks": rollbacks, **guard.state()}
-        if objective.window_state():  # what the objective's own logged metrics have gathered
-            state["objective_window"] = objective.window_state()
+        window = objective.window_state(lambda x: env.all_sum_tensor(x.to(env.device)).cpu())
+        if window:  # what the objective's own logged metrics have gathered, over every process
+            state["objective_window"] = window
         if mode == "fsdp":
             save_sharded_checkpoint(run, model, optimizer, state, env.rank, env.world,
                                     keep=t.keep_checkpoints)
