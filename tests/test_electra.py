@@ -100,14 +100,34 @@ def test_generator_shares_the_embeddings_and_the_checkpoint_stores_them_once():
 # The worked behaviour
 
 
-def test_labels_are_1_exactly_where_the_sample_differs_from_the_original():
-    """A generator that always samples token 9 (its output bias on 9 is huge): at the selected
-    positions whose original is 9 the discriminator's label is 0 (a sampled original counts as
-    real), at the others 1; every position outside the selection keeps its token and label 0."""
-    objective, pair = _electra()
+def _generator_says(pair, probs: dict[int, float]) -> None:
+    """Make the generator's softmax exactly ``probs`` (token -> probability) at every position:
+    its head's norm outputs zeros, so the logits are the output bias."""
     with torch.no_grad():
-        pair.generator.mlm.out.bias.zero_()
-        pair.generator.mlm.out.bias[9] = 1e4
+        pair.generator.mlm.norm.weight.zero_()
+        pair.generator.mlm.norm.bias.zero_()
+        bias = pair.generator.mlm.out.bias
+        bias.fill_(-1e4)
+        for token, p in probs.items():
+            bias[token] = torch.tensor(p).log()
+
+
+def test_samples_are_the_inverse_cdf_of_the_generators_softmax_at_the_batchs_uniforms():
+    objective, pair = _electra()
+    _generator_says(pair, {9: 0.5, 10: 0.3, 11: 0.2})
+    x = torch.tensor([[4, 8, 8, 8, 8, 5]])
+    labels = torch.tensor([[IGNORE, 12, 12, 12, 12, IGNORE]])
+    u = torch.tensor([[0.99, 0.1, 0.55, 0.79, 0.95, 0.0]])  # cumulative: 9 up to 0.5, 10 to 0.8, 11 to 1
+    _, _, corrupted, _ = objective.corrupt(pair, {"input_ids": x, "labels": labels, "uniform": u})
+    assert corrupted.tolist() == [[4, 9, 10, 10, 11, 5]]
+
+
+def test_labels_are_1_exactly_where_the_sample_differs_from_the_original():
+    """A generator that always samples token 9: at the selected positions whose original is 9 the
+    discriminator's label is 0 (a sampled original counts as real), at the others 1; every position
+    outside the selection keeps its token and label 0."""
+    objective, pair = _electra()
+    _generator_says(pair, {9: 1.0})
     x = torch.tensor([[4, 9, 11, 6, 9, 12, 6, 5],
                       [4, 13, 6, 9, 14, 6, 15, 5]])
     labels = torch.full_like(x, IGNORE)
@@ -126,8 +146,10 @@ def test_labels_are_1_exactly_where_the_sample_differs_from_the_original():
     objective, pair = _electra()
     x = torch.randint(7, V, (4, 30), generator=torch.Generator().manual_seed(3))
     labels = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.5, x, IGNORE)
-    batch = {"input_ids": x.masked_fill(labels != IGNORE, 6), "labels": labels}
-    _, _, corrupted, replaced = objective.corrupt(pair, batch, torch.Generator().manual_seed(0))
+    batch = {"input_ids": x.masked_fill(labels != IGNORE, 6), "labels": labels,
+             "uniform": torch.rand(x.shape, generator=torch.Generator().manual_seed(0))}
+    _, _, corrupted, replaced = objective.corrupt(pair, batch)
+    assert bool(replaced.any()) and bool((~replaced & (labels != IGNORE)).any())  # both kinds occur
     assert torch.equal(replaced, corrupted != x)
     assert torch.equal(corrupted[labels == IGNORE], x[labels == IGNORE])
 
@@ -137,10 +159,9 @@ def test_loss_is_generator_mlm_plus_lambda_times_bce_over_every_counted_token():
     ids, types, mask = _inputs()
     labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.15, ids, IGNORE)
     labels[mask == 0] = IGNORE
-    batch = {"input_ids": ids.masked_fill(labels != IGNORE, 6), "labels": labels, "attention_mask": mask}
-    torch.manual_seed(7)
+    batch = {"input_ids": ids.masked_fill(labels != IGNORE, 6), "labels": labels, "attention_mask": mask,
+             "uniform": torch.rand(ids.shape, generator=torch.Generator().manual_seed(6))}
     loss = objective.loss(pair, batch)
-    torch.manual_seed(7)  # the same samples
     gen_logits, y, corrupted, replaced = objective.corrupt(pair, batch)
     d = pair.discriminator
     rtd = d(corrupted, attention_mask=mask).logits  # [B, T]: one logit per token
@@ -160,7 +181,11 @@ def test_electra_data_masks_85_percent_and_keeps_15_percent_without_random_token
 
     cfg = RunConfig(model=model_preset("electra-tiny"), objective="electra")
     objective = OBJECTIVES["electra"](dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=V)))
-    xs, ys = objective.builder(TokenSplit(synthetic_data, "train"), 64, 0).batch(0, 64)
+    builder = objective.builder(TokenSplit(synthetic_data, "train"), 64, 0)
+    xs, ys, us = builder.batch(0, 64)
+    again = objective.as_batch(builder.batch(3, 2))  # a pure function of the sample index
+    assert torch.equal(again["uniform"], us[3:5]) and torch.equal(again["input_ids"], xs[3:5])
+    assert us.shape == xs.shape and 0.4 < us.mean().item() < 0.6
     selected = ys != IGNORE
     masked = selected & (xs == 6)  # the synthetic data's <mask>
     kept = selected & (xs == ys)

@@ -184,6 +184,21 @@ class MLMBatches:
             yield self.masked(items, 0)
 
 
+class ElectraBatches(MLMBatches):
+    """ELECTRA's batches: masked-LM ``(inputs, labels)`` and one uniform number per position,
+    ``uniform``, drawn from the same generator of the sample index: what the generator's sample at
+    a selected position is drawn with (inverse CDF of its softmax), so that the replacements too
+    are a pure function of the sample index (resuming stays exact at any number of processes)."""
+
+    def masked(self, items, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = []
+        for start, index in items:
+            gen = sample_generator(seed, index)
+            inputs, labels = self.masking(self.window(start), gen)
+            rows.append((inputs, labels, torch.rand(self.seq_len, generator=gen)))
+        return tuple(torch.stack(column) for column in zip(*rows))
+
+
 def word_continuations(tok, vocab_size: int) -> torch.Tensor:
     """For each id below ``vocab_size``: does the token continue the previous token's word?
     WordPiece marks continuations with ``##``; byte-level BPE (``Ġ``, ``Ċ``), Unigram (``▁``) and

@@ -294,31 +294,40 @@ class Electra(Objective):
         return model_info(self.generator_cfg, seq_len)["flops_per_token"]
 
     def builder(self, split, seq_len, seed):
-        from ..data.objectives import MLMBatches
+        from ..data.objectives import ElectraBatches
 
-        return MLMBatches(split, seq_len, seed, self.cfg.masking, mask_prob=self.cfg.electra.mask_prob,
-                          mask_frac=self.MASK_FRAC, random_frac=0.0)
+        return ElectraBatches(split, seq_len, seed, self.cfg.masking, mask_prob=self.cfg.electra.mask_prob,
+                              mask_frac=self.MASK_FRAC, random_frac=0.0)
 
-    def corrupt(self, model, batch: dict, sampler: torch.Generator | None = None):
+    def as_batch(self, triple):
+        x, y, u = triple
+        return {"input_ids": x, "labels": y, "uniform": u}
+
+    def corrupt(self, model, batch: dict):
         """The generator's half: its logits at the selected positions and their labels (the
         original tokens), the discriminator's input (every selected position replaced by a token
-        sampled from the generator's softmax at ``electra.temperature``, with ``sampler`` or the
-        global random stream) and its labels: True where that token differs from the original."""
+        sampled from the generator's softmax at ``electra.temperature``: the first token whose
+        cumulative probability exceeds the batch's ``uniform`` number at that position, drawn with
+        the masks; without one, from the global random stream) and its labels: True where that
+        token differs from the original."""
         x, labels = batch["input_ids"], batch["labels"]
         picked = labels != IGNORE
         gen = model.generator
         logits = gen.head(gen.hidden_states(x, attention_mask=batch.get("attention_mask"))[picked])
         with torch.no_grad():
             probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-            sampled = torch.multinomial(probs, 1, generator=sampler).squeeze(-1)
+            u = batch["uniform"][picked] if "uniform" in batch else torch.rand(len(probs), device=x.device)
+            cdf = probs.cumsum(-1)
+            sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+            sampled = sampled.clamp_(max=probs.size(-1) - 1)  # (u at the very top of a rounded CDF)
             corrupted = x.masked_scatter(picked, sampled)
             replaced = corrupted != torch.where(picked, labels, x)  # a sampled original counts as real
         return logits, labels[picked], corrupted, replaced
 
-    def replace(self, model, batch: dict, sampler: torch.Generator | None = None):
+    def replace(self, model, batch: dict):
         """Both halves: the generator's logits and labels at the selected positions, then the
         discriminator's logits and labels (replaced = 1) at every counted (non-padding) position."""
-        logits, y, corrupted, replaced = self.corrupt(model, batch, sampler)
+        logits, y, corrupted, replaced = self.corrupt(model, batch)
         mask = batch.get("attention_mask")
         disc = model.discriminator
         rtd = disc.rtd(disc.hidden_states(corrupted, attention_mask=mask))
@@ -345,8 +354,7 @@ class Electra(Objective):
         return sums
 
     def eval_sums(self, model, batch):
-        sampler = torch.Generator(device=batch["input_ids"].device).manual_seed(0)  # the same every time
-        logits, y, rtd, replaced = self.replace(model, batch, sampler)
+        logits, y, rtd, replaced = self.replace(model, batch)  # samples as fixed as the masks
         n = torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)
         sums = {"count": n, "gen_loss": cross_entropy(logits, y).double() * n,
                 "gen_correct": (logits.argmax(-1) == y).sum().double(),
