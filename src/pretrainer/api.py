@@ -11,6 +11,7 @@ from .config import config_from_file
 from .errors import CheckpointError, PretrainerError
 from .model import build_model, make_model
 from .train.checkpoint import latest_checkpoint, load_weights, verify_checkpoint
+from .train.objectives import trained_module
 
 __all__ = ["build_model", "load", "load_with_tokenizer", "generate_samples", "find_run_files"]
 
@@ -33,12 +34,16 @@ def find_run_files(path: str | Path, warn=None) -> tuple[Path, Path]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", warn=None,
-         fast_paths: bool | None = None) -> torch.nn.Module:
+         fast_paths: bool | None = None, trained: bool = False) -> torch.nn.Module:
     """A model with its trained weights, from a run folder (newest intact checkpoint, sharded or
     not), one checkpoint folder, or a Hugging Face model folder (``config.json`` + safetensors).
     Checkpoints are verified (sizes, SHA-256, headers); a broken newest one is skipped for the
     newest intact one with a warning through ``warn`` (default: one line on stderr).
-    ``fast_paths`` (default: on a CPU) swaps in :mod:`pretrainer.model.fast`'s layers."""
+    ``fast_paths`` (default: on a CPU) swaps in :mod:`pretrainer.model.fast`'s layers.
+
+    The model is what the run produces: of an ELECTRA run, the discriminator. ``trained=True``
+    returns what the run trained instead (ELECTRA: discriminator and generator, for evaluating
+    with the run's objective)."""
     from .model.fast import apply_fast_paths
 
     p = Path(path)
@@ -50,7 +55,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", warn=None,
         config_file, ckpt = find_run_files(p, warn)
         cfg = config_from_file(config_file)
         model = make_model(cfg.model)
-        load_weights(model, ckpt)
+        whole = trained_module(cfg, model)  # the checkpoint holds what the run trained
+        load_weights(whole, ckpt)
+        model = whole if trained else model
     if fast_paths if fast_paths is not None else torch.device(device).type == "cpu":
         apply_fast_paths(model)
     return model.to(device).eval()

@@ -78,6 +78,9 @@ def cmd_info(args) -> None:
     if "params_mlm_head" in info:
         what = "output bias" if cfg.tie_embeddings else "output bias and untied output matrix"
         print(f"  + MLM head (not above)  {info['params_mlm_head']:>16,}  (dense + norm transform, {what})")
+    if "params_rtd_head" in info:
+        print(f"  + RTD head (not above)  {info['params_rtd_head']:>16,}  (ELECTRA's discriminator: dense + "
+              f"one logit per token)")
     print(f"  training FLOPs / token  {human(info['flops_per_token_kaplan']):>16}  (6N + 6 n_layer n_ctx d)")
     print(f"  hardware FLOPs / token  {human(info['flops_per_token']):>16}  (with output head; used for MFU)")
     print(f"  weights fp32 / bf16     {human_bytes(mem['weights_fp32']):>16} / {human_bytes(mem['weights_bf16'])}")
@@ -249,7 +252,8 @@ def cmd_evaluate(args) -> None:
 
     config_file, _ = find_run_files(args.run, warn=lambda s: None)  # load() below says it once
     cfg = config_from_file(config_file)
-    model = load(args.run, device=args.device, warn=lambda s: print(s, file=sys.stderr))
+    model = load(args.run, device=args.device, warn=lambda s: print(s, file=sys.stderr),
+                 trained=True)  # ELECTRA's objective runs its generator too
     data = args.data or cfg.data
     check_same_tokenizer(config_file.parent, data, "--data")
     split = TokenSplit(data, args.split)
@@ -260,8 +264,8 @@ def cmd_evaluate(args) -> None:
                             seq_len=seq_len)  # mlm adds val_accuracy
     loss = scores["val_loss"]
     tokens = min(n_windows, max_batches * args.batch_size) * seq_len
-    result = {"run": args.run, "data": str(data), "split": args.split, **scores,
-              "val_ppl": math.exp(min(loss, 50)), "tokens": tokens, "seq_len": seq_len}
+    result = {"run": args.run, "data": str(data), "split": args.split,  # ELECTRA: its generator's ppl
+              "val_ppl": math.exp(min(loss, 50)), **scores, "tokens": tokens, "seq_len": seq_len}
     if args.json:
         return _json_out(result)
     acc = f" | masked-token accuracy {scores['val_accuracy']:.4f}" if "val_accuracy" in scores else ""
@@ -272,7 +276,11 @@ def cmd_export(args) -> None:
     from . import load
     from .interop.hf import export_hf
 
-    model = load(args.run)
+    model = load(args.run, trained=args.generator)
+    if args.generator:
+        if not hasattr(model, "generator"):
+            raise PretrainerError(f"{args.run}: --generator applies to a run of objective=electra")
+        model = model.generator
     tok_dir = Path(args.run) / "tokenizer"
     check_out_folder(args.out, "Hugging Face model", ("config.json", "model.safetensors"))
     export_hf(model, args.out, tokenizer_dir=tok_dir if tok_dir.is_dir() else None)
@@ -591,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--format", choices=["hf"], default="hf")
     s.add_argument("--out", required=True)
+    s.add_argument("--generator", action="store_true",
+                   help="an ELECTRA run: write its generator (ElectraForMaskedLM) instead of the discriminator")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", help="make a run folder from a Hugging Face model folder")

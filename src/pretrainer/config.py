@@ -5,12 +5,14 @@ A run is described by one :class:`RunConfig`::
     model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
     data:   a folder made by ``pretrainer prepare``
     out:    the run folder
-    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | span (T5 span
-               corruption) | denoise (BART noising) | prefix_lm (a prefix LM), each for the
+    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | electra (ELECTRA's
+               replaced-token detection) | span (T5 span corruption) | denoise (BART noising) |
+               prefix_lm (a prefix LM), each for the
                architectures it declares (pretrainer.train.objectives)
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
-    masking: what mlm selects: token (BERT) | word (whole words) | span (SpanBERT)
+    masking: what mlm (and electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
+    electra: the generator's size and the loss weight of objective=electra (see :class:`ElectraConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
 Values come, in order, from the defaults, a YAML file, then command-line overrides such as
@@ -99,6 +101,7 @@ class ModelConfig:
     type_vocab_size: int = 0  # segment (token-type) embeddings; encoder only (BERT: 2)
     pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
     mlm_head: bool = True  # encoder: dense + activation + norm before the tied output (BERT)
+    rtd_head: bool = False  # encoder: ELECTRA's discriminator head (dense + activation + one logit per token: replaced?) instead of the MLM head
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts MLPs (n_experts > 0)
     preset: str | None = None  # the preset this section started from (informational)
 
@@ -198,9 +201,12 @@ class ModelConfig:
             if self.arch != "encoder":
                 raise ConfigError(f"{where}.d_embed={self.d_embed} (factorised embeddings) applies to arch=encoder "
                                   f"only (ALBERT, ELECTRA); leave it unset")
-            if not self.mlm_head:
+            if not self.mlm_head and not self.rtd_head:
                 raise ConfigError(f"{where}.d_embed={self.d_embed} needs {where}.mlm_head=true (its dense layer "
                                   f"maps d_model back to d_embed for the tied output)")
+        if self.rtd_head and self.arch != "encoder":
+            raise ConfigError(f"{where}.rtd_head=true (ELECTRA's replaced-token detection head) applies to "
+                              f"arch=encoder only")
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
         self.validate_sharing(where)
@@ -286,6 +292,7 @@ _BERT = dict(
     bias=True, tie_embeddings=True, vocab_size=30522, max_seq_len=512, embed_norm=True,
     type_vocab_size=2, pooler=True, mlm_head=True, scaled_residual_init=False,
 )
+_ELECTRA = dict(_BERT, pooler=False, rtd_head=True)
 
 # ALBERT (Lan et al. 2020): BERT with factorised embeddings (E = 128) and one block shared by every
 # layer; v2 has no dropout and GELU's tanh form (HF's gelu_new), and a 30,000-piece SentencePiece vocabulary.
@@ -347,6 +354,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # albert-tiny is a CPU size whose vocabulary comes from the data.
     "albert-tiny": dict(_ALBERT, vocab_size=None, n_layer=4, n_head=2, d_model=128, d_embed=64),
     "albert-base-v2": dict(_ALBERT, n_layer=12, n_head=12, d_model=768, d_ff=3072),
+    # ELECTRA (Clark et al. 2020): the discriminator, a BERT with factorised embeddings, no pooler and
+    # the replaced-token detection head (objective=electra trains it with its generator).
+    # electra-small is ElectraModel's google/electra-small-discriminator (13,483,008 parameters);
+    # electra-tiny a CPU size that takes its vocabulary from the data.
+    "electra-tiny": dict(_ELECTRA, vocab_size=None, n_layer=4, n_head=2, d_model=128, d_ff=512, d_embed=64,
+                         max_seq_len=256),
+    "electra-small": dict(_ELECTRA, n_layer=12, n_head=4, d_model=256, d_ff=1024, d_embed=128),
     # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
     # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
     "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,
@@ -491,21 +505,50 @@ class NoiseConfig:
 
 
 @dataclass
+class ElectraConfig:
+    """``objective=electra`` (Clark et al. 2020): replaced-token detection. A generator (a small
+    masked LM sharing the discriminator's token, position and segment embeddings) fills the
+    ``mask_prob`` selected positions (85 % shown as ``<mask>``, 15 % as they are) with samples from
+    its softmax at ``temperature``; the discriminator (the model) labels every token as original or
+    replaced. Loss = generator MLM + ``disc_weight`` x the discriminator's binary cross-entropy.
+    The generator's width, FFN, heads and depth are these fractions of the discriminator's, rounded
+    (at least 1); the defaults are the paper's ELECTRA-Small (Table 6: a quarter of hidden, FFN
+    and heads; all the layers)."""
+
+    generator_hidden: float = 0.25  # d_model fraction (the paper: 1/4 small and large, 1/3 base)
+    generator_ffn: float = 0.25  # d_ff fraction
+    generator_heads: float = 0.25  # n_head fraction (its d_model must divide by the result)
+    generator_layers: float = 1.0  # n_layer fraction
+    disc_weight: float = 50.0  # lambda: weight of the discriminator's loss
+    temperature: float = 1.0  # sampling temperature of the generator's softmax
+    mask_prob: float = 0.15  # positions selected for the generator (the paper: 0.15 small/base, 0.25 large)
+
+    def validate(self) -> None:
+        for name in ("generator_hidden", "generator_ffn", "generator_heads", "generator_layers"):
+            _finite("electra", name, getattr(self, name), lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+        _finite("electra", "disc_weight", self.disc_weight, lambda v: v > 0, "a positive, finite weight (50)")
+        _finite("electra", "temperature", self.temperature, lambda v: v > 0, "a positive, finite temperature")
+        _finite("electra", "mask_prob", self.mask_prob, lambda v: 0 < v < 1, "a fraction in (0, 1)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
     out: str | None = None  # the run folder
     objective: str = "clm"  # see pretrainer.train.objectives (each names the architectures it trains)
-    masking: str = "token"  # mlm only: token | word | span
+    masking: str = "token"  # mlm and electra: token | word | span
     prefix_mask: bool = True  # (input, target) objectives on a decoder: the input part bidirectional
     init_from: str | None = None  # start from these weights: a run, a checkpoint or a Hugging Face folder
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
+    electra: ElectraConfig = field(default_factory=ElectraConfig)  # electra only
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
         self.model.validate()
         self.train.validate()
         self.noise.validate()
+        self.electra.validate()
         from .train.objectives import get_objective  # the registry: names and architectures
 
         get_objective(self)
@@ -801,6 +844,7 @@ def _flatten(raw: dict, prefix: str = ""):
 def _all_keys() -> list[str]:
     keys = []
     for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
+                      ("electra", ElectraConfig),
                       ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]

@@ -149,13 +149,14 @@ class MLMMasking:
 class MLMBatches:
     """Masked-LM batches: windows ``<cls> + seq_len - 2 tokens + <sep>`` in the seeded window order
     (documents inside a window stay separated by ``<eos>``, which is never selected), each masked
-    with the generator of its sample index."""
+    with the generator of its sample index. ``masking_kw`` go to :class:`MLMMasking` (``mask_prob``,
+    ``mask_frac``, ``random_frac``)."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, seed: int, masking: str = "token"):
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, masking: str = "token", **masking_kw):
         if seq_len < 3:
             raise DataError(f"objective=mlm: seq_len={seq_len} leaves no room besides <cls> and <sep>")
         self.split, self.seq_len, self.seed = split, seq_len, seed
-        self.masking = MLMMasking.for_split(split, unit=masking)
+        self.masking = MLMMasking.for_split(split, unit=masking, **masking_kw)  # (ELECTRA: its own split)
         ids = split.manifest["special_ids"]
         self.cls, self.sep = ids["cls"], ids["sep"]
 
@@ -181,6 +182,21 @@ class MLMBatches:
         """Fixed validation batches: consecutive windows from the start, masked as for seed 0."""
         for items in fixed_windows(self.split, self.seq_len - 2, batch_size, max_batches):
             yield self.masked(items, 0)
+
+
+class ElectraBatches(MLMBatches):
+    """ELECTRA's batches: masked-LM ``(inputs, labels)`` and one uniform number per position,
+    ``uniform``, drawn from the same generator of the sample index: what the generator's sample at
+    a selected position is drawn with (inverse CDF of its softmax), so that the replacements too
+    are a pure function of the sample index (resuming stays exact at any number of processes)."""
+
+    def masked(self, items, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = []
+        for start, index in items:
+            gen = sample_generator(seed, index)
+            inputs, labels = self.masking(self.window(start), gen)
+            rows.append((inputs, labels, torch.rand(self.seq_len, generator=gen)))
+        return tuple(torch.stack(column) for column in zip(*rows))
 
 
 def word_continuations(tok, vocab_size: int) -> torch.Tensor:

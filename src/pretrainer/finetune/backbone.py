@@ -83,12 +83,14 @@ def load_backbone(source: str, from_scratch: bool = False, tokenizer: str | None
 def _from_run(path: Path, from_scratch: bool, warn) -> Backbone:
     from ..api import find_run_files
 
+    from ..train.objectives import trained_module
+
     config_file, ckpt = find_run_files(path, warn)
-    cfg = config_from_file(config_file).model
+    run_cfg = config_from_file(config_file)
     run = config_file.parent
-    model = make_model(cfg)
+    model = make_model(run_cfg.model)  # an ELECTRA run's: the discriminator
     if not from_scratch:
-        load_weights(model, ckpt)
+        load_weights(trained_module(run_cfg, model), ckpt)
     return Backbone(model, _folder_tokenizer(run), {"kind": "run", "path": str(path),
                                                     "checkpoint": None if from_scratch else str(ckpt)})
 

@@ -31,6 +31,13 @@ These families have an exact Hugging Face counterpart:
   ``embedding_hidden_mapping_in``) and one layer shared by all (``share_layers=all``: one hidden
   group of one inner layer, ``albert_layer_groups.0.albert_layers.0``); the MLM head maps back to
   ``d_embed``. Its pooler is ``albert.pooler`` (a plain Linear).
+- ELECTRA (``ElectraForPreTraining``; ``ElectraModel`` for the backbone): BERT's layout under
+  ``electra.`` with factorised embeddings (``embedding_size``: our ``d_embed``, projected up by
+  ``embeddings_project``), no pooler, and the discriminator's replaced-token detection head
+  (``model.rtd_head``). An encoder with factorised embeddings and an MLM head is an ELECTRA
+  generator (``ElectraForMaskedLM``, whose head's activation is always GELU). A bare
+  ``ElectraModel`` folder imports as a discriminator whose detection head is drawn afresh
+  (N(0, initializer_range), seed 0; fine-tuning does not use it).
 - T5 (``T5ForConditionalGeneration``, v1.0 and v1.1): relative position bias in the first layer of
   each stack, RMSNorm pre-norm, no biases, ReLU or gated-GELU MLPs.
 - BART (``BartForConditionalGeneration``): learned positions (Hugging Face keeps two unused rows
@@ -87,7 +94,7 @@ _IGNORED = re.compile(r"(^|\.)(attn|attention)\.(attention\.)?(bias|masked_bias)
 #: (and, for encoder-decoders, always: each stack's copy of the shared embedding).
 _TIED = {"gpt2": ("lm_head.weight",), "gpt_neo": ("lm_head.weight",), "llama": ("lm_head.weight",),
          "mixtral": ("lm_head.weight",), "gpt_neox": ("embed_out.weight", "lm_head.weight"),
-         "bert": ("cls.predictions.decoder.weight",),
+         "bert": ("cls.predictions.decoder.weight",), "electra": ("generator_lm_head.weight",),
          "albert": ("predictions.decoder.weight", "predictions.decoder.bias"),  # bias: predictions.bias
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
@@ -118,8 +125,8 @@ def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"albert"``, ``"t5"`` or
-    ``"bart"``: the Hugging Face model a configuration converts to exactly.
+    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"albert"``,
+    ``"electra"``, ``"t5"`` or ``"bart"``: the Hugging Face model a configuration converts to exactly.
 
     A decoder with learned positions is GPT-Neo when its attention scores are unscaled
     (``attn_scale=false``), else GPT-2: GPT-Neo never scales them and GPT-2 always does, so the two
@@ -132,6 +139,8 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm"):
         raise _no_equivalent("moe.n_experts", cfg.moe.n_experts,
                              "experts convert as Mixtral only: a rope, rmsnorm decoder")
+    if cfg.arch == "encoder" and (cfg.rtd_head or cfg.embed_dim != cfg.d_model):
+        return _electra_family(cfg)
     if cfg.embed_dim != cfg.d_model:
         raise _no_equivalent("d_embed", cfg.d_embed, "factorised embeddings convert as ALBERT or ELECTRA, "
                                                      "not yet supported")
@@ -260,6 +269,24 @@ def _albert_family(cfg: ModelConfig) -> str:
     if cfg.head_dim * cfg.n_head != cfg.d_model:
         raise _no_equivalent("d_head", cfg.d_head, "ALBERT's heads split hidden_size")
     return "albert"
+
+
+def _electra_family(cfg: ModelConfig) -> str:
+    """ELECTRA: BERT's layout, no pooler; the discriminator (``rtd_head``) or a generator (the MLM
+    head, whose transform ``ElectraGeneratorPredictions`` always activates with GELU)."""
+    _require(cfg, "ELECTRA", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+                                  embed_norm=True, tie_embeddings=True, attn_scale=True, pooler=False),
+             _BERT_ACT)
+    if cfg.type_vocab_size < 1:
+        raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "ELECTRA has segment embeddings")
+    if cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise _no_equivalent("d_head", cfg.d_head, "ELECTRA's heads split hidden_size")
+    if not cfg.rtd_head:
+        if not cfg.mlm_head:
+            raise _no_equivalent("mlm_head", False, "ELECTRA's generator has the MLM transform")
+        if cfg.mlp != "gelu":
+            raise _no_equivalent("mlp", cfg.mlp, "the MLM head of ELECTRA's generator activates with gelu")
+    return "electra"
 
 
 _T5_MLP = {"relu": "relu", "geglu_tanh": "gated-gelu"}
@@ -497,10 +524,28 @@ def _bart_tensors(cfg: ModelConfig) -> list[_Tensor]:
     return names
 
 
+def _electra_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    """BERT's embeddings and blocks under ``electra.`` (no pooler), the projection of factorised
+    embeddings, and the discriminator's or the generator's head."""
+    names = [t._replace(hf=tuple("electra." + n.removeprefix("bert.") for n in t.hf))
+             for t in _bert_tensors(cfg) if not t.ours.startswith(("mlm.", "pooler."))]
+
+    def both(ours: str, hf: str) -> list[_Tensor]:
+        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
+
+    if cfg.embed_dim != cfg.d_model:
+        names += both("embed_proj", "electra.embeddings_project")
+    if cfg.rtd_head:
+        return names + both("rtd.dense", "discriminator_predictions.dense") + \
+            both("rtd.out", "discriminator_predictions.dense_prediction")
+    return names + both("mlm.dense", "generator_predictions.dense") + \
+        both("mlm.norm", "generator_predictions.LayerNorm") + [_Tensor("mlm.out.bias", ("generator_lm_head.bias",))]
+
+
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
     return {"gpt2": _gpt2_tensors, "gpt_neo": _gpt_neo_tensors, "llama": _llama_tensors,
             "mixtral": _llama_tensors, "gpt_neox": _neox_tensors, "bert": _bert_tensors, "albert": _albert_tensors,
-            "t5": _t5_tensors, "bart": _bart_tensors}[family](cfg)
+            "t5": _t5_tensors, "bart": _bart_tensors, "electra": _electra_tensors}[family](cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,6 +577,17 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
             hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
             position_embedding_type="absolute", **{k: v for k, v in common.items() if k != "use_cache"},
+        )
+    if family == "electra":
+        return dict(
+            model_type="electra",
+            architectures=["ElectraForPreTraining" if cfg.rtd_head else "ElectraForMaskedLM"],
+            embedding_size=cfg.embed_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+            hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim, hidden_act=_BERT_ACT[cfg.mlp],
+            max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+            layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout, position_embedding_type="absolute",
+            **{k: v for k, v in common.items() if k != "use_cache"},
         )
     if family == "t5":
         return dict(
@@ -727,7 +783,7 @@ class _Fields:
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, gpt_neo,
-    llama, mistral, mixtral, gpt_neox, bert, albert, t5 or bart).
+    llama, mistral, mixtral, gpt_neox, bert, albert, electra, t5 or bart).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -748,13 +804,15 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _bert_config(f)
     elif model_type == "albert":
         cfg = _albert_config(f)
+    elif model_type == "electra":
+        cfg = _electra_config(f)
     elif model_type == "t5":
         cfg = _t5_config(f)
     elif model_type == "bart":
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, albert, t5, bart")
+                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, albert, electra, t5, bart")
     cfg.validate()
     return cfg
 
@@ -842,6 +900,29 @@ def _albert_config(f: _Fields) -> ModelConfig:
         prenorm=False, position="learned", mlp=f.choice("hidden_act", "gelu_new", _BERT_ACT_IN), bias=True,
         tie_embeddings=True, embed_norm=True, pooler=True, mlm_head=True,
         dropout=f.get("hidden_dropout_prob", 0.0), init_std=f.get("initializer_range", 0.02),
+        scaled_residual_init=False,
+    )
+
+
+def _electra_config(f: _Fields) -> ModelConfig:
+    """ELECTRA: a discriminator (``ElectraForPreTraining``, ``ElectraModel``) or, when the folder
+    says ``ElectraForMaskedLM``, a generator (the MLM head; its transform is always GELU)."""
+    f.expect("position_embedding_type", "absolute", "absolute")
+    f.expect("is_decoder", False, False)
+    f.expect("add_cross_attention", False, False)
+    f.expect("tie_word_embeddings", True, True)
+    generator = "ElectraForMaskedLM" in (f.get("architectures", []) or [])
+    if generator:
+        f.expect("hidden_act", "gelu", "gelu")  # ElectraGeneratorPredictions: gelu whatever hidden_act
+    d_model, embed = f.get("hidden_size"), f.get("embedding_size", 128)  # ElectraConfig's default
+    return ModelConfig(
+        arch="encoder", n_layer=f.get("num_hidden_layers"), n_head=f.get("num_attention_heads"),
+        d_model=d_model, d_ff=f.get("intermediate_size"), d_embed=None if embed == d_model else embed,
+        vocab_size=f.get("vocab_size"), max_seq_len=f.get("max_position_embeddings", 512),
+        type_vocab_size=f.get("type_vocab_size", 2), norm="layernorm", norm_eps=f.get("layer_norm_eps", 1e-12),
+        prenorm=False, position="learned", mlp=f.choice("hidden_act", "gelu", _BERT_ACT_IN), bias=True,
+        tie_embeddings=True, embed_norm=True, pooler=False, mlm_head=True, rtd_head=not generator,
+        dropout=f.get("hidden_dropout_prob", 0.1), init_std=f.get("initializer_range", 0.02),
         scaled_residual_init=False,
     )
 
@@ -959,8 +1040,10 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     """
     family = hf_family(cfg)
     prefix = {"gpt2": "transformer.", "gpt_neo": "transformer.", "llama": "model.", "mixtral": "model.",
-              "gpt_neox": "gpt_neox.", "bert": "bert.", "albert": "albert.", "t5": "", "bart": "model."}[family]
-    heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias")
+              "gpt_neox": "gpt_neox.", "bert": "bert.", "albert": "albert.", "t5": "", "bart": "model.",
+              "electra": "electra."}[family]
+    heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias", "discriminator_predictions.",
+             "generator_predictions.", "generator_lm_head.")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
     if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:
@@ -969,6 +1052,14 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
         cfg = dataclasses.replace(cfg, pooler=False)
     if family == "albert" and cfg.pooler and "albert.pooler.weight" not in weights:  # AlbertForMaskedLM has none
         cfg = dataclasses.replace(cfg, pooler=False)
+    if family == "electra":  # the head present decides: discriminator or generator
+        if any(k.startswith("generator_predictions.") for k in weights):
+            cfg = dataclasses.replace(cfg, rtd_head=False)
+            hf_family(cfg)  # a generator's own requirements (gelu)
+        elif any(k.startswith("discriminator_predictions.") for k in weights):
+            cfg = dataclasses.replace(cfg, rtd_head=True)
+        elif cfg.rtd_head:  # a bare ElectraModel: a detection head drawn afresh
+            weights = {**weights, **_fresh_rtd_head(cfg)}
     model = make_model(cfg)
     expected = model.state_dict()
     ours, used = {}, set()
@@ -1007,6 +1098,17 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
             ours[key] = ours[first[id(t)]]
     model.load_state_dict(ours)
     return model.eval()
+
+
+def _fresh_rtd_head(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A detection head for a bare ``ElectraModel``: N(0, init_std) matrices and zero biases, drawn
+    from seed 0 (the same at every import)."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, rows in (("dense", cfg.d_model), ("dense_prediction", 1)):
+        out[f"discriminator_predictions.{name}.weight"] = torch.randn(rows, cfg.d_model, generator=gen) * cfg.init_std
+        out[f"discriminator_predictions.{name}.bias"] = torch.zeros(rows)
+    return out
 
 
 def import_hf(hf_dir: str | Path) -> torch.nn.Module:

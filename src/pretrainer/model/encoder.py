@@ -9,6 +9,10 @@
 The MLM head is BERT's: ``dense(d, d)`` (``d_embed`` wide with factorised embeddings) + activation + norm (``mlm_head``; left out, the hidden
 states go straight to the output), then an output layer whose matrix is the token embedding
 (``tie_embeddings``) plus a bias per vocabulary entry.
+
+With ``rtd_head`` the model is ELECTRA's discriminator (Clark et al. 2020): instead of the MLM head,
+:class:`RTDHead` gives one logit per token, "this token was replaced" (``logits`` [batch, seq]);
+the ``electra`` objective trains it beside a small MLM generator.
 """
 
 from __future__ import annotations
@@ -47,16 +51,32 @@ class MLMHead(nn.Module):
         return self.out(h)
 
 
+class RTDHead(nn.Module):
+    """ELECTRA's replaced-token detection head (Clark et al. 2020, section 2): ``out(act(dense(h)))``,
+    one logit per position, positive for "replaced" (``discriminator_predictions``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = activation(cfg.mlp)
+        self.out = nn.Linear(cfg.d_model, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.dense(h))).squeeze(-1)
+
+
 class EncoderLM(Transformer):
-    """Bidirectional blocks, BERT's pooler (``pooler``) and the MLM head (``mlm``)."""
+    """Bidirectional blocks, BERT's pooler (``pooler``) and the MLM head (``mlm``), or ELECTRA's
+    replaced-token detection head (``rtd``) instead of it (``rtd_head``)."""
 
     tied_output = "mlm.out.weight"  # the state-dict entry that is ``tok_emb.weight`` when tied
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, causal=False)
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
-        self.mlm = MLMHead(cfg)
-        if cfg.tie_embeddings:
+        self.mlm = MLMHead(cfg) if not cfg.rtd_head else None
+        self.rtd = RTDHead(cfg) if cfg.rtd_head else None
+        if cfg.tie_embeddings and self.mlm is not None:
             self.mlm.out.weight = self.tok_emb.weight
         self.reset_parameters()
 
@@ -79,6 +99,8 @@ class EncoderLM(Transformer):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """MLM logits of hidden states (of every position, or of the selected ones)."""
+        if self.mlm is None:
+            raise ValueError("this model has no MLM head (model.rtd_head=true: ELECTRA's discriminator)")
         return self.mlm(h)
 
     def pooled(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -88,6 +110,7 @@ class EncoderLM(Transformer):
         return torch.tanh(self.pooler(hidden_states[:, 0]))
 
     def forward(self, input_ids: torch.Tensor, **extras) -> EncoderOutput:
-        """MLM logits [B, T, vocab] and the hidden states; ``extras`` as :meth:`hidden_states`."""
+        """MLM logits [B, T, vocab] (with ``rtd_head``: replaced-token logits [B, T]) and the hidden
+        states; ``extras`` as :meth:`hidden_states`."""
         h = self.hidden_states(input_ids, **extras)
-        return EncoderOutput(logits=self.mlm(h), hidden_states=h)
+        return EncoderOutput(logits=self.mlm(h) if self.rtd is None else self.rtd(h), hidden_states=h)

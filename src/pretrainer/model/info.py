@@ -6,7 +6,8 @@ under a second on a laptop. Definitions:
 - ``params``: every distinct parameter (tied embeddings counted once). For an encoder, the
   backbone with its pooler, as ``transformers.BertModel`` counts it (BERT-base: 109,482,240);
   the pretraining MLM head's own parameters (transform dense + norm, output bias, and the output
-  matrix if untied) are reported apart as ``params_mlm_head``.
+  matrix if untied) are reported apart as ``params_mlm_head`` (an ELECTRA discriminator's
+  replaced-token detection head, ``rtd_head``, as ``params_rtd_head``).
 - ``params_non_embedding``: Kaplan et al. (2020) N: without the token, position and segment
   embeddings and without an untied output (unembedding) matrix.
 - A mixture of experts (``model.moe``) also has ``params_active``: what one token uses, the
@@ -47,7 +48,8 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     pos = sum(m.weight.numel() for s in model.stacks for m in (s.pos_emb, s.type_emb) if m is not None)
     if cfg.arch == "encoder":
         tied = {id(model.tok_emb.weight)}
-        mlm_head = sum(p.numel() for p in model.mlm.parameters() if id(p) not in tied)
+        pretraining_head = model.mlm if model.mlm is not None else model.rtd
+        mlm_head = sum(p.numel() for p in pretraining_head.parameters() if id(p) not in tied)
         total = sum(p.numel() for p in model.parameters()) - mlm_head
         head = 0
     else:
@@ -71,7 +73,8 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         L = cfg.n_layer + 2 * cfg.decoder_layers
     # keys a query attends to, summed over the layers: T, or the window in a local layer
     attended = sum(min(T, cfg.attention_window) if cfg.layer_kind(i) == "local" else T for i in range(L))
-    matmul_params = applied + mlm_head + V * cfg.embed_dim  # the output layer is d_embed wide
+    # the output layer: vocabulary x embedding width (none for ELECTRA's discriminator)
+    matmul_params = applied + mlm_head + (0 if cfg.rtd_head else V * cfg.embed_dim)
     stored = total + mlm_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
     return {
@@ -80,7 +83,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         **({"params_active": active, "params_non_embedding_total": non_emb} if idle else {}),
         "params_non_embedding": non_emb_active,
         "params_embedding": emb + pos + head,
-        **({"params_mlm_head": mlm_head} if cfg.arch == "encoder" else {}),
+        **({f"params_{'rtd' if cfg.rtd_head else 'mlm'}_head": mlm_head} if cfg.arch == "encoder" else {}),
         "n_layer": cfg.n_layer, **({"n_decoder_layer": cfg.decoder_layers}
                                    if cfg.arch == "encoder-decoder" else {}),
         "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,

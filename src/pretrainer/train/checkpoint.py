@@ -523,10 +523,11 @@ def restore(path: Path, model: torch.nn.Module, optimizer, meta: dict, rank: int
     # a full (one-process or ddp) checkpoint into a sharded model: full tensors, each process
     # keeping its shards
     weights = load_file(str(path / "model.safetensors"))
-    source = next(n for n, p in model.named_parameters() if p is model.tok_emb.weight)  # stored once
-    for k in model.state_dict():
+    first: dict[int, str] = {}  # a tied or shared tensor is stored once, under its first name
+    for k, v in model.state_dict(keep_vars=True).items():
         if k not in weights and is_tied_copy(model, k):
-            weights[k] = weights[source]
+            weights[k] = weights[first[id(v)]]
+        first.setdefault(id(v), k)
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]

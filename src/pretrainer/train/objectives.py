@@ -26,9 +26,11 @@ part bidirectional: the paper's "prefix LM" architecture, else its causal "langu
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ..common import IGNORE, shift_right
 from ..config import RunConfig
@@ -55,6 +57,9 @@ def get_objective(cfg: RunConfig) -> "Objective":
     if cfg.model.arch not in cls.archs:
         raise ConfigError(f"objective={cfg.objective} trains arch={' or '.join(cls.archs)} models, "
                           f"but model.arch={cfg.model.arch}")
+    if cfg.model.rtd_head and cls.name != "electra":
+        raise ConfigError(f"objective={cfg.objective}: model.rtd_head=true (ELECTRA's discriminator, no MLM "
+                          f"head) trains with objective=electra only")
     if cfg.masking != "token" and "masking" not in cls.options:
         users = [name for name, c in OBJECTIVES.items() if "masking" in c.options]
         raise ConfigError(f"masking={cfg.masking} applies to objective={' or '.join(users)} only")
@@ -85,6 +90,7 @@ class Objective:
     about: ClassVar[str]
     sums: ClassVar[tuple[str, ...]] = ("count", "loss")  # the keys of eval_sums
     options: ClassVar[tuple[str, ...]] = ()  # run-config keys it reads besides train (masking ...)
+    wraps: ClassVar[bool] = False  # trains more than the model (:meth:`wrap`)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -134,6 +140,37 @@ class Objective:
 
     def metrics(self, sums: dict[str, float]) -> dict:
         return {"val_loss": sums["loss"] / max(sums["count"], 1.0)}
+
+    # -- what is trained, and what it logs besides the loss --------------------------------------
+    def wrap(self, model):
+        """The module a run trains and checkpoints around ``model``: the model itself, or (ELECTRA)
+        a module holding it and what else the objective trains. ``model`` is what the run produces."""
+        return model
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token beyond the model's (ELECTRA: its generator's)."""
+        return 0.0
+
+    def train_metrics(self, all_sum) -> dict:
+        """Metrics of the training steps since the last call (the logging window), summed over the
+        processes with ``all_sum(tensor)``; ``{}`` for none."""
+        return {}
+
+    def window_state(self, all_sum) -> dict:
+        """What :meth:`train_metrics` has gathered so far, summed over the processes with
+        ``all_sum`` (every process calls it), for a checkpoint (JSON numbers)."""
+        return {}
+
+    def load_window_state(self, state: dict | None) -> None:
+        """Take back :meth:`window_state` when a run resumes (the first process; the others
+        start from nothing, so that the sum over the processes is what was saved)."""
+
+
+def trained_module(cfg: RunConfig, model):
+    """What a run of ``cfg`` trains and checkpoints around ``model`` (its objective's
+    :meth:`Objective.wrap`): loading a checkpoint into it gives ``model`` its weights."""
+    cls = OBJECTIVES.get(cfg.objective)
+    return cls(cfg).wrap(model) if cls is not None and cls.wraps else model
 
 
 class Batches:
@@ -205,6 +242,157 @@ class MaskedLM(Objective):
 
     def metrics(self, sums):
         return {**super().metrics(sums), "val_accuracy": sums["correct"] / max(sums["count"], 1.0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder-only replaced-token detection (ELECTRA)
+
+
+@register
+class Electra(Objective):
+    """ELECTRA (Clark et al. 2020, section 2): a small generator, trained as a masked LM, fills the
+    selected positions with tokens sampled from its softmax (no gradient flows through the sample);
+    the discriminator (the model) then says for every token whether it was replaced. A sample equal
+    to the original token counts as original (label 0). The loss is the generator's MLM loss plus
+    ``electra.disc_weight`` (lambda = 50) times the discriminator's binary cross-entropy over every
+    (non-padding) token.
+
+    The selection is BERT's (``masking``, ``electra.mask_prob`` of the tokens) but shown to the
+    generator as ELECTRA's code does: 85 % ``<mask>``, 15 % unchanged, none random. The module
+    trained is :class:`~pretrainer.model.electra.ElectraPretraining` (discriminator + generator);
+    the run's product is the discriminator."""
+
+    name = "electra"
+    archs = ("encoder",)
+    wraps = True
+    sums = ("count", "gen_loss", "gen_correct", "tokens", "disc_loss", "disc_correct", "replaced",
+            "predicted", "caught")
+    options = ("masking", "electra")
+    about = ("ELECTRA replaced-token detection: a small MLM generator samples replacements for 15 % "
+             "of the tokens; the discriminator labels every token original or replaced (model.rtd_head)")
+    MASK_FRAC = 0.85  # of the selected positions shown as <mask>; the rest unchanged
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        if not cfg.model.rtd_head:
+            raise ConfigError("objective=electra trains a discriminator: it needs model.rtd_head=true "
+                              "(presets electra-tiny, electra-small)")
+        from ..model.electra import generator_config
+
+        self.generator_cfg = generator_config(cfg.model, cfg.electra)
+        self.weight, self.temperature = cfg.electra.disc_weight, cfg.electra.temperature
+        self._window: dict[str, torch.Tensor] = {}
+
+    def wrap(self, model):
+        from ..model.electra import ElectraPretraining
+
+        return ElectraPretraining(model, self.generator_cfg)
+
+    def extra_flops_per_token(self, seq_len):
+        from ..model.info import model_info
+
+        return model_info(self.generator_cfg, seq_len)["flops_per_token"]
+
+    def builder(self, split, seq_len, seed):
+        from ..data.objectives import ElectraBatches
+
+        return ElectraBatches(split, seq_len, seed, self.cfg.masking, mask_prob=self.cfg.electra.mask_prob,
+                              mask_frac=self.MASK_FRAC, random_frac=0.0)
+
+    def as_batch(self, triple):
+        x, y, u = triple
+        return {"input_ids": x, "labels": y, "uniform": u}
+
+    def corrupt(self, model, batch: dict):
+        """The generator's half: its logits at the selected positions and their labels (the
+        original tokens), the discriminator's input (every selected position replaced by a token
+        sampled from the generator's softmax at ``electra.temperature``: the first token whose
+        cumulative probability exceeds the batch's ``uniform`` number at that position, drawn with
+        the masks; without one, from the global random stream) and its labels: True where that
+        token differs from the original."""
+        x, labels = batch["input_ids"], batch["labels"]
+        picked = labels != IGNORE
+        gen = model.generator
+        logits = gen.head(gen.hidden_states(x, attention_mask=batch.get("attention_mask"))[picked])
+        with torch.no_grad():
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            u = batch["uniform"][picked] if "uniform" in batch else torch.rand(len(probs), device=x.device)
+            cdf = probs.cumsum(-1)
+            sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+            sampled = sampled.clamp_(max=probs.size(-1) - 1)  # (u at the very top of a rounded CDF)
+            corrupted = x.masked_scatter(picked, sampled)
+            replaced = corrupted != torch.where(picked, labels, x)  # a sampled original counts as real
+        return logits, labels[picked], corrupted, replaced
+
+    def replace(self, model, batch: dict):
+        """Both halves: the generator's logits and labels at the selected positions, then the
+        discriminator's logits and labels (replaced = 1) at every counted (non-padding) position."""
+        logits, y, corrupted, replaced = self.corrupt(model, batch)
+        mask = batch.get("attention_mask")
+        disc = model.discriminator
+        rtd = disc.rtd(disc.hidden_states(corrupted, attention_mask=mask))
+        counted = mask.bool() if mask is not None else torch.ones_like(replaced)
+        return logits, y, rtd[counted].float(), replaced[counted].float()
+
+    def loss(self, model, batch):
+        logits, y, rtd, replaced = self.replace(model, batch)
+        disc = F.binary_cross_entropy_with_logits(rtd, replaced)
+        if torch.is_grad_enabled():  # a training step: the logging window's sums
+            self._add(self._window, rtd, replaced)
+        return cross_entropy(logits, y) + self.weight * disc  # both float32
+
+    @staticmethod
+    def _add(sums: dict, rtd: torch.Tensor, replaced: torch.Tensor) -> dict:
+        """Add the discriminator's counts (tokens, correct, replaced, predicted replaced, replaced
+        and caught) to ``sums`` (float64 tensors, no host transfer)."""
+        said = rtd > 0
+        truth = replaced.bool()
+        for key, value in (("tokens", truth.numel()), ("disc_correct", (said == truth).sum()),
+                           ("replaced", truth.sum()), ("predicted", said.sum()), ("caught", (said & truth).sum())):
+            value = torch.as_tensor(value, dtype=torch.float64, device=rtd.device)
+            sums[key] = value + sums.get(key, 0.0)  # (a resumed window starts from numbers)
+        return sums
+
+    def eval_sums(self, model, batch):
+        logits, y, rtd, replaced = self.replace(model, batch)  # samples as fixed as the masks
+        n = torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)
+        sums = {"count": n, "gen_loss": cross_entropy(logits, y).double() * n,
+                "gen_correct": (logits.argmax(-1) == y).sum().double(),
+                "disc_loss": F.binary_cross_entropy_with_logits(rtd, replaced, reduction="sum").double()}
+        return self._add(sums, rtd, replaced)
+
+    @staticmethod
+    def _disc_metrics(s: dict, prefix: str) -> dict:
+        return {f"{prefix}disc_accuracy": s["disc_correct"] / max(s["tokens"], 1.0),
+                f"{prefix}replaced": s["replaced"] / max(s["tokens"], 1.0),
+                f"{prefix}disc_precision": s["caught"] / max(s["predicted"], 1.0),
+                f"{prefix}disc_recall": s["caught"] / max(s["replaced"], 1.0)}
+
+    def metrics(self, sums):
+        gen = sums["gen_loss"] / max(sums["count"], 1.0)
+        disc = sums["disc_loss"] / max(sums["tokens"], 1.0)
+        return {"val_loss": gen + self.weight * disc, "val_gen_loss": gen, "val_disc_loss": disc,
+                "val_ppl": math.exp(min(gen, 50)),  # the generator's
+                "val_accuracy": sums["gen_correct"] / max(sums["count"], 1.0),
+                **self._disc_metrics(sums, "val_")}
+
+    def train_metrics(self, all_sum):
+        if not self._window:
+            return {}
+        total = self.window_state(all_sum)
+        self._window = {}
+        return self._disc_metrics(total, "")
+
+    def window_state(self, all_sum):
+        if not self._window:
+            return {}
+        keys = sorted(self._window)
+        total = all_sum(torch.stack([torch.as_tensor(self._window[k], dtype=torch.float64).cpu()
+                                     for k in keys])).tolist()
+        return dict(zip(keys, total))
+
+    def load_window_state(self, state):
+        self._window = {k: float(v) for k, v in (state or {}).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -260,18 +260,20 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
 
     mode = parallel_mode(t, env.world)
     with torch.device("meta") if mode == "fsdp" else contextlib.nullcontext():  # sharded: no full copy
-        model = make_model(cfg.model)
+        product = make_model(cfg.model)  # what the run produces
+        model = objective.wrap(product)  # what it trains and checkpoints (ELECTRA: + its generator)
     if wants_fast_paths(t.fast_paths, env.device, env.dtype):
         apply_fast_paths(model)
     step_fn = parallelize(model, objective, env, t)
     if cfg.init_from and not resume:
-        load_initial_weights(model, cfg.init_from, sharded=mode == "fsdp")
+        load_initial_weights(product, cfg.init_from, sharded=mode == "fsdp")
     optimizer = make_optimizer(model, t, env.device.type)
 
     if resume:
         restore(ckpt, model, optimizer, meta, env.rank, sharded=mode == "fsdp")
         resumed_window = (meta.get("window_loss", 0.0), meta.get("window_steps", 0),
                           meta.get("window_skipped", 0), meta.get("window_grad_norm", 0.0))
+        objective.load_window_state(meta.get("objective_window") if env.master else None)  # (a global sum)
         log.say(f"resuming {run} from {ckpt.name} (step {step}, {samples * t.seq_len:,} tokens"
                 f"{', written by %d processes' % meta['world_size'] if meta.get('world_size', 1) != env.world else ''})")
         log.truncate_after(step)
@@ -296,7 +298,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
     log.track(t.loggers, cfg.to_dict(), step if resume else None)
 
     info = model_info(cfg.model, t.seq_len)
-    flops_per_step = info["flops_per_token"] * tokens_per_step
+    flops_per_step = (info["flops_per_token"] + objective.extra_flops_per_token(t.seq_len)) * tokens_per_step
     peak = env.peak_flops()
 
     if step == 0:
@@ -331,6 +333,9 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                  "global_batch": global_batch, "window_loss": window_loss, "window_steps": window_steps,
                  "window_skipped": window_skipped, "window_grad_norm": window_norm,
                  "rollbacks": rollbacks, **guard.state()}
+        window = objective.window_state(lambda x: env.all_sum_tensor(x.to(env.device)).cpu())
+        if window:  # what the objective's own logged metrics have gathered, over every process
+            state["objective_window"] = window
         if mode == "fsdp":
             save_sharded_checkpoint(run, model, optimizer, state, env.rank, env.world,
                                     keep=t.keep_checkpoints)
@@ -419,6 +424,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                     rec["mfu"] = rec["flops_per_s"] / (peak * env.world)
                 routing = router_stats(model, all_sum=lambda x: env.all_sum_tensor(x.to(env.device)).cpu())
                 rec.update(routing or {})
+                rec.update(objective.train_metrics(lambda x: env.all_sum_tensor(x.to(env.device)).cpu()))
                 log.write(rec)
                 elapsed = time.perf_counter() - run_t0
                 eta = elapsed / (step - start_step) * (t.max_steps - step)
