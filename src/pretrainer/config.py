@@ -252,6 +252,8 @@ _BERT = dict(
     bias=True, tie_embeddings=True, vocab_size=30522, max_seq_len=512, embed_norm=True,
     type_vocab_size=2, pooler=True, mlm_head=True, scaled_residual_init=False,
 )
+# DistilBERT (Sanh et al. 2019): BERT's layout without segment embeddings and without a pooler.
+_DISTILBERT = dict(_BERT, type_vocab_size=0, pooler=False)
 
 _T5 = dict(
     arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
@@ -305,6 +307,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-medium": dict(_BERT, n_layer=8, n_head=8, d_model=512),
     "bert-base": dict(_BERT, n_layer=12, n_head=12, d_model=768),
     "bert-large": dict(_BERT, n_layer=24, n_head=16, d_model=1024),
+    # DistilBERT (Sanh et al. 2019): BERT-base with half the layers (66,362,880 parameters as
+    # DistilBertModel); distilbert-mini, a CPU size, is bert-mini with half the layers, its
+    # vocabulary from the data (the student `pretrainer distill` makes of a bert-mini run).
+    "distilbert-base": dict(_DISTILBERT, n_layer=6, n_head=12, d_model=768),
+    "distilbert-mini": dict(_DISTILBERT, vocab_size=None, n_layer=2, n_head=4, d_model=256),
     # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
     # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
     "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,
