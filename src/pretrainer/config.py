@@ -11,6 +11,7 @@ A run is described by one :class:`RunConfig`::
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
     masking: what mlm selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
+    distill: objective=distill only: the teacher and the loss weights (see :class:`DistillConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
 Values come, in order, from the defaults, a YAML file, then command-line overrides such as
@@ -449,6 +450,30 @@ class NoiseConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation, ``objective=distill`` (DistilBERT: Sanh et al. 2019; soft targets:
+    Hinton et al. 2015): the student (``model``) learns from a frozen ``teacher`` in eval mode with
+    ``ce_weight`` x the soft-target cross-entropy, KL(teacher || student) of the two output
+    distributions at ``temperature`` T, times T^2, + ``lm_weight`` x its own MLM (encoder) or
+    causal-LM (decoder) loss + ``cos_weight`` x (1 - cosine) between the teacher's and the student's
+    final hidden states (when their widths match). The defaults are DistilBERT's."""
+
+    teacher: str | None = None  # a run, checkpoint or Hugging Face folder; same tokenizer as the data
+    temperature: float = 2.0
+    ce_weight: float = 5.0  # soft targets, on every token (encoder: masked_only for the MLM's ones)
+    lm_weight: float = 2.0  # the student's own masked-LM or causal-LM loss
+    cos_weight: float = 1.0  # hidden-state cosine loss; off when the widths differ
+    masked_only: bool = False  # encoder: soft targets on the MLM-selected positions only (cheaper)
+
+    def validate(self) -> None:
+        _finite("distill", "temperature", self.temperature, lambda v: v > 0, "a positive, finite temperature (2)")
+        for name in ("ce_weight", "lm_weight", "cos_weight"):
+            _finite("distill", name, getattr(self, name), lambda v: v >= 0, "a finite weight >= 0")
+        if not (self.ce_weight or self.lm_weight or self.cos_weight):
+            raise ConfigError("distill: ce_weight, lm_weight and cos_weight are all 0; expected a loss to train on")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
@@ -458,12 +483,16 @@ class RunConfig:
     prefix_mask: bool = True  # (input, target) objectives on a decoder: the input part bidirectional
     init_from: str | None = None  # start from these weights: a run, a checkpoint or a Hugging Face folder
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # objective=distill only
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
         self.model.validate()
         self.train.validate()
         self.noise.validate()
+        self.distill.validate()
+        if self.distill.teacher and self.objective != "distill":
+            raise ConfigError(f"distill.teacher applies to objective=distill only (objective={self.objective})")
         from .train.objectives import get_objective  # the registry: names and architectures
 
         get_objective(self)
@@ -742,7 +771,7 @@ def _flatten(raw: dict, prefix: str = ""):
 def _all_keys() -> list[str]:
     keys = []
     for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
-                      ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
+                      ("distill", DistillConfig), ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]
     return keys
