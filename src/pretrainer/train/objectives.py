@@ -314,13 +314,16 @@ class Distill(Objective):
         h_s = model.hidden_states(ids, **extras)
         soft = self.soft_positions(batch)
         z_s = model.head(h_s[soft]).float()
+        y = labels[soft]  # the labelled positions are among the soft ones
+        picked = y != IGNORE
+        out = {"lm": cross_entropy(z_s[picked], y[picked])}
         T = self.cfg.distill.temperature
-        out = {"lm": cross_entropy(z_s, labels[soft])}  # the labelled positions are among the soft ones
-        with torch.no_grad():
-            log_p_t = torch.log_softmax(teacher.head(h_t[soft]).float() / T, dim=-1)
-        log_p_s = torch.log_softmax(z_s / T, dim=-1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-        out["ce"] = kl.mean() * T * T
+        with torch.no_grad():  # KL(p_t || p_s) = sum p_t log p_t - sum p_t log p_s: the first term is fixed
+            z_t = teacher.head(h_t[soft]).float() / T
+            p_t = torch.softmax(z_t, dim=-1)
+            neg_entropy = (p_t * torch.log_softmax(z_t, dim=-1)).sum(-1).mean()
+        soft_ce = torch.nn.functional.cross_entropy(z_s / T, p_t)  # - mean sum p_t log softmax(z_s / T)
+        out["ce"] = (soft_ce + neg_entropy) * T * T
         if self.cosine:
             tokens = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(soft)
             cos = torch.nn.functional.cosine_similarity(h_s[tokens].float(), h_t[tokens].float(), dim=-1)
