@@ -17,7 +17,8 @@ GLUE score), and how much faster does it train per step?
    4,096-entry vocabulary costs 2.5x as much CPU time.
 4. ``finetune`` both on ``builtin:stdlib-package`` (which of 10 standard-library packages a function
    comes from) with the same settings, for each seed, teacher and student interleaved; accuracy of
-   the student as a fraction of the teacher's, per seed and of the means.
+   the student as a fraction of the teacher's, per seed and of the means. A third arm, the student's
+   config and tokenizer from random weights (``--from-scratch``), shows what distillation carried.
 5. Speed per training step, measured side by side: the same MLM batches through the teacher's and the
    student's training step (forward, backward, AdamW), and a forward pass alone, alternating
    teacher and student in every round; the ratio teacher / student per round, median and range.
@@ -82,7 +83,7 @@ def main() -> None:
     from pretrainer.finetune import finetune
     from pretrainer.finetune.builtin import builtin_rows, corpus_without_eval
     from pretrainer.train.distill import distill_config
-    from pretrainer.train.trainer import read_metrics, train
+    from pretrainer.train.trainer import read_metrics
 
     work = Path(args.work)
     data, teacher, student = work / "data", work / "teacher", work / "student"
@@ -107,7 +108,7 @@ def main() -> None:
                           ["model=bert-tiny", "model.n_layer=4", "model.vocab_size=null", "model.max_seq_len=128",
                            f"data={data}", f"out={teacher}", f"train.max_steps={args.teacher_steps}",
                            f"train.warmup_steps={max(1, min(100, args.teacher_steps // 10))}", *common])
-        train(cfg)
+        _train(cfg)
         timings["teacher_pretrain_s"] = time.perf_counter() - t0
     if not (args.reuse and _finished(student, args.distill_steps, not args.all_positions)):
         shutil.rmtree(student, ignore_errors=True)
@@ -118,7 +119,7 @@ def main() -> None:
                                         f"out={student}", f"train.max_steps={args.distill_steps}",
                                         f"distill.masked_only={not args.all_positions}",
                                         f"train.warmup_steps={max(1, min(100, args.distill_steps // 10))}", *common])
-        train(cfg)
+        _train(cfg)
         timings["student_distill_s"] = time.perf_counter() - t0
 
     def pretraining(run: Path) -> dict:
@@ -131,15 +132,16 @@ def main() -> None:
 
     # -- 4. fine-tuning, teacher and student interleaved ------------------------------------------
     task = TASK if not args.quick else f"{TASK}:24"
-    ft = {"teacher": [], "student": []}
+    ft = {"teacher": [], "student": [], "student_scratch": []}
     for seed in seeds:
-        for name, run in (("teacher", teacher), ("student", student)):
+        for name, run in (("teacher", teacher), ("student", student), ("student_scratch", student)):
             out = work / f"ft-{name}-seed{seed}"
             shutil.rmtree(out, ignore_errors=True)
-            say(f"[4/5] fine-tuning the {name} on {task}, seed {seed}")
+            say(f"[4/5] fine-tuning the {name.replace('_', ' from ')} on {task}, seed {seed}")
             t0 = time.perf_counter()
             r = finetune(str(run), "classification", task, str(out), epochs=args.epochs, lr=args.lr,
-                         batch_size=32, max_len=args.max_len, seed=seed, quiet=True)
+                         batch_size=32, max_len=args.max_len, seed=seed, quiet=True,
+                         from_scratch=name == "student_scratch")
             seconds = time.perf_counter() - t0
             ft[name].append({"seed": seed, "accuracy": r["accuracy"], "f1": r["f1"], "epoch": r["epoch"],
                              "steps": r["steps"], "seconds": round(seconds, 1),
@@ -152,6 +154,7 @@ def main() -> None:
 
     acc_t = [r["accuracy"] for r in ft["teacher"]]
     acc_s = [r["accuracy"] for r in ft["student"]]
+    acc_0 = [r["accuracy"] for r in ft["student_scratch"]]
     per_seed = [s / t for s, t in zip(acc_s, acc_t)]
     kept = statistics.mean(acc_s) / statistics.mean(acc_t)
     result = {
@@ -168,10 +171,11 @@ def main() -> None:
                              + ("every token" if args.all_positions else "the masked tokens (masked_only)"),
                     **pretraining(student)},
         "finetune_settings": {"epochs": args.epochs, "lr": args.lr, "batch_size": 32, "max_len": args.max_len,
-                              "seeds": seeds, "order": "teacher then student, seed by seed"},
+                              "seeds": seeds, "order": "teacher, student, student from scratch; seed by seed"},
         "finetune": ft,
         "accuracy": {"teacher_mean": statistics.mean(acc_t), "student_mean": statistics.mean(acc_s),
                      "teacher_std": statistics.pstdev(acc_t), "student_std": statistics.pstdev(acc_s),
+                     "student_scratch_mean": statistics.mean(acc_0), "student_scratch_std": statistics.pstdev(acc_0),
                      "student_over_teacher": kept, "per_seed_ratio": per_seed,
                      "per_seed_ratio_min": min(per_seed), "per_seed_ratio_max": max(per_seed),
                      "claim_95_holds": kept >= 0.95},
@@ -188,12 +192,20 @@ def main() -> None:
     a = result["accuracy"]
     say(f"\nteacher accuracy {a['teacher_mean']:.4f} ± {a['teacher_std']:.4f}, student {a['student_mean']:.4f} "
         f"± {a['student_std']:.4f} ({len(seeds)} seeds): the student keeps {100 * kept:.1f} % "
-        f"(per seed {100 * min(per_seed):.1f}-{100 * max(per_seed):.1f} %)")
+        f"(per seed {100 * min(per_seed):.1f}-{100 * max(per_seed):.1f} %); the student from scratch "
+        f"{a['student_scratch_mean']:.4f} ± {a['student_scratch_std']:.4f}")
     for kind in ("train_step", "forward"):
         s = speed[kind]
         say(f"{kind}: teacher {s['teacher_ms_median']:.1f} ms, student {s['student_ms_median']:.1f} ms: "
             f"{s['ratio_median']:.2f}x faster (rounds {s['ratio_min']:.2f}-{s['ratio_max']:.2f})")
     say(f"wrote {out_json} ({result['total_s']:.0f} s, {result['cpu_s']:.0f} s of CPU)")
+
+
+def _train(cfg) -> None:
+    from pretrainer.train.trainer import train
+
+    if train(cfg)["preempted"]:  # Ctrl-C or SIGTERM: the run is saved, the benchmark stops
+        sys.exit(75)
 
 
 def _finished(run: Path, steps: int, masked_only: bool | None = None) -> bool:

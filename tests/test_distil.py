@@ -344,6 +344,21 @@ def test_distill_refuses_another_tokenizer_or_vocabulary_in_one_line(teachers, t
         assert not (tmp_path / "x").exists()
 
 
+def test_distill_settings_are_checked():
+    from pretrainer.config import load_config
+    from pretrainer.errors import ConfigError
+
+    for overrides, needle in ((["model=bert-tiny", "objective=distill"], "distill.teacher is missing"),
+                              (["model=bert-tiny", "distill.teacher=t"], "applies to objective=distill only"),
+                              (["model=gpt-nano", "objective=distill", "distill.teacher=t", "distill.masked_only=true"],
+                               "masked_only applies to encoders"),
+                              (["model=bert-tiny", "objective=distill", "distill.teacher=t", "distill.temperature=0"],
+                               "distill.temperature=0.0: expected a positive"),
+                              (["model=t5-tiny", "objective=distill", "distill.teacher=t"], "trains arch=encoder or decoder")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, overrides).validate(need_paths=False)
+
+
 def test_finetune_from_a_distilled_cpu_preset_run(teachers, tmp_path, capsys):
     """distilbert-mini (at the teacher's width) distilled from the BERT teacher, then fine-tuned."""
     from pretrainer.finetune import finetune

@@ -181,15 +181,19 @@ def distill_config(teacher: str, student: str | None = None, config: str | None 
                    overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The run config of ``pretrainer distill TEACHER --student PRESET [key=value ...]``.
 
-    Without ``config`` the run starts from the teacher run's own data, masking and train settings
-    (a Hugging Face teacher has none: pass ``data=``); the student is ``student`` (a preset), or
-    without one the teacher's architecture with half its layers (DistilBERT's recipe); its
-    vocabulary is the teacher's. ``overrides`` (``out=``, ``train.max_steps=``, ``model.n_layer=``,
+    Without ``config`` (a YAML file) the run starts from the teacher run's own data, masking and
+    train settings (a Hugging Face teacher has none: pass ``data=``); the student is ``student`` (a
+    preset), else the config file's ``model``, else the teacher's architecture with half its layers
+    (DistilBERT's recipe); its vocabulary is the teacher's. ``overrides`` (``out=``, ``train.max_steps=``, ``model.n_layer=``,
     ``distill.temperature=`` ...) come last."""
     t = teacher_model_config(teacher)
     config_yaml, _, _ = _teacher_files(teacher)
+    file_model = False
     if config is not None:
+        from ..config import _find_config_file, read_yaml
+
         cfg = load_config(config)
+        file_model = "model" in read_yaml(_find_config_file(config))
     elif config_yaml is not None:
         own = config_from_file(config_yaml)
         cfg = RunConfig(data=own.data, masking=own.masking if t.arch == "encoder" else "token",
@@ -198,7 +202,7 @@ def distill_config(teacher: str, student: str | None = None, config: str | None 
         cfg = RunConfig()
     if student is not None:
         cfg.model = model_preset(student)
-    else:
+    elif not file_model:
         cfg.model = dataclasses.replace(t, n_layer=max(1, t.n_layer // 2), preset=None)
     cfg.objective, cfg.out, cfg.init_from = "distill", None, None
     cfg.distill.teacher = str(teacher)
