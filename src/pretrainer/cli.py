@@ -122,12 +122,43 @@ def cmd_prepare(args) -> None:
 
 def cmd_pretrain(args) -> int | None:
     from .config import load_config
-    from .train.trainer import resume_config, train
+    from .train.trainer import resume_config
 
     if args.resume:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    return cmd_pretrain_config(cfg, args)
+
+
+def cmd_distill(args) -> int | None:
+    from .errors import ConfigError
+    from .train.distill import distill_config
+    from .train.trainer import resume_config
+
+    overrides = list(args.overrides)
+    if args.teacher is not None and "=" in args.teacher:  # `distill --resume RUN key=value`
+        overrides.insert(0, args.teacher)
+        args.teacher = None
+    if args.resume:
+        if args.teacher or args.student or args.config:
+            raise ConfigError("--resume RUN continues a distill run with its own teacher and student; "
+                              "give only key=value overrides (train.max_steps=N)")
+        cfg = resume_config(args.resume, overrides)
+        if cfg.objective != "distill":
+            raise ConfigError(f"{args.resume}: objective={cfg.objective}, not a distill run; "
+                              f"continue it with pretrainer pretrain --resume {args.resume}")
+    elif args.teacher is None:
+        raise ConfigError("TEACHER_RUN is missing: pretrainer distill TEACHER_RUN --student PRESET out=DIR")
+    else:
+        cfg = distill_config(args.teacher, args.student, args.config, overrides)
+    return cmd_pretrain_config(cfg, args)
+
+
+def cmd_pretrain_config(cfg, args) -> int | None:
+    """Train ``cfg`` (resume when ``args.resume``) and print the summary as ``pretrain`` does."""
+    from .train.trainer import train
+
     summary = train(cfg, resume=bool(args.resume), quiet=args.quiet)
     status = EXIT_PREEMPTED if summary["preempted"] else None  # every process of a job says the same
     if int(os.environ.get("RANK", "0")) != 0:
@@ -550,6 +581,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.add_argument("--json", action="store_true", help="print the final summary as JSON")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("distill", help="train a smaller student from a teacher run (DistilBERT's loss)",
+                       description=(
+        "Knowledge distillation (Sanh et al. 2019, DistilBERT): train a student from a frozen teacher (a run, "
+        "checkpoint or Hugging Face folder; encoder or decoder) with ce_weight x the soft-target "
+        "cross-entropy at temperature T (x T^2) + lm_weight x its own masked-LM (encoder) or causal-LM "
+        "(decoder) loss + cos_weight x (1 - cosine) of the final hidden states (when the widths match); "
+        "DistilBERT's 5 / 2 / 1 and T=2 by default (distill.ce_weight, distill.lm_weight, distill.cos_weight, "
+        "distill.temperature, distill.masked_only). The student starts from one teacher layer in two (12 -> 6: "
+        "0, 2, 4, 7, 9, 11) wherever the shapes fit; the first log line says which. The run starts from the "
+        "teacher run's data, masking and train settings; key=value overrides refine them, e.g. "
+        "'pretrainer distill runs/bert --student distilbert-mini out=runs/distil train.max_steps=2000'. "
+        "Teacher and student share the tokenizer (else refused). It is objective=distill in the one training "
+        "loop: checkpoints, exact resume (--resume RUN, or pretrain --resume RUN), torchrun."),
+        epilog=EXIT_STATUSES)
+    s.add_argument("teacher", nargs="?", metavar="TEACHER_RUN", help="the teacher: a run, checkpoint or "
+                   "Hugging Face folder")
+    s.add_argument("overrides", nargs="*", help="key=value settings (out=DIR, data=DIR, train.*, model.*, distill.*)")
+    s.add_argument("--student", metavar="PRESET", help="the student's preset, e.g. distilbert-mini "
+                   "(default: the teacher's architecture with half its layers)")
+    s.add_argument("--config", "-c", help="YAML config file instead of the teacher run's settings")
+    s.add_argument("--resume", metavar="RUN", help="continue a distill RUN from its newest intact checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("generate", help="sample text from a trained run (or answer, for T5/BART)")
     s.add_argument("run", help="run folder, checkpoint folder or HF folder")

@@ -13,6 +13,7 @@ A run is described by one :class:`RunConfig`::
     masking: what mlm (and electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     electra: the generator's size and the loss weight of objective=electra (see :class:`ElectraConfig`)
+    distill: objective=distill only: the teacher and the loss weights (see :class:`DistillConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
 Values come, in order, from the defaults, a YAML file, then command-line overrides such as
@@ -297,6 +298,8 @@ _ELECTRA = dict(_BERT, pooler=False, rtd_head=True)
 # ALBERT (Lan et al. 2020): BERT with factorised embeddings (E = 128) and one block shared by every
 # layer; v2 has no dropout and GELU's tanh form (HF's gelu_new), and a 30,000-piece SentencePiece vocabulary.
 _ALBERT = dict(_BERT, vocab_size=30000, d_embed=128, share_layers="all", mlp="gelu_tanh")
+# DistilBERT (Sanh et al. 2019): BERT's layout without segment embeddings and without a pooler.
+_DISTILBERT = dict(_BERT, type_vocab_size=0, pooler=False)
 
 _T5 = dict(
     arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
@@ -361,6 +364,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "electra-tiny": dict(_ELECTRA, vocab_size=None, n_layer=4, n_head=2, d_model=128, d_ff=512, d_embed=64,
                          max_seq_len=256),
     "electra-small": dict(_ELECTRA, n_layer=12, n_head=4, d_model=256, d_ff=1024, d_embed=128),
+    # DistilBERT (Sanh et al. 2019): BERT-base with half the layers (66,362,880 parameters as
+    # DistilBertModel); distilbert-mini, a CPU size, is bert-mini with half the layers, its
+    # vocabulary from the data (the student `pretrainer distill` makes of a bert-mini run).
+    "distilbert-base": dict(_DISTILBERT, n_layer=6, n_head=12, d_model=768),
+    "distilbert-mini": dict(_DISTILBERT, vocab_size=None, n_layer=2, n_head=4, d_model=256),
     # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
     # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
     "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,
@@ -532,6 +540,30 @@ class ElectraConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation, ``objective=distill`` (DistilBERT: Sanh et al. 2019; soft targets:
+    Hinton et al. 2015): the student (``model``) learns from a frozen ``teacher`` in eval mode with
+    ``ce_weight`` x the soft-target cross-entropy, KL(teacher || student) of the two output
+    distributions at ``temperature`` T, times T^2, + ``lm_weight`` x its own MLM (encoder) or
+    causal-LM (decoder) loss + ``cos_weight`` x (1 - cosine) between the teacher's and the student's
+    final hidden states (when their widths match). The defaults are DistilBERT's."""
+
+    teacher: str | None = None  # a run, checkpoint or Hugging Face folder; same tokenizer as the data
+    temperature: float = 2.0
+    ce_weight: float = 5.0  # soft targets, on every token (encoder: masked_only for the MLM's ones)
+    lm_weight: float = 2.0  # the student's own masked-LM or causal-LM loss
+    cos_weight: float = 1.0  # hidden-state cosine loss; off when the widths differ
+    masked_only: bool = False  # encoder: soft targets on the MLM-selected positions only (cheaper)
+
+    def validate(self) -> None:
+        _finite("distill", "temperature", self.temperature, lambda v: v > 0, "a positive, finite temperature (2)")
+        for name in ("ce_weight", "lm_weight", "cos_weight"):
+            _finite("distill", name, getattr(self, name), lambda v: v >= 0, "a finite weight >= 0")
+        if not (self.ce_weight or self.lm_weight or self.cos_weight):
+            raise ConfigError("distill: ce_weight, lm_weight and cos_weight are all 0; expected a loss to train on")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
@@ -542,6 +574,7 @@ class RunConfig:
     init_from: str | None = None  # start from these weights: a run, a checkpoint or a Hugging Face folder
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
     electra: ElectraConfig = field(default_factory=ElectraConfig)  # electra only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # objective=distill only
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
@@ -549,6 +582,9 @@ class RunConfig:
         self.train.validate()
         self.noise.validate()
         self.electra.validate()
+        self.distill.validate()
+        if self.distill.teacher and self.objective != "distill":
+            raise ConfigError(f"distill.teacher applies to objective=distill only (objective={self.objective})")
         from .train.objectives import get_objective  # the registry: names and architectures
 
         get_objective(self)
@@ -844,7 +880,7 @@ def _flatten(raw: dict, prefix: str = ""):
 def _all_keys() -> list[str]:
     keys = []
     for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
-                      ("electra", ElectraConfig),
+                      ("electra", ElectraConfig), ("distill", DistillConfig),
                       ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]

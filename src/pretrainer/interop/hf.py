@@ -38,6 +38,10 @@ These families have an exact Hugging Face counterpart:
   generator (``ElectraForMaskedLM``, whose head's activation is always GELU). A bare
   ``ElectraModel`` folder imports as a discriminator whose detection head is drawn afresh
   (N(0, initializer_range), seed 0; fine-tuning does not use it).
+- DistilBERT (``DistilBertForMaskedLM``; ``DistilBertModel`` weights for the backbone): BERT's
+  layout without segment embeddings and without a pooler (an encoder with ``type_vocab_size=0``),
+  its LayerNorms at eps 1e-12. Our fused [q; k; v] is split into ``q_lin``, ``k_lin``, ``v_lin``.
+  A config with ``sinusoidal_pos_embds=true`` (a frozen table) is refused.
 - T5 (``T5ForConditionalGeneration``, v1.0 and v1.1): relative position bias in the first layer of
   each stack, RMSNorm pre-norm, no biases, ReLU or gated-GELU MLPs.
 - BART (``BartForConditionalGeneration``): learned positions (Hugging Face keeps two unused rows
@@ -84,6 +88,8 @@ _NEOX_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _NEOX_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _BERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _BERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_DISTILBERT_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+_DISTILBERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 # tensors of old checkpoints that are not weights: GPT-2's, GPT-Neo's and GPT-NeoX's causal-mask
 # buffers, rotary tables, BERT's position ids; and BERT's copy of the output bias (tied to
@@ -96,6 +102,7 @@ _TIED = {"gpt2": ("lm_head.weight",), "gpt_neo": ("lm_head.weight",), "llama": (
          "mixtral": ("lm_head.weight",), "gpt_neox": ("embed_out.weight", "lm_head.weight"),
          "bert": ("cls.predictions.decoder.weight",), "electra": ("generator_lm_head.weight",),
          "albert": ("predictions.decoder.weight", "predictions.decoder.bias"),  # bias: predictions.bias
+         "distilbert": ("vocab_projector.weight",),
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
            "bart": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")}
@@ -126,7 +133,8 @@ def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
 
 def hf_family(cfg: ModelConfig) -> str:
     """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"albert"``,
-    ``"electra"``, ``"t5"`` or ``"bart"``: the Hugging Face model a configuration converts to exactly.
+    ``"electra"``, ``"distilbert"``, ``"t5"`` or ``"bart"``: the Hugging Face model a configuration
+    converts to exactly.
 
     A decoder with learned positions is GPT-Neo when its attention scores are unscaled
     (``attn_scale=false``), else GPT-2: GPT-Neo never scales them and GPT-2 always does, so the two
@@ -141,6 +149,8 @@ def hf_family(cfg: ModelConfig) -> str:
                              "experts convert as Mixtral only: a rope, rmsnorm decoder")
     if cfg.arch == "encoder" and (cfg.rtd_head or cfg.embed_dim != cfg.d_model):
         return _electra_family(cfg)
+    if cfg.arch == "encoder" and cfg.type_vocab_size == 0:
+        return _distilbert_family(cfg)
     if cfg.embed_dim != cfg.d_model:
         raise _no_equivalent("d_embed", cfg.d_embed, "factorised embeddings convert as ALBERT or ELECTRA, "
                                                      "not yet supported")
@@ -287,6 +297,16 @@ def _electra_family(cfg: ModelConfig) -> str:
         if cfg.mlp != "gelu":
             raise _no_equivalent("mlp", cfg.mlp, "the MLM head of ELECTRA's generator activates with gelu")
     return "electra"
+
+
+def _distilbert_family(cfg: ModelConfig) -> str:
+    """DistilBERT: BERT's encoder without segment embeddings or a pooler, eps 1e-12 everywhere."""
+    _require(cfg, "DistilBERT", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+                                     embed_norm=True, mlm_head=True, tie_embeddings=True, attn_scale=True,
+                                     pooler=False, norm_eps=1e-12), _DISTILBERT_ACT)
+    if cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise _no_equivalent("d_head", cfg.d_head, "DistilBERT's heads split dim")
+    return "distilbert"
 
 
 _T5_MLP = {"relu": "relu", "geglu_tanh": "gated-gelu"}
@@ -461,6 +481,31 @@ def _albert_tensors(cfg: ModelConfig) -> list[_Tensor]:
                     _Tensor("mlm.out.bias", ("predictions.bias",))]
 
 
+def _distilbert_tensors(cfg: ModelConfig) -> list[_Tensor]:
+    d = cfg.d_model
+
+    def linear_and_norm(ours: str, hf: str) -> list[_Tensor]:
+        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
+
+    emb = "distilbert.embeddings."
+    names = [_Tensor("tok_emb.weight", (f"{emb}word_embeddings.weight",)),
+             _Tensor("pos_emb.weight", (f"{emb}position_embeddings.weight",)),
+             *linear_and_norm("embed_norm", f"{emb}LayerNorm")]
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"distilbert.transformer.layer.{i}."
+        for kind in ("weight", "bias"):
+            names.append(_Tensor(f"{ours}attn.qkv.{kind}",
+                                 tuple(f"{hf}attention.{p}_lin.{kind}" for p in "qkv"), rows=(d, d, d)))
+        for our_mod, hf_mod in (("attn.proj", "attention.out_lin"), ("norm1", "sa_layer_norm"),
+                                ("mlp.up", "ffn.lin1"), ("mlp.down", "ffn.lin2"),
+                                ("norm2", "output_layer_norm")):
+            names += linear_and_norm(ours + our_mod, hf + hf_mod)
+    names += [*linear_and_norm("mlm.dense", "vocab_transform"),
+              *linear_and_norm("mlm.norm", "vocab_layer_norm"),
+              _Tensor("mlm.out.bias", ("vocab_projector.bias",))]
+    return names
+
+
 def _t5_tensors(cfg: ModelConfig) -> list[_Tensor]:
     inner, ff = cfg.n_head * cfg.head_dim, cfg.ff_dim
     names = [_Tensor("encoder.tok_emb.weight", ("shared.weight",))]
@@ -545,7 +590,8 @@ def _electra_tensors(cfg: ModelConfig) -> list[_Tensor]:
 def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
     return {"gpt2": _gpt2_tensors, "gpt_neo": _gpt_neo_tensors, "llama": _llama_tensors,
             "mixtral": _llama_tensors, "gpt_neox": _neox_tensors, "bert": _bert_tensors, "albert": _albert_tensors,
-            "t5": _t5_tensors, "bart": _bart_tensors, "electra": _electra_tensors}[family](cfg)
+            "distilbert": _distilbert_tensors, "t5": _t5_tensors, "bart": _bart_tensors,
+            "electra": _electra_tensors}[family](cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,6 +633,14 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
             layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout, position_embedding_type="absolute",
+            **{k: v for k, v in common.items() if k != "use_cache"},
+        )
+    if family == "distilbert":
+        return dict(
+            model_type="distilbert", architectures=["DistilBertForMaskedLM"],
+            n_layers=cfg.n_layer, n_heads=cfg.n_head, dim=cfg.d_model, hidden_dim=cfg.ff_dim,
+            activation=_DISTILBERT_ACT[cfg.mlp], max_position_embeddings=cfg.max_seq_len,
+            sinusoidal_pos_embds=False, dropout=cfg.dropout, attention_dropout=cfg.dropout,
             **{k: v for k, v in common.items() if k != "use_cache"},
         )
     if family == "t5":
@@ -783,7 +837,7 @@ class _Fields:
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, gpt_neo,
-    llama, mistral, mixtral, gpt_neox, bert, albert, electra, t5 or bart).
+    llama, mistral, mixtral, gpt_neox, bert, albert, electra, distilbert, t5 or bart).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -806,13 +860,16 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _albert_config(f)
     elif model_type == "electra":
         cfg = _electra_config(f)
+    elif model_type == "distilbert":
+        cfg = _distilbert_config(f)
     elif model_type == "t5":
         cfg = _t5_config(f)
     elif model_type == "bart":
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, albert, electra, t5, bart")
+                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, albert, electra, "
+                              f"distilbert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -924,6 +981,20 @@ def _electra_config(f: _Fields) -> ModelConfig:
         tie_embeddings=True, embed_norm=True, pooler=False, mlm_head=True, rtd_head=not generator,
         dropout=f.get("hidden_dropout_prob", 0.1), init_std=f.get("initializer_range", 0.02),
         scaled_residual_init=False,
+    )
+
+
+def _distilbert_config(f: _Fields) -> ModelConfig:
+    """DistilBERT: its LayerNorms are eps 1e-12 (not a config field); no segments, no pooler."""
+    f.expect("sinusoidal_pos_embds", False, False)  # a frozen sinusoidal table: ours would train it
+    f.expect("tie_word_embeddings", True, True)
+    return ModelConfig(
+        arch="encoder", n_layer=f.get("n_layers"), n_head=f.get("n_heads"), d_model=f.get("dim"),
+        d_ff=f.get("hidden_dim"), vocab_size=f.get("vocab_size"),
+        max_seq_len=f.get("max_position_embeddings", 512), type_vocab_size=0, norm="layernorm",
+        norm_eps=1e-12, prenorm=False, position="learned", mlp=f.choice("activation", "gelu", _DISTILBERT_ACT_IN),
+        bias=True, tie_embeddings=True, embed_norm=True, pooler=False, mlm_head=True,
+        dropout=f.get("dropout", 0.1), init_std=f.get("initializer_range", 0.02), scaled_residual_init=False,
     )
 
 
@@ -1040,10 +1111,10 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     """
     family = hf_family(cfg)
     prefix = {"gpt2": "transformer.", "gpt_neo": "transformer.", "llama": "model.", "mixtral": "model.",
-              "gpt_neox": "gpt_neox.", "bert": "bert.", "albert": "albert.", "t5": "", "bart": "model.",
-              "electra": "electra."}[family]
+              "gpt_neox": "gpt_neox.", "bert": "bert.", "albert": "albert.", "distilbert": "distilbert.",
+              "t5": "", "bart": "model.", "electra": "electra."}[family]
     heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias", "discriminator_predictions.",
-             "generator_predictions.", "generator_lm_head.")
+             "generator_predictions.", "generator_lm_head.", "vocab_")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
     if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:

@@ -123,6 +123,12 @@ class Objective:
         x, y = pair
         return {"input_ids": x, "labels": y}
 
+    def prepare(self, model, device: torch.device, initialise: bool, sharded: bool = False) -> str | None:
+        """Called by the trainer once, before the first step, with the model built on ``device``;
+        ``initialise``: a fresh run without ``init_from`` (the objective may set the starting
+        weights; ``sharded``: FSDP2). Returns a note for the run's first log line, or None."""
+        return None
+
     # -- loss ----------------------------------------------------------------------------------
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The mean loss over the batch's predicted tokens."""
@@ -393,6 +399,137 @@ class Electra(Objective):
 
     def load_window_state(self, state):
         self._window = {k: float(v) for k, v in (state or {}).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge distillation (DistilBERT), for encoders and decoders
+
+
+@register
+class Distill(Objective):
+    """Sanh et al. (2019)'s distillation loss for the student ``model``, from a frozen teacher
+    (``distill.teacher``, loaded in eval mode on first use; never part of the trained module, its
+    state dict or its checkpoints)::
+
+        loss = ce_weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))     (mean over positions)
+             + lm_weight * the student's own loss (MLM on the selected tokens, or next-token CE)
+             + cos_weight * mean(1 - cos(h_t, h_s))                            (every token)
+
+    ``z``: output logits, ``h``: final hidden states (the cosine term only when the widths match).
+    The soft targets cover every token (an encoder with ``distill.masked_only``: the MLM-selected
+    ones only; a decoder: every predicted next token). Batches and evaluation are the student's own
+    objective's, ``mlm`` for an encoder (with ``masking``) and ``clm`` for a decoder, so
+    ``val_loss`` is the student's masked-LM or causal-LM loss, comparable with its teacher's. A
+    micro-batch weighs by its soft-target positions (``count``)."""
+
+    name = "distill"
+    archs = ("encoder", "decoder")
+    options = ("masking", "distill")
+    about = ("knowledge distillation from distill.teacher (DistilBERT): soft targets at a temperature "
+             "+ the student's own mlm/clm loss + hidden-state cosine; encoder or decoder")
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        d = cfg.distill
+        if not d.teacher:
+            raise ConfigError("objective=distill: distill.teacher is missing; expected a run, checkpoint or "
+                              "Hugging Face folder (pretrainer distill TEACHER_RUN --student PRESET ...)")
+        if d.masked_only and self.arch != "encoder":
+            raise ConfigError("distill.masked_only applies to encoders (a decoder predicts every position)")
+        if cfg.masking != "token" and self.arch != "encoder":
+            raise ConfigError(f"masking={cfg.masking} applies to an encoder student (objective=distill on a "
+                              f"decoder predicts the next token)")
+        self.base = (MaskedLM if self.arch == "encoder" else CausalLM)(cfg)
+        self.sums = self.base.sums
+        self._teacher = None
+        self.cosine = None  # whether the widths match: known once the teacher is read
+
+    # -- the teacher ---------------------------------------------------------------------------
+    def teacher(self, device: torch.device):
+        """The frozen teacher on ``device`` (loaded once)."""
+        from .distill import load_teacher
+
+        if self._teacher is None:
+            self._teacher = load_teacher(self.cfg.distill.teacher, device)
+            self.cosine = self._teacher.cfg.d_model == self.cfg.model.d_model
+        return self._teacher.to(device)
+
+    def prepare(self, model, device, initialise: bool, sharded: bool = False) -> str:
+        from .distill import init_student
+
+        teacher = self.teacher(device)
+        d = self.cfg.distill
+        note = (f"teacher {d.teacher} ({teacher.cfg.n_layer} x {teacher.cfg.d_model}); T={d.temperature:g}, "
+                f"weights ce {d.ce_weight:g} / {'mlm' if self.arch == 'encoder' else 'clm'} {d.lm_weight:g} / "
+                f"cos {d.cos_weight if self.cosine else 0:g}"
+                f"{'' if self.cosine or not d.cos_weight else ' (off: the widths differ)'}")
+        if initialise:
+            note += "; " + init_student(model, teacher, sharded)
+        return note
+
+    # -- data ----------------------------------------------------------------------------------
+    def builder(self, split, seq_len, seed):
+        return self.base.builder(split, seq_len, seed)
+
+    def batches(self, split, seq_len=None, seed=None):
+        from .distill import check_teacher
+
+        check_teacher(self.cfg, split.manifest["tokenizer"].get("hash"))  # before the run folder is written
+        return super().batches(split, seq_len, seed)
+
+    def as_batch(self, pair):
+        return self.base.as_batch(pair)
+
+    # -- loss ----------------------------------------------------------------------------------
+    def soft_positions(self, batch: dict) -> torch.Tensor:
+        """Boolean [B, T]: where the soft targets are compared."""
+        labels = batch["labels"]
+        if self.arch == "decoder" or self.cfg.distill.masked_only:
+            return labels != IGNORE
+        mask = batch.get("attention_mask")
+        return torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+
+    def count(self, batch):
+        return self.soft_positions(batch).sum().double()
+
+    def terms(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """The three losses, unweighted: ``ce`` (soft targets, times T^2), ``lm`` and ``cos``."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        extras = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+        teacher = self.teacher(ids.device)
+        with torch.no_grad():
+            h_t = teacher.hidden_states(ids, **extras)
+        h_s = model.hidden_states(ids, **extras)
+        soft = self.soft_positions(batch)
+        z_s = model.head(h_s[soft]).float()
+        y = labels[soft]  # the labelled positions are among the soft ones
+        picked = y != IGNORE
+        out = {"lm": cross_entropy(z_s[picked], y[picked])}
+        T = self.cfg.distill.temperature
+        with torch.no_grad():  # KL(p_t || p_s) = sum p_t log p_t - sum p_t log p_s: the first term is fixed
+            z_t = teacher.head(h_t[soft]).float() / T
+            p_t = torch.softmax(z_t, dim=-1)
+            neg_entropy = (p_t * torch.log_softmax(z_t, dim=-1)).sum(-1).mean()
+        soft_ce = torch.nn.functional.cross_entropy(z_s / T, p_t)  # - mean sum p_t log softmax(z_s / T)
+        out["ce"] = (soft_ce + neg_entropy) * T * T
+        if self.cosine:
+            tokens = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(soft)
+            cos = torch.nn.functional.cosine_similarity(h_s[tokens].float(), h_t[tokens].float(), dim=-1)
+            out["cos"] = (1 - cos).mean()
+        return out
+
+    def loss(self, model, batch):
+        d = self.cfg.distill
+        t = self.terms(model, batch)
+        loss = d.ce_weight * t["ce"] + d.lm_weight * t["lm"]
+        return loss + d.cos_weight * t["cos"] if "cos" in t else loss
+
+    # -- evaluation: the student's own objective -----------------------------------------------
+    def eval_sums(self, model, batch):
+        return self.base.eval_sums(model, batch)
+
+    def metrics(self, sums):
+        return self.base.metrics(sums)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -267,6 +267,9 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
     step_fn = parallelize(model, objective, env, t)
     if cfg.init_from and not resume:
         load_initial_weights(product, cfg.init_from, sharded=mode == "fsdp")
+    # the objective's own start (distill: the teacher, and the student's weights taken from it)
+    note = objective.prepare(product, env.device, initialise=not resume and not cfg.init_from,
+                             sharded=mode == "fsdp")
     optimizer = make_optimizer(model, t, env.device.type)
 
     if resume:
@@ -309,7 +312,8 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 f"({str(env.dtype).replace('torch.', '')}{', compiled' if env.compile else ''}"
                 f"{', activation checkpointing ' + t.activation_checkpointing if t.activation_checkpointing != 'none' else ''}"
                 f"); data {len(train_split):,} train tokens"
-                f"{'; weights from ' + cfg.init_from if cfg.init_from else ''}")
+                f"{'; weights from ' + cfg.init_from if cfg.init_from else ''}"
+                f"{'; ' + note if note else ''}")
 
     def evaluate() -> dict:
         """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
