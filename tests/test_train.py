@@ -142,7 +142,8 @@ def test_config_typos_and_bad_values_name_the_key(tmp_path):
     cfg = load_config(str(f), ["model.d_model=64"])
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.norm, cfg.train.lr) == (2, 64, "rmsnorm", 3e-4)
     cfg = load_config(None, ["model=gpt2-small", "train.device=cpu"])
-    assert cfg.model.vocab_size == 50257
+    assert cfg.model.n_layer == 12 and cfg.model.vocab_size is None  # GPT-2's 50,257 only when given
+    assert load_config(None, ["model=gpt2-small", "model.vocab_size=50257"]).model.vocab_size == 50257
     with pytest.raises(ConfigError, match="train.device='gpu'"):
         cfg.train.device = "gpu"
         cfg.validate(need_paths=False)

@@ -145,7 +145,7 @@ def cmd_distill(args) -> int | None:
             raise ConfigError("--resume RUN continues a distill run with its own teacher and student; "
                               "give only key=value overrides (train.max_steps=N)")
         cfg = resume_config(args.resume, overrides)
-        if cfg.objective != "distill":
+        if not cfg.distill.teacher:  # (a distill run is the one with a teacher)
             raise ConfigError(f"{args.resume}: objective={cfg.objective}, not a distill run; "
                               f"continue it with pretrainer pretrain --resume {args.resume}")
     elif args.teacher is None:

@@ -583,8 +583,6 @@ class RunConfig:
         self.noise.validate()
         self.electra.validate()
         self.distill.validate()
-        if self.distill.teacher and self.objective != "distill":
-            raise ConfigError(f"distill.teacher applies to objective=distill only (objective={self.objective})")
         from .train.objectives import get_objective  # the registry: names and architectures
 
         get_objective(self)

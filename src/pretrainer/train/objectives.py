@@ -54,6 +54,10 @@ def get_objective(cfg: RunConfig) -> "Objective":
 
         raise ConfigError(f"objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}"
                           f"{_suggest(cfg.objective, OBJECTIVES)}")
+    if cfg.distill.teacher and "distill" not in cls.options:
+        users = [name for name, c in OBJECTIVES.items() if "distill" in c.options]
+        raise ConfigError(f"distill.teacher applies to objective={' or '.join(users)} only "
+                          f"(objective={cfg.objective})")
     if cfg.model.arch not in cls.archs:
         raise ConfigError(f"objective={cfg.objective} trains arch={' or '.join(cls.archs)} models, "
                           f"but model.arch={cfg.model.arch}")
