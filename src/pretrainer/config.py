@@ -97,6 +97,8 @@ class ModelConfig:
     type_vocab_size: int = 0  # segment (token-type) embeddings; encoder only (BERT: 2)
     pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
     mlm_head: bool = True  # encoder: dense + activation + norm before the tied output (BERT)
+    nsp_head: bool = False  # encoder: 2-way classifier on the pooled <cls> state (BERT's next-sentence head; mlm+nsp, mlm+sop)
+    position_offset: int = 0  # learned: position i reads table row i + offset (RoBERTa: 2; the table has max_seq_len + offset rows)
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts MLPs (n_experts > 0)
     preset: str | None = None  # the preset this section started from (informational)
 
@@ -187,6 +189,13 @@ class ModelConfig:
         if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
             name = "type_vocab_size" if self.type_vocab_size else "pooler"
             raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=encoder only")
+        if self.nsp_head and not (self.arch == "encoder" and self.pooler):
+            raise ConfigError(f"{where}.nsp_head=true needs arch=encoder with {where}.pooler=true "
+                              f"(the head reads the pooled <cls> state)")
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            raise ConfigError(f"{where}.position_offset={self.position_offset!r}: expected an integer >= 0")
+        if self.position_offset and self.position != "learned":
+            raise ConfigError(f"{where}.position_offset={self.position_offset} applies to position=learned only")
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
         kinds = [p.strip() for p in self.attention_layers.split(",")]
@@ -253,6 +262,11 @@ _BERT = dict(
     type_vocab_size=2, pooler=True, mlm_head=True, scaled_residual_init=False,
 )
 
+# RoBERTa (Liu et al. 2019): BERT's architecture with one token-type row, LayerNorm eps 1e-5 and
+# positions that start at row 2 (fairseq keeps rows 0 and 1 for the padding index: 514 rows for
+# 512 usable positions); trained with byte-level BPE (50,265 tokens), dynamic masking, no NSP.
+_ROBERTA = dict(_BERT, norm_eps=1e-5, type_vocab_size=1, position_offset=2, vocab_size=50265)
+
 _T5 = dict(
     arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
     mlp="relu", bias=False, tie_embeddings=True, scale_tied_output=True, attn_scale=False,
@@ -305,6 +319,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-medium": dict(_BERT, n_layer=8, n_head=8, d_model=512),
     "bert-base": dict(_BERT, n_layer=12, n_head=12, d_model=768),
     "bert-large": dict(_BERT, n_layer=24, n_head=16, d_model=1024),
+    # RoBERTa: roberta-base counts 124,645,632 parameters as RobertaModel (pooler included);
+    # roberta-tiny is a CPU size (llama-tiny's 4 x 256) with its vocabulary from the data.
+    "roberta-tiny": dict(_ROBERTA, vocab_size=None, n_layer=4, n_head=4, d_model=256),
+    "roberta-base": dict(_ROBERTA, n_layer=12, n_head=12, d_model=768),
     # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
     # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
     "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,
@@ -315,6 +333,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t5-v1_1-small": dict(_T5_V1_1, n_layer=8, n_head=6, d_head=64, d_model=512, d_ff=1024),
     # BART (Lewis et al. 2020): post-norm, learned positions, a norm on the embeddings.
     "bart-base": dict(_BART, n_layer=6, n_head=12, d_model=768, d_ff=3072),
+    # bart-tiny: the same architecture at a CPU size (t5-tiny's 4 x 256, d_ff 1024), vocabulary from the data.
+    "bart-tiny": dict(_BART, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_seq_len=512),
     # Mixtures of experts. Mixtral 8x7B (Jiang et al. 2024): a Mistral 7B whose MLPs are 8
     # experts, 2 per token, no capacity limit; 46.7B parameters, 12.9B active. mixtral-tiny is
     # llama-tiny with 8 such experts for CPU runs.

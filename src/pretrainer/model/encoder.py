@@ -9,6 +9,10 @@
 The MLM head is BERT's: ``dense(d, d)`` + activation + norm (``mlm_head``; left out, the hidden
 states go straight to the output), then an output layer whose matrix is the token embedding
 (``tie_embeddings``) plus a bias per vocabulary entry.
+
+``nsp_head`` adds BERT's next-sentence head (``cls.seq_relationship``): a 2-way linear layer on the
+pooled ``<cls>`` state, whose logits are ``EncoderOutput.nsp_logits`` (class 0: B follows A, 1: B
+does not; the ``mlm+nsp`` and ``mlm+sop`` objectives train it).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .decoder import check_extras
 class EncoderOutput:
     logits: torch.Tensor
     hidden_states: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None  # [batch, 2] with model.nsp_head
 
 
 class MLMHead(nn.Module):
@@ -55,6 +60,7 @@ class EncoderLM(Transformer):
         super().__init__(cfg, causal=False)
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
         self.mlm = MLMHead(cfg)
+        self.nsp = nn.Linear(cfg.d_model, 2) if cfg.nsp_head else None
         if cfg.tie_embeddings:
             self.mlm.out.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -86,7 +92,15 @@ class EncoderLM(Transformer):
             raise ValueError("this model has no pooler (model.pooler=false)")
         return torch.tanh(self.pooler(hidden_states[:, 0]))
 
+    def sentence_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The next-sentence head's logits [B, 2]: ``nsp(pooled(h))`` (BERT's ``seq_relationship``)."""
+        if self.nsp is None:
+            raise ValueError("this model has no next-sentence head (model.nsp_head=false)")
+        return self.nsp(self.pooled(hidden_states))
+
     def forward(self, input_ids: torch.Tensor, **extras) -> EncoderOutput:
-        """MLM logits [B, T, vocab] and the hidden states; ``extras`` as :meth:`hidden_states`."""
+        """MLM logits [B, T, vocab], the hidden states and, with ``nsp_head``, the next-sentence
+        logits [B, 2]; ``extras`` as :meth:`hidden_states`."""
         h = self.hidden_states(input_ids, **extras)
-        return EncoderOutput(logits=self.mlm(h), hidden_states=h)
+        nsp = self.sentence_logits(h) if self.nsp is not None else None
+        return EncoderOutput(logits=self.mlm(h), hidden_states=h, nsp_logits=nsp)

@@ -570,7 +570,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.causal = causal
         self.tok_emb = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        # learned positions: RoBERTa's table keeps position_offset rows in front that no input reaches
+        self.pos_emb = (nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model)
+                        if cfg.position == "learned" else None)
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", torch.empty(cfg.max_seq_len, cfg.d_model), persistent=False)
             self.reset_buffers()
@@ -649,7 +651,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))
+            first = start + self.cfg.position_offset
+            x = x + self.pos_emb(torch.arange(first, first + T, device=input_ids.device))
         elif self.cfg.position == "sinusoidal":
             x = x + self.pos_table[start:start + T].to(x.dtype)
         if self.type_emb is not None:

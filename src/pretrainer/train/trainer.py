@@ -486,9 +486,9 @@ def initial_model_config(source: str, data: str | None = None):
     if not p.exists():
         raise ConfigError(f"init_from={source}: no such run, checkpoint or Hugging Face folder")
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
-        from ..interop.hf import _read_json, config_from_hf
+        from ..interop.hf import hf_folder_config
 
-        model_cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
+        model_cfg = hf_folder_config(p)  # (a BertForMaskedLM without its pooler, ...: as imported)
         tok_dirs = [p]
     else:
         config_file, _ = find_run_files(p, warn=lambda s: None)  # load_initial_weights says it
