@@ -5,11 +5,12 @@ A run is described by one :class:`RunConfig`::
     model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
     data:   a folder made by ``pretrainer prepare``
     out:    the run folder
-    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | span (T5 span
-               corruption) | denoise (BART noising) | prefix_lm (a prefix LM), each for the
-               architectures it declares (pretrainer.train.objectives)
+    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | mlm+nsp, mlm+sop
+               (masked LM plus BERT's next-sentence or ALBERT's sentence-order prediction) | span
+               (T5 span corruption) | denoise (BART noising) | prefix_lm (a prefix LM), each for
+               the architectures it declares (pretrainer.train.objectives)
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
-    masking: what mlm selects: token (BERT) | word (whole words) | span (SpanBERT)
+    masking: what mlm (and mlm+nsp, mlm+sop) selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 

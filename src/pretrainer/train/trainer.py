@@ -283,6 +283,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         v = r["val_loss"]
         rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
         acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
+        acc += "".join(f" | {k[4:-9]} accuracy {r[k]:.4f}" for k in ("val_nsp_accuracy", "val_sop_accuracy") if k in r)
         log.say(f"step {step:>6} | val loss {v:.4f} | ppl {rec['val_ppl']:.1f}{acc}")
         return rec
 
