@@ -4,12 +4,13 @@ Face in both directions, and the worked behaviour of the ``mlm+nsp`` and ``mlm+s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from pretrainer.config import ModelConfig, load_config, model_preset
+from pretrainer.config import load_config, model_preset
 from pretrainer.errors import ConfigError, PretrainerError
 from pretrainer.interop.hf import export_hf, hf_folder_config, import_hf
 from pretrainer.model import build_model
@@ -52,7 +53,7 @@ def test_head_is_a_linear_layer_on_the_pooled_cls_state():
     assert out.nsp_logits.shape == (3, 2)
     assert build_model("bert-tiny", **SMALL)(ids).nsp_logits is None
     with pytest.raises(ConfigError, match="model.nsp_head=true needs arch=encoder with model.pooler=true"):
-        ModelConfig(**{**model_preset("bert-tiny").__dict__, "pooler": False, "nsp_head": True}).validate()
+        dataclasses.replace(model_preset("bert-tiny"), pooler=False, nsp_head=True).validate()
 
 
 def test_parameter_count_keeps_the_head_apart():

@@ -1019,7 +1019,6 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     family = hf_family(cfg)
     weights = _full_names(weights, family)
     cfg = config_for_weights(cfg, weights, where)
-    prefix = _PREFIX[family]
     model = make_model(cfg)
     expected = model.state_dict()
     ours, used = {}, set()
