@@ -81,6 +81,8 @@ def cmd_info(args) -> None:
     if "params_rtd_head" in info:
         print(f"  + RTD head (not above)  {info['params_rtd_head']:>16,}  (ELECTRA's discriminator: dense + "
               f"one logit per token)")
+    if "params_nsp_head" in info:
+        print(f"  + NSP head (not above)  {info['params_nsp_head']:>16,}  (2-way linear on the pooled <cls>)")
     print(f"  training FLOPs / token  {human(info['flops_per_token_kaplan']):>16}  (6N + 6 n_layer n_ctx d)")
     print(f"  hardware FLOPs / token  {human(info['flops_per_token']):>16}  (with output head; used for MFU)")
     print(f"  weights fp32 / bf16     {human_bytes(mem['weights_fp32']):>16} / {human_bytes(mem['weights_bf16'])}")

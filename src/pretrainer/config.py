@@ -5,12 +5,13 @@ A run is described by one :class:`RunConfig`::
     model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
     data:   a folder made by ``pretrainer prepare``
     out:    the run folder
-    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | electra (ELECTRA's
-               replaced-token detection) | span (T5 span corruption) | denoise (BART noising) |
-               prefix_lm (a prefix LM), each for the
+    objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | mlm+nsp, mlm+sop
+               (masked LM plus BERT's next-sentence or ALBERT's sentence-order prediction) | electra
+               (ELECTRA's replaced-token detection) | distill (knowledge distillation) | span (T5 span
+               corruption) | denoise (BART noising) | prefix_lm (a prefix LM), each for the
                architectures it declares (pretrainer.train.objectives)
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
-    masking: what mlm (and electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
+    masking: what mlm (and mlm+nsp, mlm+sop, electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     electra: the generator's size and the loss weight of objective=electra (see :class:`ElectraConfig`)
     distill: objective=distill only: the teacher and the loss weights (see :class:`DistillConfig`)
@@ -103,6 +104,8 @@ class ModelConfig:
     pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
     mlm_head: bool = True  # encoder: dense + activation + norm before the tied output (BERT)
     rtd_head: bool = False  # encoder: ELECTRA's discriminator head (dense + activation + one logit per token: replaced?) instead of the MLM head
+    nsp_head: bool = False  # encoder: 2-way classifier on the pooled <cls> state (BERT's next-sentence head; mlm+nsp, mlm+sop)
+    position_offset: int = 0  # learned: position i reads table row i + offset (RoBERTa: 2; the table has max_seq_len + offset rows)
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts MLPs (n_experts > 0)
     preset: str | None = None  # the preset this section started from (informational)
 
@@ -208,6 +211,13 @@ class ModelConfig:
         if self.rtd_head and self.arch != "encoder":
             raise ConfigError(f"{where}.rtd_head=true (ELECTRA's replaced-token detection head) applies to "
                               f"arch=encoder only")
+        if self.nsp_head and not (self.arch == "encoder" and self.pooler):
+            raise ConfigError(f"{where}.nsp_head=true needs arch=encoder with {where}.pooler=true "
+                              f"(the head reads the pooled <cls> state)")
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            raise ConfigError(f"{where}.position_offset={self.position_offset!r}: expected an integer >= 0")
+        if self.position_offset and self.position != "learned":
+            raise ConfigError(f"{where}.position_offset={self.position_offset} applies to position=learned only")
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
         self.validate_sharing(where)
@@ -301,6 +311,11 @@ _ALBERT = dict(_BERT, vocab_size=30000, d_embed=128, share_layers="all", mlp="ge
 # DistilBERT (Sanh et al. 2019): BERT's layout without segment embeddings and without a pooler.
 _DISTILBERT = dict(_BERT, type_vocab_size=0, pooler=False)
 
+# RoBERTa (Liu et al. 2019): BERT's architecture with one token-type row, LayerNorm eps 1e-5 and
+# positions that start at row 2 (fairseq keeps rows 0 and 1 for the padding index: 514 rows for
+# 512 usable positions); trained with byte-level BPE (50,265 tokens), dynamic masking, no NSP.
+_ROBERTA = dict(_BERT, norm_eps=1e-5, type_vocab_size=1, position_offset=2, vocab_size=50265)
+
 _T5 = dict(
     arch="encoder-decoder", position="relative", norm="rmsnorm", norm_eps=1e-6, prenorm=True,
     mlp="relu", bias=False, tie_embeddings=True, scale_tied_output=True, attn_scale=False,
@@ -369,6 +384,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # vocabulary from the data (the student `pretrainer distill` makes of a bert-mini run).
     "distilbert-base": dict(_DISTILBERT, n_layer=6, n_head=12, d_model=768),
     "distilbert-mini": dict(_DISTILBERT, vocab_size=None, n_layer=2, n_head=4, d_model=256),
+    # RoBERTa: roberta-base counts 124,645,632 parameters as RobertaModel (pooler included);
+    # roberta-tiny is a CPU size (llama-tiny's 4 x 256) with its vocabulary from the data.
+    "roberta-tiny": dict(_ROBERTA, vocab_size=None, n_layer=4, n_head=4, d_model=256),
+    "roberta-base": dict(_ROBERTA, n_layer=12, n_head=12, d_model=768),
     # T5 (Raffel et al. 2020) with its 32,128-entry vocabulary as Hugging Face pads it; t5-tiny
     # takes its vocabulary (with sentinels) from the data. T5 v1.1: gated-GELU, untied output.
     "t5-tiny": dict(_T5, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024,
@@ -379,6 +398,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t5-v1_1-small": dict(_T5_V1_1, n_layer=8, n_head=6, d_head=64, d_model=512, d_ff=1024),
     # BART (Lewis et al. 2020): post-norm, learned positions, a norm on the embeddings.
     "bart-base": dict(_BART, n_layer=6, n_head=12, d_model=768, d_ff=3072),
+    # bart-tiny: the same architecture at a CPU size (t5-tiny's 4 x 256, d_ff 1024), vocabulary from the data.
+    "bart-tiny": dict(_BART, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_seq_len=512),
     # Mixtures of experts. Mixtral 8x7B (Jiang et al. 2024): a Mistral 7B whose MLPs are 8
     # experts, 2 per token, no capacity limit; 46.7B parameters, 12.9B active. mixtral-tiny is
     # llama-tiny with 8 such experts for CPU runs.

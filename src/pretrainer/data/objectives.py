@@ -10,6 +10,11 @@
   selected, always 15 % of the tokens: single tokens (``token``, BERT), whole words (``word``: all
   sub-words of a word together), or contiguous spans (``span``, SpanBERT: lengths from a geometric
   distribution with p = 0.2, clipped at 10).
+- ``mlm+nsp`` / ``mlm+sop`` (:class:`SentencePairBatches`): ``<cls> A <sep> B <sep>`` with segment
+  ids, masked as ``mlm``, and a sentence label: B is the actual next segment of A's document or,
+  half of the time, a segment of another document (BERT's next-sentence prediction); or A and B
+  are consecutive and swapped half of the time (ALBERT's sentence-order prediction). Documents
+  are the spans between the end-of-text tokens of the stream.
 
 Every builder has ``batch(first, count)`` (samples ``first .. first+count-1`` of the global order)
 and ``eval_batches(batch_size, max_batches)``, the fixed validation batches. Which builder an
@@ -24,6 +29,7 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -223,3 +229,141 @@ def _tokenizer_ids(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
     tok = load_tokenizer(path)
     return tuple(tok.sentinel_ids), tuple(sentence_end_ids(tok))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sentence pairs: next-sentence prediction (BERT) and sentence-order prediction (ALBERT)
+
+
+class Documents:
+    """The documents of a split: the spans between its end-of-text tokens (which belong to no
+    document), as ``starts`` and ``ends`` (exclusive) in stream positions. Only documents of at
+    least two tokens are kept: a pair needs a first and a second part."""
+
+    def __init__(self, split: TokenSplit, eos: int):
+        cuts = [np.flatnonzero(np.asarray(shard) == eos) + first
+                for shard, first in zip(split.shards, split.starts)]
+        eos_at = np.concatenate(cuts) if cuts else np.zeros(0, dtype=np.int64)
+        starts = np.concatenate([[0], eos_at + 1]).astype(np.int64)
+        ends = np.concatenate([eos_at, [len(split)]]).astype(np.int64)
+        keep = ends - starts >= 2
+        self.starts, self.ends = starts[keep], ends[keep]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def at(self, position: int) -> int:
+        """The document holding stream ``position``, else the next one (the last one past the end)."""
+        d = max(int(np.searchsorted(self.starts, position, side="right")) - 1, 0)
+        if position >= self.ends[d] and d + 1 < len(self):
+            d += 1
+        return d
+
+
+class SentencePair(NamedTuple):
+    """One example before masking: the stream spans ``[start, end)`` of its first and second
+    segments, the documents they come from, and the label (0: in order / the actual next
+    segment; 1: swapped (sop) / from another document (nsp))."""
+
+    first: tuple[int, int]
+    second: tuple[int, int]
+    first_doc: int
+    second_doc: int
+    label: int
+
+
+class SentencePairBatches:
+    """``mlm+nsp`` and ``mlm+sop`` examples: ``<cls> A <sep> B <sep>`` (segment ids 0 for
+    ``<cls> A <sep>``, 1 for ``B <sep>``), padded to ``seq_len``, masked as ``mlm`` masks (the
+    special tokens never), with a sentence label.
+
+    Each sample starts at a window of the seeded order over the token stream (so documents are
+    visited in proportion to their length, epoch by epoch); the document holding that position
+    gives a chunk of up to ``seq_len - 3`` consecutive tokens, cut at a random point into A and
+    the actual next segment B. ``nsp`` (Devlin et al. 2019): half of the time B is replaced by a
+    segment of the same length budget from a random *other* document (label 1). ``sop`` (Lan et
+    al. 2020): half of the time A and B are swapped (label 1). Every draw comes from the
+    generator of (seed, sample index), so a batch is a pure function of its sample indices.
+    BERT's occasional shorter sequences (``short_seq_prob``) are left out: every chunk is as long
+    as its document allows."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, task: str, masking: str = "token"):
+        from ..tokenization import padding_id
+
+        if seq_len < 5:
+            raise DataError(f"objective=mlm+{task}: seq_len={seq_len} leaves no room for two segments "
+                            f"besides <cls> and two <sep>")
+        self.split, self.seq_len, self.seed, self.task = split, seq_len, seed, task
+        self.masking = MLMMasking.for_split(split, unit=masking)
+        ids = split.manifest["special_ids"]
+        for role in ("cls", "sep", "eos"):
+            if ids.get(role) is None:
+                raise DataError(f"{split.dir / 'manifest.json'}: the tokenizer has no {role} token, which "
+                                f"objective=mlm+{task} needs")
+        self.cls, self.sep, self.pad = ids["cls"], ids["sep"], padding_id(ids)
+        self.docs = Documents(split, ids["eos"])
+        need = 2 if task == "nsp" else 1
+        if len(self.docs) < need:
+            raise DataError(f"{split.dir}: split '{split.split}' has {len(self.docs)} document(s) of two or "
+                            f"more tokens; objective=mlm+{task} needs at least {need} (documents end at "
+                            f"the end-of-text token)")
+
+    @property
+    def body(self) -> int:
+        """Tokens of A and B together, at most."""
+        return self.seq_len - 3
+
+    @cached_property
+    def order(self) -> WindowOrder:
+        return WindowOrder(len(self.split), self.body, self.seed)
+
+    def pair(self, start: int, gen: torch.Generator) -> SentencePair:
+        """The pair drawn for a sample whose window starts at stream position ``start``."""
+        docs = self.docs
+        d = docs.at(start)
+        s, e = int(docs.starts[d]), int(docs.ends[d])
+        p = min(max(start, s), e - 2)  # at least two tokens of the document from p on
+        end = min(p + self.body, e)
+        begin = max(s, end - self.body)  # a document's last window fills up from before p
+        cut = begin + 1 + int(torch.randint(end - begin - 1, (), generator=gen))  # A, B non-empty
+        a, b = (begin, cut), (cut, end)
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        if not flip:
+            return SentencePair(a, b, d, d, 0)
+        if self.task == "sop":
+            return SentencePair(b, a, d, d, 1)
+        other = int(torch.randint(len(docs) - 1, (), generator=gen))
+        other += other >= d  # any document but A's
+        s2, e2 = int(docs.starts[other]), int(docs.ends[other])
+        room = end - cut  # B's length budget
+        b_start = s2 + int(torch.randint(max(e2 - s2 - room, 0) + 1, (), generator=gen))
+        return SentencePair(a, (b_start, min(b_start + room, e2)), d, other, 1)
+
+    def example(self, start: int, index: int, seed: int) -> dict:
+        """The masked example of the sample ``index`` whose window starts at ``start``."""
+        gen = sample_generator(seed, index)
+        pair = self.pair(start, gen)
+        first = self.split.read(pair.first[0], pair.first[1] - pair.first[0])
+        second = self.split.read(pair.second[0], pair.second[1] - pair.second[0])
+        used = len(first) + len(second) + 3
+        ids = torch.full((self.seq_len,), self.pad, dtype=torch.long)
+        ids[:used] = torch.from_numpy(np.concatenate([[self.cls], first, [self.sep], second, [self.sep]]))
+        types = torch.zeros(self.seq_len, dtype=torch.long)
+        types[len(first) + 2:used] = 1
+        mask = torch.zeros(self.seq_len, dtype=torch.long)
+        mask[:used] = 1
+        inputs, labels = self.masking(ids, gen)
+        return {"input_ids": inputs, "labels": labels, "token_type_ids": types, "attention_mask": mask,
+                "sentence_labels": torch.tensor(pair.label)}
+
+    def stack(self, items, seed: int) -> dict:
+        examples = [self.example(start, index, seed) for start, index in items]
+        return {k: torch.stack([x[k] for x in examples]) for k in examples[0]}
+
+    def batch(self, first: int, count: int) -> dict:
+        return self.stack(((self.order.start(g), g) for g in range(first, first + count)), self.seed)
+
+    def eval_batches(self, batch_size: int, max_batches: int):
+        """Fixed validation batches: windows from the start of the split, drawn as for seed 0."""
+        for items in fixed_windows(self.split, self.body, batch_size, max_batches):
+            yield self.stack(items, 0)

@@ -25,7 +25,9 @@ These families have an exact Hugging Face counterpart:
   positions, segment embeddings, a LayerNorm on the embeddings, post-norm blocks and BERT's MLM
   head. Our fused [q; k; v] matrix is split into BERT's query, key and value. Our pooler is
   exported as ``bert.pooler`` (``BertForMaskedLM`` ignores it, ``BertModel`` loads it); a folder
-  without one imports as a model without a pooler.
+  without one imports as a model without a pooler. With ``model.nsp_head`` the model is
+  ``BertForPreTraining`` (what bert-base-uncased ships): BERT's MLM head plus the next-sentence
+  head ``cls.seq_relationship`` on the pooled state; a folder holding that head imports with it.
 - ALBERT (``AlbertForMaskedLM``; ``AlbertModel`` loads the backbone with its pooler): BERT's layout
   with factorised embeddings (``d_embed``: ``embedding_size``, projected up by
   ``embedding_hidden_mapping_in``) and one layer shared by all (``share_layers=all``: one hidden
@@ -42,6 +44,14 @@ These families have an exact Hugging Face counterpart:
   layout without segment embeddings and without a pooler (an encoder with ``type_vocab_size=0``),
   its LayerNorms at eps 1e-12. Our fused [q; k; v] is split into ``q_lin``, ``k_lin``, ``v_lin``.
   A config with ``sinusoidal_pos_embds=true`` (a frozen table) is refused.
+- RoBERTa (``RobertaForMaskedLM``; ``RobertaModel`` weights for the backbone): BERT's layout under
+  ``roberta.`` with the MLM head as ``lm_head`` (whose activation is always GELU) and positions
+  that start after the padding id: token i reads row ``pad_token_id + 1 + i``. Ours reads row
+  ``position_offset + i``, so an encoder with ``position_offset`` > 0 is RoBERTa; it imports with
+  ``position_offset = pad_token_id + 1`` and every row of the table, and exports with the rows
+  shifted to the tokenizer's padding id (rows no input reaches dropped, or zero rows added in
+  front). Hugging Face counts positions over the non-padding tokens only; ours count every token,
+  which is the same for right-padded inputs.
 - T5 (``T5ForConditionalGeneration``, v1.0 and v1.1): relative position bias in the first layer of
   each stack, RMSNorm pre-norm, no biases, ReLU or gated-GELU MLPs.
 - BART (``BartForConditionalGeneration``): learned positions (Hugging Face keeps two unused rows
@@ -95,14 +105,14 @@ _DISTILBERT_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tan
 # buffers, rotary tables, BERT's position ids; and BERT's copy of the output bias (tied to
 # cls.predictions.bias)
 _IGNORED = re.compile(r"(^|\.)(attn|attention)\.(attention\.)?(bias|masked_bias)$|rotary_emb\.inv_freq$|"
-                      r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$")
+                      r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$|^lm_head\.decoder\.bias$")
 #: The names Hugging Face checkpoints may repeat the token embedding as, when the output is tied
 #: (and, for encoder-decoders, always: each stack's copy of the shared embedding).
 _TIED = {"gpt2": ("lm_head.weight",), "gpt_neo": ("lm_head.weight",), "llama": ("lm_head.weight",),
          "mixtral": ("lm_head.weight",), "gpt_neox": ("embed_out.weight", "lm_head.weight"),
          "bert": ("cls.predictions.decoder.weight",), "electra": ("generator_lm_head.weight",),
          "albert": ("predictions.decoder.weight", "predictions.decoder.bias"),  # bias: predictions.bias
-         "distilbert": ("vocab_projector.weight",),
+         "distilbert": ("vocab_projector.weight",), "roberta": ("lm_head.decoder.weight",),
          "t5": ("lm_head.weight",), "bart": ("lm_head.weight",)}
 _SHARED = {"t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
            "bart": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")}
@@ -118,6 +128,7 @@ class _Tensor(NamedTuple):
     conv1d: bool = False  # GPT-2 Conv1D weight: stored transposed
     lead_rows: int = 0  # HF rows in front of ours that no input reaches (BART's position offset)
     per_head: int = 0  # heads of a fused qkv whose HF rows are [heads, 3, head_dim] (GPT-NeoX)
+    drop_rows: int = 0  # our rows in front that no input reaches and HF has no room for (RoBERTa's positions)
 
 
 def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
@@ -132,9 +143,9 @@ def _qkv_rows(t: torch.Tensor, heads: int, to_hf: bool) -> torch.Tensor:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"albert"``,
-    ``"electra"``, ``"distilbert"``, ``"t5"`` or ``"bart"``: the Hugging Face model a configuration
-    converts to exactly.
+    """``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"mixtral"``, ``"gpt_neox"``, ``"bert"``, ``"roberta"``,
+    ``"albert"``, ``"electra"``, ``"distilbert"``, ``"t5"`` or ``"bart"``: the Hugging Face model a
+    configuration converts to exactly.
 
     A decoder with learned positions is GPT-Neo when its attention scores are unscaled
     (``attn_scale=false``), else GPT-2: GPT-Neo never scales them and GPT-2 always does, so the two
@@ -147,6 +158,9 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.moe.n_experts and not (cfg.arch == "decoder" and cfg.position == "rope" and cfg.norm == "rmsnorm"):
         raise _no_equivalent("moe.n_experts", cfg.moe.n_experts,
                              "experts convert as Mixtral only: a rope, rmsnorm decoder")
+    if cfg.position_offset and cfg.arch != "encoder":
+        raise _no_equivalent("position_offset", cfg.position_offset,
+                             "of the Hugging Face families only RoBERTa (an encoder) offsets its positions")
     if cfg.arch == "encoder" and (cfg.rtd_head or cfg.embed_dim != cfg.d_model):
         return _electra_family(cfg)
     if cfg.arch == "encoder" and cfg.type_vocab_size == 0:
@@ -260,6 +274,8 @@ def _bert_family(cfg: ModelConfig) -> str:
              _BERT_ACT)
     if cfg.type_vocab_size < 1:
         raise _no_equivalent("type_vocab_size", cfg.type_vocab_size, "BERT has segment embeddings")
+    if cfg.position_offset:
+        return _roberta_family(cfg)
     return "bert"
 
 
@@ -271,7 +287,7 @@ def _albert_family(cfg: ModelConfig) -> str:
     if cfg.embed_dim == cfg.d_model:
         raise _no_equivalent("d_embed", cfg.d_embed, "ALBERT always projects its embeddings up to the "
                                                      "hidden size; set d_embed below d_model")
-    _require(cfg, "ALBERT", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+    _require(cfg, "ALBERT", dict(prenorm=False, position="learned", position_offset=0, norm="layernorm", bias=True,
                                  embed_norm=True, mlm_head=True, tie_embeddings=True, attn_scale=True,
                                  parallel_block=False), _BERT_ACT)
     if cfg.type_vocab_size < 1:
@@ -284,7 +300,7 @@ def _albert_family(cfg: ModelConfig) -> str:
 def _electra_family(cfg: ModelConfig) -> str:
     """ELECTRA: BERT's layout, no pooler; the discriminator (``rtd_head``) or a generator (the MLM
     head, whose transform ``ElectraGeneratorPredictions`` always activates with GELU)."""
-    _require(cfg, "ELECTRA", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+    _require(cfg, "ELECTRA", dict(prenorm=False, position="learned", position_offset=0, norm="layernorm", bias=True,
                                   embed_norm=True, tie_embeddings=True, attn_scale=True, pooler=False),
              _BERT_ACT)
     if cfg.type_vocab_size < 1:
@@ -301,12 +317,23 @@ def _electra_family(cfg: ModelConfig) -> str:
 
 def _distilbert_family(cfg: ModelConfig) -> str:
     """DistilBERT: BERT's encoder without segment embeddings or a pooler, eps 1e-12 everywhere."""
-    _require(cfg, "DistilBERT", dict(prenorm=False, position="learned", norm="layernorm", bias=True,
+    _require(cfg, "DistilBERT", dict(prenorm=False, position="learned", position_offset=0, norm="layernorm", bias=True,
                                      embed_norm=True, mlm_head=True, tie_embeddings=True, attn_scale=True,
                                      pooler=False, norm_eps=1e-12), _DISTILBERT_ACT)
     if cfg.head_dim * cfg.n_head != cfg.d_model:
         raise _no_equivalent("d_head", cfg.d_head, "DistilBERT's heads split dim")
     return "distilbert"
+
+
+def _roberta_family(cfg: ModelConfig) -> str:
+    """RoBERTa: BERT with offset positions (an encoder whose position_offset is 0 is BERT)."""
+    if cfg.mlp != "gelu":
+        raise _no_equivalent("mlp", cfg.mlp, "RoBERTa's MLM head applies GELU whatever its hidden_act, "
+                                             "and ours the blocks' activation")
+    if cfg.nsp_head:
+        raise _no_equivalent("nsp_head", True, "RoBERTa has no next-sentence head; BERT "
+                                               "(position_offset=0) has")
+    return "roberta"
 
 
 _T5_MLP = {"relu": "relu", "geglu_tanh": "gated-gelu"}
@@ -451,6 +478,31 @@ def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     names += [*linear_and_norm("mlm.dense", "cls.predictions.transform.dense"),
               *linear_and_norm("mlm.norm", "cls.predictions.transform.LayerNorm"),
               _Tensor("mlm.out.bias", ("cls.predictions.bias",))]
+    if cfg.nsp_head:  # BertForPreTraining's next-sentence head
+        names += linear_and_norm("nsp", "cls.seq_relationship")
+    return names
+
+
+_ROBERTA_NAMES = (("bert.", "roberta."), ("cls.predictions.transform.dense", "lm_head.dense"),
+                  ("cls.predictions.transform.LayerNorm", "lm_head.layer_norm"),
+                  ("cls.predictions.bias", "lm_head.bias"))
+
+
+def _roberta_tensors(cfg: ModelConfig, pad_id: int | None = None) -> list[_Tensor]:
+    """BERT's tensors under RoBERTa's names. Hugging Face reads position row ``pad_id + 1 + i``
+    for token i, ours row ``position_offset + i``: the table is shifted by the difference (our
+    leading rows dropped, or zero rows put in front). Without ``pad_id`` (importing), the padding
+    id is ``position_offset - 1`` and nothing moves."""
+    shift = cfg.position_offset - (cfg.position_offset - 1 if pad_id is None else pad_id) - 1
+    names = []
+    for t in _bert_tensors(cfg):
+        hf = list(t.hf)
+        for old, new in _ROBERTA_NAMES:
+            hf = [name.replace(old, new, 1) if name.startswith(old) else name for name in hf]
+        t = t._replace(hf=tuple(hf))
+        if t.ours == "pos_emb.weight":
+            t = t._replace(lead_rows=max(0, -shift), drop_rows=max(0, shift))
+        names.append(t)
     return names
 
 
@@ -587,7 +639,11 @@ def _electra_tensors(cfg: ModelConfig) -> list[_Tensor]:
         both("mlm.norm", "generator_predictions.LayerNorm") + [_Tensor("mlm.out.bias", ("generator_lm_head.bias",))]
 
 
-def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
+def _tensors(cfg: ModelConfig, family: str, pad_id: int | None = None) -> list[_Tensor]:
+    """Our tensors and the Hugging Face ones of ``family``; ``pad_id``: the exported tokenizer's
+    padding id, which places RoBERTa's positions."""
+    if family == "roberta":
+        return _roberta_tensors(cfg, pad_id)
     return {"gpt2": _gpt2_tensors, "gpt_neo": _gpt_neo_tensors, "llama": _llama_tensors,
             "mixtral": _llama_tensors, "gpt_neox": _neox_tensors, "bert": _bert_tensors, "albert": _albert_tensors,
             "distilbert": _distilbert_tensors, "t5": _t5_tensors, "bart": _bart_tensors,
@@ -598,15 +654,27 @@ def _tensors(cfg: ModelConfig, family: str) -> list[_Tensor]:
 # Export
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The ``config.json`` of the Hugging Face model equivalent to ``cfg``."""
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, pad_token_id: int | None = None) -> dict:
+    """The ``config.json`` of the Hugging Face model equivalent to ``cfg``; ``pad_token_id``: the
+    exported tokenizer's (default 0), from which RoBERTa counts its positions."""
     family = hf_family(cfg)
     common = dict(vocab_size=cfg.vocab_size, initializer_range=cfg.init_std,
                   tie_word_embeddings=cfg.tie_embeddings, dtype=str(dtype).removeprefix("torch."),
                   use_cache=True, **DEFAULT_SPECIAL_IDS)
+    if family == "roberta":
+        pad = DEFAULT_SPECIAL_IDS["pad_token_id"] if pad_token_id is None else pad_token_id
+        return dict(
+            model_type="roberta", architectures=["RobertaForMaskedLM"],
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, hidden_size=cfg.d_model,
+            intermediate_size=cfg.ff_dim, hidden_act="gelu",
+            max_position_embeddings=cfg.max_seq_len + pad + 1, type_vocab_size=cfg.type_vocab_size,
+            layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout, position_embedding_type="absolute",
+            **{k: v for k, v in common.items() if k not in ("use_cache", "pad_token_id")}, pad_token_id=pad,
+        )
     if family == "bert":
         return dict(
-            model_type="bert", architectures=["BertForMaskedLM"],
+            model_type="bert", architectures=["BertForPreTraining" if cfg.nsp_head else "BertForMaskedLM"],
             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, hidden_size=cfg.d_model,
             intermediate_size=cfg.ff_dim, hidden_act=_BERT_ACT[cfg.mlp],
             max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
@@ -721,18 +789,22 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     return llama
 
 
-def to_hf_state_dict(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_hf_state_dict(model: torch.nn.Module, pad_token_id: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config.json dict, weights under Hugging Face names)`` for ``model``.
 
     The tensors are contiguous copies that share no memory, ready for ``safetensors``. A tied
     output matrix is left out, as Hugging Face checkpoints do (it is the token embedding).
+    ``pad_token_id``: the padding id of the tokenizer exported with it (default 0; RoBERTa's
+    positions are counted from it).
     """
     cfg = model.cfg
     family = hf_family(cfg)
+    pad = DEFAULT_SPECIAL_IDS["pad_token_id"] if pad_token_id is None else pad_token_id
     ours = model.state_dict()
     weights = {}
-    for t in _tensors(cfg, family):
-        pieces = ours[t.ours].detach().split(t.rows) if t.rows else [ours[t.ours].detach()]
+    for t in _tensors(cfg, family, pad):
+        tensor = ours[t.ours].detach()[t.drop_rows:]
+        pieces = tensor.split(t.rows) if t.rows else [tensor]
         for name, piece in zip(t.hf, pieces):
             piece = piece.t() if t.conv1d else piece
             piece = _qkv_rows(piece, t.per_head, to_hf=True) if t.per_head else piece
@@ -741,7 +813,7 @@ def to_hf_state_dict(model: torch.nn.Module) -> tuple[dict, dict[str, torch.Tens
             weights[name] = piece.clone(memory_format=torch.contiguous_format)
     if family == "bart":
         weights["final_logits_bias"] = torch.zeros(1, cfg.vocab_size, dtype=model.tok_emb.weight.dtype)
-    return hf_config(cfg, model.tok_emb.weight.dtype), weights
+    return hf_config(cfg, model.tok_emb.weight.dtype, pad), weights
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
@@ -755,11 +827,15 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
     of its tokens by role (:func:`pretrainer.tokenization.load_tokenizer`; null where it has none,
     as GPT-2 has no pad). Each file is written to a temporary name and renamed.
     """
-    config, weights = to_hf_state_dict(model)  # refuses unconvertible configs before writing anything
-    tok_files = []
+    family = hf_family(model.cfg)  # refuses unconvertible configs before reading or writing anything
+    tok_files, ids = [], {}
     if tokenizer_dir is not None:
         tok_files, ids = _tokenizer_export(Path(tokenizer_dir), model.cfg.vocab_size)
-        config.update({k: v for k, v in ids.items() if k in config})
+        if family == "roberta" and ids["pad_token_id"] is None:
+            raise PretrainerError(f"{Path(tokenizer_dir) / 'tokenizer.json'}: no padding token, from which a "
+                                  f"RoBERTa counts its positions; prepare the data with --pad-token TEXT")
+    config, weights = to_hf_state_dict(model, ids.get("pad_token_id"))
+    config.update({k: v for k, v in ids.items() if k in config})
     out = Path(out_dir)
     generation = {k: config[k] for k in (*DEFAULT_SPECIAL_IDS, "decoder_start_token_id") if k in config}
     with writing_folder(out, "export"):  # a full disk: one line naming out, nothing half-written
@@ -837,7 +913,7 @@ class _Fields:
 
 def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face ``config.json`` dict (``model_type`` gpt2, gpt_neo,
-    llama, mistral, mixtral, gpt_neox, bert, albert, electra, distilbert, t5 or bart).
+    llama, mistral, mixtral, gpt_neox, bert, roberta, albert, electra, distilbert, t5 or bart).
 
     ``where`` names the file in error messages. Dropout follows the checkpoint (GPT-2's
     ``resid_pdrop``, Llama's ``attention_dropout``).
@@ -862,14 +938,16 @@ def config_from_hf(hf_config: dict, where: str = "config.json") -> ModelConfig:
         cfg = _electra_config(f)
     elif model_type == "distilbert":
         cfg = _distilbert_config(f)
+    elif model_type == "roberta":
+        cfg = _roberta_config(f)
     elif model_type == "t5":
         cfg = _t5_config(f)
     elif model_type == "bart":
         cfg = _bart_config(f)
     else:
         raise PretrainerError(f"{where}: model_type={model_type!r}: expected one of "
-                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, albert, electra, "
-                              f"distilbert, t5, bart")
+                              f"gpt2, gpt_neo, {', '.join(_LLAMA_TYPES)}, mixtral, gpt_neox, bert, roberta, albert, "
+                              f"electra, distilbert, t5, bart")
     cfg.validate()
     return cfg
 
@@ -998,6 +1076,22 @@ def _distilbert_config(f: _Fields) -> ModelConfig:
     )
 
 
+def _roberta_config(f: _Fields) -> ModelConfig:
+    """BERT's fields; positions start after ``pad_token_id`` (roberta-base: 1, so 514 rows hold
+    512 positions), and the MLM head's GELU is the blocks' activation."""
+    pad = f.get("pad_token_id")
+    if not isinstance(pad, int) or pad < 0:
+        raise PretrainerError(f"{f.where}: pad_token_id={pad!r}: expected an id >= 0 (RoBERTa's "
+                              f"positions start after it)")
+    f.expect("hidden_act", "gelu", "gelu")
+    rows = f.get("max_position_embeddings", 514)
+    if rows <= pad + 1:
+        raise PretrainerError(f"{f.where}: max_position_embeddings={rows} leaves no position after "
+                              f"pad_token_id={pad} (positions start at pad_token_id + 1)")
+    cfg = _bert_config(f)
+    return dataclasses.replace(cfg, position_offset=pad + 1, max_seq_len=rows - pad - 1)
+
+
 def _t5_config(f: _Fields) -> ModelConfig:
     proj = f.get("feed_forward_proj", "relu")
     mlp = {"relu": "relu", "gated-gelu": "geglu_tanh"}.get(proj)
@@ -1100,6 +1194,73 @@ def _mixtral_config(f: _Fields) -> ModelConfig:
     return cfg
 
 
+_PREFIX = {"gpt2": "transformer.", "gpt_neo": "transformer.", "llama": "model.", "mixtral": "model.",
+           "gpt_neox": "gpt_neox.", "bert": "bert.", "roberta": "roberta.", "albert": "albert.",
+           "electra": "electra.", "distilbert": "distilbert.", "t5": "", "bart": "model."}
+
+
+def _full_names(weights: dict, family: str) -> dict:
+    """``weights`` with the names a whole model of ``family`` gives them: the base model's prefix
+    put back (checkpoints of a bare GPT2Model, LlamaModel, BertModel ...), GPT-NeoX's newer
+    ``lm_head`` read as ``embed_out``."""
+    prefix = _PREFIX[family]
+    heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias", "discriminator_predictions.",
+             "generator_predictions.", "generator_lm_head.", "vocab_")
+    if not any(k.startswith(prefix) for k in weights):
+        weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
+    if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:
+        weights = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in weights.items()}
+    return weights
+
+
+def config_for_weights(cfg: ModelConfig, names, where: str = "weights") -> ModelConfig:
+    """``cfg`` (from ``config.json``) as the checkpoint's tensor ``names`` (full names) complete it:
+    BERT or RoBERTa weights without a pooler give a model without one (``BertForMaskedLM``), BERT
+    weights with ``cls.seq_relationship`` one with the next-sentence head (``BertForPreTraining``)."""
+    family = hf_family(cfg)
+    if family in ("bert", "roberta") and cfg.pooler and f"{_PREFIX[family]}pooler.dense.weight" not in names:
+        cfg = dataclasses.replace(cfg, pooler=False)
+    if family == "albert" and cfg.pooler and "albert.pooler.weight" not in names:  # AlbertForMaskedLM has none
+        cfg = dataclasses.replace(cfg, pooler=False)
+    if family == "electra":  # the head present decides: discriminator or generator
+        if any(k.startswith("generator_predictions.") for k in names):
+            cfg = dataclasses.replace(cfg, rtd_head=False)
+            hf_family(cfg)  # a generator's own requirements (gelu)
+        elif any(k.startswith("discriminator_predictions.") for k in names):
+            cfg = dataclasses.replace(cfg, rtd_head=True)
+    if family == "bert" and "cls.seq_relationship.weight" in names:  # BertForPreTraining
+        if not cfg.pooler:
+            raise PretrainerError(f"{where}: cls.seq_relationship without bert.pooler (the next-sentence "
+                                  f"head reads the pooled <cls> state)")
+        cfg = dataclasses.replace(cfg, nsp_head=True)
+    return cfg
+
+
+def hf_folder_config(hf_dir: str | Path) -> ModelConfig:
+    """The ModelConfig :func:`import_hf` gives a Hugging Face folder: its ``config.json`` completed
+    by the names of its tensors (:func:`config_for_weights`), read without loading a safetensors
+    file's weights."""
+    from safetensors import safe_open
+
+    folder = Path(hf_dir)
+    cfg = config_from_hf(_read_json(folder / "config.json"), where=str(folder / "config.json"))
+    if (folder / "model.safetensors").is_file():
+        try:
+            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+                names, where = dict.fromkeys(f.keys()), str(folder / "model.safetensors")
+        except (SafetensorError, OSError) as e:
+            raise PretrainerError(f"{folder / 'model.safetensors'}: not a readable checkpoint ({e})") from None
+    elif (folder / "model.safetensors.index.json").is_file():
+        where = str(folder / "model.safetensors.index.json")
+        weight_map = _read_json(folder / "model.safetensors.index.json").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PretrainerError(f"{where}: missing field 'weight_map'")
+        names = dict.fromkeys(weight_map)
+    else:
+        names, where = _read_weights(folder)
+    return config_for_weights(cfg, _full_names(names, hf_family(cfg)), where)
+
+
 def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
                        where: str = "weights") -> torch.nn.Module:
     """Our model, in eval mode, holding the Hugging Face ``weights`` (any dtype; stored as float32).
@@ -1107,30 +1268,15 @@ def from_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor],
     Keys may lack the ``transformer.``/``model.``/``bert.`` prefix (checkpoints of the bare
     GPT2Model, LlamaModel or BertModel); causal-mask buffers of old GPT-2 checkpoints, rotary tables
     and BERT's position ids are ignored. BERT weights without ``bert.pooler`` give a model without
-    a pooler. A missing, unexpected or misshapen tensor raises a PretrainerError naming it.
+    a pooler, and with ``cls.seq_relationship`` one with the next-sentence head
+    (:func:`config_for_weights`). A missing, unexpected or misshapen tensor raises a
+    PretrainerError naming it.
     """
     family = hf_family(cfg)
-    prefix = {"gpt2": "transformer.", "gpt_neo": "transformer.", "llama": "model.", "mixtral": "model.",
-              "gpt_neox": "gpt_neox.", "bert": "bert.", "albert": "albert.", "distilbert": "distilbert.",
-              "t5": "", "bart": "model.", "electra": "electra."}[family]
-    heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias", "discriminator_predictions.",
-             "generator_predictions.", "generator_lm_head.", "vocab_")
-    if not any(k.startswith(prefix) for k in weights):
-        weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
-    if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:
-        weights = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in weights.items()}
-    if family == "bert" and cfg.pooler and "bert.pooler.dense.weight" not in weights:
-        cfg = dataclasses.replace(cfg, pooler=False)
-    if family == "albert" and cfg.pooler and "albert.pooler.weight" not in weights:  # AlbertForMaskedLM has none
-        cfg = dataclasses.replace(cfg, pooler=False)
-    if family == "electra":  # the head present decides: discriminator or generator
-        if any(k.startswith("generator_predictions.") for k in weights):
-            cfg = dataclasses.replace(cfg, rtd_head=False)
-            hf_family(cfg)  # a generator's own requirements (gelu)
-        elif any(k.startswith("discriminator_predictions.") for k in weights):
-            cfg = dataclasses.replace(cfg, rtd_head=True)
-        elif cfg.rtd_head:  # a bare ElectraModel: a detection head drawn afresh
-            weights = {**weights, **_fresh_rtd_head(cfg)}
+    weights = _full_names(weights, family)
+    cfg = config_for_weights(cfg, weights, where)
+    if family == "electra" and cfg.rtd_head and not any(k.startswith("discriminator_predictions.") for k in weights):
+        weights = {**weights, **_fresh_rtd_head(cfg)}  # a bare ElectraModel: a detection head drawn afresh
     model = make_model(cfg)
     expected = model.state_dict()
     ours, used = {}, set()

@@ -13,6 +13,10 @@ states go straight to the output), then an output layer whose matrix is the toke
 With ``rtd_head`` the model is ELECTRA's discriminator (Clark et al. 2020): instead of the MLM head,
 :class:`RTDHead` gives one logit per token, "this token was replaced" (``logits`` [batch, seq]);
 the ``electra`` objective trains it beside a small MLM generator.
+
+``nsp_head`` adds BERT's next-sentence head (``cls.seq_relationship``): a 2-way linear layer on the
+pooled ``<cls>`` state, whose logits are ``EncoderOutput.nsp_logits`` (class 0: B follows A, 1: B
+does not; the ``mlm+nsp`` and ``mlm+sop`` objectives train it).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .decoder import check_extras
 class EncoderOutput:
     logits: torch.Tensor
     hidden_states: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None  # [batch, 2] with model.nsp_head
 
 
 class MLMHead(nn.Module):
@@ -76,6 +81,7 @@ class EncoderLM(Transformer):
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
         self.mlm = MLMHead(cfg) if not cfg.rtd_head else None
         self.rtd = RTDHead(cfg) if cfg.rtd_head else None
+        self.nsp = nn.Linear(cfg.d_model, 2) if cfg.nsp_head else None
         if cfg.tie_embeddings and self.mlm is not None:
             self.mlm.out.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -109,8 +115,16 @@ class EncoderLM(Transformer):
             raise ValueError("this model has no pooler (model.pooler=false)")
         return torch.tanh(self.pooler(hidden_states[:, 0]))
 
+    def sentence_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The next-sentence head's logits [B, 2]: ``nsp(pooled(h))`` (BERT's ``seq_relationship``)."""
+        if self.nsp is None:
+            raise ValueError("this model has no next-sentence head (model.nsp_head=false)")
+        return self.nsp(self.pooled(hidden_states))
+
     def forward(self, input_ids: torch.Tensor, **extras) -> EncoderOutput:
-        """MLM logits [B, T, vocab] (with ``rtd_head``: replaced-token logits [B, T]) and the hidden
-        states; ``extras`` as :meth:`hidden_states`."""
+        """MLM logits [B, T, vocab] (with ``rtd_head``: replaced-token logits [B, T]), the hidden
+        states and, with ``nsp_head``, the next-sentence logits [B, 2]; ``extras`` as :meth:`hidden_states`."""
         h = self.hidden_states(input_ids, **extras)
-        return EncoderOutput(logits=self.mlm(h) if self.rtd is None else self.rtd(h), hidden_states=h)
+        nsp = self.sentence_logits(h) if self.nsp is not None else None
+        return EncoderOutput(logits=self.mlm(h) if self.rtd is None else self.rtd(h), hidden_states=h,
+                             nsp_logits=nsp)

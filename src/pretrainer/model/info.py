@@ -7,7 +7,8 @@ under a second on a laptop. Definitions:
   backbone with its pooler, as ``transformers.BertModel`` counts it (BERT-base: 109,482,240);
   the pretraining MLM head's own parameters (transform dense + norm, output bias, and the output
   matrix if untied) are reported apart as ``params_mlm_head`` (an ELECTRA discriminator's
-  replaced-token detection head, ``rtd_head``, as ``params_rtd_head``).
+  replaced-token detection head, ``rtd_head``, as ``params_rtd_head``), and the next-sentence head's
+  (``model.nsp_head``, BERT's ``cls.seq_relationship``) as ``params_nsp_head``.
 - ``params_non_embedding``: Kaplan et al. (2020) N: without the token, position and segment
   embeddings and without an untied output (unembedding) matrix.
 - A mixture of experts (``model.moe``) also has ``params_active``: what one token uses, the
@@ -50,10 +51,11 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         tied = {id(model.tok_emb.weight)}
         pretraining_head = model.mlm if model.mlm is not None else model.rtd
         mlm_head = sum(p.numel() for p in pretraining_head.parameters() if id(p) not in tied)
-        total = sum(p.numel() for p in model.parameters()) - mlm_head
+        nsp_head = sum(p.numel() for p in model.nsp.parameters()) if model.nsp is not None else 0
+        total = sum(p.numel() for p in model.parameters()) - mlm_head - nsp_head
         head = 0
     else:
-        mlm_head = 0
+        mlm_head = nsp_head = 0
         total = sum(p.numel() for p in model.parameters())
         head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
     non_emb = total - emb - pos - head
@@ -75,7 +77,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     attended = sum(min(T, cfg.attention_window) if cfg.layer_kind(i) == "local" else T for i in range(L))
     # the output layer: vocabulary x embedding width (none for ELECTRA's discriminator)
     matmul_params = applied + mlm_head + (0 if cfg.rtd_head else V * cfg.embed_dim)
-    stored = total + mlm_head  # what training holds in memory
+    stored = total + mlm_head + nsp_head  # what training holds in memory
     act_per_layer = 34 * T * d  # bytes, batch 1
     return {
         "preset": cfg.preset,
@@ -84,6 +86,7 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "params_non_embedding": non_emb_active,
         "params_embedding": emb + pos + head,
         **({f"params_{'rtd' if cfg.rtd_head else 'mlm'}_head": mlm_head} if cfg.arch == "encoder" else {}),
+        **({"params_nsp_head": nsp_head} if nsp_head else {}),
         "n_layer": cfg.n_layer, **({"n_decoder_layer": cfg.decoder_layers}
                                    if cfg.arch == "encoder-decoder" else {}),
         "d_model": d, "n_head": cfg.n_head, "n_kv_heads": cfg.kv_heads,

@@ -592,7 +592,9 @@ class Transformer(nn.Module):
         self.causal = causal
         E = cfg.embed_dim
         self.tok_emb = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, E)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, E) if cfg.position == "learned" else None
+        # learned positions: RoBERTa's table keeps position_offset rows in front that no input reaches
+        self.pos_emb = (nn.Embedding(cfg.max_seq_len + cfg.position_offset, E)
+                        if cfg.position == "learned" else None)
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", torch.empty(cfg.max_seq_len, E), persistent=False)
             self.reset_buffers()
@@ -676,7 +678,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=input_ids.device))
+            first = start + self.cfg.position_offset
+            x = x + self.pos_emb(torch.arange(first, first + T, device=input_ids.device))
         elif self.cfg.position == "sinusoidal":
             x = x + self.pos_table[start:start + T].to(x.dtype)
         if self.type_emb is not None:

@@ -254,6 +254,76 @@ class MaskedLM(Objective):
         return {**super().metrics(sums), "val_accuracy": sums["correct"] / max(sums["count"], 1.0)}
 
 
+class SentencePairMLM(MaskedLM):
+    """Masked LM plus a sentence-pair task on the pooled ``<cls>`` state (``model.nsp_head``): the
+    loss is the masked-LM mean plus the cross-entropy of the 2-way head, as BERT sums them
+    (BertForPreTraining). Batches come from :class:`~pretrainer.data.objectives.SentencePairBatches`.
+    ``val_loss`` and ``val_accuracy`` stay the masked LM's (comparable with an ``mlm`` run);
+    ``val_{task}_loss`` and ``val_{task}_accuracy`` are the sentence task's."""
+
+    task: ClassVar[str]
+    sums = ("correct", "count", "loss", "pair_correct", "pair_count", "pair_loss")
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        if not cfg.model.nsp_head:
+            raise ConfigError(f"objective={self.name} needs model.nsp_head=true (a 2-way classifier on the "
+                              f"pooled <cls> state, which needs model.pooler=true)")
+
+    def builder(self, split, seq_len, seed):
+        from ..data.objectives import SentencePairBatches
+
+        return SentencePairBatches(split, seq_len, seed, self.task, self.cfg.masking)
+
+    def as_batch(self, batch):
+        if self.cfg.model.type_vocab_size < 2:  # no segment embedding for B: <sep> alone marks it
+            batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
+        return batch
+
+    def _outputs(self, model, batch):
+        """MLM logits and labels of the selected positions, sentence logits [B, 2]."""
+        labels = batch["labels"]
+        picked = labels != IGNORE
+        h = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                token_type_ids=batch.get("token_type_ids"))
+        return model.head(h[picked]), labels[picked], model.sentence_logits(h)
+
+    def loss(self, model, batch):
+        logits, y, pair_logits = self._outputs(model, batch)
+        return cross_entropy(logits, y) + cross_entropy(pair_logits, batch["sentence_labels"])
+
+    def eval_sums(self, model, batch):
+        logits, y, pair_logits = self._outputs(model, batch)
+        pair_y = batch["sentence_labels"]
+        n = torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)
+        m = torch.tensor(float(len(pair_y)), dtype=torch.float64, device=y.device)
+        return {"loss": cross_entropy(logits, y).double() * n, "count": n,
+                "correct": (logits.argmax(-1) == y).sum().double(),
+                "pair_loss": cross_entropy(pair_logits, pair_y).double() * m, "pair_count": m,
+                "pair_correct": (pair_logits.argmax(-1) == pair_y).sum().double()}
+
+    def metrics(self, sums):
+        n = max(sums["pair_count"], 1.0)
+        return {**super().metrics(sums), f"val_{self.task}_loss": sums["pair_loss"] / n,
+                f"val_{self.task}_accuracy": sums["pair_correct"] / n}
+
+
+@register
+class NextSentenceMLM(SentencePairMLM):
+    name = "mlm+nsp"
+    task = "nsp"
+    about = ("masked LM + next-sentence prediction (BERT): B follows A, or half of the time comes "
+             "from another document; a 2-way head on the pooled <cls> (model.nsp_head)")
+
+
+@register
+class SentenceOrderMLM(SentencePairMLM):
+    name = "mlm+sop"
+    task = "sop"
+    about = ("masked LM + sentence-order prediction (ALBERT): two consecutive segments, swapped half "
+             "of the time; the same 2-way head (model.nsp_head)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoder-only replaced-token detection (ELECTRA)
 

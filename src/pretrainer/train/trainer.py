@@ -325,6 +325,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         v = r["val_loss"]
         rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
         acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
+        acc += "".join(f" | {k[4:-9]} accuracy {r[k]:.4f}" for k in ("val_nsp_accuracy", "val_sop_accuracy") if k in r)
         log.say(f"step {step:>6} | val loss {v:.4f} | ppl {rec['val_ppl']:.1f}{acc}")
         return rec
 
@@ -562,9 +563,9 @@ def initial_model_config(source: str, data: str | None = None):
     if not p.exists():
         raise ConfigError(f"init_from={source}: no such run, checkpoint or Hugging Face folder")
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
-        from ..interop.hf import _read_json, config_from_hf
+        from ..interop.hf import hf_folder_config
 
-        model_cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
+        model_cfg = hf_folder_config(p)  # (a BertForMaskedLM without its pooler, ...: as imported)
         tok_dirs = [p]
     else:
         config_file, _ = find_run_files(p, warn=lambda s: None)  # load_initial_weights says it
