@@ -52,11 +52,14 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pretrainer.data.corpus import dataset_label, is_dataset, iter_documents
+
+if TYPE_CHECKING:  # only for the annotation: datasets is optional
+    import datasets
 from pretrainer.errors import DataError, PretrainerError, os_error_of, storage, storage_error
 from pretrainer.tokenization import Tok, load_tokenizer
 
