@@ -380,3 +380,27 @@ def test_activation_checkpointing_of_shared_blocks_leaves_the_step_unchanged(mod
     torch.testing.assert_close(grads[0][0], grads[1][0], **TOL)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_albert_for_pretraining_sentence_order_head_both_ways(tmp_path):
+    """AlbertForPreTraining (the MLM head and the sentence-order head ``sop_classifier`` on the pooled
+    state, which ``mlm+sop`` trains): both heads' logits to 1e-5, import and export."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AlbertConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(3)
+    hf = _perturb(transformers.AlbertForPreTraining(config), 3).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = import_hf(tmp_path / "hf")
+    assert ours.cfg.nsp_head and ours.pooler is not None
+    x = _inputs()
+    with torch.no_grad():
+        a, b = ours(**x), hf(**x)
+    torch.testing.assert_close(a.logits, b.prediction_logits, **TOL)
+    torch.testing.assert_close(a.nsp_logits, b.sop_logits, **TOL)
+    export_hf(ours, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["AlbertForPreTraining"]
+    again, info = transformers.AlbertForPreTraining.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(**x).sop_logits, b.sop_logits, **TOL)

@@ -22,9 +22,15 @@ V, T = 300, 64
 
 
 def _moe(d: int = 2, **moe) -> MoE:
-    """An MoE layer of width ``d`` whose experts are small ReLU MLPs."""
+    """An MoE layer of width ``d`` whose experts are small ReLU MLPs with positive weights (a tiny
+    ReLU expert drawn at random can output zeros for a one-hot token, hiding what a test checks)."""
+    torch.manual_seed(0)
     cfg = ModelConfig(d_model=d, d_ff=4, n_head=1, mlp="relu", bias=False, moe=MoEConfig(**moe))
-    return MoE(cfg)
+    layer = MoE(cfg)
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.uniform_(0.1, 1.0)
+    return layer
 
 
 def _route(layer: MoE, preferred: list[int], second: list[int] | None = None) -> torch.Tensor:

@@ -32,7 +32,9 @@ These families have an exact Hugging Face counterpart:
   with factorised embeddings (``d_embed``: ``embedding_size``, projected up by
   ``embedding_hidden_mapping_in``) and one layer shared by all (``share_layers=all``: one hidden
   group of one inner layer, ``albert_layer_groups.0.albert_layers.0``); the MLM head maps back to
-  ``d_embed``. Its pooler is ``albert.pooler`` (a plain Linear).
+  ``d_embed``. Its pooler is ``albert.pooler`` (a plain Linear). With ``model.nsp_head`` it is
+  ``AlbertForPreTraining``: the sentence-order head ``sop_classifier.classifier`` on the pooled state
+  (what ``mlm+sop`` trains).
 - ELECTRA (``ElectraForPreTraining``; ``ElectraModel`` for the backbone): BERT's layout under
   ``electra.`` with factorised embeddings (``embedding_size``: our ``d_embed``, projected up by
   ``embeddings_project``), no pooler, and the discriminator's replaced-token detection head
@@ -529,6 +531,8 @@ def _albert_tensors(cfg: ModelConfig) -> list[_Tensor]:
         names += both(f"blocks.0.{ours}", layer + hf)
     if cfg.pooler:
         names += both("pooler", "albert.pooler")
+    if cfg.nsp_head:  # AlbertForPreTraining's sentence-order head on the pooled state
+        names += both("nsp", "sop_classifier.classifier")
     return names + [*both("mlm.dense", "predictions.dense"), *both("mlm.norm", "predictions.LayerNorm"),
                     _Tensor("mlm.out.bias", ("predictions.bias",))]
 
@@ -684,7 +688,8 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, pad_token_id
         )
     if family == "albert":
         return dict(
-            model_type="albert", architectures=["AlbertForMaskedLM"], embedding_size=cfg.embed_dim,
+            model_type="albert", architectures=["AlbertForPreTraining" if cfg.nsp_head else "AlbertForMaskedLM"],
+            embedding_size=cfg.embed_dim,
             num_hidden_layers=cfg.n_layer, num_hidden_groups=1, inner_group_num=1,
             num_attention_heads=cfg.n_head, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
             hidden_act=_BERT_ACT[cfg.mlp], max_position_embeddings=cfg.max_seq_len,
@@ -1205,7 +1210,7 @@ def _full_names(weights: dict, family: str) -> dict:
     ``lm_head`` read as ``embed_out``."""
     prefix = _PREFIX[family]
     heads = ("lm_head.", "embed_out.", "cls.", "final_logits_bias", "discriminator_predictions.",
-             "generator_predictions.", "generator_lm_head.", "vocab_")
+             "generator_predictions.", "generator_lm_head.", "vocab_", "sop_classifier.")
     if not any(k.startswith(prefix) for k in weights):
         weights = {k if k.startswith(heads) else prefix + k: v for k, v in weights.items()}
     if family == "gpt_neox" and "lm_head.weight" in weights and "embed_out.weight" not in weights:
@@ -1222,6 +1227,11 @@ def config_for_weights(cfg: ModelConfig, names, where: str = "weights") -> Model
         cfg = dataclasses.replace(cfg, pooler=False)
     if family == "albert" and cfg.pooler and "albert.pooler.weight" not in names:  # AlbertForMaskedLM has none
         cfg = dataclasses.replace(cfg, pooler=False)
+    if family == "albert" and "sop_classifier.classifier.weight" in names:  # AlbertForPreTraining
+        if not cfg.pooler:
+            raise PretrainerError(f"{where}: sop_classifier without albert.pooler (the sentence-order head "
+                                  f"reads the pooled <cls> state)")
+        cfg = dataclasses.replace(cfg, nsp_head=True)
     if family == "electra":  # the head present decides: discriminator or generator
         if any(k.startswith("generator_predictions.") for k in names):
             cfg = dataclasses.replace(cfg, rtd_head=False)
