@@ -114,6 +114,20 @@ def test_finetune_text2text_learns_and_predicts(t5_run, tmp_path, capsys):
                  "--out", str(tmp_path / "p.jsonl")]) == 0
     row = json.loads((tmp_path / "p.jsonl").read_text())
     assert isinstance(row["prediction"], str)
+    # generate, embed and evaluate take the fine-tuned run too (its whole encoder-decoder)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "reverse: red cat", "--temperature", "0",
+                 "--max-new-tokens", "12", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["text"] == row["prediction"]  # greedy, as predict
+    assert main(["embed", str(out), "--input", str(tmp_path / "in.jsonl"), "--text-field", "source", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 64
+    from pretrainer.data.prepare import prepare
+
+    prepare("builtin:synthetic:50", str(out / "tokenizer"), tmp_path / "data", progress=False)
+    assert main(["evaluate", str(out), "--data", str(tmp_path / "data"), "--max-batches", "1", "--json"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
+    assert main(["evaluate", str(out)]) == 2
+    assert "a fine-tuning run has no pretraining data" in capsys.readouterr().err
 
 
 def test_text2text_errors_are_one_line(t5_run, tmp_path, capsys):

@@ -41,16 +41,24 @@ def load(path: str | Path, device: str | torch.device = "cpu", warn=None,
     newest intact one with a warning through ``warn`` (default: one line on stderr).
     ``fast_paths`` (default: on a CPU) swaps in :mod:`pretrainer.model.fast`'s layers.
 
+    A fine-tuning run gives its fine-tuned backbone (a text-to-text run's whole encoder-decoder, so
+    ``generate`` answers with it); its task head is :class:`pretrainer.finetune.predict.Predictor`'s.
     The model is what the run produces: of an ELECTRA run, the discriminator. ``trained=True``
     returns what the run trained instead (ELECTRA: discriminator and generator, for evaluating
     with the run's objective)."""
     from .model.fast import apply_fast_paths
+
+    from .finetune.backbone import is_finetune_run
 
     p = Path(path)
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         from .interop.hf import import_hf
 
         model = import_hf(p)
+    elif is_finetune_run(p):  # its fine-tuned backbone (a text2text run's whole model); heads: Predictor
+        from .finetune.backbone import _from_finetune_run
+
+        model = _from_finetune_run(p, from_scratch=False).model
     else:
         config_file, ckpt = find_run_files(p, warn)
         cfg = config_from_file(config_file)

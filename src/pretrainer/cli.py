@@ -283,12 +283,25 @@ def cmd_evaluate(args) -> None:
     from .api import find_run_files
     from . import load
 
-    config_file, _ = find_run_files(args.run, warn=lambda s: None)  # load() below says it once
-    cfg = config_from_file(config_file)
+    from .finetune.backbone import is_finetune_run
+
     model = load(args.run, device=args.device, warn=lambda s: print(s, file=sys.stderr),
                  trained=True)  # ELECTRA's objective runs its generator too
+    if is_finetune_run(Path(args.run)):  # its backbone, with the objective its architecture pretrains with
+        from .config import RunConfig
+        from .train.objectives import default_objective
+
+        if not args.data:
+            raise PretrainerError(f"{args.run}: a fine-tuning run has no pretraining data; name one with --data DIR")
+        run_folder = Path(args.run)
+        cfg = RunConfig(model=model.cfg, data=args.data, objective=default_objective(model.cfg.arch))
+        cfg.train.seq_len = min(cfg.train.seq_len, model.cfg.max_seq_len)
+    else:
+        config_file, _ = find_run_files(args.run, warn=lambda s: None)  # load() above said it once
+        cfg = config_from_file(config_file)
+        run_folder = config_file.parent
     data = args.data or cfg.data
-    check_same_tokenizer(config_file.parent, data, "--data")
+    check_same_tokenizer(run_folder, data, "--data")
     split = TokenSplit(data, args.split)
     seq_len = args.seq_len or cfg.train.seq_len
     n_windows = (len(split) - 1) // seq_len
@@ -539,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-field", default="text", help="field/column with the text in JSONL/Parquet/datasets")
     t.add_argument("--sample-mb", type=NONNEG, default=None,
                    help="train on a uniform sample of the documents of about this many MB (default: 64 for "
-                        "bpe and wordpiece, 8 for unigram; 0 = the whole corpus; char reads everything)")
+                        "bpe and wordpiece, 5 for unigram; 0 = the whole corpus; char reads everything)")
     t.add_argument("--out", required=True)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
@@ -558,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--tokenizer-sample-mb", type=NONNEG, default=None,
                    help="KIND:SIZE tokenizers train on a uniform sample of the documents of about this many MB "
-                        "(default: 64 for bpe and wordpiece, 8 for unigram; 0 = all)")
+                        "(default: 64 for bpe and wordpiece, 5 for unigram; 0 = all)")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--split", choices=["document", "tail"], default="document",
                    help="validation = random documents, or the last tokens of the stream (nanoGPT)")

@@ -73,7 +73,7 @@ def sentinel_tokens(n: int) -> list[str]:
 #: training costs far more per byte than BPE's or WordPiece's counting of pairs; its budget keeps
 #: it to a couple of minutes on two cores. ``char`` always reads everything (a character it never
 #: saw would be unknown).
-DEFAULT_SAMPLE_MB = {"bpe": 64.0, "wordpiece": 64.0, "unigram": 8.0}
+DEFAULT_SAMPLE_MB = {"bpe": 64.0, "wordpiece": 64.0, "unigram": 5.0}
 
 
 def sample_texts(texts: Iterable[str], max_bytes: int | None, seed: int = 0,

@@ -115,7 +115,10 @@ def _from_finetune_run(path: Path, from_scratch: bool) -> Backbone:
     if not from_scratch:
         ckpt, _ = latest_checkpoint(path)
         tensors = load_file(str(ckpt / "model.safetensors"))
-        own = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        if any(k.startswith("backbone.") for k in tensors):  # a task head around the backbone
+            own = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        else:  # text2text: the fine-tuned model is the backbone itself
+            own = tensors
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [k for k in missing if not is_tied_copy(model, k)]  # stored once (tied, shared)
         if missing or unexpected:
