@@ -546,3 +546,24 @@ def test_patience_stops_when_the_score_stops_improving(sentiment, tmp_path):
     assert (r["epoch"], r["epochs_run"]) == (1, 2)
     state = json.loads(next((tmp_path / "p" / "checkpoints").iterdir()).joinpath("state.json").read_text())
     assert state["epoch"] == 1
+
+
+def test_a_classifier_that_answers_one_class_is_flagged_beside_the_majority_baseline(tmp_path, capsys):
+    """A learning rate of ~0 keeps the head at its start: if it answers one class for every example,
+    the run warns, and the summary carries the majority-class baseline to read its accuracy against."""
+    from pretrainer.finetune.metrics import classification_metrics
+    from pretrainer.tokenization import Tok
+
+    assert classification_metrics([0, 0, 1, 0], [0, 0, 0, 0], 2)["majority_baseline"] == 0.75
+    train = sentiment_tsv(tmp_path / "train.tsv", 64, 1)
+    dev = sentiment_tsv(tmp_path / "dev.tsv", 32, 2)
+    texts = [line.split("\t")[0] for line in train.read_text().splitlines()[1:]]
+    Tok.train(texts, "wordpiece", 120).save(tmp_path / "tok")
+    code = main(["finetune", "bert-tiny", "--from-scratch", "--task", "classification", "--train", str(train),
+                 "--eval", str(dev), "--tokenizer", str(tmp_path / "tok"), "--epochs", "1", "--lr", "1e-9",
+                 "--max-len", "16", "--seed", "0", "--out", str(tmp_path / "run"), "--quiet", "--json"])
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert code == 0 and 0.5 <= result["majority_baseline"] <= 1.0
+    preds = {json.loads(line)["label"] for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()}
+    assert ("predicts" in err and "for every evaluation example" in err) == (len(preds) == 1)

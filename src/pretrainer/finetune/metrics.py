@@ -17,7 +17,9 @@ import numpy as np
 
 def classification_metrics(gold: list[int], pred: list[int], n_labels: int) -> dict:
     """``accuracy``; ``f1``: binary F1 of label 1 (the second label, e.g. ``1`` of ``0``/``1``)
-    when there are two labels, else macro-averaged; ``f1_macro``; ``mcc`` (Matthews)."""
+    when there are two labels, else macro-averaged; ``f1_macro``; ``mcc`` (Matthews); and
+    ``majority_baseline``: the accuracy of always answering the most frequent gold label, the score
+    a model that learned nothing about the inputs gets."""
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     labels = list(range(n_labels))
@@ -27,8 +29,9 @@ def classification_metrics(gold: list[int], pred: list[int], n_labels: int) -> d
         f1 = (f1_score(gold, pred, labels=labels, pos_label=1, average="binary", zero_division=0)
               if n_labels == 2 else macro)
         mcc = matthews_corrcoef(gold, pred) if len(gold) else 0.0
+    majority = max((gold.count(c) for c in set(gold)), default=0) / max(len(gold), 1)
     return {"accuracy": float(accuracy_score(gold, pred)), "f1": float(f1),
-            "f1_macro": float(macro), "mcc": float(mcc)}
+            "f1_macro": float(macro), "mcc": float(mcc), "majority_baseline": float(majority)}
 
 
 def regression_metrics(gold: list[float], pred: list[float]) -> dict:

@@ -424,6 +424,12 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
     if eval_ex is not None:
         scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
         write_predictions(run / "predictions.jsonl", the_task, eval_ex, preds, with_gold=True)
+        answered = {p["label"] for p in preds} if task == "classification" else None
+        if answered is not None and len(answered) == 1 and len(the_task.labels or []) > 1:
+            print(f"warning: the kept model predicts '{next(iter(answered))}' for every evaluation example "
+                  f"(accuracy {scores['accuracy']:.4f} = the majority-class baseline "
+                  f"{scores['majority_baseline']:.4f} or below): it has not learned the task; try another "
+                  f"learning rate, more epochs, or --select loss", file=sys.stderr, flush=True)
         scores = {**scores, **({"eval_loss": best_metrics["eval_loss"]} if "eval_loss" in best_metrics else {})}
         summary = {**scores, **summary, "eval_examples": len(eval_ex), "selected_by": criterion}
         settings["best"] = {"epoch": best, "metric": criterion, "metrics": scores,
