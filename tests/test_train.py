@@ -268,3 +268,22 @@ def test_a_preset_takes_the_datas_vocabulary_unless_a_size_is_given(synthetic_da
     assert resume_config(tmp_path / "a").model.vocab_size == 300  # the synthetic data's BPE
     given = load_config(None, ["model=bert-tiny", "model.vocab_size=30522"])
     assert given.model.vocab_size == 30522
+
+
+def test_evaluation_reports_progress_on_a_long_split(synthetic_data, tmp_path, monkeypatch):
+    """``evaluate_split(progress=...)`` is called every 5 seconds with (done, total, seconds): the clock
+    is made to run 6 s per batch here, so each batch after the first reports."""
+    from pretrainer import load
+    from pretrainer.data.tokens import TokenSplit
+    from pretrainer.train import trainer
+    from pretrainer.train.objectives import get_objective
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(synthetic_data, run, max_steps=1, eval_every=0)
+    train(cfg, quiet=True)
+    clock = iter(range(0, 10_000, 6))
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: float(next(clock)))
+    seen = []
+    trainer.evaluate_split(load(run), get_objective(cfg), TokenSplit(synthetic_data, "val"), 2, 4, seq_len=32,
+                           progress=lambda done, total, s: seen.append((done, total)))
+    assert seen == [(i, 4) for i in range(4)]  # before each batch, as the clock says 5 s have passed

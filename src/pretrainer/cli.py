@@ -306,8 +306,14 @@ def cmd_evaluate(args) -> None:
     seq_len = args.seq_len or cfg.train.seq_len
     n_windows = (len(split) - 1) // seq_len
     max_batches = args.max_batches or math.ceil(n_windows / args.batch_size)
+    def progress(done: int, total: int, seconds: float) -> None:
+        if not args.json:
+            eta = seconds / max(done, 1) * (total - done)
+            print(f"evaluate: {done:,}/{total:,} batches, {seconds:.0f} s, eta {eta:.0f} s", file=sys.stderr,
+                  flush=True)
+
     scores = evaluate_split(model, get_objective(cfg), split, args.batch_size, max_batches,
-                            seq_len=seq_len)  # mlm adds val_accuracy
+                            seq_len=seq_len, progress=progress)  # mlm adds val_accuracy
     loss = scores["val_loss"]
     tokens = min(n_windows, max_batches * args.batch_size) * seq_len
     result = {"run": args.run, "data": str(data), "split": args.split,  # ELECTRA: its generator's ppl

@@ -485,14 +485,15 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
 @torch.no_grad()
 def evaluate_split(model, objective: Objective, split: TokenSplit, batch_size: int,
                    max_batches: int, env: Env | None = None, seq_len: int | None = None,
-                   step: torch.nn.Module | None = None) -> dict:
+                   step: torch.nn.Module | None = None, progress=None) -> dict:
     """The objective's validation metrics (``val_loss``: the mean cross-entropy over the predicted
     tokens; the masked LM adds ``val_accuracy``) over the first ``max_batches * world`` validation
     batches of ``batch_size`` windows: the same windows for the same global batch, whatever the
     number of processes (each process takes every world-th batch and the sums are added).
 
     ``step``: the module to run the batches through (a sharded :class:`TrainStep` under fsdp, whose
-    forward gathers the weights; every process then runs the same number of forwards)."""
+    forward gathers the weights; every process then runs the same number of forwards).
+    ``progress(done, total, seconds)`` is called every 5 seconds (the ``evaluate`` command's lines)."""
     run = step if step is not None else TrainStep(model, objective)
     was_training = run.training
     run.eval()
@@ -501,7 +502,12 @@ def evaluate_split(model, objective: Objective, split: TokenSplit, batch_size: i
     batches = list(objective.eval_batches(split, batch_size, max_batches * world, seq_len))
     mine = batches[rank::world]
     sums: dict[str, float] = {}
-    for i in range(-(-len(batches) // world) if step is not None else len(mine)):
+    started = last = time.perf_counter()
+    n = -(-len(batches) // world) if step is not None else len(mine)
+    for i in range(n):
+        if progress is not None and time.perf_counter() - last > 5:
+            last = time.perf_counter()
+            progress(i, n, last - started)
         batch = mine[i] if i < len(mine) else batches[0]  # a spare forward, not counted
         with env.autocast() if env else contextlib.nullcontext():
             part = run(to_device(batch, device), objective.eval_sums)
