@@ -466,7 +466,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     plot: bool = True
     loggers: str = "jsonl"  # metrics.jsonl always; add tensorboard and/or wandb: "jsonl,tensorboard"
-    prefetch: int = 2  # micro-batches built ahead on a background thread while the model computes; 0 = off
+    prefetch: int = 0  # micro-batches built ahead on a background thread while the model computes (a GPU run); 0 = off
     max_minutes: float = 0.0  # wall-clock budget of this invocation: stop (checkpoint, final eval) when spent; 0 = none
     threads: int = 0  # torch's intra-op CPU threads for the run; 0 = torch's default
 
