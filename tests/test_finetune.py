@@ -347,7 +347,7 @@ def test_easy_task_is_learned_and_the_run_folder_is_complete(encoder_run):
     run, result = encoder_run
     best = yaml_load(run / "config.yaml")["best"]
     assert best["metrics"]["accuracy"] >= 0.95  # chance is 0.5; one word decides the label
-    assert set(best["metrics"]) == {"accuracy", "f1", "f1_macro", "mcc", "eval_loss"}
+    assert set(best["metrics"]) == {"accuracy", "f1", "f1_macro", "mcc", "majority_baseline", "eval_loss"}
     assert json.loads((run / "labels.json").read_text()) == ["0", "1"]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "accuracy" in line]
     assert len(evals) == 3 and max(e["accuracy"] for e in evals) == best["metrics"]["accuracy"]
@@ -392,7 +392,9 @@ def test_predict_round_trip(encoder_run, sentiment, tmp_path, capsys):
     preds = [json.loads(line) for line in out.read_text().splitlines()]
     saved = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert [p["label"] for p in preds] == [s["label"] for s in saved]
-    assert set(preds[0]) == {"label", "probs"} and set(preds[0]["probs"]) == {"0", "1"}
+    assert set(preds[0]) == {"index", "text", "label", "probs"} and set(preds[0]["probs"]) == {"0", "1"}
+    rows = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:]]
+    assert [p["index"] for p in preds] == list(range(64)) and [p["text"] for p in preds] == rows  # echoed
     # the same from Python, labels by name; unlabeled input is fine
     p = Predictor(run)
     assert p.labels == ["0", "1"]

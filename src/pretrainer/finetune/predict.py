@@ -92,9 +92,15 @@ class Predictor:
 
 
 def predict_file(run: str | Path, input_path: str, out: str | Path, device: str = "cpu") -> dict:
-    """Write one JSON line per input row to ``out``; returns ``{"run", "input", "out", "predictions"}``."""
+    """Write one JSON line per input row to ``out`` (its ``index``, its text fields, the prediction);
+    returns ``{"run", "input", "out", "predictions"}``."""
     predictor = Predictor(run, device=device)
-    preds = predictor.predict_file(input_path)
+    examples = predictor.task.load(str(input_path), "eval", require_labels=False)
+    preds = predictor.predict_examples(examples)
+    # each line echoes its input beside the prediction (as Hugging Face pipelines do), with its row
+    echo = ("text", "text_pair", "words", "question")
+    preds = [{"index": i, **{k: ex[k] for k in echo if ex.get(k) is not None}, **p}
+             for i, (ex, p) in enumerate(zip(examples, preds))]
     out = Path(out)
     with storage(out.parent, "create the folder"):
         out.parent.mkdir(parents=True, exist_ok=True)
