@@ -119,3 +119,26 @@ def test_kernel_fallback_is_one_warning_line(tmp_path, synthetic_data):
     assert notes == [f"warning: pretrainer: fused CPU kernels unavailable, using PyTorch ops "
                      f"(no C compiler ('{tmp_path / 'no-such-cc'}' not found))"], out.stderr
     assert "UserWarning" not in out.stderr and "(float32)" in out.stderr + out.stdout
+
+
+def test_config_lists_every_key_with_its_meaning_and_shows_what_a_command_line_resolves_to(capsys):
+    import dataclasses
+
+    import yaml
+
+    from pretrainer.config import RunConfig, load_config
+    from pretrainer.config import _all_keys
+
+    assert main(["config", "--keys", "--json"]) == 0
+    keys = json.loads(capsys.readouterr().out)
+    listed = {k["key"] for k in keys}
+    run_sections = ("model.", "train.", "noise.", "electra.", "distill.")
+    top = {f.name for f in dataclasses.fields(RunConfig) if f.name not in ("model", "train", "noise", "electra", "distill")}
+    assert listed == {k for k in _all_keys() if k.startswith(run_sections) and k != "model.moe"} | top
+    assert all(k["meaning"] for k in keys), [k["key"] for k in keys if not k["meaning"]]
+    assert {"key": "train.lr", "default": 1e-3, "meaning": "peak learning rate"} in keys
+    assert main(["config", "model=bert-tiny", "train.lr=3e-4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == load_config(None, ["model=bert-tiny", "train.lr=3e-4"]).to_dict()
+    assert main(["config", "train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err

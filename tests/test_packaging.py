@@ -37,7 +37,7 @@ def test_the_licence_pyproject_names_is_in_the_repository():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["finetune", "--help"], ["scaling", "--help"],
-                                  ["prepare", "--help"], ["icl", "--help"], ["--version"]])
+                                  ["prepare", "--help"], ["icl", "--help"], ["--version"], ["config", "--keys"]])
 def test_the_command_line_starts_without_torch(argv):
     code = ("import sys\nfrom pretrainer.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "sys.stderr.write('TORCH=%%s' %% ('torch' in sys.modules))" % (argv,))

@@ -346,6 +346,28 @@ def cmd_import(args) -> None:
     print(f"imported {args.hf_dir} into run folder {args.out}")
 
 
+def cmd_config(args) -> None:
+    """The resolved run config (what ``pretrain`` with the same ``-c FILE`` and overrides would run),
+    or with ``--keys`` every key with its default and meaning."""
+    import yaml
+
+    from .config import config_keys, load_config
+
+    if args.keys:
+        keys = config_keys()
+        if args.json:
+            return _json_out(keys)
+        width = max(len(k["key"]) for k in keys)
+        for k in keys:
+            print(f"{k['key']:<{width}}  {str(k['default']):<12}  {k['meaning']}")
+        return None
+    cfg = load_config(args.config, args.overrides)
+    if args.json:
+        return _json_out(cfg.to_dict())
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return None
+
+
 def cmd_lm_eval(args) -> int:
     """lm-eval's command line in this process, after registering the ``pretrainer`` model."""
     try:
@@ -594,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pretrain a model (or resume a run)", description=(
         "Pretrain from a YAML config and/or key=value overrides, e.g. "
         "'pretrainer pretrain model=gpt-micro data=data/stdlib out=runs/a train.max_steps=2000'. "
-        "Required: data, out. Resume with --resume RUN (overrides such as train.max_steps=N extend it)."),
+        "Required: data, out. Resume with --resume RUN (overrides such as train.max_steps=N extend it). "
+        "Every key, its default and meaning: 'pretrainer config --keys'; the config a command line resolves "
+        "to: 'pretrainer config -c FILE KEY=VALUE ...'."),
         epilog=EXIT_STATUSES)
     s.add_argument("overrides", nargs="*", help="key=value settings (model=PRESET, data=DIR, out=DIR, train.lr=...)")
     s.add_argument("--config", "-c", help="YAML config file (or the name of one under configs/)")
@@ -724,6 +748,15 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_cli.register(sub)  # finetune, predict
 
     icl_cli.register(sub)  # icl
+
+    s = sub.add_parser("config", help="the resolved run config, or every key with its default and meaning",
+                       description="Print the run config that pretrain -c FILE KEY=VALUE ... would run (YAML), "
+                                   "or with --keys every settable key, its default and its meaning.")
+    s.add_argument("-c", "--config", default=None, help="YAML file (or a name under configs/)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, as for pretrain")
+    s.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("lm-eval", help="run lm-evaluation-harness with pretrainer runs as models",
                        description="lm-evaluation-harness's own command line (every lm_eval argument), with "

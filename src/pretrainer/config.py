@@ -68,20 +68,20 @@ class ModelConfig:
     arch: str = "decoder"  # decoder (GPT/Llama) | encoder (BERT) | encoder-decoder (T5/BART)
     n_layer: int = 4  # encoder-decoder: the encoder's layers
     n_decoder_layer: int | None = None  # encoder-decoder: the decoder's layers (None = n_layer)
-    n_head: int = 4
+    n_head: int = 4  # attention heads
     n_kv_heads: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
-    d_model: int = 256
+    d_model: int = 256  # width of the residual stream
     d_ff: int | None = None  # None = 4 * d_model
     d_head: int | None = None  # None = d_model // n_head (T5 v1.1 small: 6 heads of 64 in 512)
     d_embed: int | None = None  # encoder: factorised embeddings of this width, projected up to d_model (ALBERT, ELECTRA-small); None = d_model
     share_layers: str = "none"  # encoder: cross-layer sharing (ALBERT): none | all (one block) | attention | ffn
     vocab_size: int | None = None  # None = taken from the data folder's tokenizer when training
-    max_seq_len: int = 256
+    max_seq_len: int = 256  # longest input (positions, caches)
     norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of every norm
     prenorm: bool = True  # pre-norm (GPT-2, Llama) or post-norm (original Transformer, GPT-1, BERT)
     position: str = "learned"  # learned | rope | sinusoidal | relative (T5 bias) | none
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # rope: the base of the rotation frequencies
     rope_fraction: float = 1.0  # rope: the share of each head's dims rotated, the first ones (GPT-NeoX/Pythia 0.25)
     rel_buckets: int = 32  # relative: T5's log-spaced distance buckets, one bias per head and bucket
     rel_max_distance: int = 128  # relative: distances beyond this share the last bucket
@@ -93,10 +93,10 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2) | relu | swiglu | geglu | geglu_tanh (T5 v1.1)
     bias: bool = True  # biases in linear layers and norms
     qkv_bias: bool | None = None  # biases of the query, key and value projections (None = as bias; GPT-Neo: false)
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # the output layer is the token embedding
     scale_tied_output: bool = False  # T5 (v1.0): hidden states times d_model**-0.5 before a tied head
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = 0.0  # dropout on embeddings, attention and residual branches
+    init_std: float = 0.02  # standard deviation of the initial weights
     scaled_residual_init: bool = True  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
     init_scheme: str = "normal"  # normal: N(0, init_std) | t5: N(0, 1/fan_in) matrices, N(0, 1) embeddings
     embed_norm: bool = False  # a norm on the summed embeddings (BERT)
@@ -434,25 +434,25 @@ class TrainConfig:
     """Optimisation and bookkeeping. ``batch_size`` is sequences per micro-step per process; one
     optimizer step sees ``batch_size * grad_accum * world_size`` sequences of ``seq_len`` tokens."""
 
-    max_steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-3
+    max_steps: int = 1000  # optimizer steps of the run
+    batch_size: int = 16  # sequences per micro-batch and process
+    seq_len: int = 128  # tokens per sequence (window)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     schedule: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.1  # on matrices and embeddings (>= 2-D); never on biases or norm gains
     lr_scale: str = "none"  # none | rms: each tensor's rate times its RMS at the start (for T5's init)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # 0 = off
     # divergence guards: a step whose loss or gradient norm is not finite is skipped (no update)
     max_skipped_steps: int = 5  # this many skipped steps in a row stop the run; 0 = never stop
     spike_factor: float = 10.0  # a loss over this x the median of the last 100 steps' (at least 1) stops it; 0 = off
     on_spike: str = "stop"  # stop | rollback: reload the last checkpoint and go on with the data after the spike
-    seed: int = 1337
+    seed: int = 1337  # seeds the weights, the data order and the masks
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA that supports it, else fp32) | float32 | bfloat16 | float16
     compile: str = "auto"  # auto (on for CUDA) | true | false
@@ -461,10 +461,10 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full (recompute every block) | selective (recompute elementwise ops)
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 20  # validation: this many global batches of windows
-    log_every: int = 10
+    log_every: int = 10  # steps between progress lines and metrics.jsonl lines
     checkpoint_every: int = 500  # 0 = only at the end
-    keep_checkpoints: int = 2
-    plot: bool = True
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    plot: bool = True  # write RUN/loss.png
     loggers: str = "jsonl"  # metrics.jsonl always; add tensorboard and/or wandb: "jsonl,tensorboard"
     prefetch: int = 0  # micro-batches built ahead on a background thread while the model computes (a GPU run); 0 = off
     max_minutes: float = 0.0  # wall-clock budget of this invocation: stop (checkpoint, final eval) when spent; 0 = none
@@ -516,15 +516,14 @@ class NoiseConfig:
     ``delete_ratio`` deletion, sentence permutation (sentences end at a newline or a full stop) and
     document rotation. The defaults are each paper's choice."""
 
-    noise_density: float = 0.15
-    mean_span_length: float = 3.0
-    mask_ratio: float = 0.3
-    poisson_lambda: float = 3.0
-    token_mask_ratio: float = 0.0
-    delete_ratio: float = 0.0
-    permute_sentences: bool = True
-    rotate: bool = False
-
+    noise_density: float = 0.15  # span: share of the tokens corrupted
+    mean_span_length: float = 3.0  # span: mean length of a corrupted span
+    mask_ratio: float = 0.3  # denoise: share of the tokens infilled (one <mask> per span)
+    poisson_lambda: float = 3.0  # denoise: mean span length of the infilling
+    token_mask_ratio: float = 0.0  # denoise: share of single tokens masked
+    delete_ratio: float = 0.0  # denoise: share of tokens deleted
+    permute_sentences: bool = True  # denoise: shuffle the sentences
+    rotate: bool = False  # denoise: rotate the document to start at a random token
     def validate(self) -> None:
         for name in ("noise_density", "mask_ratio", "token_mask_ratio", "delete_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -570,7 +569,7 @@ class DistillConfig:
     final hidden states (when their widths match). The defaults are DistilBERT's."""
 
     teacher: str | None = None  # a run, checkpoint or Hugging Face folder; same tokenizer as the data
-    temperature: float = 2.0
+    temperature: float = 2.0  # T of the soft targets
     ce_weight: float = 5.0  # soft targets, on every token (encoder: masked_only for the MLM's ones)
     lm_weight: float = 2.0  # the student's own masked-LM or causal-LM loss
     cos_weight: float = 1.0  # hidden-state cosine loss; off when the widths differ
@@ -904,6 +903,28 @@ def _all_keys() -> list[str]:
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]
     return keys
+
+
+def config_keys() -> list[dict]:
+    """Every key a run config (``pretrain``'s ``-c FILE`` and ``key=value``) can set, with its
+    default and meaning: ``[{"key", "default", "meaning"}]``. The meaning is the field's help text,
+    or the comment on its line in this module (the one place each option is described)."""
+    import inspect
+    import re
+
+    out = []
+    for prefix, cls in (("", RunConfig), ("model.", ModelConfig), ("model.moe.", MoEConfig), ("train.", TrainConfig),
+                        ("noise.", NoiseConfig), ("electra.", ElectraConfig), ("distill.", DistillConfig)):
+        comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _resolve_type(f.type)) \
+                    or f.name in ("model", "moe", "train", "noise", "electra", "distill"):
+                continue  # a section: its keys are listed under its own prefix
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out.append({"key": prefix + f.name, "default": default,
+                        "meaning": f.metadata.get("help") or comments.get(f.name, "")})
+    return out
 
 
 def _suggest(word: str, options) -> str:
