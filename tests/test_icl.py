@@ -300,8 +300,10 @@ def test_cli_icl_json(tiny_run, tmp_path, capsys):
         assert Path(res["files"][f]).is_file()
     assert main(["icl", str(tiny_run), "--task", "builtin:lookup", "--scoring", "choice", "--shots", "1",
                  "--limit", "8", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "1 shots" in text and "chance: 0.250" in text
+    assert f"icl: {tiny_run}: 1 shots: accuracy" in captured.err and "(1/1 shot counts" in captured.err  # progress
 
 
 def test_lm_eval_from_its_own_command_line_equals_icl(tiny_run, tmp_path, monkeypatch, capsys):

@@ -56,7 +56,8 @@ def cmd_icl(args) -> None:
     models = [(run, *_load_run_and_tokenizer(run, args.device, token_overrides(args))) for run in args.runs]
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "icl" if len(args.runs) == 1 else Path("icl"))
     result = run_icl(models, task, shots, out=out, seed=args.seed, batch_size=args.batch_size,
-                     limit=args.limit, warn=lambda s: print(s, file=sys.stderr))
+                     limit=args.limit, warn=lambda s: print(s, file=sys.stderr),
+                     progress=None if args.json else lambda s: print(f"icl: {s}", file=sys.stderr, flush=True))
     if args.json:
         for r in result["runs"]:
             for v in r["shots"].values():

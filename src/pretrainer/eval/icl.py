@@ -46,6 +46,7 @@ import json
 import random
 import re
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -176,7 +177,8 @@ def token_f1(prediction: str, target: str) -> float:
 
 
 def evaluate(model, tok, task: Task, shots: Sequence[int], *, seed: int = 0, batch_size: int = 16,
-             limit: int | None = None, warn: Callable[[str], None] | None = None) -> dict:
+             limit: int | None = None, warn: Callable[[str], None] | None = None,
+             progress: Callable[[str], None] | None = None) -> dict:
     """Accuracy of ``model`` on ``task`` for every number of shots: ``{"shots": {"k": {...}}}``
     with ``accuracy`` and its ``interval`` (plus ``accuracy_sum`` for choice, ``f1`` for generate),
     ``n`` queries, ``truncated`` prompts and ``mean_shots_used``, and the first query's prompt."""
@@ -186,7 +188,8 @@ def evaluate(model, tok, task: Task, shots: Sequence[int], *, seed: int = 0, bat
         raise DataError(f"task '{task.name}': no query rows")
     W = window(model)
     per_shots, truncated = {}, {}
-    for k in shots:
+    started = time.perf_counter()
+    for n, k in enumerate(shots, 1):
         examples = [draw_examples(task, i, k, seed) for i in range(len(queries))]
         if task.scoring == "choice":
             res = _evaluate_choice(model, tok, task, queries, examples, W, batch_size, seed)
@@ -195,6 +198,10 @@ def evaluate(model, tok, task: Task, shots: Sequence[int], *, seed: int = 0, bat
         if res["truncated"]:
             truncated[k] = res
         per_shots[str(k)] = res
+        if progress is not None:  # a line per shot count: the whole evaluation can take minutes
+            spent = time.perf_counter() - started
+            progress(f"{k} shots: accuracy {res['accuracy']:.3f} over {res['n']} queries ({n}/{len(shots)} shot "
+                     f"counts, {spent:.0f} s, eta {spent / n * (len(shots) - n):.0f} s)")
     if truncated:
         detail = "; ".join(f"{k} shots: {r['truncated']} of {r['n']} prompts, {r['mean_shots_used']:.1f} "
                            f"examples kept on average" for k, r in truncated.items())
@@ -268,7 +275,8 @@ def count_params(model) -> int:
 
 def run_icl(models: Sequence[tuple[str, object, object]], task: Task, shots: Sequence[int], *,
             out: str | Path | None = None, seed: int = 0, batch_size: int = 16,
-            limit: int | None = None, warn: Callable[[str], None] | None = None) -> dict:
+            limit: int | None = None, warn: Callable[[str], None] | None = None,
+            progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate every ``(name, model, tokenizer)`` on ``task`` and, with ``out``, write
     ``<task>.json`` and ``<task>.png`` (accuracy vs shots; with several runs also
     ``<task>-params.png``, accuracy vs parameter count) into that folder."""
@@ -276,7 +284,9 @@ def run_icl(models: Sequence[tuple[str, object, object]], task: Task, shots: Seq
               "shots": [int(k) for k in shots], "seed": seed, "n_queries": len(task.rows[:limit] if limit else task.rows),
               "n_pool": len(task.pool), "bootstrap": {"n": N_BOOT, "level": 0.95, "seed": seed}, "runs": []}
     for name, model, tok in models:
-        res = evaluate(model, tok, task, shots, seed=seed, batch_size=batch_size, limit=limit, warn=warn)
+        say = None if progress is None else (lambda line, name=name: progress(f"{name}: {line}"))
+        res = evaluate(model, tok, task, shots, seed=seed, batch_size=batch_size, limit=limit, warn=warn,
+                       progress=say)
         result["runs"].append({"run": name, "params": count_params(model), **res})
     if out is not None:
         result["files"] = write_outputs(result, out)
