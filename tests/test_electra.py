@@ -24,19 +24,12 @@ from pretrainer.model.electra import ElectraPretraining, generator_config
 from pretrainer.model.info import model_info
 from pretrainer.train.objectives import OBJECTIVES
 from pretrainer.train.trainer import resume_config, train
+from test_encoder import _perturb  # random weights moved off their init, as every parity test does
 
 V = 300
 IGNORE = -100
 TOL = dict(atol=1e-5, rtol=1e-5)
 TINY = dict(vocab_size=V, n_layer=2, d_model=32, n_head=4, d_ff=64, d_embed=16, max_seq_len=64)
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _inputs(batch: int = 2, length: int = 20, seed: int = 1):

@@ -17,18 +17,11 @@ from pretrainer.errors import ConfigError, PretrainerError
 from pretrainer.interop.hf import config_from_hf, export_hf, hf_family, import_hf, to_hf_state_dict
 from pretrainer.model import EncoderLM, build_model
 from pretrainer.model.info import model_info
+from test_encoder import _perturb  # random weights moved off their init, as every parity test does
 
 V = 300
 TOL = dict(atol=1e-5, rtol=1e-5)
 SMALL = dict(vocab_size=V, max_seq_len=64, n_layer=2, d_model=32, n_head=4)
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _inputs(pad: int, batch: int = 2, length: int = 20, seed: int = 1):

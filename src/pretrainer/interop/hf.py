@@ -453,17 +453,19 @@ def _neox_tensors(cfg: ModelConfig) -> list[_Tensor]:
     return names
 
 
+def _weight_and_bias(ours: str, hf: str) -> list[_Tensor]:
+    """A layer's ``weight`` and ``bias`` under our name and the Hugging Face one."""
+    return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
+
+
 def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     d = cfg.d_model
-
-    def linear_and_norm(ours: str, hf: str) -> list[_Tensor]:
-        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
 
     emb = "bert.embeddings."
     names = [_Tensor("tok_emb.weight", (f"{emb}word_embeddings.weight",)),
              _Tensor("pos_emb.weight", (f"{emb}position_embeddings.weight",)),
              _Tensor("type_emb.weight", (f"{emb}token_type_embeddings.weight",)),
-             *linear_and_norm("embed_norm", f"{emb}LayerNorm")]
+             *_weight_and_bias("embed_norm", f"{emb}LayerNorm")]
     for i in range(cfg.n_layer):
         ours, hf = f"blocks.{i}.", f"bert.encoder.layer.{i}."
         for kind in ("weight", "bias"):
@@ -474,14 +476,14 @@ def _bert_tensors(cfg: ModelConfig) -> list[_Tensor]:
                                 ("norm1", "attention.output.LayerNorm"),
                                 ("mlp.up", "intermediate.dense"), ("mlp.down", "output.dense"),
                                 ("norm2", "output.LayerNorm")):
-            names += linear_and_norm(ours + our_mod, hf + hf_mod)
+            names += _weight_and_bias(ours + our_mod, hf + hf_mod)
     if cfg.pooler:
-        names += linear_and_norm("pooler", "bert.pooler.dense")
-    names += [*linear_and_norm("mlm.dense", "cls.predictions.transform.dense"),
-              *linear_and_norm("mlm.norm", "cls.predictions.transform.LayerNorm"),
+        names += _weight_and_bias("pooler", "bert.pooler.dense")
+    names += [*_weight_and_bias("mlm.dense", "cls.predictions.transform.dense"),
+              *_weight_and_bias("mlm.norm", "cls.predictions.transform.LayerNorm"),
               _Tensor("mlm.out.bias", ("cls.predictions.bias",))]
     if cfg.nsp_head:  # BertForPreTraining's next-sentence head
-        names += linear_and_norm("nsp", "cls.seq_relationship")
+        names += _weight_and_bias("nsp", "cls.seq_relationship")
     return names
 
 
@@ -513,40 +515,35 @@ def _albert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     and the one shared layer, which our ``blocks.0`` holds (the other blocks are the same module)."""
     d = cfg.d_model
 
-    def both(ours: str, hf: str) -> list[_Tensor]:
-        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
-
     emb, layer = "albert.embeddings.", "albert.encoder.albert_layer_groups.0.albert_layers.0."
     names = [_Tensor("tok_emb.weight", (f"{emb}word_embeddings.weight",)),
              _Tensor("pos_emb.weight", (f"{emb}position_embeddings.weight",)),
              _Tensor("type_emb.weight", (f"{emb}token_type_embeddings.weight",)),
-             *both("embed_norm", f"{emb}LayerNorm"),
-             *both("embed_proj", "albert.encoder.embedding_hidden_mapping_in")]
+             *_weight_and_bias("embed_norm", f"{emb}LayerNorm"),
+             *_weight_and_bias("embed_proj", "albert.encoder.embedding_hidden_mapping_in")]
     for kind in ("weight", "bias"):
         names.append(_Tensor(f"blocks.0.attn.qkv.{kind}",
                              tuple(f"{layer}attention.{p}.{kind}" for p in ("query", "key", "value")),
                              rows=(d, d, d)))
     for ours, hf in (("attn.proj", "attention.dense"), ("norm1", "attention.LayerNorm"), ("mlp.up", "ffn"),
                      ("mlp.down", "ffn_output"), ("norm2", "full_layer_layer_norm")):
-        names += both(f"blocks.0.{ours}", layer + hf)
+        names += _weight_and_bias(f"blocks.0.{ours}", layer + hf)
     if cfg.pooler:
-        names += both("pooler", "albert.pooler")
+        names += _weight_and_bias("pooler", "albert.pooler")
     if cfg.nsp_head:  # AlbertForPreTraining's sentence-order head on the pooled state
-        names += both("nsp", "sop_classifier.classifier")
-    return names + [*both("mlm.dense", "predictions.dense"), *both("mlm.norm", "predictions.LayerNorm"),
+        names += _weight_and_bias("nsp", "sop_classifier.classifier")
+    return names + [*_weight_and_bias("mlm.dense", "predictions.dense"),
+                    *_weight_and_bias("mlm.norm", "predictions.LayerNorm"),
                     _Tensor("mlm.out.bias", ("predictions.bias",))]
 
 
 def _distilbert_tensors(cfg: ModelConfig) -> list[_Tensor]:
     d = cfg.d_model
 
-    def linear_and_norm(ours: str, hf: str) -> list[_Tensor]:
-        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
-
     emb = "distilbert.embeddings."
     names = [_Tensor("tok_emb.weight", (f"{emb}word_embeddings.weight",)),
              _Tensor("pos_emb.weight", (f"{emb}position_embeddings.weight",)),
-             *linear_and_norm("embed_norm", f"{emb}LayerNorm")]
+             *_weight_and_bias("embed_norm", f"{emb}LayerNorm")]
     for i in range(cfg.n_layer):
         ours, hf = f"blocks.{i}.", f"distilbert.transformer.layer.{i}."
         for kind in ("weight", "bias"):
@@ -555,9 +552,9 @@ def _distilbert_tensors(cfg: ModelConfig) -> list[_Tensor]:
         for our_mod, hf_mod in (("attn.proj", "attention.out_lin"), ("norm1", "sa_layer_norm"),
                                 ("mlp.up", "ffn.lin1"), ("mlp.down", "ffn.lin2"),
                                 ("norm2", "output_layer_norm")):
-            names += linear_and_norm(ours + our_mod, hf + hf_mod)
-    names += [*linear_and_norm("mlm.dense", "vocab_transform"),
-              *linear_and_norm("mlm.norm", "vocab_layer_norm"),
+            names += _weight_and_bias(ours + our_mod, hf + hf_mod)
+    names += [*_weight_and_bias("mlm.dense", "vocab_transform"),
+              *_weight_and_bias("mlm.norm", "vocab_layer_norm"),
               _Tensor("mlm.out.bias", ("vocab_projector.bias",))]
     return names
 
@@ -631,16 +628,14 @@ def _electra_tensors(cfg: ModelConfig) -> list[_Tensor]:
     names = [t._replace(hf=tuple("electra." + n.removeprefix("bert.") for n in t.hf))
              for t in _bert_tensors(cfg) if not t.ours.startswith(("mlm.", "pooler."))]
 
-    def both(ours: str, hf: str) -> list[_Tensor]:
-        return [_Tensor(f"{ours}.{kind}", (f"{hf}.{kind}",)) for kind in ("weight", "bias")]
-
     if cfg.embed_dim != cfg.d_model:
-        names += both("embed_proj", "electra.embeddings_project")
+        names += _weight_and_bias("embed_proj", "electra.embeddings_project")
     if cfg.rtd_head:
-        return names + both("rtd.dense", "discriminator_predictions.dense") + \
-            both("rtd.out", "discriminator_predictions.dense_prediction")
-    return names + both("mlm.dense", "generator_predictions.dense") + \
-        both("mlm.norm", "generator_predictions.LayerNorm") + [_Tensor("mlm.out.bias", ("generator_lm_head.bias",))]
+        return names + _weight_and_bias("rtd.dense", "discriminator_predictions.dense") + \
+            _weight_and_bias("rtd.out", "discriminator_predictions.dense_prediction")
+    return names + _weight_and_bias("mlm.dense", "generator_predictions.dense") + \
+        _weight_and_bias("mlm.norm", "generator_predictions.LayerNorm") + \
+        [_Tensor("mlm.out.bias", ("generator_lm_head.bias",))]
 
 
 def _tensors(cfg: ModelConfig, family: str, pad_id: int | None = None) -> list[_Tensor]:
