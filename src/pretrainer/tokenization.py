@@ -219,10 +219,18 @@ def tokenizer_kind(tok: Tokenizer) -> str:
     return by_decoder.get(decoder, str(spec["model"]["type"]).lower())
 
 
-def tokenizer_hash(tok: Tokenizer | "Tok") -> str:
-    """First 16 hex digits of the sha256 of the tokenizer's canonical JSON (sorted keys, no spaces)."""
+def tokenizer_hash(tok: Tokenizer | "Tok", post_processor: bool = False) -> str:
+    """First 16 hex digits of the sha256 of the tokenizer's canonical JSON (sorted keys, no spaces).
+
+    The post-processor (the special tokens ``AutoTokenizer(text)`` adds around a text) counts only
+    with ``post_processor=True``: pretrainer never applies it, so a tokenizer exported with the
+    model's input layout (:mod:`pretrainer.interop.hf_tokenizer`) has the hash of the one it was
+    trained as. Ours have none, so their hash is the same either way."""
     tok = tok.tok if isinstance(tok, Tok) else tok
-    canonical = json.dumps(json.loads(tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    spec = json.loads(tok.to_str())
+    if not post_processor:
+        spec["post_processor"] = None
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
@@ -239,22 +247,37 @@ def save_tokenizer(tok: Tokenizer | "Tok", out_dir: str | Path) -> Path:
     with writing_folder(out_dir, "write the tokenizer"):  # a full disk: one line, nothing half-written
         out_dir.mkdir(parents=True, exist_ok=True)
         tok.tok.save(str(out_dir / "tokenizer.json"))
-        specials = {f"{role}_token": tok.role_token(role) for role in ROLES if tok.role_id(role) is not None}
-        vocab = tok.tok.get_vocab(with_added_tokens=True)
-        sentinels = sorted((t for t in vocab if t.startswith("<extra_id_")), key=vocab.__getitem__)
-        if sentinels:
-            specials["additional_special_tokens"] = sentinels
         kept = {k: v for k, v in tok.config.items() if not (k.endswith("_token") and k[:-6] in ROLES)}
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
-            "model_max_length": 1_000_000_000,  # the model's context, not the tokenizer, sets the limit
-            **kept,
-            **specials,
-        }
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+        config = tokenizer_config(tok, kept)
+        for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_tokens_map(tok))):
+            (out_dir / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return out_dir
+
+
+def special_tokens_map(tok: "Tok") -> dict:
+    """``{"pad_token": "<pad>", ...}`` for every role ``tok`` has a token for, and its sentinels as
+    ``additional_special_tokens`` (``special_tokens_map.json``)."""
+    specials = {f"{role}_token": tok.role_token(role) for role in ROLES if tok.role_id(role) is not None}
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
+    sentinels = sorted((t for t in vocab if t.startswith("<extra_id_")), key=vocab.__getitem__)
+    if sentinels:
+        specials["additional_special_tokens"] = sentinels
+    return specials
+
+
+def tokenizer_config(tok: "Tok", fields: dict | None = None) -> dict:
+    """The ``tokenizer_config.json`` of ``tok``: the generic fast class reading ``tokenizer.json``
+    as it is, decoding with no clean-up (the text comes back exactly), ``fields`` over those, and
+    the tokens by role (:func:`special_tokens_map`) over everything. With no ``fields`` the length
+    limit is unset (1e9): the model's context, not the tokenizer, sets it; an exported model's
+    tokenizer gives its window (:func:`pretrainer.interop.hf_tokenizer.export_tokenizer_config`)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
+        "model_max_length": 1_000_000_000,
+        **(fields or {}),
+        **special_tokens_map(tok),
+    }
 
 
 def load_tokenizer(path: str | Path, overrides: dict[str, str | None] | None = None) -> "Tok":
@@ -443,7 +466,13 @@ class Tok:
 
     @property
     def hash(self) -> str:
+        """:func:`tokenizer_hash`: what a data folder's manifest records."""
         return tokenizer_hash(self.tok)
+
+    def has_hash(self, recorded: str) -> bool:
+        """Whether a manifest's ``recorded`` hash is this tokenizer's: :attr:`hash`, or the hash
+        with the post-processor counted, which manifests written before it was left out hold."""
+        return recorded in (self.hash, tokenizer_hash(self.tok, post_processor=True))
 
     def save(self, out_dir: str | Path) -> Path:
         return save_tokenizer(self, out_dir)

@@ -69,10 +69,10 @@ def check_teacher(cfg: RunConfig, tokenizer_hash: str | None) -> ModelConfig:
     if tokenizer_hash:
         from ..tokenization import load_tokenizer
 
-        have = load_tokenizer(tok_dir).hash
-        if have != tokenizer_hash:
+        have = load_tokenizer(tok_dir)
+        if not have.has_hash(tokenizer_hash):
             raise ConfigError(f"data={cfg.data} was tokenized with another tokenizer (hash {tokenizer_hash}) "
-                              f"than the teacher {teacher} (hash {have}); teacher and student must share "
+                              f"than the teacher {teacher} (hash {have.hash}); teacher and student must share "
                               f"the tokenizer: prepare the data with --tokenizer {tok_dir}")
     return t
 

@@ -583,7 +583,7 @@ def initial_model_config(source: str, data: str | None = None):
 
         want = load_manifest(Path(data))["tokenizer"].get("hash")
         for d in tok_dirs:
-            if (d / "tokenizer.json").is_file() and want and load_tokenizer(d).hash != want:
+            if (d / "tokenizer.json").is_file() and want and not load_tokenizer(d).has_hash(want):
                 raise ConfigError(f"data={data} was tokenized with another tokenizer than init_from="
                                   f"{source}'s; prepare it with --tokenizer {d}")
     return model_cfg
@@ -600,10 +600,10 @@ def check_same_tokenizer(run: Path, data: str | Path, what: str) -> None:
     want = load_manifest(Path(data))["tokenizer"].get("hash")
     if not want or not (tok_dir / "tokenizer.json").is_file():
         return
-    have = load_tokenizer(tok_dir).hash
-    if have != want:
+    have = load_tokenizer(tok_dir)
+    if not have.has_hash(want):
         raise ConfigError(f"{what}={data} was tokenized with another tokenizer (hash {want}) than the run "
-                          f"{run} (hash {have}); use data prepared with --tokenizer {tok_dir}")
+                          f"{run} (hash {have.hash}); use data prepared with --tokenizer {tok_dir}")
 
 
 def load_initial_weights(model: torch.nn.Module, source: str, sharded: bool = False) -> None:
