@@ -411,7 +411,7 @@ def test_export_copies_tokenizer_and_special_ids(tmp_path):
     assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 1, 2)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert hf_tok("hello world")["input_ids"] == [4, 5]
+    assert hf_tok("hello world")["input_ids"] == [2, 4, 5]  # a prompt starts after <eos>, as in generate
     assert hf_tok.eos_token_id == 2
     assert not list(out.glob(".*"))  # no temporary files left behind
 

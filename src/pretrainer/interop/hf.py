@@ -822,15 +822,19 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
 
     The folder holds ``config.json``, ``model.safetensors`` and, for a decoder,
     ``generation_config.json``, plus
-    the tokenizer files of ``tokenizer_dir`` when given (a folder written by pretrainer's
-    ``save_tokenizer``, or any Hugging Face tokenizer folder); the pad/bos/eos ids are then those
+    the tokenizer of ``tokenizer_dir`` when given (a folder written by pretrainer's
+    ``save_tokenizer``, or any Hugging Face tokenizer folder), written so that ``AutoTokenizer``
+    gives the ids pretrainer feeds the model (:mod:`pretrainer.interop.hf_tokenizer`: special tokens
+    around each input, the model's window as ``model_max_length``); the pad/bos/eos ids are then those
     of its tokens by role (:func:`pretrainer.tokenization.load_tokenizer`; null where it has none,
     as GPT-2 has no pad). Each file is written to a temporary name and renamed.
     """
     family = hf_family(model.cfg)  # refuses unconvertible configs before reading or writing anything
-    tok_files, ids = [], {}
+    tok_files, ids = {}, {}
     if tokenizer_dir is not None:
-        tok_files, ids = _tokenizer_export(Path(tokenizer_dir), model.cfg.vocab_size)
+        from .hf_tokenizer import export_files  # the tokenizer with the model's input layout
+
+        tok_files, ids = export_files(tokenizer_dir, model.cfg)
         if family == "roberta" and ids["pad_token_id"] is None:
             raise PretrainerError(f"{Path(tokenizer_dir) / 'tokenizer.json'}: no padding token, from which a "
                                   f"RoBERTa counts its positions; prepare the data with --pad-token TEXT")
@@ -845,8 +849,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
         if model.cfg.arch != "encoder":
             _write(out / "generation_config.json",
                    lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
-        for src in tok_files:
-            _write(out / src.name, lambda p: shutil.copyfile(src, p))
+        for name, text in tok_files.items():
+            _write(out / name, lambda p: p.write_text(text, encoding="utf-8"))
     return out
 
 
@@ -857,23 +861,6 @@ def _write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _tokenizer_export(folder: Path, vocab_size: int) -> tuple[list[Path], dict]:
-    """The tokenizer files in ``folder`` and the ids of its pad, bos and eos tokens by role
-    (``None`` for a role it lacks). The tokenizer's vocabulary must fit the model's."""
-    from ..tokenization import load_tokenizer
-
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise PretrainerError(f"{path}: missing; expected a tokenizer folder (tokenizer.json)")
-    tok = load_tokenizer(folder)
-    if tok.vocab_size > vocab_size:
-        raise PretrainerError(f"{path}: {tok.vocab_size} tokens do not fit the model's vocab_size={vocab_size}")
-    ids = {key: tok.role_id(key.removesuffix("_token_id")) for key in DEFAULT_SPECIAL_IDS}
-    if tok.role_id("eos") is not None:
-        ids["forced_eos_token_id"] = tok.role_id("eos")  # BART's; dropped for the other families
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()], ids
 
 
 # ----------------------------------------------------------------------------------------------
