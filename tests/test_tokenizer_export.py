@@ -219,3 +219,44 @@ def test_a_hugging_face_tokenizers_own_post_processor_is_replaced_and_its_offset
         types = [p["type"] for p in post["processors"]] if post["type"] == "Sequence" else [post["type"]]
         assert types == ([kept] if kept else []) + ["TemplateProcessing"]
         assert hf_tok(out)(TEXTS[0])["input_ids"] == encode_context(tok, TEXTS[0])
+
+
+def llama_style_folder(tok: Tok, root):
+    """A Hugging Face tokenizer folder laid out as Llama's: ``<s>`` before every text (its
+    post-processor), ``</s>`` ends documents; saved by ``transformers`` itself."""
+    from tokenizers import Tokenizer, processors
+
+    inner = Tokenizer.from_str(tok.tok.to_str())
+    inner.add_special_tokens(["<s>", "</s>"])
+    bos = inner.token_to_id("<s>")
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                         special_tokens=[("<s>", bos)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(root)
+    return fast
+
+
+def test_a_tokenizer_that_starts_texts_with_bos_starts_documents_and_prompts_with_it(toks, tmp_path):
+    """An imported Llama-style tokenizer: prompts read "<s> text" (what transformers' tokenizer gives,
+    what Llama saw in pretraining), not "</s> text", and prepared documents are "<s> doc </s>"."""
+    from pretrainer.data.prepare import prepare
+    from pretrainer.data.tokens import TokenSplit
+
+    fast = llama_style_folder(toks["bpe"], tmp_path / "llama")
+    tok = load_tokenizer(tmp_path / "llama")
+    bos, eos = tok.role_id("bos"), tok.role_id("eos")
+    assert tok.document_prefix == [bos] and bos != eos
+    assert encode_context(tok, TEXTS[0]) == fast(TEXTS[0])["input_ids"]
+    cfg = model_config("llama-tiny", vocab_size=tok.vocab_size, n_layer=1, max_seq_len=WINDOW)
+    assert prompt_ids(cfg, tok, TEXTS[0]) == fast(TEXTS[0])["input_ids"]
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    prepare(str(tmp_path / "docs.jsonl"), str(tmp_path / "llama"), tmp_path / "data", val_fraction=0, progress=False)
+    split = TokenSplit(tmp_path / "data", "train")
+    stream = split.read(0, len(split)).tolist()
+    want = [i for t in TEXTS for i in [bos] + tok.encode(t) + [eos]]
+    assert stream == want
+
+    # our own tokenizers (and GPT-2's) have no such post-processor: documents end with <eos> only
+    own = toks["bpe"]
+    assert own.document_prefix == [] and encode_context(own, "a")[0] == own.eos_id

@@ -93,14 +93,17 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
                      no_repeat_ngram: int = 0) -> list[str]:
     """Complete each prompt (decoder-only) or answer it (encoder-decoder).
 
-    A decoder-only prompt starts a new document: it is preceded by the end-of-text separator the
-    model saw between documents in training (``<eos>``, GPT-2's ``<|endoftext|>``, Llama's ``</s>``:
-    the tokenizer's eos role), and the text returned is the prompt plus its continuation. An
+    A decoder-only prompt starts a new document as the model saw documents in training: after the
+    end-of-text separator (``<eos>``, GPT-2's ``<|endoftext|>``), or after the beginning-of-text
+    token of a tokenizer that starts every text with one (Llama's ``<s>``; see
+    :func:`pretrainer.eval.scoring.prefix_ids`), and the text returned is the prompt plus its continuation. An
     encoder-decoder reads the prompt (ended by end-of-text, as in training) and the text returned
     is the decoder's output alone. Generation stops at end-of-text; ``beams`` > 1
     (encoder-decoders) searches instead of sampling; ``no_repeat_ngram`` = n > 0 never repeats an
     n-gram."""
     import torch
+
+    from .eval.scoring import prefix_ids
 
     if beams < 1:
         raise PretrainerError(f"--beams {beams}: expected a positive width (1 = no beam search)")
@@ -130,7 +133,7 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
             new = [i for i in y[0].tolist() if i not in (eos, pad)]
             out.append(tok.decode(new))
             continue
-        ids = [eos] + enc
+        ids = prefix_ids(tok) + enc  # a new document, as in training: "<eos> prompt", Llama's "<s> prompt"
         x = torch.tensor([ids])
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_id=eos, generator=gen, no_repeat_ngram_size=no_repeat_ngram)

@@ -357,6 +357,16 @@ def padding_id(roles: dict[str, int | None]) -> int | None:
     return roles.get("pad") if roles.get("pad") is not None else roles.get("eos")
 
 
+def _template_start(post: dict | None) -> str | None:
+    """The special token a ``TemplateProcessing`` post-processor (alone or in a ``Sequence``) puts
+    first in a single text, or ``None``."""
+    for proc in (post or {}).get("processors", [post]) if post else []:
+        if proc and proc.get("type") == "TemplateProcessing" and proc.get("single"):
+            first = proc["single"][0]
+            return first["SpecialToken"]["id"] if "SpecialToken" in first else None
+    return None
+
+
 class Tok:
     """A thin wrapper over a ``tokenizers.Tokenizer`` (at ``.tok``) with plain ``encode``/``decode``
     and its special tokens by role.
@@ -445,6 +455,19 @@ class Tok:
     cls_id = property(lambda self: self.roles["cls"], doc="``role_id('cls')``")
     sep_id = property(lambda self: self.roles["sep"], doc="``role_id('sep')``")
     mask_id = property(lambda self: self.roles["mask"], doc="``role_id('mask')``")
+
+    @property
+    def document_prefix(self) -> list[int]:
+        """What a document starts with in a token stream: ``[bos]`` for a tokenizer whose own
+        post-processor puts its beginning-of-text token before every text (Llama's ``<s> $A``),
+        else nothing, and then documents are told apart by the ``<eos>`` that ends each (our own
+        tokenizers, GPT-2's). Data preparation and every prompt (``generate``, ``icl``) follow it,
+        so a model imported from Hugging Face reads text laid out as it was pretrained."""
+        if not hasattr(self, "_document_prefix"):
+            bos = self.roles.get("bos")
+            first = _template_start(json.loads(self.tok.to_str()).get("post_processor"))
+            self._document_prefix = [bos] if bos is not None and first == self.tok.id_to_token(bos) else []
+        return list(self._document_prefix)
 
     # --- text --------------------------------------------------------------------------------
 

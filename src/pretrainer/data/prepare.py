@@ -276,8 +276,8 @@ def _encode(tok: Tok, batch: list[tuple[int, str]], cut_long: bool, dtype: np.dt
     ids: list[list[int]] = [[] for _ in batch]
     for j, encoding in zip(owners, tok.tok.encode_batch_fast(pieces, add_special_tokens=False)):
         ids[j] += encoding.ids
-    eos = tok.role_id("eos")
-    return [(i, np.array(doc_ids + [eos], dtype=dtype)) for (i, _), doc_ids in zip(batch, ids)]
+    eos, start = tok.role_id("eos"), tok.document_prefix  # Llama's "<s> doc </s>"; ours "doc <eos>"
+    return [(i, np.array(start + doc_ids + [eos], dtype=dtype)) for (i, _), doc_ids in zip(batch, ids)]
 
 
 def _splittable(tok: Tok) -> bool:

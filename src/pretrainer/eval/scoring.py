@@ -49,9 +49,12 @@ def window(model) -> int:
 
 
 def prefix_ids(tok) -> list[int]:
-    """What every context starts with: the end-of-text token (the document separator: ``<eos>``,
-    GPT-2's ``<|endoftext|>``), else the beginning-of-text one, else nothing (by role, see
-    :class:`pretrainer.tokenization.Tok`)."""
+    """What every context starts with: what starts a document in training (the tokenizer's
+    :attr:`~pretrainer.tokenization.Tok.document_prefix`: Llama's ``<s>``), else the end-of-text
+    token that separates documents (``<eos>``, GPT-2's ``<|endoftext|>``), else the
+    beginning-of-text one, else nothing (by role, see :class:`pretrainer.tokenization.Tok`)."""
+    if getattr(tok, "document_prefix", None):
+        return tok.document_prefix
     first = tok.role_id("eos") if tok.role_id("eos") is not None else tok.role_id("bos")
     return [first] if first is not None else []
 
