@@ -304,3 +304,18 @@ class ImageBatches:
         for first in range(0, total, batch_size):
             idx = list(range(first, min(first + batch_size, total)))
             yield self._batch(idx, idx, 0)
+
+
+def run_class_names(run: str | Path) -> list[str] | None:
+    """The class names of an image run's data (its ``config.yaml``'s ``data`` folder), or None when
+    that folder is gone or holds no images."""
+    import yaml
+
+    for folder in (Path(run), Path(run).parent.parent):  # a run, or one of its checkpoints
+        try:
+            data = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("data")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if data and is_image_folder(data):
+            return json.loads((Path(data) / "manifest.json").read_text()).get("classes")
+    return None
