@@ -40,7 +40,7 @@ def digits(tmp_path_factory):
 
 
 def _png(path, size=(8, 8), mode="L", value=0):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, value).save(path)

@@ -64,8 +64,10 @@ def cmd_info(args) -> None:
     mem = info["memory_bytes"]
     layers = (f"{cfg.n_layer}+{cfg.decoder_layers} (encoder+decoder)" if cfg.arch == "encoder-decoder"
               else str(cfg.n_layer))
+    inputs = (f"images {cfg.channels} x {cfg.image_size}^2 in {cfg.n_patches} patches of {cfg.patch_size}^2"
+              if cfg.arch == "vit" else f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
     print(f"{args.model}: {layers} layers x {cfg.d_model} wide, {cfg.n_head} heads "
-          f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
+          f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, {inputs}")
     print(f"  parameters              {info['params']:>16,}")
     if "params_active" in info:
         print(f"  active per token        {info['params_active']:>16,}  ({info['experts_per_token']} of "
@@ -81,6 +83,8 @@ def cmd_info(args) -> None:
     if "params_rtd_head" in info:
         print(f"  + RTD head (not above)  {info['params_rtd_head']:>16,}  (ELECTRA's discriminator: dense + "
               f"one logit per token)")
+    if info.get("params_head"):
+        print(f"  + classifier (not above){info['params_head']:>16,}  (linear on the <cls> state)")
     if "params_nsp_head" in info:
         print(f"  + NSP head (not above)  {info['params_nsp_head']:>16,}  (2-way linear on the pooled <cls>)")
     print(f"  training FLOPs / token  {human(info['flops_per_token_kaplan']):>16}  (6N + 6 n_layer n_ctx d)")

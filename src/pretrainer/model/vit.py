@@ -237,17 +237,22 @@ class MAEPretraining(nn.Module):
         """The encoder's pooler, if any: no MAE loss reaches it (DDP asks)."""
         return self.encoder.pooler
 
-    def init_decoder(self) -> None:
+    def init_decoder(self, materialise=None) -> None:
+        """The decoder's weights as the encoder's: N(0, init_std) matrices, mask token and positions."""
+        run = materialise or (lambda module, fn: fn(module))
         for module in self.decoder.modules():
-            if module is self.decoder:
-                nn.init.normal_(module.mask_token, 0.0, self.encoder.cfg.init_std)
-                nn.init.normal_(module.pos_emb, 0.0, self.encoder.cfg.init_std)
-            else:
-                self.encoder.init_module(module)
+            run(module, self._init_decoder_module)
+
+    def _init_decoder_module(self, module: nn.Module) -> None:
+        if module is self.decoder:
+            nn.init.normal_(module.mask_token, 0.0, self.encoder.cfg.init_std)
+            nn.init.normal_(module.pos_emb, 0.0, self.encoder.cfg.init_std)
+        else:
+            self.encoder.init_module(module)
 
     def init_weights(self, materialise=None) -> None:
         self.encoder.init_weights(materialise)
-        self.init_decoder()
+        self.init_decoder(materialise)
 
     def targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pixels each patch is to be reconstructed as [B, N, P*P*C]: with ``norm_pix_loss``,
