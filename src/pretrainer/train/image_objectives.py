@@ -19,12 +19,13 @@ import torch
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..model.loss import cross_entropy
-from .objectives import Objective, register
+from .objectives import OBJECTIVES, Objective, register
 
 
 class ImageObjective(Objective):
     archs = ("vit",)
     noise = False  # batches carry MAE's per-sample noise
+    reads_labels = False  # trains the classifier: model.n_classes is taken from the data's classes
 
     def builder(self, split, seq_len, seed):
         from ..data.images import ImageBatches, ImageSplit
@@ -83,6 +84,7 @@ class MaskedAutoencoder(ImageObjective):
 @register
 class ImageClassification(ImageObjective):
     name = "classify"
+    reads_labels = True
     sums = ("correct", "count", "loss")
     about = "image classification: cross-entropy of the ViT's classifier on the <cls> state (model.n_classes)"
 
@@ -120,7 +122,7 @@ def fit_model_to_images(cfg: RunConfig, split) -> None:
         elif getattr(m, name) != have:
             raise ConfigError(f"model.{name}={getattr(m, name)}, but {where} has {have}; set model.{name}={have} "
                               f"or prepare the images to fit (--image-size)")
-    if cfg.objective == "classify":
+    if getattr(OBJECTIVES.get(cfg.objective), "reads_labels", False):  # the classifier fits the data's classes
         m.n_classes = len(split.classes)
     cfg.train.seq_len = m.n_patches + 1 if m.image_size % m.patch_size == 0 else cfg.train.seq_len
     split.tokens_per_image = cfg.train.seq_len
