@@ -64,8 +64,10 @@ def cmd_info(args) -> None:
     mem = info["memory_bytes"]
     layers = (f"{cfg.n_layer}+{cfg.decoder_layers} (encoder+decoder)" if cfg.arch == "encoder-decoder"
               else str(cfg.n_layer))
+    inputs = (f"images {cfg.channels} x {cfg.image_size}^2 in {cfg.n_patches} patches of {cfg.patch_size}^2"
+              if cfg.arch == "vit" else f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
     print(f"{args.model}: {layers} layers x {cfg.d_model} wide, {cfg.n_head} heads "
-          f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}")
+          f"({cfg.kv_heads} key/value), FFN {cfg.ff_dim}, {inputs}")
     print(f"  parameters              {info['params']:>16,}")
     if "params_active" in info:
         print(f"  active per token        {info['params_active']:>16,}  ({info['experts_per_token']} of "
@@ -81,6 +83,8 @@ def cmd_info(args) -> None:
     if "params_rtd_head" in info:
         print(f"  + RTD head (not above)  {info['params_rtd_head']:>16,}  (ELECTRA's discriminator: dense + "
               f"one logit per token)")
+    if info.get("params_head"):
+        print(f"  + classifier (not above){info['params_head']:>16,}  (linear on the <cls> state)")
     if "params_nsp_head" in info:
         print(f"  + NSP head (not above)  {info['params_nsp_head']:>16,}  (2-way linear on the pooled <cls>)")
     print(f"  training FLOPs / token  {human(info['flops_per_token_kaplan']):>16}  (6N + 6 n_layer n_ctx d)")
@@ -109,6 +113,20 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_prepare(args) -> None:
     from .data.prepare import prepare
 
+    if args.images:  # images: uint8 arrays + manifest (pretrainer.data.images)
+        from .data.images import prepare_images
+
+        manifest = prepare_images(args.images, args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+                                  seed=args.seed, overwrite=args.overwrite, progress=not args.json)
+        if args.json:
+            return _json_out(manifest)
+        s = manifest["splits"]
+        print(f"{args.out}: {s['train']['count']:,} train / {s['val']['count']:,} val images of "
+              f"{manifest['channels']} x {manifest['image_size'][0]} x {manifest['image_size'][1]}, "
+              f"{len(manifest['classes'])} classes")
+        return
+    if not (args.corpus and args.tokenizer):
+        raise PretrainerError("prepare: --corpus and --tokenizer are required (or --images DIR for images)")
     manifest = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
                        split=args.split, seed=args.seed,
                        text_field=args.text_field, doc_separator=args.doc_separator,
@@ -334,6 +352,10 @@ def cmd_export(args) -> None:
             raise PretrainerError(f"{args.run}: --generator applies to a run of objective=electra")
         model = model.generator
     tok_dir = Path(args.run) / "tokenizer"
+    if getattr(model.cfg, "n_classes", 0):  # an image classifier: its data's class names as id2label
+        from .data.images import run_class_names
+
+        model.class_names = run_class_names(args.run)
     check_out_folder(args.out, "Hugging Face model", ("config.json", "model.safetensors"))
     export_hf(model, args.out, tokenizer_dir=tok_dir if tok_dir.is_dir() else None)
     print(f"exported {args.run} to {args.out} (Hugging Face format)")
@@ -585,14 +607,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
 
-    s = sub.add_parser("prepare", help="tokenise a corpus into memory-mapped token shards", description=(
-        "Tokenise a corpus into token shards and a manifest. Every document is followed by the "
+    s = sub.add_parser("prepare", help="tokenise a corpus (or read images) into memory-mapped shards", description=(
+        "With --images DIR|builtin:digits: images as uint8 arrays, labels from sub-folder names, and a "
+        "manifest (for a ViT: objective=mae, finetune --task image-classification). Otherwise: "
+        "tokenise a corpus into token shards and a manifest. Every document is followed by the "
         "tokenizer's end-of-text token (<eos> in ours, <|endoftext|> in GPT-2's, </s> in Llama's): a "
         "tokenizer's special tokens are read by role from its tokenizer_config.json / "
         "special_tokens_map.json (or known spellings in a bare tokenizer.json), and the manifest's "
         "special_ids records them. A tokenizer with no end-of-text token needs --eos-token TEXT."))
-    s.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, builtin:stdlib or builtin:synthetic")
-    s.add_argument("--tokenizer", required=True,
+    s.add_argument("--corpus", help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, builtin:stdlib or builtin:synthetic")
+    s.add_argument("--images", metavar="DIR", help="images instead of text: a folder with one sub-folder of "
+                   "PNG/JPEG files per class (the labels), or builtin:digits (scikit-learn's 1,797 8 x 8 digits)")
+    s.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="--images: resize every image to N x N (needed when their sizes differ)")
+    s.add_argument("--tokenizer",
                    help="a tokenizer folder or tokenizer.json (ours or a Hugging Face one: its special tokens "
                         "are read by role from tokenizer_config.json), 'char', or KIND:SIZE to train one "
                         "first (e.g. bpe:8192)")

@@ -3,17 +3,19 @@
 A run is described by one :class:`RunConfig`::
 
     model:  a preset name (``gpt2-small``) or a model section (see :class:`ModelConfig`)
-    data:   a folder made by ``pretrainer prepare``
+    data:   a folder made by ``pretrainer prepare`` (token shards, or images with ``--images``)
     out:    the run folder
     objective: clm (decoder-only causal LM) | mlm (encoder-only masked LM) | mlm+nsp, mlm+sop
                (masked LM plus BERT's next-sentence or ALBERT's sentence-order prediction) | electra
                (ELECTRA's replaced-token detection) | distill (knowledge distillation) | span (T5 span
-               corruption) | denoise (BART noising) | prefix_lm (a prefix LM), each for the
+               corruption) | denoise (BART noising) | prefix_lm (a prefix LM) | mae (masked
+               autoencoder on image patches) | classify (images to labels), each for the
                architectures it declares (pretrainer.train.objectives)
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
     masking: what mlm (and mlm+nsp, mlm+sop, electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     electra: the generator's size and the loss weight of objective=electra (see :class:`ElectraConfig`)
+    mae:    objective=mae only: the mask ratio and the decoder's size (see :class:`MAEConfig`)
     distill: objective=distill only: the teacher and the loss weights (see :class:`DistillConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
@@ -106,6 +108,10 @@ class ModelConfig:
     rtd_head: bool = False  # encoder: ELECTRA's discriminator head (dense + activation + one logit per token: replaced?) instead of the MLM head
     nsp_head: bool = False  # encoder: 2-way classifier on the pooled <cls> state (BERT's next-sentence head; mlm+nsp, mlm+sop)
     position_offset: int = 0  # learned: position i reads table row i + offset (RoBERTa: 2; the table has max_seq_len + offset rows)
+    image_size: int | None = None  # vit: side of the (square) input images in pixels; None = from the data
+    patch_size: int = 16  # vit: side of a patch; an image is (image_size / patch_size)^2 patches + <cls>
+    channels: int | None = None  # vit: colour channels of the input (3 = RGB, 1 = grey); None = from the data
+    n_classes: int = 0  # vit: a linear classifier on the final <cls> state with this many outputs; 0 = none
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts MLPs (n_experts > 0)
     preset: str | None = None  # the preset this section started from (informational)
 
@@ -143,6 +149,11 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layer or self.n_layer
+
+    @property
+    def n_patches(self) -> int:
+        """vit: patches per image, ``(image_size // patch_size) ** 2`` (the positions are these + <cls>)."""
+        return (self.image_size // self.patch_size) ** 2 if self.image_size else 0
 
     def layer_kind(self, i: int) -> str:
         """``global`` or ``local``: layer ``i``'s attention (``attention_layers`` repeated)."""
@@ -198,7 +209,7 @@ class ModelConfig:
             _finite(where, name, getattr(self, name), ok, expected)
         if self.type_vocab_size < 0:
             raise ConfigError(f"{where}.type_vocab_size={self.type_vocab_size}: expected a value >= 0")
-        if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
+        if self.arch not in ("encoder", "vit") and (self.type_vocab_size or self.pooler):
             name = "type_vocab_size" if self.type_vocab_size else "pooler"
             raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=encoder only")
         if self.embed_dim != self.d_model:
@@ -221,6 +232,7 @@ class ModelConfig:
         if self.n_decoder_layer is not None and self.arch != "encoder-decoder":
             raise ConfigError(f"{where}.n_decoder_layer applies to arch=encoder-decoder only")
         self.validate_sharing(where)
+        self.validate_image(where)
         kinds = [p.strip() for p in self.attention_layers.split(",")]
         for kind in kinds:
             _choice(where, "attention_layers", kind, ["global", "local"])
@@ -236,6 +248,29 @@ class ModelConfig:
         if self.position == "relative" and self.rel_buckets < 4:
             raise ConfigError(f"{where}.rel_buckets={self.rel_buckets}: expected at least 4")
         self.validate_moe(f"{where}.moe")
+
+    def validate_image(self, where: str) -> None:
+        """The ViT fields: set for ``arch=vit`` only; patches that tile the image exactly."""
+        if self.arch != "vit":
+            for name, unset in (("image_size", None), ("channels", None), ("n_classes", 0)):
+                if getattr(self, name) != unset:
+                    raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to arch=vit only")
+            return
+        _positive(where, "patch_size", self.patch_size)
+        for name in ("image_size", "channels"):
+            if getattr(self, name) is not None:
+                _positive(where, name, getattr(self, name))
+        if not isinstance(self.n_classes, int) or self.n_classes < 0:
+            raise ConfigError(f"{where}.n_classes={self.n_classes!r}: expected 0 (no classifier) or a positive integer")
+        if self.image_size is not None and self.image_size % self.patch_size:
+            raise ConfigError(f"{where}.image_size={self.image_size} is not a multiple of {where}.patch_size="
+                              f"{self.patch_size}: the patches must tile the image")
+        if self.position != "learned" or self.position_offset:
+            raise ConfigError(f"{where}.position={self.position!r}: a ViT has learned positions (one per patch "
+                              f"and <cls>); expected position=learned, position_offset=0")
+        if self.type_vocab_size or self.nsp_head or self.rtd_head:
+            name = next(n for n in ("type_vocab_size", "nsp_head", "rtd_head") if getattr(self, n))
+            raise ConfigError(f"{where}.{name}={getattr(self, name)!r} applies to text encoders, not arch=vit")
 
     def validate_sharing(self, where: str) -> None:
         """``share_layers``: ALBERT's cross-layer sharing, for encoders (a decoder's generation cache
@@ -279,7 +314,8 @@ SHARE_LAYERS = {"none": "every layer its own weights", "all": "one block (attent
 
 #: The model architectures and what each is.
 ARCH_NAMES = {"decoder": "decoder-only (GPT, Llama)", "encoder": "encoder-only (BERT)",
-              "encoder-decoder": "encoder-decoder (T5, BART)"}
+              "encoder-decoder": "encoder-decoder (T5, BART)",
+              "vit": "encoder-only over image patches (ViT; MAE pretraining)"}
 
 
 _GPT2 = dict(
@@ -322,6 +358,12 @@ _T5 = dict(
     vocab_size=32128, max_seq_len=512, scaled_residual_init=False, init_scheme="t5",
 )
 _T5_V1_1 = dict(_T5, mlp="geglu_tanh", tie_embeddings=False, scale_tied_output=False)
+# ViT (Dosovitskiy et al. 2021): a pre-norm encoder over image patches, with learned positions, a
+# <cls> token, exact GELU, LayerNorm eps 1e-12 and biases everywhere (Hugging Face ViTModel).
+_VIT = dict(
+    arch="vit", position="learned", norm="layernorm", norm_eps=1e-12, prenorm=True, mlp="gelu", bias=True,
+    tie_embeddings=False, scaled_residual_init=False, mlm_head=False,
+)
 _BART = dict(
     arch="encoder-decoder", position="learned", norm="layernorm", norm_eps=1e-5, prenorm=False,
     mlp="gelu", bias=True, tie_embeddings=True, embed_norm=True, vocab_size=50265,
@@ -400,6 +442,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bart-base": dict(_BART, n_layer=6, n_head=12, d_model=768, d_ff=3072),
     # bart-tiny: the same architecture at a CPU size (t5-tiny's 4 x 256, d_ff 1024), vocabulary from the data.
     "bart-tiny": dict(_BART, vocab_size=None, n_layer=4, n_head=4, d_model=256, d_ff=1024, max_seq_len=512),
+    # ViT-B/16 (Dosovitskiy et al. 2021, Table 1): 86,389,248 parameters as Hugging Face ViTModel counts
+    # them (pooler included; no classifier). vit-tiny: a CPU size whose image size and channels come
+    # from the data (8 x 8 digits: 16 patches of 2 x 2).
+    "vit-tiny": dict(_VIT, n_layer=4, n_head=4, d_model=64, d_ff=256, patch_size=2, max_seq_len=1024),
+    "vit-base-patch16-224": dict(_VIT, n_layer=12, n_head=12, d_model=768, d_ff=3072, image_size=224,
+                                 patch_size=16, channels=3, pooler=True, max_seq_len=197),
     # Mixtures of experts. Mixtral 8x7B (Jiang et al. 2024): a Mistral 7B whose MLPs are 8
     # experts, 2 per token, no capacity limit; 46.7B parameters, 12.9B active. mixtral-tiny is
     # llama-tiny with 8 such experts for CPU runs.
@@ -584,6 +632,30 @@ class DistillConfig:
 
 
 @dataclass
+class MAEConfig:
+    """``objective=mae`` (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"):
+    ``mask_ratio`` of each image's patches are hidden at random, the ViT (the model) encodes the
+    visible ones (and <cls>), and a light decoder of its own width, depth and heads, with mask tokens
+    and learned positions of its own, predicts the pixels of every patch; the loss is the mean squared
+    error on the hidden patches only, against pixels normalised per patch (``norm_pix_loss``). The
+    paper's decoder is 512 wide and 8 deep for ViT-L (its Table 1a: 1 block fine-tunes as well);
+    the defaults scale it to the encoder: half its width, half its heads, 2 blocks."""
+
+    mask_ratio: float = 0.75  # share of the patches hidden from the encoder (the paper: 0.75)
+    decoder_d_model: int | None = None  # the decoder's width (None = half the encoder's d_model)
+    decoder_layers: int = 2  # the decoder's blocks
+    decoder_heads: int | None = None  # the decoder's attention heads (None = half the encoder's, at least 1)
+    norm_pix_loss: bool = True  # targets: each patch's pixels minus their mean over their std (the paper's best)
+
+    def validate(self) -> None:
+        _finite("mae", "mask_ratio", self.mask_ratio, lambda v: 0 < v < 1, "a fraction in (0, 1) (He et al.: 0.75)")
+        _positive("mae", "decoder_layers", self.decoder_layers)
+        for name in ("decoder_d_model", "decoder_heads"):
+            if getattr(self, name) is not None:
+                _positive("mae", name, getattr(self, name))
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
@@ -595,6 +667,7 @@ class RunConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
     electra: ElectraConfig = field(default_factory=ElectraConfig)  # electra only
     distill: DistillConfig = field(default_factory=DistillConfig)  # objective=distill only
+    mae: MAEConfig = field(default_factory=MAEConfig)  # objective=mae only
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
@@ -603,6 +676,7 @@ class RunConfig:
         self.noise.validate()
         self.electra.validate()
         self.distill.validate()
+        self.mae.validate()
         from .train.objectives import get_objective  # the registry: names and architectures
 
         get_objective(self)
@@ -612,7 +686,7 @@ class RunConfig:
                 raise ConfigError("data: missing; expected a folder made by 'pretrainer prepare' (data=DIR)")
             if not self.out:
                 raise ConfigError("out: missing; expected a run folder (out=DIR)")
-        if self.model.position == "learned" and self.train.seq_len > self.model.max_seq_len:
+        if self.model.position == "learned" and self.model.arch != "vit" and self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len} (learned positions)")
 
@@ -898,7 +972,7 @@ def _flatten(raw: dict, prefix: str = ""):
 def _all_keys() -> list[str]:
     keys = []
     for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
-                      ("electra", ElectraConfig), ("distill", DistillConfig),
+                      ("electra", ElectraConfig), ("distill", DistillConfig), ("mae", MAEConfig),
                       ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]
@@ -914,11 +988,12 @@ def config_keys() -> list[dict]:
 
     out = []
     for prefix, cls in (("", RunConfig), ("model.", ModelConfig), ("model.moe.", MoEConfig), ("train.", TrainConfig),
-                        ("noise.", NoiseConfig), ("electra.", ElectraConfig), ("distill.", DistillConfig)):
+                        ("noise.", NoiseConfig), ("electra.", ElectraConfig), ("distill.", DistillConfig),
+                        ("mae.", MAEConfig)):
         comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _resolve_type(f.type)) \
-                    or f.name in ("model", "moe", "train", "noise", "electra", "distill"):
+                    or f.name in ("model", "moe", "train", "noise", "electra", "distill", "mae"):
                 continue  # a section: its keys are listed under its own prefix
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

@@ -417,7 +417,7 @@ def _check_out(out: Path, sources: list[str], overwrite: bool) -> None:
             raise DataError(f"out '{out}': overlaps the corpus '{src}'; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         try:
-            is_ours = json.loads((out / "manifest.json").read_text()).get("format") == FORMAT
+            is_ours = json.loads((out / "manifest.json").read_text()).get("format") in (FORMAT, "pretrainer-images")
         except (OSError, ValueError, AttributeError):
             is_ours = False
         if not is_ours:

@@ -12,8 +12,14 @@ def cmd_finetune(args) -> int | None:
     from .runner import finetune, resume_finetune
 
     if args.resume:
-        result = resume_finetune(args.resume, quiet=bool(args.quiet or args.json))
+        from .images import finetune_images, is_image_run
+
+        if is_image_run(args.resume):  # image-classification: a run of the trainer's
+            result = finetune_images(None, None, args.resume, resume=True, quiet=bool(args.quiet or args.json))
+        else:
+            result = resume_finetune(args.resume, quiet=bool(args.quiet or args.json))
         return _report(result, args.json)
+    args.train = args.train or args.data
     missing = [flag for flag, value in (("FROM", args.source), ("--task", args.task), ("--train", args.train),
                                         ("--out", args.out)) if not value]
     if missing:
@@ -98,10 +104,13 @@ def register(sub) -> None:
                    help="run folder, Hugging Face folder, or preset name (with --from-scratch)")
     s.add_argument("--resume", metavar="RUN", help="continue a stopped fine-tuning run with its own settings")
     s.add_argument("--task", metavar="TASK",
-                   help="classification, regression, tagging, qa, or text2text (encoder-decoder "
-                        "backbones; the registry pretrainer.finetune.TASKS)")
+                   help="classification, regression, tagging, qa, text2text (encoder-decoder "
+                        "backbones), or image-classification (ViT; --data IMAGES); the registry "
+                        "pretrainer.finetune.TASKS")
     s.add_argument("--train", metavar="FILE", help="training data (a file, a datasets save_to_disk folder, or builtin:NAME)")
     s.add_argument("--eval", metavar="FILE", help="evaluation data, as --train (default for builtin:NAME: its eval split)")
+    s.add_argument("--data", metavar="DIR", help="image-classification: a folder from 'pretrainer prepare --images' "
+                                                 "(trains on its train split, evaluates on its val split); as --train")
     s.add_argument("--out", metavar="RUN", help="the new run folder")
     s.add_argument("-c", "--config", metavar="FILE", help="YAML whose 'finetune:' section sets any option below")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -39,7 +39,7 @@ from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..train.optim import lr_at, make_optimizer, set_lr
 from .backbone import load_backbone
 from .heads import InputFormat
-from .tasks import Task, make_task
+from .tasks import TASKS, Task, make_task
 
 
 #: the settings of :func:`finetune`: :class:`pretrainer.config.FinetuneConfig` (declared once there;
@@ -179,6 +179,9 @@ def finetune(source: str, task: str, train: str, out: str, eval: str | None = No
     run that never stopped. ``out`` is locked for the run's life (:mod:`pretrainer.runlock`): a
     second writer is refused.
     """
+    runs_itself = getattr(TASKS.get(task), "run", None)  # image-classification: finetune.images
+    if runs_itself is not None:
+        return runs_itself(source, train, out, eval=eval, resume=resume, stop_at=stop_at, **options)
     check_out_folder(out, "fine-tuning run", ("config.yaml", "checkpoints", "resume", "metrics.jsonl", ".lock"))
     with RunLock(out, "fine-tuning run") as lock:
         return _finetune(source, task, train, out, eval, resume, stop_at, lock, options)

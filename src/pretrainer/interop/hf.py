@@ -829,6 +829,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | 
     of its tokens by role (:func:`pretrainer.tokenization.load_tokenizer`; null where it has none,
     as GPT-2 has no pad). Each file is written to a temporary name and renamed.
     """
+    if model.cfg.arch == "vit":  # images: ViTModel / ViTForImageClassification (interop.vit)
+        from .vit import export_vit
+
+        return export_vit(model, out_dir, getattr(model, "class_names", None))
     family = hf_family(model.cfg)  # refuses unconvertible configs before reading or writing anything
     tok_files, ids = {}, {}
     if tokenizer_dir is not None:
@@ -1234,8 +1238,13 @@ def hf_folder_config(hf_dir: str | Path) -> ModelConfig:
     file's weights."""
     from safetensors import safe_open
 
+    from .vit import is_vit_config, vit_folder_config
+
     folder = Path(hf_dir)
-    cfg = config_from_hf(_read_json(folder / "config.json"), where=str(folder / "config.json"))
+    raw = _read_json(folder / "config.json")
+    if is_vit_config(raw):  # ViT / ViTMAE: interop.vit
+        return vit_folder_config(folder, raw, *_read_weights(folder))
+    cfg = config_from_hf(raw, where=str(folder / "config.json"))
     if (folder / "model.safetensors").is_file():
         try:
             with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -1330,7 +1339,12 @@ def import_hf(hf_dir: str | Path) -> torch.nn.Module:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise PretrainerError(f"{config_path}: missing; expected a Hugging Face model folder")
-    cfg = config_from_hf(_read_json(config_path), where=str(config_path))
+    raw = _read_json(config_path)
+    if raw.get("model_type") in ("vit", "vit_mae"):  # images: interop.vit
+        from .vit import import_vit
+
+        return import_vit(folder, raw, *_read_weights(folder))
+    cfg = config_from_hf(raw, where=str(config_path))
     weights, where = _read_weights(folder)
     return from_hf_state_dict(cfg, weights, where=where)
 

@@ -11,12 +11,13 @@ from ..config import ModelConfig, model_preset, set_key
 from .decoder import DecoderLM, LMOutput
 from .encdec import EncoderDecoderLM, Seq2SeqOutput
 from .encoder import EncoderLM, EncoderOutput
+from .vit import ViT
 
 __all__ = ["DecoderLM", "EncoderDecoderLM", "EncoderLM", "EncoderOutput", "LMOutput",
-           "Seq2SeqOutput", "build_model", "make_model", "model_config"]
+           "Seq2SeqOutput", "ViT", "build_model", "make_model", "model_config"]
 
 #: The model class of each ``model.arch``.
-ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder-decoder": EncoderDecoderLM}
+ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder-decoder": EncoderDecoderLM, "vit": ViT}
 
 
 def make_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -39,7 +40,7 @@ def build_model(preset: str | ModelConfig, device: str | torch.device | None = N
     ``build_model("llama-tiny", vocab_size=8192, n_layer=2)``. ``device="meta"`` builds the
     structure without allocating weights (used to count parameters of large presets instantly)."""
     cfg = model_config(preset, **overrides)
-    if cfg.vocab_size is None:
+    if cfg.vocab_size is None and cfg.arch != "vit":
         raise ValueError(f"preset '{cfg.preset}' takes its vocabulary from the data: pass vocab_size=N")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return make_model(cfg)

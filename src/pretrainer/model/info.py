@@ -41,6 +41,10 @@ def model_info(cfg: ModelConfig, seq_len: int | None = None) -> dict:
 
     import torch
 
+    if cfg.arch == "vit":  # patches, not tokens: pretrainer.model.vit
+        from .vit import vit_info
+
+        return vit_info(cfg, seq_len)
     if cfg.vocab_size is None:
         raise ValueError("vocab_size is unknown for this preset until data is chosen")
     with torch.device("meta"):

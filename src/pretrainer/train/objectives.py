@@ -750,3 +750,6 @@ def tokenizer_ids(split: TokenSplit) -> tuple[tuple[int, ...], tuple[int, ...]]:
     from ..data.objectives import _tokenizer_ids
 
     return _tokenizer_ids(str(split.dir / split.manifest["tokenizer"]["path"]))
+
+
+from . import image_objectives  # noqa: E402,F401 - registers mae and classify (images, arch=vit)

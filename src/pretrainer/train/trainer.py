@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..config import RunConfig, config_from_file, save_config
+from ..data.images import open_split
 from ..data.tokens import TokenSplit
 from ..errors import (CheckpointError, ConfigError, DataError, DivergenceError, check_out_folder, os_error_of,
                       storage)
@@ -169,7 +170,19 @@ def plot_losses(run: Path) -> Path | None:
 
 
 def prepare_run_config(cfg: RunConfig, split: TokenSplit) -> RunConfig:
-    """Fill what depends on the data (vocabulary size) and validate."""
+    """Fill what depends on the data (vocabulary size; for images, the image size, channels and
+    classes) and validate."""
+    from ..data.images import ImageSplit
+
+    if isinstance(split, ImageSplit) or cfg.model.arch == "vit":
+        if not isinstance(split, ImageSplit):
+            raise ConfigError(f"model.arch=vit reads images, but data={cfg.data} holds token shards "
+                              f"(prepare images with: pretrainer prepare --images DIR --out DATA)")
+        from .image_objectives import fit_model_to_images
+
+        fit_model_to_images(cfg, split)
+        cfg.validate()
+        return cfg
     data_vocab = split.vocab_size
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data_vocab
@@ -215,11 +228,11 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         check_same_tokenizer(run, cfg.data, "data")
     env = Env(cfg.train)
     torch.manual_seed(cfg.train.seed)
-    train_split = TokenSplit(cfg.data, "train")
+    train_split = open_split(cfg.data, "train")  # token shards, or images (pretrainer.data.images)
     cfg = prepare_run_config(cfg, train_split)
     log = RunLog(run, env.master, quiet)
     t = cfg.train
-    val_split = TokenSplit(cfg.data, "val")
+    val_split = open_split(cfg.data, "val", t.seq_len)
     if len(val_split) < t.seq_len + 1:
         log.say(f"warning: {cfg.data} has {len(val_split)} validation tokens, fewer than one window "
                 f"of seq_len={t.seq_len}; training without validation")
@@ -577,13 +590,14 @@ def initial_model_config(source: str, data: str | None = None):
         config_file, _ = find_run_files(p, warn=lambda s: None)  # load_initial_weights says it
         model_cfg = config_from_file(config_file).model
         tok_dirs = [config_file.parent / "tokenizer"]
-    if data:
+    tok_dirs = [d for d in tok_dirs if (d / "tokenizer.json").is_file()]  # (an image model has none)
+    if data and tok_dirs:
         from ..data.prepare import load_manifest
         from ..tokenization import load_tokenizer
 
         want = load_manifest(Path(data))["tokenizer"].get("hash")
         for d in tok_dirs:
-            if (d / "tokenizer.json").is_file() and want and not load_tokenizer(d).has_hash(want):
+            if want and not load_tokenizer(d).has_hash(want):
                 raise ConfigError(f"data={data} was tokenized with another tokenizer than init_from="
                                   f"{source}'s; prepare it with --tokenizer {d}")
     return model_cfg
@@ -597,8 +611,10 @@ def check_same_tokenizer(run: Path, data: str | Path, what: str) -> None:
     from ..tokenization import load_tokenizer
 
     tok_dir = Path(run) / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():  # (an image run has no tokenizer)
+        return
     want = load_manifest(Path(data))["tokenizer"].get("hash")
-    if not want or not (tok_dir / "tokenizer.json").is_file():
+    if not want:
         return
     have = load_tokenizer(tok_dir)
     if not have.has_hash(want):
@@ -615,7 +631,7 @@ def load_initial_weights(model: torch.nn.Module, source: str, sharded: bool = Fa
     src = load(source, fast_paths=False).float()
     weights = src.state_dict()
     if not sharded:
-        model.load_state_dict(weights)
+        getattr(model, "load_initial_weights", model.load_state_dict)(weights)  # (a ViT: its classifier may start fresh)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
