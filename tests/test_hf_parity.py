@@ -198,8 +198,12 @@ def test_gpt_neo_layer_patterns_import_as_their_shortest_repeat(tmp_path):
     ours = import_hf(tmp_path)
     assert ours.cfg.attention_layers == "local,local,global"  # repeated: local, local, global, local
     _compare(ours, hf)
-    cfg = config_from_hf({**hf.config.to_dict(), "attention_types": [[["global"], 4]]})
+    cfg = config_from_hf({**hf.config.to_dict(), "attention_types": [[["global"], 4]],
+                          "attention_layers": ["global"] * 4})
     assert (cfg.attention_layers, cfg.attention_window) == ("global", None)
+    # transformers reads attention_layers, written beside attention_types: the two must agree
+    _one_line_error(lambda: config_from_hf({**hf.config.to_dict(), "attention_types": [[["global"], 4]]}),
+                    "attention_layers")
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -469,7 +473,7 @@ def test_export_and_import_need_no_transformers(tmp_path):
     ("gpt-neo-125m", dict(n_kv_heads=2), "model.n_kv_heads=2"),
     ("llama-tiny", dict(attention_layers="local", attention_window=4), "model.attention_layers='local'"),
     ("llama-tiny", dict(attn_scale=False), "model.attn_scale=False"),
-    ("llama-tiny", dict(qkv_bias=True), "model.qkv_bias=True"),
+    ("llama-tiny", dict(bias=True, qkv_bias=False), "model.qkv_bias=False"),  # (q/k/v biases alone: Qwen2)
     ("bert-tiny", dict(attn_scale=False), "model.attn_scale=False"),
 ])
 def test_export_refuses_configs_without_hf_equivalent(tmp_path, preset, overrides, named):

@@ -364,7 +364,7 @@ def cmd_export(args) -> None:
 def cmd_import(args) -> None:
     from .interop.hf import import_run
 
-    import_run(args.hf_dir, args.out)
+    import_run(args.hf_dir, args.out, say=lambda line: print(f"note: {line}", file=sys.stderr))
     print(f"imported {args.hf_dir} into run folder {args.out}")
 
 

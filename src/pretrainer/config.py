@@ -102,6 +102,7 @@ class ModelConfig:
     scaled_residual_init: bool = True  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
     init_scheme: str = "normal"  # normal: N(0, init_std) | t5: N(0, 1/fan_in) matrices, N(0, 1) embeddings
     embed_norm: bool = False  # a norm on the summed embeddings (BERT)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model) before positions are added (Vaswani et al. 2017; Gemma, BART's scale_embedding)
     type_vocab_size: int = 0  # segment (token-type) embeddings; encoder only (BERT: 2)
     pooler: bool = False  # encoder: dense + tanh on the first (<cls>) token's state (BERT)
     mlm_head: bool = True  # encoder: dense + activation + norm before the tied output (BERT)

@@ -574,7 +574,8 @@ class Transformer(nn.Module):
 
     Token embedding ``tok_emb``; positions (``pos_emb``: learned, a fixed sinusoidal table, or
     rotary in every attention); segment embeddings ``type_emb`` when ``type_vocab_size`` > 0; a
-    norm on the summed embeddings when ``embed_norm`` (BERT); dropout; with ``d_embed`` (factorised
+    norm on the summed embeddings when ``embed_norm`` (BERT); the token embeddings times
+    sqrt(d_model) when ``embed_scale`` (Gemma); dropout; with ``d_embed`` (factorised
     embeddings, ALBERT and ELECTRA-small) the embeddings are ``d_embed`` wide and ``embed_proj`` maps
     them up to ``d_model``; ``n_layer`` blocks (sharing their weights with ``share_layers``:
     :func:`shared_blocks`), causal or bidirectional; a final norm for pre-norm stacks (post-norm blocks already end with one).
@@ -677,6 +678,8 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_emb(input_ids)
+        if self.cfg.embed_scale:  # Vaswani et al. 2017, section 3.4 (Gemma; BART's scale_embedding)
+            x = x * math.sqrt(self.cfg.d_model)
         if self.pos_emb is not None:
             first = start + self.cfg.position_offset
             x = x + self.pos_emb(torch.arange(first, first + T, device=input_ids.device))
