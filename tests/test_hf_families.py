@@ -21,20 +21,13 @@ transformers = pytest.importorskip("transformers")
 
 from pretrainer.errors import PretrainerError  # noqa: E402
 from pretrainer.interop.hf import (  # noqa: E402
-    config_from_hf, export_hf, hf_folder_config, import_hf, import_run,
+    config_from_hf, export_hf, hf_folder_config, import_hf,
 )
 from pretrainer.model import build_model  # noqa: E402
+from test_encoder import _perturb  # random weights moved off their init, as every parity test does
 
 V = 120
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:

@@ -20,16 +20,9 @@ from pretrainer.model import build_model
 from pretrainer.model.info import model_info
 from pretrainer.model.vit import (MAEPretraining, masked_patch_loss, patchify, random_masking, unpatchify)
 from pretrainer.config import MAEConfig
+from test_encoder import _perturb  # random weights moved off their init, as every parity test does
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
