@@ -347,7 +347,8 @@ def test_easy_task_is_learned_and_the_run_folder_is_complete(encoder_run):
     run, result = encoder_run
     best = yaml_load(run / "config.yaml")["best"]
     assert best["metrics"]["accuracy"] >= 0.95  # chance is 0.5; one word decides the label
-    assert set(best["metrics"]) == {"accuracy", "f1", "f1_macro", "mcc", "majority_baseline", "eval_loss"}
+    assert set(best["metrics"]) == {"accuracy", "f1", "f1_macro", "mcc", "majority_baseline", "eval_loss", "one_class"}
+    assert best["metrics"]["one_class"] is None  # a constant predictor would be named here
     assert json.loads((run / "labels.json").read_text()) == ["0", "1"]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "accuracy" in line]
     assert len(evals) == 3 and max(e["accuracy"] for e in evals) == best["metrics"]["accuracy"]

@@ -230,8 +230,11 @@ def add_section_flags(parser, cls, skip=()) -> None:
         shown = "" if default in (None, "", False) else f" (default {default})"
         kw = {"help": meta.get("help", "") + shown, "default": None}
         flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            target.add_argument(flag, action="store_true", **kw)
+        if kind is bool:  # a default of true gets its --no- form
+            target.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true", **kw)
+            continue
+        if kind is dict:  # KEY=VALUE, repeatable
+            target.add_argument(flag, action="append", metavar="KEY=VALUE", **kw)
             continue
         if "choices" in meta:
             kw["choices"] = list(meta["choices"])

@@ -706,6 +706,8 @@ def option(default: Any, help: str, **meta) -> Any:
 
 
 SELECT = ("metric", "loss")
+#: the model keys ``pretrainer finetune`` may change on a pretrained backbone (its weights keep their shapes)
+FINETUNE_MODEL_KEYS = ("dropout", "max_seq_len")
 
 
 @dataclass
@@ -729,7 +731,16 @@ class FinetuneConfig:
     patience: int | None = option(None, "stop after N epochs without a better score")
     select: str | None = option(None, "the epoch kept: best task metric (accuracy, f1, pearson; the default) "
                                       "or lowest evaluation loss (the default for text2text)", choices=SELECT)
-    dropout: float = option(0.1, "dropout on the head's input")
+    dropout: float = option(0.1, "dropout while fine-tuning: on the head's input and, unless model.dropout says "
+                                 "otherwise, in the backbone (embeddings, attention, residual branches), whatever "
+                                 "it was pretrained with (BERT and T5 fine-tune with 0.1)")
+    model: dict = field(default_factory=dict, metadata={"help": (
+        "backbone settings its weights allow changing, as KEY=VALUE (repeatable; also model.KEY=VALUE after FROM, "
+        "or --set model.KEY=VALUE): dropout (default: --dropout) and max_seq_len (rope, relative, sinusoidal "
+        "or no positions; a learned position table is fixed); other model keys are refused")})
+    group_by_length: bool = option(True, "training batches of similar lengths (each group of 50 batches sorted "
+                                         "by length, the batches shuffled; padded to their longest input); "
+                                         "--no-group-by-length: a plain shuffle")
     from_scratch: bool = option(False, "random weights (FROM's config and tokenizer)")
     tokenizer: str | None = option(None, "preset + --from-scratch: tokenizer folder (default: train a "
                                          "WordPiece one on the training texts)")
@@ -781,6 +792,23 @@ class FinetuneConfig:
             raise ConfigError(f"--dropout {self.dropout}: expected a value in [0, 1)")
         if self.select not in (None, *SELECT):
             raise ConfigError(f"--select {self.select}: expected one of {', '.join(SELECT)}")
+        self.validate_model()
+
+    def validate_model(self) -> None:
+        """``model``: keys of :class:`ModelConfig` that fine-tuning may change (``FINETUNE_MODEL_KEYS``),
+        values type-checked and coerced in place."""
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"finetune model={self.model!r}: expected a mapping of model keys (model.dropout=0.1)")
+        fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+        for key in list(self.model):
+            if key not in fields:
+                raise ConfigError(f"model.{key}: unknown model key"
+                                  f"{_suggest('model.' + str(key), ['model.' + k for k in fields])}")
+            if key not in FINETUNE_MODEL_KEYS:
+                raise ConfigError(f"model.{key}: fixed by the backbone's weights; fine-tuning can change "
+                                  f"{' and '.join('model.' + k for k in FINETUNE_MODEL_KEYS)} only")
+            self.model[key] = _coerce(f"model.{key}", self.model[key], fields[key].type, "finetune")
+        dataclasses.replace(ModelConfig(), **self.model).validate("model")  # ranges, one line each
         _choice("finetune", "mixing", self.mixing, ["proportional", "temperature"])
 
 

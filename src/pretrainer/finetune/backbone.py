@@ -142,3 +142,26 @@ def _from_preset(name: str, tokenizer: str | None, vocab_size: int,
         origin_tok = f"{kind}:{vocab_size} trained on the training texts"
     cfg = model_config(name, vocab_size=tok.vocab_size)
     return Backbone(make_model(cfg), tok, {"kind": "preset", "preset": name, "tokenizer": origin_tok})
+
+
+def with_settings(model: torch.nn.Module, changes: dict) -> torch.nn.Module:
+    """``model`` with some config fields changed (``pretrainer.config.FINETUNE_MODEL_KEYS``: the
+    dropout rate, the longest input): the same weights in a model built from the changed config
+    (layers read their settings when built), or ``model`` itself when nothing changes. The global
+    random state is left as it was. A change the weights do not fit (a learned position table of
+    another length) is a one-line ConfigError."""
+    cfg = dataclasses.replace(model.cfg, **changes)
+    cfg.validate("model")
+    if cfg == model.cfg:
+        return model
+    with torch.random.fork_rng(devices=[]):
+        new = make_model(cfg)
+    old = model.state_dict()
+    for name, t in new.state_dict().items():
+        if name in old and old[name].shape != t.shape:
+            key = next((k for k in changes if getattr(cfg, k) != getattr(model.cfg, k) and k != "dropout"), "model")
+            raise ConfigError(f"model.{key}={changes.get(key)}: the backbone's {name} has shape "
+                              f"{tuple(old[name].shape)}, this setting needs {tuple(t.shape)} (a learned "
+                              f"position table is fixed by the pretrained weights); leave model.{key} as it is")
+    new.load_state_dict(old)
+    return new

@@ -7,11 +7,16 @@ model config, the input layout and every setting), ``labels.json``, ``tokenizer/
 ``eval_loss``), ``checkpoints/`` with the best epoch's weights only (safetensors, written
 atomically), and ``predictions.jsonl``: the best model's prediction for every evaluation example,
 beside the gold answer. The best epoch is the one with the highest task metric (accuracy, f1,
-pearson), or with ``select="loss"`` (text2text's default) the lowest evaluation loss.
+pearson), or with ``select="loss"`` (text2text's default) the lowest evaluation loss; a tie goes to
+the lower evaluation loss, and a classifier that answers one class for every evaluation example
+is never kept over one that does not (:func:`better_epoch`). ``config.yaml`` and the returned
+summary also give the last epoch's metrics (``last``).
 
 Optimisation is BERT's recipe: AdamW (decay on matrices only), linear warmup over ``warmup`` of
-the steps, then linear decay to zero, gradient clipping at 1. The data order and dropout are seeded
-by ``seed``: the same command gives the same numbers on the same machine.
+the steps, then linear decay to zero, gradient clipping at 1, dropout ``dropout`` (0.1) on the head
+and in the backbone (``model={"dropout": ...}`` sets the backbone's alone). Batches are grouped by
+length (:func:`group_by_length`) unless ``group_by_length=False``. The data order and dropout are
+seeded by ``seed``: the same command gives the same numbers on the same machine.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..train.loop import DivergenceGuard, Env, StopFlag, TrainStep, optimizer_st
 from ..train.parallel import barrier, ddp
 from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..train.optim import lr_at, make_optimizer, set_lr
-from .backbone import load_backbone
+from .backbone import load_backbone, with_settings
 from .heads import InputFormat
 from .tasks import TASKS, Task, make_task
 
@@ -98,7 +103,7 @@ def infer(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int
     feature's length), in batches of similar length."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["ids"]))
+    order = sorted(range(len(feats)), key=lambda i: task.length(feats[i]))
     outputs: list[torch.Tensor | None] = [None] * len(feats)
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
@@ -109,6 +114,32 @@ def infer(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int
             outputs[i] = out[row, :len(feats[i]["ids"])] if out.dim() == 3 else out[row]
     model.train(was_training)
     return outputs
+
+
+#: batches per group sorted by length (Hugging Face's LengthGroupedSampler also takes 50)
+GROUP_BATCHES = 50
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                    group: int | None = None) -> list[int]:
+    """``order`` (one epoch's shuffled features) rearranged into batches of similar lengths: each
+    run of ``group`` batches sorted by length (ties keep their shuffled order), cut into batches,
+    and the full batches shuffled with ``generator``; a last, smaller batch stays last, so the
+    runner's ``batch_size`` slices are these batches. ``group`` defaults to
+    :data:`GROUP_BATCHES`, fewer on a small data set so that an epoch has at least four groups
+    (as ``transformers``' length-grouped sampler does): sorting a whole small epoch would make
+    the same batches every epoch. Each feature keeps its place count (an epoch is the same
+    multiset), and the order is a function of ``order`` and the generator's state."""
+    if group is None:
+        group = max(1, min(GROUP_BATCHES, len(order) // (4 * batch_size)))
+    span = batch_size * group
+    batches = []
+    for s in range(0, len(order), span):
+        chunk = sorted(order[s:s + span], key=lengths.__getitem__)
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    rest = [i for b in batches if len(b) < batch_size for i in b]
+    return [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]] + rest
 
 
 def _has_targets(batch: dict) -> bool:
@@ -124,6 +155,7 @@ def eval_loss(task: Task, model: torch.nn.Module, feats: list[dict], batch_size:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    feats = sorted(feats, key=task.length)  # batches of similar length: less padding
     for k in range(0, len(feats), batch_size):
         batch = task.collate(feats[k:k + batch_size], pad_id)
         if not _has_targets(batch):
@@ -229,6 +261,8 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
         tokenizer = str(run / "tokenizer")
     backbone = load_backbone(source, opts.from_scratch, tokenizer, opts.vocab_size,
                              texts=lambda: the_task.texts(train_ex), warn=say)
+    model_settings = {"dropout": opts.dropout, **opts.model}  # the backbone's dropout follows --dropout
+    backbone.model = with_settings(backbone.model, model_settings)
     cfg, tok = backbone.model.cfg, backbone.tok.with_roles({"eos": opts.eos_token, "pad": opts.pad_token})
     fmt = InputFormat.for_backbone(cfg.arch, tok, cfg.type_vocab_size)
     max_len = opts.max_len
@@ -273,13 +307,14 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
     }
     metrics_path = run / "metrics.jsonl"
     step, start_epoch, start_k = 0, 1, 0
-    best, best_metrics, bad_epochs = None, None, 0
+    best, best_metrics, bad_epochs, last_metrics = None, None, 0, None
     if resume:
         ckpt, meta = latest_checkpoint(run / "resume")
         load_weights(model, ckpt)
         load_training_state(ckpt, optimizer, meta)
         step, start_epoch, start_k = meta["step"], meta["epoch"], meta["k"]
         best, best_metrics, bad_epochs = meta["best"], meta["best_metrics"], meta["bad_epochs"]
+        last_metrics = meta.get("last_metrics")
         say(f"resuming {run} at epoch {start_epoch}, step {step}")
         if env.master:
             keep = [line for line in metrics_path.read_text().splitlines()
@@ -309,7 +344,8 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
         if env.master:
             save_checkpoint(run / "resume", model, optimizer,
                             {"step": step, "epoch": epoch, "k": k, "best": best,
-                             "best_metrics": best_metrics, "bad_epochs": bad_epochs, **guard.state()}, keep=1)
+                             "best_metrics": best_metrics, "bad_epochs": bad_epochs, "last_metrics": last_metrics,
+                             **guard.state()}, keep=1)
         barrier(env.world)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -317,7 +353,9 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
         f"{'random weights' if opts.from_scratch else 'pretrained'}) for {task}: "
         f"{len(train_ex):,} training examples ({len(train_feats):,} inputs), "
         f"{len(eval_ex) if eval_ex else 0:,} evaluation examples, {opts.epochs} epochs x "
-        f"{steps_per_epoch} steps on {device}{' x%d' % env.world if env.world > 1 else ''}")
+        f"{steps_per_epoch} steps on {device}{' x%d' % env.world if env.world > 1 else ''}; dropout "
+        f"{cfg.dropout:g} in the model{' (model.dropout)' if 'dropout' in opts.model else ''}, "
+        f"{opts.dropout:g} on the head; batches {'grouped by length' if opts.group_by_length else 'shuffled'}")
 
     select = opts.select or the_task.select
     if select == "loss" and eval_ex is not None and not _has_targets(the_task.collate(eval_feats[:1], fmt.pad_id)):
@@ -330,10 +368,13 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
 
     model.train()
     epoch, stopped = start_epoch - 1, False
+    lengths = [the_task.length(f) for f in train_feats]
     with StopFlag() as flag:
         for epoch in range(start_epoch, opts.epochs + 1):
-            order = the_task.epoch_order(train_ex, train_feats,
-                                         torch.Generator().manual_seed(opts.seed * 1000 + epoch))
+            gen = torch.Generator().manual_seed(opts.seed * 1000 + epoch)
+            order = the_task.epoch_order(train_ex, train_feats, gen)
+            if opts.group_by_length:
+                order = group_by_length(order, lengths, opts.batch_size, gen)
             window_loss, window_n, window_applied, window_t = 0.0, 0, 0, time.perf_counter()
             for k in range(start_k if epoch == start_epoch else 0, steps_per_epoch):
                 idx = order[k * opts.batch_size:(k + 1) * opts.batch_size]
@@ -383,16 +424,20 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
                     save_checkpoint(run, model, None, {"step": step, "epoch": epoch}, keep=1)
                 best = epoch
             elif env.master:
-                scores, _ = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
+                scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
                 loss_now = eval_loss(the_task, model, eval_feats, opts.batch_size, fmt.pad_id, device)
                 if loss_now is not None:
                     scores["eval_loss"] = round(loss_now, 6)
+                one = the_task.one_class(preds)
+                scores = {**scores, **({"one_class": one} if one is not None else {})}
                 value = scores[criterion]
-                improved = best_metrics is None or (value < best_metrics[criterion] if select == "loss"
-                                                    else value > best_metrics[criterion])
+                improved = better_epoch(scores, best_metrics, criterion, lower=select == "loss")
+                last_metrics = {"epoch": epoch, **scores}
                 log({"epoch": epoch, "step": step, "split": "eval", **scores})
-                shown = " | ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                say(f"epoch {epoch}/{opts.epochs} | eval {shown}{' | best so far' if improved else ''}")
+                shown = " | ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "one_class")
+                say(f"epoch {epoch}/{opts.epochs} | eval {shown}"
+                    f"{f' | predicts {one!r} for every example' if one is not None else ''}"
+                    f"{' | best so far' if improved else ''}")
                 if improved:
                     best, best_metrics, bad_epochs = epoch, scores, 0
                     save_checkpoint(run, model, None, {"step": step, "epoch": epoch, "metric": criterion,
@@ -427,20 +472,41 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
     if eval_ex is not None:
         scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
         write_predictions(run / "predictions.jsonl", the_task, eval_ex, preds, with_gold=True)
-        answered = {p["label"] for p in preds} if task == "classification" else None
-        if answered is not None and len(answered) == 1 and len(the_task.labels or []) > 1:
-            print(f"warning: the kept model predicts '{next(iter(answered))}' for every evaluation example "
+        one = the_task.one_class(preds)
+        if one is not None:
+            print(f"warning: the kept model predicts '{one}' for every evaluation example "
                   f"(accuracy {scores['accuracy']:.4f} = the majority-class baseline "
-                  f"{scores['majority_baseline']:.4f} or below): it has not learned the task; try another "
-                  f"learning rate, more epochs, or --select loss", file=sys.stderr, flush=True)
+                  f"{scores['majority_baseline']:.4f} or below), as every epoch's did: it has not learned the "
+                  f"task; try another learning rate, more epochs, or --select loss", file=sys.stderr, flush=True)
         scores = {**scores, **({"eval_loss": best_metrics["eval_loss"]} if "eval_loss" in best_metrics else {})}
-        summary = {**scores, **summary, "eval_examples": len(eval_ex), "selected_by": criterion}
-        settings["best"] = {"epoch": best, "metric": criterion, "metrics": scores,
+        flag = {"one_class": one} if the_task.labels is not None and task == "classification" else {}
+        summary = {**scores, **summary, **flag, "eval_examples": len(eval_ex), "selected_by": criterion,
+                   "last": last_metrics}
+        settings["best"] = {"epoch": best, "metric": criterion, "metrics": {**scores, **flag},
                             "checkpoint": str(ckpt.relative_to(run))}
+        settings["last"] = last_metrics
     else:
         settings["best"] = {"epoch": best, "checkpoint": str(ckpt.relative_to(run))}
     write_atomic(run / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
     return summary
+
+
+def better_epoch(scores: dict, best: dict | None, criterion: str, lower: bool = False) -> bool:
+    """Whether an epoch with evaluation ``scores`` replaces the kept one (``best``; None: none yet).
+    A classifier that gives every example one class (``one_class`` in the scores) never replaces
+    one that does not, and one that does not always replaces it; otherwise the better ``criterion``
+    wins (``lower``: the lower), and a tie goes to the lower ``eval_loss``, then to the kept epoch."""
+    if best is None:
+        return True
+    constant, kept_constant = scores.get("one_class") is not None, best.get("one_class") is not None
+    if constant != kept_constant:
+        return kept_constant
+    a, b = scores[criterion], best[criterion]
+    if a != b:
+        return a < b if lower else a > b
+    if criterion != "eval_loss" and scores.get("eval_loss") is not None and best.get("eval_loss") is not None:
+        return scores["eval_loss"] < best["eval_loss"]
+    return False
 
 
 def _micro_batches(task: Task, feats: list[dict], idx: list[int], n: int, pad_id: int) -> list[dict]:
@@ -461,5 +527,8 @@ def resume_finetune(out: str, quiet: bool = False, stop_at: int | None = None) -
         raise ConfigError(f"{run}: no saved training state to resume (resume/ checkpoints)")
     call = settings["call"]
     options = dict(call["options"], quiet=quiet)
+    if "group_by_length" not in options:  # a run started before these settings: as it was started
+        options["group_by_length"] = False
+        options.setdefault("model", {"dropout": (settings.get("model") or {}).get("dropout", 0.0)})
     return finetune(call["source"], call["task"], call["train"], str(run), eval=call["eval"],
                     resume=True, stop_at=stop_at, **options)

@@ -168,21 +168,22 @@ class Task:
         raise NotImplementedError
 
     def collate(self, feats: list[dict], pad_id: int) -> dict:
+        """The features padded to the longest of them (one tensor built per field)."""
         T = max(len(f["ids"]) for f in feats)
-        ids = torch.full((len(feats), T), pad_id, dtype=torch.long)
-        types = torch.zeros((len(feats), T), dtype=torch.long)
-        mask = torch.zeros((len(feats), T), dtype=torch.long)
-        for i, f in enumerate(feats):
-            n = len(f["ids"])
-            ids[i, :n] = torch.tensor(f["ids"])
-            types[i, :n] = torch.tensor(f["types"])
-            mask[i, :n] = 1
+        pad = [T - len(f["ids"]) for f in feats]
+        ids = torch.tensor([list(f["ids"]) + [pad_id] * n for f, n in zip(feats, pad)], dtype=torch.long)
+        types = torch.tensor([list(f["types"]) + [0] * n for f, n in zip(feats, pad)], dtype=torch.long)
+        mask = torch.tensor([[1] * (T - n) + [0] * n for n in pad], dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         batch.update(self.targets(feats, T))
         return batch
 
     def targets(self, feats: list[dict], T: int) -> dict:
         return {}
+
+    def length(self, feat: dict) -> int:
+        """A feature's size for batching by length (the padded dimension of :meth:`collate`)."""
+        return len(feat["ids"])
 
     # -- model ---------------------------------------------------------------------------------
     def n_outputs(self) -> int:
@@ -215,6 +216,11 @@ class Task:
         return torch.randperm(len(feats), generator=generator).tolist()
 
     # -- predictions ---------------------------------------------------------------------------
+    def one_class(self, preds: list[dict]) -> str | None:
+        """The label a classifier gave every example, when it gave only one (and knows more);
+        else None (and for tasks without classes)."""
+        return None
+
     def bind(self, tok) -> None:
         """Called with the run's tokenizer before predictions are made (tasks that decode text)."""
 
@@ -314,6 +320,10 @@ class ClassificationTask(_SequenceTask):
             preds.append({"label": self.labels[best],
                           "probs": {name: round(p, 5) for name, p in zip(self.labels, probs)}})
         return preds
+
+    def one_class(self, preds):
+        answered = {p["label"] for p in preds}
+        return next(iter(answered)) if len(answered) == 1 and len(self.labels) > 1 else None
 
     def metrics(self, examples, preds):
         index = {name: i for i, name in enumerate(self.labels)}

@@ -174,6 +174,9 @@ class Text2TextTask(Task):
             labels[i, :len(f["labels"])] = torch.tensor(f["labels"])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def length(self, feat: dict) -> int:
+        return len(feat["ids"]) + len(feat["labels"])  # both the input and the target are padded
+
     def epoch_order(self, examples: list[dict], feats: list[dict], generator: torch.Generator) -> list[int]:
         """The feature indices of one epoch: a shuffle (one task, or proportional mixing), or as
         many draws as there are features from the tasks at their temperature-scaled rates."""
@@ -208,7 +211,7 @@ class Text2TextTask(Task):
         ``no_repeat_ngram`` tokens twice when it is set)."""
         was_training = model.training
         model.eval()
-        order = sorted(range(len(feats)), key=lambda i: len(feats[i]["ids"]))
+        order = sorted(range(len(feats)), key=lambda i: len(feats[i]["ids"]))  # the input decides the cost
         outputs: list = [None] * len(feats)
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
