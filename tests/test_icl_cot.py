@@ -200,6 +200,14 @@ def test_arithmetic_steps_follow_precedence_and_are_right():
         for step in steps:
             lhs, rhs = step.removesuffix(".").split(" = ")
             assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= arith_cot.MAX_VALUE
+    # every worked answer of a two-operation question fits the tasks' generation limit (characters)
+    longest = 0
+    for a, b, c in itertools.product(range(1, 10), repeat=3):
+        for ops in itertools.product("+-*", repeat=2):
+            steps, value = arith_cot.solve([a, b, c], list(ops))
+            if all(0 <= int(s.split("= ")[1][:-1]) <= arith_cot.MAX_VALUE for s in steps):
+                longest = max(longest, len(" " + "".join(s + "\n" for s in steps) + f"The answer is {value}."))
+    assert longest <= arith_cot.MAX_NEW_TOKENS == builtin_task("arith-cot", n=5).max_new_tokens
 
 
 def test_builtin_arith_tasks_ask_held_out_questions_directly_or_step_by_step():

@@ -30,6 +30,7 @@ TEMPLATE = "Q: {input}\nA: {rationale}The answer is {target}."
 SEPARATOR = "\n\n"
 DEFAULT_DOCUMENTS = 20_000
 TASK_OPS = 2  # operations per question of the in-context tasks
+MAX_NEW_TOKENS = 44  # the longest worked answer of a task question is 43 characters
 MAX_VALUE = 20
 _PRECEDENCE = {"*": 1, "+": 0, "-": 0}
 

@@ -328,7 +328,7 @@ def _evaluate_generate(model, tok, task, queries, examples, W, batch_size, seed,
     out.update(exact_match=out["accuracy"], f1=float(np.mean(f1)), f1_interval=bootstrap_interval(f1, seed=seed),
                answered=float(np.mean([a is not None for a in answers])),
                predictions=[{"target": g, "prediction": a, **({"generation": ts[0]} if regex is not None else {}),
-                             **({"votes": v, "samples": [x for x in ds]} if samples > 1 else {})}
+                             **({"votes": v, "samples": list(ds)} if samples > 1 else {})}
                             for a, g, ts, ds, (_, v) in zip(answers[:5], gold, per_query, drawn, voted)])
     if samples > 1:
         out.update(samples=samples, temperature=temperature,
@@ -340,13 +340,16 @@ def _evaluate_generate(model, tok, task, queries, examples, W, batch_size, seed,
 def headline(task: Task, samples: int = 1, temperature: float = 0.0) -> str:
     if task.scoring == "choice":
         return "choice: highest log-likelihood per token (length-normalised); accuracy_sum uses the raw sum"
-    how = ("greedy continuation" if temperature == 0 else
-           f"majority answer of {samples} continuations sampled at temperature {temperature:g}" if samples > 1
-           else f"continuation sampled at temperature {temperature:g}")
     pattern = task.answer_pattern()
-    what = ("exact match of the " if pattern is None else "exact match of the answer (after 'the answer is') in the "
-            if pattern == ANSWER_IS else f"exact match of the answer (regex {pattern!r}) in the ")
-    return f"generate: {what}{how} (until {' or '.join(map(repr, task.stops()))})"
+    read = ("" if pattern is None else " (read after 'the answer is')" if pattern == ANSWER_IS
+            else f" (read by the regex {pattern!r})")
+    until = f"until {' or '.join(map(repr, task.stops()))}"
+    if samples > 1:
+        return (f"generate: exact match of the majority answer{read} of {samples} continuations sampled at "
+                f"temperature {temperature:g} ({until})")
+    how = "greedy continuation" if temperature == 0 else f"continuation sampled at temperature {temperature:g}"
+    what = f"the {how}" if pattern is None else f"the answer{read} in the {how}"
+    return f"generate: exact match of {what} ({until})"
 
 
 def count_params(model) -> int:
@@ -640,8 +643,8 @@ def builtin_task(name: str, n: int = BUILTIN_ROWS, seed: int = 0) -> Task:
         cot = name == "arith-cot"
         return Task(name=f"builtin:{name}", rows=arith_cot.task_rows(n, "test", seed, rationale=cot),
                     pool=arith_cot.task_rows(n, "pool", seed, rationale=cot), template=arith_cot.TEMPLATE,
-                    separator=arith_cot.SEPARATOR, scoring="generate", max_new_tokens=48,
-                    stop=[arith_cot.SEPARATOR], source=f"builtin:{name}")
+                    separator=arith_cot.SEPARATOR, scoring="generate", stop=[arith_cot.SEPARATOR],
+                    max_new_tokens=arith_cot.MAX_NEW_TOKENS, source=f"builtin:{name}")
     if name == "stdlib":
         rows = stdlib_rows(2 * n, seed)
         return Task(name="builtin:stdlib", rows=rows[:n], pool=rows[n:], template="{input}{target}",
