@@ -19,7 +19,9 @@ A corpus spec is one of:
   ``site-packages``; about 30 MB with its test suites), one document per file, sorted by path;
 - ``builtin:synthetic``: the seeded synthetic corpus of :mod:`pretrainer.data.synthetic`;
 - ``builtin:icl-synthetic``: k-shot examples of the synthetic in-context-learning tasks
-  (:mod:`pretrainer.data.icl_synthetic`), to pretrain a model that shows accuracy rising with shots.
+  (:mod:`pretrainer.data.icl_synthetic`), to pretrain a model that shows accuracy rising with shots;
+- ``builtin:arith-cot``: multi-step arithmetic, worked step by step or answered directly
+  (:mod:`pretrainer.data.arith_cot`), to pretrain a model for chain-of-thought prompting.
 
 ``builtin:NAME:N`` keeps only the first N documents (``builtin:stdlib:50``, ``builtin:synthetic:100``).
 
@@ -43,7 +45,7 @@ from typing import Iterator
 from pretrainer.data.synthetic import DEFAULT_DOCUMENTS, synthetic_documents
 from pretrainer.errors import DataError
 
-BUILTINS = ("stdlib", "synthetic", "icl-synthetic")
+BUILTINS = ("stdlib", "synthetic", "icl-synthetic", "arith-cot")
 _CHUNK = 1 << 20  # bytes read at a time from a text file
 # third-party packages are not the standard library; its test suites are (real code, about half
 # of the 30 MB), so they stay in
@@ -156,6 +158,10 @@ def _builtin(src: str) -> Iterator[tuple[str, str]]:
         from pretrainer.data.icl_synthetic import DEFAULT_DOCUMENTS as ICL_DOCUMENTS, icl_documents
 
         return ((f"icl-synthetic:{i}", doc) for i, doc in enumerate(icl_documents(limit or ICL_DOCUMENTS)))
+    if name == "arith-cot":
+        from pretrainer.data.arith_cot import DEFAULT_DOCUMENTS as ARITH_DOCUMENTS, documents
+
+        return ((f"arith-cot:{i}", doc) for i, doc in enumerate(documents(limit or ARITH_DOCUMENTS)))
     return itertools.islice(_stdlib_documents(), limit)
 
 

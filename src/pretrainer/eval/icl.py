@@ -3,19 +3,21 @@
 A task is a list of query rows and a separate pool of solved examples, plus a template::
 
     instruction: "Translate English to French:"   # optional first line
-    template: "{input} => {target}"              # one example; must end with {target}
+    template: "{input} => {target}"              # one example; ends with {target} (see below)
     separator: "\\n"                              # between examples (and before the query)
     scoring: choice                              # choice (needs choices) | generate
     choices: [yes, no]                           # optional: the same candidates for every row
     max_new_tokens: 32                           # generate: at most this many tokens
+    stop: "\\n"                                   # generate: stop strings (a string or a list)
+    answer: "(?i)the answer is (\\S+)"            # generate: regex; group 1 is the answer
     data: rows.jsonl                             # a task YAML may name its rows ...
     pool: pool.jsonl                             # ... and its pool (else rows with "split": "pool")
 
-Rows are JSON lines ``{"input": ..., "target": ..., "choices": [...], "split": "pool"}`` (``split``
-and ``choices`` optional; rows whose split is ``pool`` or ``train`` are the pool, the rest are
-queries). A prompt with k shots is GPT-3's layout: the instruction line, k examples drawn from the
-pool (a seeded permutation per query, so the k-shot examples are the first k of the (k+1)-shot
-ones), then the query cut just before the target::
+Rows are JSON lines ``{"input": ..., "target": ..., "choices": [...], "rationale": ..., "split":
+"pool"}`` (``split``, ``choices`` and ``rationale`` optional; rows whose split is ``pool`` or
+``train`` are the pool, the rest are queries). A prompt with k shots is GPT-3's layout: the
+instruction line, k examples drawn from the pool (a seeded permutation per query, so the k-shot
+examples are the first k of the (k+1)-shot ones), then the query cut just before the target::
 
     Translate English to French:
     sea otter => loutre de mer
@@ -28,16 +30,29 @@ Scoring (see :mod:`.scoring`, shared with the lm-evaluation-harness adapter):
 - ``choice``: the log-likelihood of each candidate continuation; the headline ``accuracy`` picks
   the candidate with the highest log-likelihood per token (length-normalised, so long candidates
   are not penalised for their length); ``accuracy_sum`` picks by the raw sum.
-- ``generate``: greedy decoding until a newline or ``<eos>``; the headline ``accuracy`` is exact
-  match (whitespace at both ends ignored), ``f1`` the token F1 (lowercased, split on whitespace).
+- ``generate``: greedy decoding until a stop string (default a newline) or ``<eos>``; the headline
+  ``accuracy`` is exact match of the answer (whitespace at both ends ignored), ``f1`` the token F1
+  (lowercased, split on whitespace). The answer is the whole generation, or what the ``answer``
+  regex extracts from it (group 1 of its first match).
+
+Chain of thought (:mod:`.cot`): a template may hold ``{rationale}`` before ``{target}``, as in
+``Q: {input}\\nA: {rationale}The answer is {target}.``; shots show each pool row's worked
+``rationale`` there (empty for rows without one: the direct-answer form), and the query is cut where
+the answer begins (``Q: 3 + 4 * 2 = ?\\nA:``), so the model writes its own rationale. For such a
+template (or any that does not end with ``{target}``) the default stop is the separator and the
+default answer pattern :data:`.cot.ANSWER_IS` (the words after "the answer is"). Self-consistency:
+with ``samples`` k > 1, k continuations are sampled at ``temperature`` and the majority answer is
+scored (ties go to the answer sampled first).
 
 Prompts longer than the model's window lose their oldest examples first (counted, and reported in
 one warning per evaluation). Accuracy comes with a seeded bootstrap 95 % interval over queries.
 
 Built-in tasks (``builtin:NAME``): the synthetic ``copy``, ``reverse``, ``successor``, ``lookup``
-(:mod:`pretrainer.data.icl_synthetic`; generate by default, four choices per row for ``choice``)
-and ``stdlib``: complete a real line of the running Python's standard library with its last word,
-among four (the others are last words of other lines).
+(:mod:`pretrainer.data.icl_synthetic`; generate by default, four choices per row for ``choice``),
+``stdlib``: complete a real line of the running Python's standard library with its last word,
+among four (the others are last words of other lines), and ``arith-cot`` / ``arith-direct``:
+two-operation arithmetic with worked rationales in the shots, or the same questions answered
+directly (:mod:`pretrainer.data.arith_cot`).
 """
 
 from __future__ import annotations
@@ -56,16 +71,17 @@ import numpy as np
 
 from ..errors import DataError, storage, write_atomic
 from . import BUILTIN_TASKS, SCORINGS
+from .cot import ANSWER_IS, compile_answer, extract_answer, majority_vote
 from .scoring import (
     encode_context,
     encode_pair,
-    greedy_generate,
+    generate_texts,
     loglikelihoods,
     window,
 )
 
 TEMPLATE_KEYS = ("name", "instruction", "template", "separator", "scoring", "choices",
-                 "max_new_tokens", "data", "pool")
+                 "max_new_tokens", "stop", "answer", "data", "pool")
 BUILTIN_ROWS = 200  # queries (and as many pool rows) of a built-in task
 N_BOOT = 1000
 
@@ -82,9 +98,26 @@ class Task:
     choices: list[str] | None = None  # candidates shared by every row (else each row's own)
     max_new_tokens: int = 32
     source: str = ""
+    stop: list[str] | None = None  # generate: stop strings (default: see stops())
+    answer: str | None = None  # generate: answer regex (default: see answer_pattern())
 
     def row_choices(self, row: dict) -> list[str]:
         return row.get("choices") or self.choices or []
+
+    @property
+    def chain_of_thought(self) -> bool:
+        """Whether the answer part holds more than the target: a ``{rationale}`` or text after it."""
+        return "{rationale}" in self.template or not self.template.endswith("{target}")
+
+    def stops(self) -> list[str]:
+        """Where generation stops: the task's stop strings, else the separator for a chain-of-thought
+        template (its answers span lines), else a newline."""
+        return list(self.stop) if self.stop else [self.separator] if self.chain_of_thought else ["\n"]
+
+    def answer_pattern(self) -> str | None:
+        """The answer regex: the task's, else "the answer is ..." for a chain-of-thought template,
+        else None (the whole generation is the answer)."""
+        return self.answer if self.answer is not None else ANSWER_IS if self.chain_of_thought else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,14 +126,21 @@ class Task:
 
 def _fill(template: str, row: dict) -> str:
     # plain replacement, not str.format: inputs and templates may hold braces (code)
-    return template.replace("{input}", row["input"]).replace("{target}", row["target"])
+    return (template.replace("{input}", row["input"]).replace("{rationale}", row.get("rationale", ""))
+            .replace("{target}", row["target"]))
+
+
+def answer_start(template: str) -> int:
+    """Where the answer part of a template begins: at ``{rationale}`` or ``{target}``, the first."""
+    return min(template.find(p) for p in ("{rationale}", "{target}") if p in template)
 
 
 def query_and_gap(task: Task, row: dict) -> tuple[str, str]:
-    """The query as written in the prompt (the template filled up to ``{target}``, without trailing
-    whitespace) and that whitespace, which belongs to the continuation (as in ``cheese =>`` +
-    `` fromage``): byte-level BPE attaches a space to the word after it."""
-    head = task.template[: -len("{target}")].replace("{input}", row["input"])
+    """The query as written in the prompt (the template filled up to where the answer begins,
+    ``{target}`` or ``{rationale}``, without trailing whitespace) and that whitespace, which belongs
+    to the continuation (as in ``cheese =>`` + `` fromage``): byte-level BPE attaches a space to the
+    word after it."""
+    head = task.template[:answer_start(task.template)].replace("{input}", row["input"])
     query = head.rstrip()
     return query, head[len(query):]
 
@@ -178,10 +218,15 @@ def token_f1(prediction: str, target: str) -> float:
 
 def evaluate(model, tok, task: Task, shots: Sequence[int], *, seed: int = 0, batch_size: int = 16,
              limit: int | None = None, warn: Callable[[str], None] | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:
+             progress: Callable[[str], None] | None = None, samples: int = 1,
+             temperature: float = 0.0) -> dict:
     """Accuracy of ``model`` on ``task`` for every number of shots: ``{"shots": {"k": {...}}}``
-    with ``accuracy`` and its ``interval`` (plus ``accuracy_sum`` for choice, ``f1`` for generate),
-    ``n`` queries, ``truncated`` prompts and ``mean_shots_used``, and the first query's prompt."""
+    with ``accuracy`` and its ``interval`` (plus ``accuracy_sum`` for choice, ``f1`` and
+    ``answered`` for generate), ``n`` queries, ``truncated`` prompts and ``mean_shots_used``, and
+    the first query's prompt. Generate: with ``samples`` k > 1 (self-consistency) or a
+    ``temperature`` > 0, continuations are sampled (seeded by ``seed`` and k) and the answer is the
+    majority of k; ``accuracy_single`` is then the mean accuracy of the single samples."""
+    check_sampling(samples, temperature)
     warn = warn or (lambda s: print(s, file=sys.stderr))
     queries = task.rows[:limit] if limit else task.rows
     if not queries:
@@ -194,7 +239,8 @@ def evaluate(model, tok, task: Task, shots: Sequence[int], *, seed: int = 0, bat
         if task.scoring == "choice":
             res = _evaluate_choice(model, tok, task, queries, examples, W, batch_size, seed)
         else:
-            res = _evaluate_generate(model, tok, task, queries, examples, W, batch_size, seed)
+            res = _evaluate_generate(model, tok, task, queries, examples, W, batch_size, seed, k,
+                                     samples, temperature)
         if res["truncated"]:
             truncated[k] = res
         per_shots[str(k)] = res
@@ -253,20 +299,57 @@ def _evaluate_choice(model, tok, task, queries, examples, W, batch_size, seed) -
     return out
 
 
-def _evaluate_generate(model, tok, task, queries, examples, W, batch_size, seed) -> dict:
+def check_sampling(samples: int, temperature: float) -> None:
+    if not (isinstance(samples, int) and samples >= 1):
+        raise DataError(f"--samples {samples}: expected a positive number of sampled continuations")
+    if not temperature >= 0:
+        raise DataError(f"--temperature {temperature}: expected a number >= 0")
+    if samples > 1 and temperature == 0:
+        raise DataError(f"--samples {samples}: self-consistency needs --temperature > 0 (greedy "
+                        f"continuations are all the same)")
+
+
+def _evaluate_generate(model, tok, task, queries, examples, W, batch_size, seed, k=0, samples=1,
+                       temperature=0.0) -> dict:
     ctxs, used, cut = _contexts(tok, task, queries, examples, W + 1 - task.max_new_tokens)
-    texts = greedy_generate(model, tok, ctxs, task.max_new_tokens, stop=("\n",), batch_size=batch_size)
-    em = [float(t.strip() == row["target"].strip()) for t, row in zip(texts, queries)]
-    f1 = [token_f1(t, row["target"]) for t, row in zip(texts, queries)]
+    pattern = task.answer_pattern()
+    regex = None if pattern is None else compile_answer(pattern, f"task '{task.name}': answer")
+    texts = generate_texts(model, tok, [c for c in ctxs for _ in range(samples)], task.max_new_tokens,
+                           stop=task.stops(), batch_size=batch_size, temperature=temperature,
+                           seed=seed * 1_000_003 + k)
+    per_query = [texts[q * samples:(q + 1) * samples] for q in range(len(queries))]
+    drawn = [[extract_answer(t, regex) for t in ts] for ts in per_query]
+    voted = [majority_vote(a) for a in drawn]
+    answers = [a for a, _ in voted]
+    gold = [row["target"].strip() for row in queries]
+    em = [float(a == g) for a, g in zip(answers, gold)]
+    f1 = [token_f1(a or "", g) for a, g in zip(answers, gold)]
     out = _summary(em, seed, used, cut, render_prompt(task, examples[0], queries[0]))
     out.update(exact_match=out["accuracy"], f1=float(np.mean(f1)), f1_interval=bootstrap_interval(f1, seed=seed),
-               predictions=[{"target": row["target"], "prediction": t.strip()} for t, row in zip(texts[:5], queries)])
+               answered=float(np.mean([a is not None for a in answers])),
+               predictions=[{"target": g, "prediction": a, **({"generation": ts[0]} if regex is not None else {}),
+                             **({"votes": v, "samples": list(ds)} if samples > 1 else {})}
+                            for a, g, ts, ds, (_, v) in zip(answers[:5], gold, per_query, drawn, voted)])
+    if samples > 1:
+        out.update(samples=samples, temperature=temperature,
+                   accuracy_single=float(np.mean([[a == g for a in ds] for ds, g in zip(drawn, gold)])),
+                   vote_share=float(np.mean([v / samples for _, v in voted])))
     return out
 
 
-def headline(task: Task) -> str:
-    return ("choice: highest log-likelihood per token (length-normalised); accuracy_sum uses the raw sum"
-            if task.scoring == "choice" else "generate: exact match of the greedy continuation (up to a newline)")
+def headline(task: Task, samples: int = 1, temperature: float = 0.0) -> str:
+    if task.scoring == "choice":
+        return "choice: highest log-likelihood per token (length-normalised); accuracy_sum uses the raw sum"
+    pattern = task.answer_pattern()
+    read = ("" if pattern is None else " (read after 'the answer is')" if pattern == ANSWER_IS
+            else f" (read by the regex {pattern!r})")
+    until = f"until {' or '.join(map(repr, task.stops()))}"
+    if samples > 1:
+        return (f"generate: exact match of the majority answer{read} of {samples} continuations sampled at "
+                f"temperature {temperature:g} ({until})")
+    how = "greedy continuation" if temperature == 0 else f"continuation sampled at temperature {temperature:g}"
+    what = f"the {how}" if pattern is None else f"the answer{read} in the {how}"
+    return f"generate: exact match of {what} ({until})"
 
 
 def count_params(model) -> int:
@@ -276,17 +359,23 @@ def count_params(model) -> int:
 def run_icl(models: Sequence[tuple[str, object, object]], task: Task, shots: Sequence[int], *,
             out: str | Path | None = None, seed: int = 0, batch_size: int = 16,
             limit: int | None = None, warn: Callable[[str], None] | None = None,
-            progress: Callable[[str], None] | None = None) -> dict:
+            progress: Callable[[str], None] | None = None, samples: int = 1,
+            temperature: float = 0.0) -> dict:
     """Evaluate every ``(name, model, tokenizer)`` on ``task`` and, with ``out``, write
     ``<task>.json`` and ``<task>.png`` (accuracy vs shots; with several runs also
     ``<task>-params.png``, accuracy vs parameter count) into that folder."""
-    result = {"task": task.name, "source": task.source, "scoring": task.scoring, "headline": headline(task),
+    check_sampling(samples, temperature)
+    result = {"task": task.name, "source": task.source, "scoring": task.scoring,
+              "headline": headline(task, samples, temperature),
               "shots": [int(k) for k in shots], "seed": seed, "n_queries": len(task.rows[:limit] if limit else task.rows),
               "n_pool": len(task.pool), "bootstrap": {"n": N_BOOT, "level": 0.95, "seed": seed}, "runs": []}
+    if task.scoring == "generate":
+        result["generation"] = {"stop": task.stops(), "answer": task.answer_pattern(), "samples": samples,
+                                "temperature": temperature, "max_new_tokens": task.max_new_tokens}
     for name, model, tok in models:
         say = None if progress is None else (lambda line, name=name: progress(f"{name}: {line}"))
         res = evaluate(model, tok, task, shots, seed=seed, batch_size=batch_size, limit=limit, warn=warn,
-                       progress=say)
+                       progress=say, samples=samples, temperature=temperature)
         result["runs"].append({"run": name, "params": count_params(model), **res})
     if out is not None:
         result["files"] = write_outputs(result, out)
@@ -396,7 +485,7 @@ def load_task(spec: str, template: str | None = None, *, scoring: str | None = N
 def _fields_of(task: Task) -> dict:
     return {"name": task.name, "instruction": task.instruction, "template": task.template,
             "separator": task.separator, "scoring": task.scoring, "choices": task.choices,
-            "max_new_tokens": task.max_new_tokens}
+            "max_new_tokens": task.max_new_tokens, "stop": task.stop, "answer": task.answer}
 
 
 def _read_template(path: Path) -> dict:
@@ -424,6 +513,15 @@ def _read_template(path: Path) -> dict:
         fields["choices"] = [str(c) for c in fields["choices"]]
     if "max_new_tokens" in fields and not (isinstance(fields["max_new_tokens"], int) and fields["max_new_tokens"] > 0):
         raise DataError(f"{path}: field 'max_new_tokens' must be a positive integer")
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    if "stop" in fields and not (isinstance(fields["stop"], list) and fields["stop"]
+                                 and all(isinstance(x, str) and x for x in fields["stop"])):
+        raise DataError(f"{path}: field 'stop' must be a non-empty string or a list of them")
+    if "answer" in fields:
+        if not isinstance(fields["answer"], str):
+            raise DataError(f"{path}: field 'answer' is {type(fields['answer']).__name__}, expected a regex string")
+        compile_answer(fields["answer"], f"{path}: field 'answer'")
     return fields
 
 
@@ -449,7 +547,8 @@ def _task_from_fields(fields: dict, where: Path | None, rows_file: Path | None, 
                 scoring=fields.get("scoring") or ("choice" if fields.get("choices") or any(
                     "choices" in r for r in rows[:1]) else "generate"),
                 choices=fields.get("choices"),
-                max_new_tokens=fields.get("max_new_tokens", 32))
+                max_new_tokens=fields.get("max_new_tokens", 32),
+                stop=fields.get("stop"), answer=fields.get("answer"))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -494,6 +593,8 @@ def _check_row(row: object, where: str) -> dict:
         if not (isinstance(c, list) and len(c) >= 2 and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in c)):
             raise DataError(f"{where}: field 'choices' must be a list of at least two strings")
         row["choices"] = [str(x) for x in c]
+    if "rationale" in row and not isinstance(row["rationale"], str):
+        raise DataError(f"{where}: field 'rationale' is {type(row['rationale']).__name__}, expected a string")
     if "split" in row and not isinstance(row["split"], str):
         raise DataError(f"{where}: field 'split' must be a string (pool, train or test)")
     return row
@@ -503,8 +604,15 @@ def validate_task(task: Task) -> None:
     where = task.source or task.name
     if task.scoring not in SCORINGS:
         raise DataError(f"task '{task.name}': scoring '{task.scoring}', expected one of {', '.join(SCORINGS)}")
-    if "{input}" not in task.template or not task.template.endswith("{target}"):
-        raise DataError(f"task '{task.name}': template {task.template!r} must contain {{input}} and end with {{target}}")
+    t = task.template
+    if "{input}" not in t or "{target}" not in t or t.index("{input}") > answer_start(t):
+        raise DataError(f"task '{task.name}': template {t!r} must contain {{input}} and end with {{target}} "
+                        f"(chain of thought: {{input}}, then {{rationale}} and {{target}})")
+    if task.scoring == "choice" and task.chain_of_thought:
+        raise DataError(f"task '{task.name}': template {t!r}: scoring 'choice' needs a template that ends with "
+                        f"{{target}} and has no {{rationale}} (chain of thought needs scoring 'generate')")
+    if "{rationale}" in t and t.index("{rationale}") > t.index("{target}"):
+        raise DataError(f"task '{task.name}': template {t!r}: {{rationale}} must come before {{target}}")
     if not task.rows:
         raise DataError(f"{where}: no query rows (every row is in the pool)")
     if task.scoring == "choice":
@@ -529,6 +637,14 @@ def builtin_task(name: str, n: int = BUILTIN_ROWS, seed: int = 0) -> Task:
         return Task(name=f"builtin:{name}", rows=syn.task_rows(name, n, "test", seed),
                     pool=syn.task_rows(name, n, "pool", seed), template=syn.TEMPLATE,
                     separator=syn.SEPARATOR, scoring="generate", max_new_tokens=8, source=f"builtin:{name}")
+    if name in ("arith-cot", "arith-direct"):
+        from ..data import arith_cot
+
+        cot = name == "arith-cot"
+        return Task(name=f"builtin:{name}", rows=arith_cot.task_rows(n, "test", seed, rationale=cot),
+                    pool=arith_cot.task_rows(n, "pool", seed, rationale=cot), template=arith_cot.TEMPLATE,
+                    separator=arith_cot.SEPARATOR, scoring="generate", stop=[arith_cot.SEPARATOR],
+                    max_new_tokens=arith_cot.MAX_NEW_TOKENS, source=f"builtin:{name}")
     if name == "stdlib":
         rows = stdlib_rows(2 * n, seed)
         return Task(name="builtin:stdlib", rows=rows[:n], pool=rows[n:], template="{input}{target}",

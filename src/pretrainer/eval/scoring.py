@@ -11,9 +11,9 @@ lm-evaluation-harness adapter, so that both give the same numbers by constructio
   sequence at a time up to float rounding).
 - :func:`rolling_loglikelihood`: the log-probability of a whole text in windows of the model's
   context, every token predicted once with as much context as fits.
-- :func:`greedy_generate`: greedy continuations that stop at ``<eos>`` or at any stop string,
-  batched without padding (rows with shorter prompts start generating while the others still read
-  theirs; see the function).
+- :func:`greedy_generate` / :func:`generate_texts`: greedy (or sampled, seeded) continuations that
+  stop at ``<eos>`` or at any stop string, batched without padding (rows with shorter prompts
+  start generating while the others still read theirs; see the function).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PretrainerError
+from ..model.generation import sample_next
 
 
 @dataclass(frozen=True)
@@ -155,12 +156,21 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cut)], True) if cut else (text, False)
 
 
-@torch.no_grad()
 def greedy_generate(model, tok, contexts: Sequence[list[int]], max_new_tokens: int,
                     stop: Sequence[str] = ("\n",), batch_size: int = 16) -> list[str]:
     """Greedy continuation of each context (token ids), as text cut before the first stop string;
-    a row also stops at ``<eos>`` or after ``max_new_tokens`` tokens. Contexts longer than the
-    window allows are cut from the left.
+    a row also stops at ``<eos>`` or after ``max_new_tokens`` tokens (see :func:`generate_texts`)."""
+    return generate_texts(model, tok, contexts, max_new_tokens, stop, batch_size)
+
+
+@torch.no_grad()
+def generate_texts(model, tok, contexts: Sequence[list[int]], max_new_tokens: int,
+                   stop: Sequence[str] = ("\n",), batch_size: int = 16, *, temperature: float = 0.0,
+                   seed: int = 0) -> list[str]:
+    """Continuation of each context (token ids), as text cut before the first stop string; a row
+    also stops at ``<eos>`` or after ``max_new_tokens`` tokens. Greedy with ``temperature`` 0, else
+    sampled at that temperature from a generator seeded with ``seed`` (the same contexts, batch
+    size and seed give the same texts). Contexts longer than the window allows are cut from the left.
 
     Batched without padding: a batch (contexts of similar length) reads its shortest prompt in
     one pass into the KV cache, then advances one position per step; at each step a row whose
@@ -181,6 +191,7 @@ def greedy_generate(model, tok, contexts: Sequence[list[int]], max_new_tokens: i
     order = sorted(range(len(ctxs)), key=lambda i: len(ctxs[i]))
     out = [""] * len(ctxs)
     eos = tok.role_id("eos")
+    gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     for b in range(0, len(order), max(1, batch_size)):
         idx = order[b:b + batch_size]
         prompts = [ctxs[i] for i in idx]
@@ -194,7 +205,7 @@ def greedy_generate(model, tok, contexts: Sequence[list[int]], max_new_tokens: i
         done = [False] * len(idx)
         pos = start  # the position the current logits predict
         while True:
-            best = logits.argmax(-1).tolist()
+            best = sample_next(logits.float(), temperature, generator=gen).tolist()
             feed = []
             for r, p in enumerate(prompts):
                 if pos < lens[r]:
