@@ -49,3 +49,16 @@ def test_the_library_still_offers_models_at_the_top_level():
     assert callable(pretrainer.build_model) and callable(pretrainer.load)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pretrainer.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("command", ["prepare", "tokenizer"])
+def test_corpus_help_names_every_builtin_corpus(command, capsys):
+    from pretrainer.cli import main
+    from pretrainer.data.corpus import BUILTINS
+
+    argv = [command, "train", "--help"] if command == "tokenizer" else [command, "--help"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    for name in BUILTINS:
+        assert f"builtin:{name}" in text

@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tokenizer", help="train a tokenizer")
     tsub = s.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a BPE, WordPiece, Unigram or character tokenizer")
-    t.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, builtin:stdlib or builtin:synthetic")
+    t.add_argument("--corpus", required=True, help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, or builtin:stdlib, builtin:synthetic, builtin:icl-synthetic, builtin:arith-cot")
     t.add_argument("--kind", choices=["bpe", "wordpiece", "unigram", "char"], default="bpe")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--sentinels", type=int, default=0, help="T5 sentinel tokens to reserve")
@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer's special tokens are read by role from its tokenizer_config.json / "
         "special_tokens_map.json (or known spellings in a bare tokenizer.json), and the manifest's "
         "special_ids records them. A tokenizer with no end-of-text token needs --eos-token TEXT."))
-    s.add_argument("--corpus", help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, builtin:stdlib or builtin:synthetic")
+    s.add_argument("--corpus", help="file, folder, glob, .jsonl/.parquet, a datasets save_to_disk folder or .arrow, or builtin:stdlib, builtin:synthetic, builtin:icl-synthetic, builtin:arith-cot")
     s.add_argument("--images", metavar="DIR", help="images instead of text: a folder with one sub-folder of "
                    "PNG/JPEG files per class (the labels), or builtin:digits (scikit-learn's 1,797 8 x 8 digits)")
     s.add_argument("--image-size", type=int, default=None, metavar="N",
