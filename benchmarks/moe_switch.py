@@ -111,7 +111,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: 60 steps, one seed, 2 timing repeats")
     p.add_argument("--work", default=str(HERE / "runs" / "moe_switch"))
     p.add_argument("--json", default=str(HERE / "results" / "moe_switch.json"))
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from the --json results, train nothing")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.json).read_text())["runs"], Path(args.json).with_suffix(".png"))
+        return 0
     if args.quick:
         args.steps, args.seeds, args.timing_repeats = 60, args.seeds[:1], 2
 
@@ -195,11 +199,9 @@ def _with_vocab(model_cfg, data: Path):
 
 
 def plot(runs: dict, path: Path) -> None:
-    import matplotlib
+    from pretrainer.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for key, r in runs.items():
         steps, losses = zip(*r["val"][1:])
@@ -211,9 +213,7 @@ def plot(runs: dict, path: Path) -> None:
     ax.set_title("Switch (8 experts, top-1, every other layer) vs dense,\nequal active size", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

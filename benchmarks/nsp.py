@@ -55,12 +55,16 @@ def main() -> int:
     p.add_argument("--reuse", action="store_true", help="reuse the data folder in --work")
     p.add_argument("--work", default=str(REPO / "runs" / "bench-nsp"))
     p.add_argument("--json", default=None, help="default: benchmarks/results/nsp.json (nsp_quick.json with --quick)")
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from the --json results, train nothing")
     args = p.parse_args()
     task = TASK
     if args.quick:
         args.steps, args.seeds, args.epochs, task = 10, "0", 1, f"{TASK}:200"
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out_json = Path(args.json or HERE / "results" / ("nsp_quick.json" if args.quick else "nsp.json"))
+    if args.replot:
+        plot(json.loads(out_json.read_text())["runs"], out_json.with_suffix(".png"))
+        return 0
     torch.set_num_threads(1)
 
     from pretrainer.config import load_config
@@ -173,26 +177,27 @@ def real_tokens(cfg, name: str) -> float:
 
 
 def plot(scores: dict[str, list[dict]], path: Path) -> None:
+    """Each seed's accuracy (dots) and their mean (a bar across), per pretraining objective: no bars
+    from a cut-off baseline, so the y-range can stay on the scores."""
     try:
-        import matplotlib
+        from pretrainer.plotting import fit_ylim, pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for i, (name, rows) in enumerate(scores.items()):
         acc = [r["accuracy"] for r in rows]
-        ax.bar(i, statistics.fmean(acc), width=0.6, alpha=0.4)
-        ax.scatter([i] * len(acc), acc, color="black", s=12, zorder=3)
+        ax.hlines(statistics.fmean(acc), i - 0.25, i + 0.25, color=f"C{i}", lw=2.5, label="mean" if i == 0 else None)
+        ax.scatter([i] * len(acc), acc, color="black", s=14, zorder=3, label="one seed" if i == 0 else None)
     ax.set_xticks(range(len(scores)), list(scores))
+    ax.set_xlim(-0.6, len(scores) - 0.4)
     ax.set_ylabel("fine-tuned accuracy")
     ax.set_title("stdlib-docstring after mlm vs mlm+nsp", fontsize=9)
-    lo = min(r["accuracy"] for rows in scores.values() for r in rows)
-    ax.set_ylim(max(0.0, lo - 0.05), None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fit_ylim(ax, [r["accuracy"] for rows in scores.values() for r in rows], margin=0.25)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

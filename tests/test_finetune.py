@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -405,6 +406,34 @@ def test_predict_round_trip(encoder_run, sentiment, tmp_path, capsys):
     unlabeled.write_text('{"sentence": "a lovely film"}\n{"sentence": "a dull plot"}\n')
     main(["predict", str(run), "--input", str(unlabeled), "--out", str(out)])
     assert [json.loads(line)["label"] for line in out.read_text().splitlines()] == ["1", "0"]
+
+
+def test_predict_shows_progress_on_stderr(encoder_run, sentiment, tmp_path, capsys, monkeypatch):
+    """Rows done, rows/s and eta on stderr (here after every chunk of 4 batches), stdout as before;
+    --json prints its one object and nothing on stderr."""
+    import pretrainer.progress
+
+    monkeypatch.setattr(pretrainer.progress, "FIRST", 0.0)
+    monkeypatch.setattr(pretrainer.progress, "EVERY", 0.0)
+    run, _ = encoder_run
+    _, dev, _ = sentiment
+    out = tmp_path / "pred.jsonl"
+    code, stdout, err = cli(capsys, "predict", str(run), "--input", str(dev), "--out", str(out))
+    assert code == 0, err
+    assert stdout.strip() == f"64 predictions written to {out}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1  # 64 rows: one chunk of 4 x 32
+    assert re.fullmatch(r"predict: 64/64 rows, [\d.,]+ rows/s, \d+ s, eta 0 s", lines[0]), lines
+    code, stdout, err = cli(capsys, "predict", str(run), "--input", str(dev), "--out", str(out), "--json")
+    assert json.loads(stdout)["predictions"] == 64 and err == ""
+    # several chunks: a line after each, counting up
+    from pretrainer.finetune.predict import Predictor
+
+    said = []
+    p = Predictor(run, batch_size=4)
+    preds = p.predict_examples(p.task.load(str(dev), "eval", require_labels=False), say=said.append)
+    assert len(preds) == 64 and [int(line.split()[1].split("/")[0]) for line in said] == [16, 32, 48, 64]
+    assert [x["label"] for x in preds] == [json.loads(line)["label"] for line in out.read_text().splitlines()]
 
 
 def test_decoder_backbone_learns(sentiment, tmp_path):

@@ -230,6 +230,19 @@ def test_plan_sizes_rates_and_isoflop(tmp_path):
         _options({}, {"isoflop": "1e12", "tokens": "1M"})
 
 
+def known_sweep_folder(folder):
+    """A sweep folder with a known law: its rows have every field a sweep writes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    with open(folder / "sweep.jsonl", "w") as f:
+        for n in np.logspace(5, 8, 6):
+            for d in np.logspace(8, 10, 4):
+                loss = (1.8 + 400 / n ** 0.35 + 1200 / d ** 0.3) * math.exp(rng.normal(0, 0.005))
+                f.write(json.dumps({"name": f"n{n:.0f}-d{d:.0f}", "N": n, "D": d, "C": 6 * n * d, "loss": loss,
+                                    "curve": [[0, 6.0], [d, loss]], "warnings": [], "lr": 1e-3}) + "\n")
+    return folder
+
+
 def test_fit_and_plan_read_a_sweep_folder(micro, tmp_path, capsys):
     from pretrainer.cli import main
 
@@ -238,22 +251,58 @@ def test_fit_and_plan_read_a_sweep_folder(micro, tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["form"] == "kaplan" and r["n_points"] == 6 and "N" in r["laws"]
 
-    # a sweep folder with a known law: its rows have every field a sweep writes
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "known"
-    folder.mkdir()
-    with open(folder / "sweep.jsonl", "w") as f:
-        for n in np.logspace(5, 8, 6):
-            for d in np.logspace(8, 10, 4):
-                loss = (1.8 + 400 / n ** 0.35 + 1200 / d ** 0.3) * math.exp(rng.normal(0, 0.005))
-                f.write(json.dumps({"name": f"n{n:.0f}-d{d:.0f}", "N": n, "D": d, "C": 6 * n * d, "loss": loss,
-                                    "curve": [[0, 6.0], [d, loss]], "warnings": [], "lr": 1e-3}) + "\n")
+    folder = known_sweep_folder(tmp_path / "known")
     assert main(["scaling", "fit", str(folder), "--json", "--bootstrap", "20"]) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["form"] == "chinchilla" and abs(fit["params"]["alpha"] - 0.35) < 0.05
     assert main(["scaling", "plan", str(folder), "--compute", "1e20", "--json", "--bootstrap", "20"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["ours"]["N"] > 0 and (folder / "plan.png").is_file()
+
+
+def test_fit_bootstrap_shows_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    """Resamples done, rate and eta on stderr (every resample here: no wait before the first
+    line); --json: stdout is the JSON object and stderr stays empty."""
+    import pretrainer.progress
+    from pretrainer.cli import main
+
+    folder = known_sweep_folder(tmp_path / "known")
+    assert main(["scaling", "fit", str(folder), "--json", "--bootstrap", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["form"] == "chinchilla" and err == ""
+    monkeypatch.setattr(pretrainer.progress, "FIRST", 0.0)
+    monkeypatch.setattr(pretrainer.progress, "EVERY", 0.0)
+    assert main(["scaling", "fit", str(folder), "--bootstrap", "8"]) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"Chinchilla fit bootstrap: {i}/8 resamples" for i in range(1, 9)]
+    assert all(" resamples/s, " in line and ", eta " in line for line in lines)
+    assert out.startswith("chinchilla fit of 24 points") and "resamples" not in out
+
+
+def test_sweep_runs_show_step_progress(tmp_path, capsys, monkeypatch):
+    """A line per sweep run while it trains: steps done of its total, loss, elapsed, eta; read from
+    the run's metrics.jsonl, so the same for a run in this process and in a child process."""
+    import re
+    from types import SimpleNamespace
+
+    from pretrainer.scaling import sweep
+    from pretrainer.scaling.sweep import RunWatch
+
+    monkeypatch.setattr(sweep, "WATCH_EVERY", 0.0)
+    out = tmp_path / "one"
+    run_sweep(micro_config(tmp_path), out, sizes="16x1", tokens="8k")
+    err = capsys.readouterr().err
+    steps = [int(m) for m in re.findall(r"d16-l1-\S+: step (\d+)/62 \(\d+%\), loss \d+\.\d{4}, \d+ s, eta ", err)]
+    assert steps and steps == sorted(steps) and steps[-1] <= 62, err
+
+    # a child process's run: the watch reads the same file (here the finished run)
+    rec = rows(out / "sweep.jsonl")[0]
+    said = []
+    spec = SimpleNamespace(name=rec["name"], steps=62, cfg=SimpleNamespace(out=str(out / rec["run"])))
+    RunWatch(spec, 0, said.append, every=0.0).poll()
+    last = [m for m in rows(out / rec["run"] / "metrics.jsonl") if "loss" in m][-1]
+    assert len(said) == 1 and f"step {last['step']}/62 (" in said[0] and f"loss {last['loss']:.4f}" in said[0]
 
 
 def test_cli_bad_sizes_is_one_line(tmp_path):

@@ -418,17 +418,18 @@ def cmd_quickstart(args) -> None:
     quickstart(out=args.out, minutes=args.minutes, corpus=args.corpus)
 
 
-def _scaling_fit_from(path: str, form: str | None, n_boot: int, seed: int):
+def _scaling_fit_from(path: str, form: str | None, n_boot: int, seed: int, quiet: bool = False):
     from .scaling.fit import fit_points, load_points
 
     points = load_points(path, require=("N", "D") if form == "chinchilla" else ())
-    return points, fit_points(points, form, n_boot=n_boot, seed=seed, source=path)
+    say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))  # a long bootstrap's progress
+    return points, fit_points(points, form, n_boot=n_boot, seed=seed, source=path, say=say)
 
 
 def cmd_scaling_fit(args) -> None:
     from .scaling.plots import plot_fit
 
-    points, result = _scaling_fit_from(args.path, args.form, args.bootstrap, args.seed)
+    points, result = _scaling_fit_from(args.path, args.form, args.bootstrap, args.seed, quiet=args.json)
     out = Path(args.out) if args.out else (Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent)
     with storage(out, "create the folder"):
         out.mkdir(parents=True, exist_ok=True)
@@ -465,7 +466,7 @@ def cmd_scaling_plan(args) -> None:
     if path.suffix.lower() == ".json":
         result = load_fit(path)
     else:
-        _, result = _scaling_fit_from(args.path, args.form or "chinchilla", args.bootstrap, args.seed)
+        _, result = _scaling_fit_from(args.path, args.form or "chinchilla", args.bootstrap, args.seed, quiet=args.json)
     if args.compute <= 0:
         raise PretrainerError(f"--compute is {args.compute:g}, expected a positive number of FLOPs (e.g. 1e18)")
     p = plan(result, args.compute)

@@ -403,11 +403,11 @@ def write_outputs(result: dict, out: str | Path) -> dict:
 
 def plot_shots(curves: Sequence[dict], out_png, title: str = "") -> Path:
     """Accuracy (with its interval) vs number of shots, one line per ``{"label", "shots"}`` curve."""
-    from ..scaling.plots import _figure, _save
+    from ..plotting import pyplot, save
 
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    chance = None
+    chance, ticks = None, set()
     for c in curves:
         ks = sorted(c["shots"], key=int)
         x = [int(k) for k in ks]
@@ -416,7 +416,11 @@ def plot_shots(curves: Sequence[dict], out_png, title: str = "") -> Path:
         hi = [c["shots"][k]["interval"][1] - y_ for k, y_ in zip(ks, y)]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=c["label"])
         chance = c["shots"][ks[0]].get("chance", chance)
-        ax.set_xticks(x)
+        ticks.update(x)
+    if ticks and max(ticks) > 8:  # 0, 1, 2, 4 ... 32 shots: evenly spaced, not piled up at the left
+        ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+    ax.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
     ax.set_xlabel("shots (solved examples in the prompt)")
@@ -425,17 +429,14 @@ def plot_shots(curves: Sequence[dict], out_png, title: str = "") -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8)
-    try:
-        return _save(fig, out_png)
-    finally:
-        plt.close(fig)
+    return save(fig, out_png)
 
 
 def plot_params(runs: Sequence[dict], out_png, title: str = "") -> Path:
     """Accuracy vs parameter count (log), one line per number of shots."""
-    from ..scaling.plots import _figure, _save
+    from ..plotting import pyplot, save
 
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     runs = sorted(runs, key=lambda r: r["params"])
     for k in sorted(runs[0]["shots"], key=int):
@@ -448,10 +449,7 @@ def plot_params(runs: Sequence[dict], out_png, title: str = "") -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    try:
-        return _save(fig, out_png)
-    finally:
-        plt.close(fig)
+    return save(fig, out_png)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ until a command runs."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -103,7 +104,8 @@ def finetune_options(args) -> dict:
 def cmd_predict(args) -> None:
     from .predict import predict_file
 
-    result = predict_file(args.run, args.input, args.out, device=args.device)
+    say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))  # --json: quiet
+    result = predict_file(args.run, args.input, args.out, device=args.device, say=say)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -18,12 +18,17 @@ import yaml
 from ..config import ModelConfig
 from ..errors import CheckpointError, storage, write_atomic
 from ..model import make_model
+from ..progress import Progress
 from ..tokenization import load_tokenizer
 from ..train.checkpoint import latest_checkpoint, load_weights
 from .backbone import is_finetune_run
 from .heads import InputFormat
 from .runner import _device
 from .tasks import task_from_state
+
+
+#: Batches predicted between two progress checks (each chunk is encoded, run and decoded on its own).
+CHUNK_BATCHES = 4
 
 
 class Predictor:
@@ -79,24 +84,33 @@ class Predictor:
             examples.append(self.task.example(row, f"input {i}", require_labels=False))
         return self.predict_examples(examples)
 
-    def predict_examples(self, examples: list[dict]) -> list[dict]:
+    def predict_examples(self, examples: list[dict], say=None) -> list[dict]:
+        """Predictions for task examples, in chunks of a few batches; ``say``: where progress lines
+        go (rows done, rows/s, eta), the first after a couple of seconds."""
         if not examples:
             return []
-        feats = self.task.encode(examples, self.tok, self.fmt, self.max_len)
-        outputs = self.task.infer(self.model, feats, self.batch_size, self.fmt.pad_id, self.device)
-        return self.task.decode(examples, feats, outputs)
+        progress = Progress("predict", len(examples), "rows", say)
+        chunk = self.batch_size * CHUNK_BATCHES
+        preds: list[dict] = []
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            feats = self.task.encode(part, self.tok, self.fmt, self.max_len)
+            outputs = self.task.infer(self.model, feats, self.batch_size, self.fmt.pad_id, self.device)
+            preds += self.task.decode(part, feats, outputs)
+            progress.update(len(preds))
+        return preds
 
     def predict_file(self, path: str) -> list[dict]:
         """Predictions for every row of a file in the run's format (or a built-in task's eval split)."""
         return self.predict_examples(self.task.load(str(path), "eval", require_labels=False))
 
 
-def predict_file(run: str | Path, input_path: str, out: str | Path, device: str = "cpu") -> dict:
+def predict_file(run: str | Path, input_path: str, out: str | Path, device: str = "cpu", say=None) -> dict:
     """Write one JSON line per input row to ``out`` (its ``index``, its text fields, the prediction);
-    returns ``{"run", "input", "out", "predictions"}``."""
+    returns ``{"run", "input", "out", "predictions"}``. ``say``: where progress lines go."""
     predictor = Predictor(run, device=device)
     examples = predictor.task.load(str(input_path), "eval", require_labels=False)
-    preds = predictor.predict_examples(examples)
+    preds = predictor.predict_examples(examples, say=say)
     # each line echoes its input beside the prediction (as Hugging Face pipelines do), with its row
     echo = ("text", "text_pair", "words", "question")
     preds = [{"index": i, **{k: ex[k] for k in echo if ex.get(k) is not None}, **p}

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, PretrainerError
+from ..progress import Progress
 
 SWEEP_FILE = "sweep.jsonl"
 HUBER_DELTA = 1e-3
@@ -403,13 +404,14 @@ def _one_blas_thread():
 
 
 def fit_chinchilla(N, D, L, *, n_boot: int = 200, seed: int = 0, delta: float = HUBER_DELTA,
-                   n_starts: int = 40, full_grid: bool = False) -> dict:
+                   n_starts: int = 40, full_grid: bool = False, say=None) -> dict:
     """Chinchilla L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Approach 3).
 
     The whole starting grid of the paper is scored at once; L-BFGS-B then runs from the best start
     of each (alpha, beta) pair and the best starts overall (``n_starts`` in all; ``full_grid`` runs
     it from every grid point, as the paper does, which is about 100x slower). Bootstrap: ``n_boot``
-    resamples of the points with replacement, each refitted from the best solution.
+    resamples of the points with replacement, each refitted from the best solution; ``say``: where
+    progress lines go (resamples done, rate, eta) when the bootstrap takes more than a few seconds.
     """
     N, D, L = _array(N, "N"), _array(D, "D"), _array(L, "loss")
     if not (N.size == D.size == L.size):
@@ -425,10 +427,10 @@ def fit_chinchilla(N, D, L, *, n_boot: int = 200, seed: int = 0, delta: float = 
     bounds = [(-20.0, 60.0), (-20.0, 60.0), (-7.0, e_hi), (0.0, 3.0), (0.0, 3.0)]
 
     with _one_blas_thread():
-        return _fit_chinchilla(N, D, L, lN, lD, lL, bounds, n_boot, seed, delta, n_starts, full_grid)
+        return _fit_chinchilla(N, D, L, lN, lD, lL, bounds, n_boot, seed, delta, n_starts, full_grid, say)
 
 
-def _fit_chinchilla(N, D, L, lN, lD, lL, bounds, n_boot, seed, delta, n_starts, full_grid) -> dict:
+def _fit_chinchilla(N, D, L, lN, lD, lL, bounds, n_boot, seed, delta, n_starts, full_grid, say=None) -> dict:
     grid = _grid()
     grid[:, 2] = np.clip(grid[:, 2], bounds[2][0], bounds[2][1])
     pred, _ = _chinchilla_terms(grid, lN, lD)
@@ -461,10 +463,12 @@ def _fit_chinchilla(N, D, L, lN, lD, lL, bounds, n_boot, seed, delta, n_starts, 
 
     rng = np.random.default_rng(seed)
     samples = []
+    progress = Progress("Chinchilla fit bootstrap", n_boot, "resamples", say)
     for _ in range(n_boot):
         idx = rng.integers(0, N.size, N.size)
         r = _minimise(p, lN[idx], lD[idx], lL[idx], delta, bounds)
         samples.append(r.x)
+        progress.update(len(samples))
     samples = np.array(samples).reshape(-1, 5)
     nat = {  # natural parameters, as the paper reports them
         "E": np.exp(samples[:, 2]), "A": np.exp(samples[:, 0]), "B": np.exp(samples[:, 1]),
@@ -530,8 +534,9 @@ def choose_form(points: list[dict]) -> str:
 
 
 def fit_points(points: list[dict], form: str | None = None, *, n_boot: int = 200, seed: int = 0,
-               source: str = "data") -> dict:
-    """Fit ``form`` ('kaplan', 'chinchilla' or None = choose from the data) to loaded points."""
+               source: str = "data", say=None) -> dict:
+    """Fit ``form`` ('kaplan', 'chinchilla' or None = choose from the data) to loaded points;
+    ``say``: where progress lines of a long bootstrap go."""
     form = form or choose_form(points)
     if form == "kaplan":
         r = fit_kaplan(points, n_boot=n_boot, seed=seed, source=source)
@@ -546,7 +551,7 @@ def fit_points(points: list[dict], form: str | None = None, *, n_boot: int = 200
                             "L(N, D) = E + A/N^alpha + B/D^beta needs at least 6 (more than its 5 parameters)")
         try:
             r = fit_chinchilla([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
-                               n_boot=n_boot, seed=seed)
+                               n_boot=n_boot, seed=seed, say=say)
         except PretrainerError as e:
             raise DataError(f"{source}: {e}") from None
     else:

@@ -1,49 +1,36 @@
-"""PNG plots of scaling fits and plans (matplotlib, Agg backend; files written atomically)."""
+"""PNG plots of scaling fits, plans and sweeps (readable ticks, titles and limits, atomic writes:
+:mod:`pretrainer.plotting`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..plotting import exponent, fit_ylim, flop_ticks, pyplot, save
+
 
 def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
-def _finish(plt, fig, ax, out_png, xlabel: str, ylabel: str, title: str) -> Path:
-    """Log-log axes, labels, legend and grid, then the PNG written atomically; the figure closed."""
+def _finish(plt, fig, ax, out_png, xlabel: str, ylabel: str, title: str, ydata=None) -> Path:
+    """Log-log axes, labels, legend and grid (y-limits on ``ydata`` when given: the measured
+    points, not the curves; compute on x labelled 1e12, 1e15 ...), then the PNG
+    (:func:`pretrainer.plotting.save`)."""
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if xlabel.startswith("compute"):
+        flop_ticks(ax.xaxis)
+    if ydata is not None:
+        fit_ylim(ax, ydata)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
-    try:
-        return _save(fig, out_png)
-    finally:
-        plt.close(fig)
-
-
-def _save(fig, out_png) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return save(fig, out_png)
 
 
 def _title(fit_result: dict, text: str) -> str:
@@ -61,6 +48,7 @@ def plot_fit(points: list[dict], fit_result: dict, out_png) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     form = fit_result.get("form")
+    ydata = None
     xvar = "N" if any("N" in p for p in points) else "D" if any("D" in p for p in points) else "C"
     pts = [p for p in points if xvar in p]
     x = np.array([p[xvar] for p in pts])
@@ -83,7 +71,10 @@ def plot_fit(points: list[dict], fit_result: dict, out_png) -> Path:
         for dv in ds:
             col = cmap(norm(dv)) if has_d else "C0"
             ax.plot(xs, p["E"] + p["A"] / xs ** p["alpha"] + p["B"] / dv ** p["beta"], color=col, lw=1.2)
-        ax.axhline(p["E"], color="gray", ls=":", lw=1, label=f"E = {p['E']:.3g}")
+        shown = p["E"] >= y.min() / 1.5  # else the line would squash the points against the top
+        ax.axhline(p["E"], color="gray", ls=":", lw=1,
+                   label=f"E = {p['E']:.3g}" + ("" if shown else " (below the plotted range)"))
+        ydata = [*y, p["E"]] if shown else y
         text = f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}"
     elif form == "kaplan" or (form or "").startswith("kaplan_"):
         alpha, xc = p.get(f"alpha_{xvar}"), p.get(f"{xvar}_c")
@@ -95,7 +86,8 @@ def plot_fit(points: list[dict], fit_result: dict, out_png) -> Path:
     else:
         text = str(form)
     xlabel = {"N": "non-embedding parameters N", "D": "tokens D", "C": "compute C (FLOPs)"}[xvar]
-    return _finish(plt, fig, ax, out_png, xlabel, "loss", _title(fit_result, text))
+    return _finish(plt, fig, ax, out_png, xlabel, "loss", _title(fit_result, text),
+                   ydata=y if ydata is None else ydata)
 
 
 def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=None, measured=None) -> Path:
@@ -127,7 +119,7 @@ def plot_plan(fit_result: dict, out_png, compute: float | None = None, c_range=N
         pts = [(c, n) for c, n, lab in measured if lab == label]
         ax.scatter(*zip(*pts), marker="os^"[i % 3], color=("k", "C3", "C4")[i % 3], s=24, zorder=4, label=label)
     if compute:
-        ax.axvline(compute, color="gray", lw=1, ls="-.", label=f"C = {compute:.3g}")
+        ax.axvline(compute, color="gray", lw=1, ls="-.", label=f"C = {exponent(compute)}")
     return _finish(plt, fig, ax, out_png, "compute C = 6ND (FLOPs)", "compute-optimal parameters N_opt",
                    _title(fit_result, "compute-optimal frontier"))
 
@@ -188,7 +180,7 @@ def plot_loss_vs(records: list[dict], kaplan: dict, var: str, out_png) -> Path:
             fr = _compute_frontier(records)
             ax.plot([r["C"] for r in fr], [r["loss"] for r in fr], "k--", lw=0.8, label="compute-efficient frontier")
     xlabel = {"N": "non-embedding parameters N", "D": "tokens D", "C": "compute C = 6ND (FLOPs)"}[var]
-    return _finish(plt, fig, ax, out_png, xlabel, "final validation loss", title)
+    return _finish(plt, fig, ax, out_png, xlabel, "final validation loss", title, ydata=y)
 
 
 def plot_isoflop(records: list[dict], iso: list[dict], fit: dict | None, out_png) -> Path:
@@ -198,12 +190,15 @@ def plot_isoflop(records: list[dict], iso: list[dict], fit: dict | None, out_png
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 5))
     cmap = plt.get_cmap("plasma")
+    shown = [r["loss"] for r in records]  # the y-range: the runs and the minima, not the curves' ends
     if iso:
         for i, g in enumerate(iso):
             col = cmap(i / max(1, len(iso) - 1) * 0.85)
-            ax.plot(g["N"], g["loss"], "o", color=col, label=f"C = {g['C']:.3g}")
+            ax.plot(g["N"], g["loss"], "o", color=col, label=f"C = {exponent(g['C'])} FLOPs")
+            shown += list(g["loss"])
             m = g["minimum"]
             if m:
+                shown.append(m["loss_min"])
                 xs = np.linspace(np.log(min(g["N"])) - 0.3, np.log(max(g["N"])) + 0.3, 100)
                 a, b, c = m["coef"]
                 ax.plot(np.exp(xs), a * xs ** 2 + b * xs + c, color=col, lw=1)
@@ -219,17 +214,18 @@ def plot_isoflop(records: list[dict], iso: list[dict], fit: dict | None, out_png
         ns = np.array([r["N"] for r in records])
         norm = LogNorm(cs.min(), cs.max() * 1.0001)
         sc = ax.scatter(ns, [r["loss"] for r in records], c=cs, cmap=cmap, norm=norm, s=24, zorder=3)
-        fig.colorbar(sc, ax=ax, label="compute C = 6ND (FLOPs)")
+        flop_ticks(fig.colorbar(sc, ax=ax, label="compute C = 6ND (FLOPs)").ax.yaxis)
         for cval in np.logspace(np.log10(cs.min()), np.log10(cs.max()), 4):
-            nn = np.logspace(np.log10(ns.min()) - 0.5, np.log10(ns.max()) + 0.5, 100)
+            n_opt, d_opt = compute_optimal(p, cval)  # the curve reaches its minimum, wherever that is
+            nn = np.logspace(np.log10(min(ns.min(), n_opt)) - 0.5, np.log10(max(ns.max(), n_opt)) + 0.5, 100)
             ax.plot(nn, chinchilla_loss(p, nn, cval / (6 * nn)), color=cmap(norm(cval)), lw=1)
-            n_opt, d_opt = compute_optimal(p, cval)
-            ax.plot(n_opt, chinchilla_loss(p, n_opt, d_opt), "*", color=cmap(norm(cval)), ms=12, mec="k")
+            shown.append(float(chinchilla_loss(p, n_opt, d_opt)))
+            ax.plot(n_opt, shown[-1], "*", color=cmap(norm(cval)), ms=12, mec="k")
         title = "IsoFLOP curves of the fitted L(N, D) at fixed C = 6ND (star: minimum); dots: runs"
     else:
         ax.scatter([r["N"] for r in records], [r["loss"] for r in records], color="k", s=20)
         title = "no IsoFLOP sets and no Chinchilla fit: runs only"
-    return _finish(plt, fig, ax, out_png, "non-embedding parameters N", "validation loss", title)
+    return _finish(plt, fig, ax, out_png, "non-embedding parameters N", "validation loss", title, ydata=shown)
 
 
 def plot_sample_efficiency(se: dict, out_png) -> Path:

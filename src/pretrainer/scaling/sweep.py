@@ -46,6 +46,7 @@ afterwards collects the finished runs. The sweep folder is locked while a sweep 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -57,6 +58,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ import yaml
 
 from ..config import RunConfig, SweepConfig, apply_override, from_dict, save_config, section
 from ..errors import CheckpointError, ConfigError, DataError, DivergenceError, PretrainerError, storage, write_atomic
+from ..progress import duration
 from ..runlock import RunLock
 
 SWEEP_FILE = "sweep.jsonl"
@@ -584,6 +587,54 @@ class Interrupted(PretrainerError):
     pass
 
 
+#: Seconds between two progress lines of a sweep run (steps done, loss, eta).
+WATCH_EVERY = 15.0
+
+
+class RunWatch:
+    """Progress of a sweep run read from its ``metrics.jsonl`` (the same for a run in this process
+    and a child process): ``poll()`` says ``NAME: step 300/1,000 (30 %), loss 2.41, 1 min 2 s, eta
+    2 min 25 s`` when the run has moved on and ``every`` seconds have passed since the last line."""
+
+    def __init__(self, spec: RunSpec, resumed_at: int, say, every: float | None = None):
+        self.spec, self.resumed_at, self.say = spec, resumed_at, say
+        self.every = WATCH_EVERY if every is None else every
+        self.start = self.last = time.perf_counter()
+        self.step = resumed_at
+
+    def poll(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        rows = [r for r in _metrics(Path(self.spec.cfg.out)) if "loss" in r and "step" in r]
+        if not rows or rows[-1]["step"] <= self.step:
+            return
+        self.last, self.step = now, rows[-1]["step"]
+        total, spent = self.spec.steps, now - self.start
+        done = self.step - self.resumed_at
+        eta = spent / done * (total - self.step) if done > 0 else float("nan")
+        self.say(f"        {self.spec.name}: step {self.step:,}/{total:,} ({self.step / total:.0%}), "
+                 f"loss {rows[-1]['loss']:.4f}, {duration(spent)}, eta {duration(eta) if eta == eta else '?'}")
+
+
+@contextlib.contextmanager
+def _watching(watch: RunWatch):
+    """``watch.poll()`` on a thread every second while the body runs (a run trained in this process)."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(min(1.0, max(0.05, watch.every))):
+            watch.poll()
+
+    thread = threading.Thread(target=loop, name=f"watch {watch.spec.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, known: dict, file: Path,
                say, counter: list[int], print_commands: bool, commands: list[str]) -> bool:
     """Records every spec of a phase into ``known`` (and ``file``): already known, collected from a
@@ -613,10 +664,10 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
             resume = 0
         say(f"[{counter[0]}/{counter[1]}] {spec.name}: N={spec.N:,}, D={spec.tokens:,} tokens, lr {spec.lr:.3g} "
             f"({spec.lr_rule}){f' - resuming at step {resume}' if resume else ''}")
-        return time.perf_counter(), resume
+        return time.perf_counter(), resume, RunWatch(spec, resume, say)
 
     def finish(spec, t0):
-        t0, resumed_at = t0
+        t0, resumed_at, _ = t0
         wall = time.perf_counter() - t0
         if not (is_finished(Path(spec.cfg.out), spec.steps) or is_diverged(Path(spec.cfg.out))):
             raise Interrupted(f"{spec.name} stopped before step {spec.steps}; run the same command again to resume "
@@ -636,7 +687,8 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
         try:
             for spec in pending:
                 t0 = start(spec)
-                _train_in_process(spec)
+                with _watching(t0[2]):
+                    _train_in_process(spec)
                 finish(spec, t0)
         finally:  # the caller's setting again (a library call leaves the process as it found it)
             torch.set_num_threads(before)
@@ -660,6 +712,8 @@ def _run_phase(specs: list[RunSpec], out: Path, train_tokens: int, opts: dict, k
                 if proc.poll() is not None:
                     running.remove(item)
                     finish(spec, t0)
+                else:
+                    t0[2].poll()
     finally:
         for _, proc, _ in running:  # interrupted: let each child checkpoint and stop
             if proc.poll() is None:
@@ -735,7 +789,7 @@ def _run_sweep(base: RunConfig, out: Path, opts: dict, print_commands: bool, say
     if print_commands:
         return {"commands": commands}
     records = [known[s.name] for s in main]
-    return analyse(records, out, opts, best_lr={s.label: v for s, v in best_lr.items()})
+    return analyse(records, out, opts, best_lr={s.label: v for s, v in best_lr.items()}, say=say)
 
 
 def pick_rate(recs: list[dict], tie: float = 0.005) -> dict:
@@ -761,9 +815,10 @@ SUMMARY_COLUMNS = ["name", "role", "d_model", "n_layer", "n_head", "N", "params"
                    "epochs", "late_drop", "C_target", "warnings"]
 
 
-def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = None) -> dict:
+def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = None, say=None) -> dict:
     """Fits (Kaplan, and Chinchilla where N and D both vary), a plan, sample efficiency, IsoFLOP
-    minima, plots; writes summary.json, summary.csv, fit.json, plan.json and the PNGs into ``out``."""
+    minima, plots; writes summary.json, summary.csv, fit.json, plan.json and the PNGs into ``out``.
+    ``say``: where progress lines of a long bootstrap go."""
     from . import plots
     from .fit import choose_form, fit_kaplan, fit_points
     from .plan import plan
@@ -786,7 +841,7 @@ def analyse(records: list[dict], out: Path, opts: dict, best_lr: dict | None = N
     fit = None
     if form == "chinchilla":
         try:
-            fit = fit_points(points, "chinchilla", n_boot=n_boot, source=str(out))
+            fit = fit_points(points, "chinchilla", n_boot=n_boot, source=str(out), say=say)
         except PretrainerError as e:
             warnings.append(f"Chinchilla fit: {e}")
     fit = fit or kaplan

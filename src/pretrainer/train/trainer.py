@@ -125,12 +125,11 @@ class RunLog:
 
 
 def plot_losses(run: Path) -> Path | None:
-    """Train and validation loss against tokens, as ``RUN/loss.png``."""
+    """Train and validation loss against steps, as ``RUN/loss.png``."""
     try:
-        import matplotlib
+        from ..plotting import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     rows = read_metrics(run / "metrics.jsonl")
@@ -148,21 +147,14 @@ def plot_losses(run: Path) -> Path | None:
     ax.set_title(run.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     out = run / "loss.png"
-    tmp = run / ".loss.tmp.png"
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
+        return save(fig, out, dpi=110)
     except Exception as e:  # noqa: BLE001 - a plot is not worth failing a finished run for
         if os_error_of(e) is None:
             raise
-        tmp.unlink(missing_ok=True)
         print(f"warning: {out}: not written ({os_error_of(e).strerror})", file=sys.stderr, flush=True)
         return None
-    finally:
-        plt.close(fig)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
