@@ -412,7 +412,8 @@ def test_export_copies_tokenizer_and_special_ids(tmp_path):
 
     out = export_hf(_ours_gpt2(), tmp_path / "hf", tokenizer_dir=tok_dir)
     config = json.loads((out / "config.json").read_text())
-    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 1, 2)
+    # a decoder's text starts with what its prompts start with (<eos>, the document separator): bos 2
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 2, 2)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok("hello world")["input_ids"] == [2, 4, 5]  # a prompt starts after <eos>, as in generate

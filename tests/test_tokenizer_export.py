@@ -155,7 +155,15 @@ def test_config_window_roles_and_decoding(exported, preset):
     assert hf.model_max_length == WINDOW
     assert hf.padding_side == ("left" if cfg.arch == "decoder" else "right")
     for role in ("pad", "bos", "eos", "unk", "cls", "sep", "mask"):
-        assert getattr(hf, f"{role}_token_id") == tok.role_id(role)
+        want = tok.role_id(role)
+        if role == "bos" and cfg.arch == "decoder":  # a decoder's text starts with what a prompt does
+            want = encode_context(tok, "")[0]
+        assert getattr(hf, f"{role}_token_id") == want
+    if cfg.arch == "decoder":  # so transformers' add_bos_token (lm-eval's option) gives pretrainer's prompt
+        assert hf("a b", add_special_tokens=False)["input_ids"] == tok.encode("a b")
+        assert [hf.bos_token_id] + tok.encode("a b") == encode_context(tok, "a b")
+        with_bos = transformers.AutoTokenizer.from_pretrained(folder, add_bos_token=True)
+        assert with_bos("a b")["input_ids"] == encode_context(tok, "a b")
     saved = json.loads((folder / "special_tokens_map.json").read_text())
     assert saved["eos_token"] == tok.role_token("eos")
     long = " ".join(TEXTS * 4)

@@ -14,8 +14,8 @@ Needs lm-eval (``pip install 'pretrainer[eval]'``). Nothing is downloaded: the t
    the same prompts through pretrainer's own evaluator; its ``accuracy_sum`` is lm-eval's ``acc``.
 4. ``pretrainer export`` and ``lm_eval --model hf --model_args pretrained=EXPORTED``: lm-eval with
    its own Hugging Face model class and no pretrainer code at all. The exported tokenizer lays a
-   prompt out as training did (the end-of-text token first); do not pass ``add_bos_token=True``,
-   which makes ``transformers`` rebuild the tokenizer to put ``<bos>`` first instead.
+   prompt out as training did (the end-of-text token first, which is also its ``bos_token``, so
+   ``add_bos_token=True`` changes nothing).
 
 Every step is a command, printed before it runs; the accuracies are printed side by side.
 """

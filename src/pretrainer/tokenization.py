@@ -466,7 +466,8 @@ class Tok:
         if not hasattr(self, "_document_prefix"):
             bos = self.roles.get("bos")
             first = _template_start(json.loads(self.tok.to_str()).get("post_processor"))
-            self._document_prefix = [bos] if bos is not None and first == self.tok.id_to_token(bos) else []
+            starts = bos is not None and bos != self.roles.get("eos") and first == self.tok.id_to_token(bos)
+            self._document_prefix = [bos] if starts else []  # (bos = eos: GPT-2's separator, not a start)
         return list(self._document_prefix)
 
     # --- text --------------------------------------------------------------------------------

@@ -121,6 +121,12 @@ def export_files(folder: str | Path, cfg: ModelConfig) -> tuple[dict[str, str], 
     tok = load_tokenizer(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise PretrainerError(f"{path}: {tok.vocab_size} tokens do not fit the model's vocab_size={cfg.vocab_size}")
+    from ..eval.scoring import prefix_ids
+
+    if cfg.arch == "decoder":  # a text starts with what our prompts start with ("<eos>" for ours, as
+        start = prefix_ids(tok)  # GPT-2's <|endoftext|>), so that add_bos_token and generation from
+        if start and start[0] != tok.role_id("bos"):  # nothing (bos_token_id) agree with pretrainer
+            tok.with_roles({"bos": tok.id_to_token(start[0])})
     ids = {key: tok.role_id(key.removesuffix("_token_id")) for key in ID_FIELDS}
     if tok.role_id("eos") is not None:
         ids["forced_eos_token_id"] = tok.role_id("eos")  # BART's; dropped for the other families
