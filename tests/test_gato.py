@@ -108,13 +108,16 @@ def test_control_example_layout():
 
 
 def test_pendulum_is_deterministic_and_controlled():
-    a, b = pendulum(200, seed=3, episode=7), pendulum(200, seed=3, episode=7)
+    a, b = pendulum(2000, seed=3, episode=7), pendulum(2000, seed=3, episode=7)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[0], pendulum(200, seed=3, episode=8)[0])
-    assert not np.array_equal(a[0], pendulum(200, seed=3, episode=7, split_tag=1)[0])
+    assert not np.array_equal(a[0], pendulum(2000, seed=3, episode=8)[0])
+    assert not np.array_equal(a[0], pendulum(2000, seed=3, episode=7, split_tag=1)[0])
     theta, omega, u = a
-    assert np.allclose(u, np.clip(-2.0 * theta - 0.5 * omega, -2, 2))  # the PD controller's torque
-    assert abs(theta[-1]) < 0.1 * max(abs(theta[0]), 0.1) + 1e-3  # brought towards rest in 10 s
+    assert np.allclose(u, np.clip(-1.0 * theta - 0.3 * omega, -2, 2))  # the PD controller's torque
+    # semi-implicit Euler at 0.01 s: the velocity first, then the angle with the new velocity
+    assert np.allclose(omega[1:], omega[:-1] + 0.01 * (-9.81 * np.sin(theta[:-1]) - 0.1 * omega[:-1] + u[:-1]))
+    assert np.allclose(theta[1:], theta[:-1] + 0.01 * omega[1:])
+    assert np.abs(theta[-200:]).max() < 0.1 * np.abs(theta[:200]).max()  # brought towards rest in 20 s
 
 
 def test_batches_mix_the_tasks_and_are_a_pure_function_of_the_sample(text):
