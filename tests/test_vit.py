@@ -9,6 +9,7 @@ the mask and the loss.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -310,6 +311,27 @@ def test_mae_run_resumes_exactly_then_finetunes(digits, tmp_path):
     assert 0.0 <= result["accuracy"] <= 1.0 and result["steps"] == 7 and result["eval_examples"] == 180
     ft = pretrainer.load(tmp_path / "ft")  # the classifier over the MAE encoder: its blocks start from the MAE run's
     assert ft.cfg.n_classes == 10
+    evals = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals += [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in evals) and not any("val_ppl" in r for r in evals)  # MSE, classifier: no ppl
+
+    # predict: the val split of a prepared folder, or a folder of image files of any size (resized)
+    from pretrainer.cli import main
+    from pretrainer.errors import CheckpointError
+    from pretrainer.finetune.predict import predict_file
+
+    assert predict_file(tmp_path / "ft", digits, tmp_path / "val.jsonl")["predictions"] == 180
+    rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        want = ft(ImageSplit(digits, "val").read(range(180))[0]).logits.argmax(-1)
+    assert [r["label"] for r in rows] == [str(int(i)) for i in want] and set(rows[0]["probs"]) == {str(i) for i in range(10)}
+    _png(tmp_path / "imgs" / "a.png", size=(16, 16), value=200)
+    _png(tmp_path / "imgs" / "more" / "b.png", value=0)
+    assert main(["predict", str(tmp_path / "ft"), "--input", str(tmp_path / "imgs"), "--out", str(tmp_path / "f.jsonl")]) in (0, None)
+    rows = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert [Path(r["file"]).name for r in rows] == ["a.png", "b.png"] and all(r["label"] in r["probs"] for r in rows)
+    with pytest.raises(CheckpointError, match="without a classifier"):
+        predict_file(tmp_path / "a", digits, tmp_path / "no.jsonl")
 
     from pretrainer.interop.hf import export_hf
 

@@ -333,16 +333,19 @@ def cmd_evaluate(args) -> None:
             print(f"evaluate: {done:,}/{total:,} batches, {seconds:.0f} s, eta {eta:.0f} s", file=sys.stderr,
                   flush=True)
 
-    scores = evaluate_split(model, get_objective(cfg), split, args.batch_size, max_batches,
+    objective = get_objective(cfg)
+    scores = evaluate_split(model, objective, split, args.batch_size, max_batches,
                             seq_len=seq_len, progress=progress)  # mlm adds val_accuracy
     loss = scores["val_loss"]
     tokens = min(n_windows, max_batches * args.batch_size) * seq_len
-    result = {"run": args.run, "data": str(data), "split": args.split,  # ELECTRA: its generator's ppl
-              "val_ppl": math.exp(min(loss, 50)), **scores, "tokens": tokens, "seq_len": seq_len}
+    ppl = {"val_ppl": math.exp(min(loss, 50))} if objective.perplexity else {}  # ELECTRA: its generator's
+    result = {"run": args.run, "data": str(data), "split": args.split, **ppl, **scores, "tokens": tokens,
+              "seq_len": seq_len}
     if args.json:
         return _json_out(result)
-    acc = f" | masked-token accuracy {scores['val_accuracy']:.4f}" if "val_accuracy" in scores else ""
-    print(f"{args.split} loss {loss:.4f} | perplexity {result['val_ppl']:.2f}{acc} | {tokens:,} tokens of {data}")
+    acc = f" | perplexity {result['val_ppl']:.2f}" if "val_ppl" in result else ""
+    acc += f" | masked-token accuracy {scores['val_accuracy']:.4f}" if "val_accuracy" in scores else ""
+    print(f"{args.split} loss {loss:.4f}{acc}{objective.eval_note(scores)} | {tokens:,} tokens of {data}")
 
 
 def cmd_export(args) -> None:

@@ -9,13 +9,15 @@ A run is described by one :class:`RunConfig`::
                (masked LM plus BERT's next-sentence or ALBERT's sentence-order prediction) | electra
                (ELECTRA's replaced-token detection) | distill (knowledge distillation) | span (T5 span
                corruption) | denoise (BART noising) | prefix_lm (a prefix LM) | mae (masked
-               autoencoder on image patches) | classify (images to labels), each for the
+               autoencoder on image patches) | classify (images to labels) | gato (text, image
+               patches and control values in one stream, Gato-style), each for the
                architectures it declares (pretrainer.train.objectives)
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
     masking: what mlm (and mlm+nsp, mlm+sop, electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     electra: the generator's size and the loss weight of objective=electra (see :class:`ElectraConfig`)
     mae:    objective=mae only: the mask ratio and the decoder's size (see :class:`MAEConfig`)
+    gato:   objective=gato only: the tasks mixed and the image patches' size (see :class:`GatoConfig`)
     distill: objective=distill only: the teacher and the loss weights (see :class:`DistillConfig`)
     train:  optimisation and bookkeeping (see :class:`TrainConfig`)
 
@@ -657,6 +659,24 @@ class MAEConfig:
 
 
 @dataclass
+class GatoConfig:
+    """``objective=gato`` (Reed et al. 2022, "A Generalist Agent"): one decoder over a stream that
+    mixes text tokens, image patches and mu-law discretised values (:mod:`pretrainer.data.gato`);
+    the rows of a batch go to the ``tasks`` in turn."""
+
+    tasks: str = "caption,text,control"  # the tasks mixed (comma-separated): caption (8x8 digits -> "a digit seven"), text (the data's), control (a pendulum's torque)
+    patch_size: int = 4  # pixels per side of an image patch (a divisor of the digits' 8: 4 gives 4 patches per image)
+
+    def validate(self) -> None:
+        from .data.gato import parse_tasks
+
+        parse_tasks(self.tasks)
+        _positive("gato", "patch_size", self.patch_size)
+        if 8 % self.patch_size:
+            raise ConfigError(f"gato.patch_size={self.patch_size}: expected a divisor of 8 (the digits are 8 x 8)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("gpt-micro"))
     data: str | None = None  # a prepared data folder
@@ -669,6 +689,7 @@ class RunConfig:
     electra: ElectraConfig = field(default_factory=ElectraConfig)  # electra only
     distill: DistillConfig = field(default_factory=DistillConfig)  # objective=distill only
     mae: MAEConfig = field(default_factory=MAEConfig)  # objective=mae only
+    gato: GatoConfig = field(default_factory=GatoConfig)  # objective=gato only
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, need_paths: bool = True) -> None:
@@ -678,6 +699,7 @@ class RunConfig:
         self.electra.validate()
         self.distill.validate()
         self.mae.validate()
+        self.gato.validate()
         from .train.objectives import get_objective  # the registry: names and architectures
 
         get_objective(self)
@@ -1002,7 +1024,7 @@ def _all_keys() -> list[str]:
     keys = []
     for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
                       ("electra", ElectraConfig), ("distill", DistillConfig), ("mae", MAEConfig),
-                      ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
+                      ("gato", GatoConfig), ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
     keys += [f.name for f in dataclasses.fields(RunConfig)]
     return keys
@@ -1018,11 +1040,11 @@ def config_keys() -> list[dict]:
     out = []
     for prefix, cls in (("", RunConfig), ("model.", ModelConfig), ("model.moe.", MoEConfig), ("train.", TrainConfig),
                         ("noise.", NoiseConfig), ("electra.", ElectraConfig), ("distill.", DistillConfig),
-                        ("mae.", MAEConfig)):
+                        ("mae.", MAEConfig), ("gato.", GatoConfig)):
         comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _resolve_type(f.type)) \
-                    or f.name in ("model", "moe", "train", "noise", "electra", "distill", "mae"):
+                    or f.name in ("model", "moe", "train", "noise", "electra", "distill", "mae", "gato"):
                 continue  # a section: its keys are listed under its own prefix
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

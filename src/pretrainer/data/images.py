@@ -115,6 +115,14 @@ def _folder(root: Path, image_size: int | None, log) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(images), np.array(labels, dtype=np.int32), classes
 
 
+def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """``{"train", "val"}``: the sorted indices of each split of ``n`` images, the validation images
+    ``round(n * val_fraction)`` of a seeded permutation (at least one when ``val_fraction`` > 0)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 else 0
+    return {"val": np.sort(perm[:n_val]), "train": np.sort(perm[n_val:])}
+
+
 def prepare_images(source: str, out: str | Path, *, image_size: int | None = None, val_fraction: float = 0.1,
                    seed: int = 1337, overwrite: bool = False, progress: bool = True) -> dict:
     """Write the images of ``source`` (a folder of class sub-folders, or ``builtin:digits``) to
@@ -138,9 +146,7 @@ def prepare_images(source: str, out: str | Path, *, image_size: int | None = Non
     else:
         images, labels, classes = _folder(Path(source), image_size, log)
     n = len(images)
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 else 0
-    splits = {"val": np.sort(perm[:n_val]), "train": np.sort(perm[n_val:])}
+    splits = split_indices(n, val_fraction, seed)
     with storage(out, "write the data folder"):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-prepare-", dir=out.parent))

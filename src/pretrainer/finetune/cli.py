@@ -150,7 +150,9 @@ def register(sub) -> None:
 
     s = sub.add_parser("predict", help="predictions of a fine-tuned run for a file (JSONL out)")
     s.add_argument("run", metavar="RUN", help="a run folder made by 'pretrainer finetune'")
-    s.add_argument("--input", required=True, metavar="FILE", help="rows in the run's training format (labels not needed)")
+    s.add_argument("--input", required=True, metavar="FILE",
+                   help="rows in the run's training format (labels not needed); for an image-classification run, "
+                        "a folder of images (resized to the model's) or of 'pretrainer prepare --images' (its val split)")
     s.add_argument("--out", required=True, metavar="FILE", help="JSONL: one prediction per input row")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")

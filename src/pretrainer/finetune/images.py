@@ -109,12 +109,92 @@ def finetune_images(source: str, data: str, out: str, eval: str | None = None, r
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def is_image_run(path: str | Path) -> bool:
-    """Whether ``path`` is a run of objective=classify on images (resumed by the trainer)."""
+def is_image_run(path: str | Path, objectives: tuple[str, ...] = ("classify",)) -> bool:
+    """Whether ``path`` is a run of objective=classify on images (resumed by the trainer), or of one
+    of ``objectives``."""
     try:
         import yaml
 
         raw = yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}
     except (OSError, ValueError):
         return False
-    return isinstance(raw, dict) and raw.get("objective") == "classify"
+    return isinstance(raw, dict) and raw.get("objective") in objectives
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions of a fine-tuned image classifier (pretrainer predict RUN --input IMAGES)
+
+
+def read_image_files(folder: str | Path, size: int, channels: int) -> tuple[list[Path], "torch.Tensor"]:
+    """``(files, uint8 [n, C, size, size])``: every .png/.jpg/.jpeg under ``folder`` (sub-folders
+    included, in path order), as ``channels`` channels (grey or RGB), resized to ``size`` x ``size``
+    (bilinear) where they differ."""
+    import numpy as np
+    import torch
+
+    from ..data.images import SUFFIXES
+    from ..errors import DataError, PretrainerError
+
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise PretrainerError("predicting for image files reads them with Pillow: pip install 'pretrainer[images]'") from None
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise DataError(f"--input {root}: no .png/.jpg/.jpeg images (expected a folder of images, or a folder "
+                        f"from pretrainer prepare --images)")
+    arrays = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.BILINEAR)
+                a = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return files, torch.from_numpy(np.stack(arrays))
+
+
+def predict_images(run: str | Path, input_path: str | Path, out: str | Path, device: str = "cpu",
+                   batch_size: int = 256) -> dict:
+    """One JSON line per image to ``out``: ``{"index", "file" (or "split"), "label", "probs"}`` from
+    the classifier of an image-classification run. ``input_path``: a folder of images (any size:
+    resized to the model's) or a folder from ``pretrainer prepare --images`` (its val split)."""
+    import numpy as np
+    import torch
+
+    from .. import load
+    from ..data.images import ImageSplit, is_image_folder, run_class_names, to_pixels
+    from ..errors import CheckpointError, storage, write_atomic
+
+    model = load(run, device=device)
+    if getattr(model, "head", None) is None:
+        raise CheckpointError(f"{run}: an image run without a classifier (an MAE encoder); fine-tune it first: "
+                              f"pretrainer finetune {run} --task image-classification --data DIR --out RUN")
+    cfg = model.cfg
+    if is_image_folder(input_path):
+        split = ImageSplit(input_path, "val")
+        if split.shape != (cfg.channels, cfg.image_size, cfg.image_size):
+            raise CheckpointError(f"{input_path}: images of {' x '.join(map(str, split.shape))}, but {run} reads "
+                                  f"{cfg.channels} x {cfg.image_size} x {cfg.image_size}")
+        images, names = torch.from_numpy(np.array(split.images)), [{"split": "val"}] * split.count
+    else:
+        files, images = read_image_files(input_path, cfg.image_size, cfg.channels)
+        names = [{"file": str(f)} for f in files]
+    classes = run_class_names(run) or [str(i) for i in range(cfg.n_classes)]
+    rows = []
+    with torch.no_grad():
+        for first in range(0, len(images), batch_size):
+            probs = model(to_pixels(images[first:first + batch_size]).to(device)).logits.float().softmax(-1).cpu()
+            for i, p in enumerate(probs.tolist(), start=first):
+                best = max(range(len(p)), key=p.__getitem__)
+                rows.append({"index": i, **names[i], "label": classes[best],
+                             "probs": {name: round(x, 5) for name, x in zip(classes, p)}})
+    out = Path(out)
+    with storage(out.parent, "create the folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return {"run": str(run), "input": str(input_path), "out": str(out), "predictions": len(rows)}

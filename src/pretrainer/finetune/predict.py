@@ -107,7 +107,13 @@ class Predictor:
 
 def predict_file(run: str | Path, input_path: str, out: str | Path, device: str = "cpu", say=None) -> dict:
     """Write one JSON line per input row to ``out`` (its ``index``, its text fields, the prediction);
-    returns ``{"run", "input", "out", "predictions"}``. ``say``: where progress lines go."""
+    returns ``{"run", "input", "out", "predictions"}``. ``say``: where progress lines go. An
+    image-classification run takes a folder of images or of ``prepare --images``
+    (:func:`pretrainer.finetune.images.predict_images`)."""
+    from .images import is_image_run, predict_images
+
+    if is_image_run(run, ("classify", "mae")):  # (an MAE run is refused there, with what to do)
+        return predict_images(run, input_path, out, device=device)
     predictor = Predictor(run, device=device)
     examples = predictor.task.load(str(input_path), "eval", require_labels=False)
     preds = predictor.predict_examples(examples, say=say)

@@ -668,16 +668,19 @@ class Transformer(nn.Module):
     def encode(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                token_type_ids: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-               memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+               memory_mask: torch.Tensor | None = None,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, d_model] of ``input_ids`` [B, T] (after the last norm).
         ``attn_mask``: boolean [B, 1, 1, T] keys that take part (padding left out; bidirectional
         stacks). ``memory`` [B, S, d_model] and ``memory_mask`` [B, 1, 1, S]: the encoder output
-        that a decoder stack cross-attends to."""
+        that a decoder stack cross-attends to. ``inputs_embeds`` [B, T, embed_dim]: the input
+        vectors in place of ``tok_emb(input_ids)`` (Gato's image patches among the tokens:
+        :mod:`pretrainer.model.gato`); positions and the rest apply as to token embeddings."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        x = self.tok_emb(input_ids)
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         if self.cfg.embed_scale:  # Vaswani et al. 2017, section 3.4 (Gemma; BART's scale_embedding)
             x = x * math.sqrt(self.cfg.d_model)
         if self.pos_emb is not None:

@@ -24,6 +24,7 @@ from .objectives import OBJECTIVES, Objective, register
 
 class ImageObjective(Objective):
     archs = ("vit",)
+    perplexity = False  # an MSE (mae) or a classifier's cross-entropy (classify)
     noise = False  # batches carry MAE's per-sample noise
     reads_labels = False  # trains the classifier: model.n_classes is taken from the data's classes
 

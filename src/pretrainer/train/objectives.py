@@ -95,6 +95,8 @@ class Objective:
     sums: ClassVar[tuple[str, ...]] = ("count", "loss")  # the keys of eval_sums
     options: ClassVar[tuple[str, ...]] = ()  # run-config keys it reads besides train (masking ...)
     wraps: ClassVar[bool] = False  # trains more than the model (:meth:`wrap`)
+    perplexity: ClassVar[bool] = True  # val_loss is a language model's cross-entropy: exp of it is a perplexity
+    extra_vocab: ClassVar[int] = 0  # tokens the model has beyond the data's vocabulary (gato: value bins ...)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -150,6 +152,10 @@ class Objective:
 
     def metrics(self, sums: dict[str, float]) -> dict:
         return {"val_loss": sums["loss"] / max(sums["count"], 1.0)}
+
+    def eval_note(self, metrics: dict) -> str:
+        """What the evaluation line adds after the loss, accuracy and perplexity (`` | name value``)."""
+        return ""
 
     # -- what is trained, and what it logs besides the loss --------------------------------------
     def wrap(self, model):
@@ -753,3 +759,4 @@ def tokenizer_ids(split: TokenSplit) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 from . import image_objectives  # noqa: E402,F401 - registers mae and classify (images, arch=vit)
+from . import gato_objective  # noqa: E402,F401 - registers gato (text, image patches and values in one stream)

@@ -175,12 +175,17 @@ def prepare_run_config(cfg: RunConfig, split: TokenSplit) -> RunConfig:
         fit_model_to_images(cfg, split)
         cfg.validate()
         return cfg
-    data_vocab = split.vocab_size
+    from .objectives import OBJECTIVES
+
+    # the data's tokens, and those an objective adds (gato: the value bins, its separator and patch place)
+    extra = getattr(OBJECTIVES.get(cfg.objective), "extra_vocab", 0)
+    data_vocab = split.vocab_size + extra
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data_vocab
     elif cfg.model.vocab_size < data_vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
-                          f"vocabulary ({data_vocab}, {Path(cfg.data) / 'manifest.json'})")
+                          f"vocabulary ({split.vocab_size}, {Path(cfg.data) / 'manifest.json'})"
+                          f"{' + %d tokens of objective=%s' % (extra, cfg.objective) if extra else ''}")
     cfg.validate()
     return cfg
 
@@ -321,17 +326,18 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 f"{'; ' + note if note else ''}")
 
     def evaluate() -> dict:
-        """The eval line's fields (loss, perplexity, and masked-token accuracy for mlm), and
-        prints them."""
+        """The eval line's fields (loss; perplexity for a language model's loss; masked-token accuracy
+        for mlm; what the objective adds), and prints them."""
         # eval_batches global batches of windows: the same windows however the global batch is
         # split into processes and micro-steps (a run resumed at another world size included)
         r = evaluate_split(model, objective, val_split, t.batch_size, t.eval_batches * t.grad_accum, env,
                            step=step_fn if mode == "fsdp" else None)
         v = r["val_loss"]
-        rec = {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **r}
-        acc = f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
+        rec = {"val_loss": v, **({"val_ppl": math.exp(min(v, 50))} if objective.perplexity else {}), **r}
+        acc = f" | ppl {rec['val_ppl']:.1f}" if "val_ppl" in rec else ""
+        acc += f" | accuracy {r['val_accuracy']:.4f}" if "val_accuracy" in r else ""
         acc += "".join(f" | {k[4:-9]} accuracy {r[k]:.4f}" for k in ("val_nsp_accuracy", "val_sop_accuracy") if k in r)
-        log.say(f"step {step:>6} | val loss {v:.4f} | ppl {rec['val_ppl']:.1f}{acc}")
+        log.say(f"step {step:>6} | val loss {v:.4f}{acc}{objective.eval_note(r)}")
         return rec
 
     def checkpoint(at_step: int) -> None:
