@@ -37,8 +37,8 @@ def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.
 
 # (preset, model options, LoRA targets, Hugging Face class): GPT-2's fused c_attn is a Conv1D
 # (fan_in_fan_out), Llama splits qkv into q/k/v with grouped-query heads and [gate; up] into two,
-# GPT-NeoX keeps one fused matrix with its rows per head, BERT splits qkv into query/key/value,
-# T5 and BART adapt the decoder's cross-attention q and [k; v] too
+# GPT-NeoX keeps one fused matrix with its rows per head, BERT splits qkv into query/key/value (as
+# ALBERT, whose one layer is shared by all), T5 and BART adapt the decoder's cross-attention q and [k; v] too
 FAMILIES = {
     "gpt2": ("gpt2-small", dict(n_layer=2, d_model=32, n_head=4), "attention,mlp", "AutoModelForCausalLM"),
     "llama": ("llama-tiny", dict(n_layer=2, d_model=32, n_head=4, n_kv_heads=2, d_ff=48), "attention,mlp",
@@ -47,6 +47,8 @@ FAMILIES = {
                                 bias=True, mlp="gelu", parallel_block=True, rope_fraction=0.25),
              "attention", "AutoModelForCausalLM"),
     "bert": ("bert-tiny", dict(n_layer=2, d_model=32, n_head=2, d_ff=48, pooler=False), "attention,mlp", "AutoModelForMaskedLM"),
+    "albert": ("albert-tiny", dict(n_layer=3, d_model=32, n_head=2, d_ff=48, d_embed=16, pooler=False),
+               "attention,mlp", "AutoModelForMaskedLM"),  # one layer shared by all: its adapters too
     "t5": ("t5-tiny", dict(n_layer=2, d_model=32, n_head=4, d_ff=48), "attention,mlp", "AutoModelForSeq2SeqLM"),
     "bart": ("bart-tiny", dict(n_layer=1, n_decoder_layer=2, d_model=32, n_head=4, d_ff=48), "attention",
              "AutoModelForSeq2SeqLM"),
@@ -63,7 +65,11 @@ def _logits(model, arch: str, hf: bool = False) -> torch.Tensor:
         return model(x).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+SLOW_FAMILIES = ("neox", "albert", "bart")  # the default run keeps one family of each layout
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f
+                                    for f in FAMILIES])
 def test_merged_and_unmerged_exports_give_the_adapted_models_logits(family, tmp_path):
     preset, options, targets, hf_class = FAMILIES[family]
     torch.manual_seed(0)
@@ -185,6 +191,7 @@ def test_continued_pretraining_trains_the_adapters_only_and_resumes_exactly(base
         torch.testing.assert_close(adapted(ids).logits, ours, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["encoder", "encoder-decoder"])
 def test_lora_pretraining_of_the_other_model_kinds_keeps_the_base(kind, synthetic_data, tmp_path):
     model = (["model=bert-tiny", "objective=mlm", "model.vocab_size=null", f"data={synthetic_data}"]
@@ -274,6 +281,7 @@ def test_fine_tuning_with_lora_freezes_the_backbone_resumes_and_exports(base_run
     assert "not a LoRA run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_fine_tuning_on_two_processes_matches_one(base_run, tmp_path):
     """DDP over gloo (torchrun): the adapters' gradients averaged over the processes, the frozen
     weights left out of the reduction."""

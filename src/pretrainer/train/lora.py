@@ -169,7 +169,7 @@ def load_adapter(model: nn.Module, folder: Path, prefix: str = "") -> bool:
         root_prefix, root = found
         own = _strip(tensors, root_prefix)
         result = peft.set_peft_model_state_dict(root, own)
-        missing = [k for k in result.missing_keys if ".lora_" in k]
+        missing = _missing_adapters(root, result.missing_keys)
         if missing or result.unexpected_keys:
             raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: adapters do not match the model "
                                   f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
@@ -186,13 +186,22 @@ def merge(model: nn.Module, config, tensors: dict, where: str = "adapter") -> nn
     peft = _peft()
     lora = peft.LoraModel(model, config, "default")
     result = peft.set_peft_model_state_dict(model, tensors)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
+    missing = _missing_adapters(model, result.missing_keys)
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{where}: adapters do not match the model (missing {missing[:3]}, "
                               f"unexpected {list(result.unexpected_keys)[:3]})")
     lora.merge_and_unload()
     model.__dict__.pop("peft_config", None)  # (merge_and_unload leaves no LoRA layer behind)
     return model
+
+
+def _missing_adapters(model: nn.Module, missing: list[str]) -> list[str]:
+    """The adapter weights of ``missing`` that were not loaded under another name (a layer shared by
+    several blocks, ALBERT's, is saved once)."""
+    state = model.state_dict(keep_vars=True)
+    gone = set(missing)
+    loaded = {id(v) for k, v in state.items() if k not in gone}
+    return [k for k in missing if ".lora_" in k and id(state[k]) not in loaded]
 
 
 def summary(model: nn.Module, settings: LoRAConfig) -> str:
