@@ -243,14 +243,13 @@ def _finetune_kw(tmp_path: Path, source: Path) -> dict:
                 lora=True, lora_r=4, lora_dropout=0.0)
 
 
-def test_fine_tuning_with_lora_freezes_the_backbone_resumes_and_exports(base_run, tmp_path, capsys):
-    from pretrainer import load
-    from pretrainer.cli import main
+def _lora_finetune(tmp_path: Path, base_run: Path, capsys, **kw) -> Path:
+    """A LoRA fine-tuning run: its first line, the backbone bit for bit its source's, the head
+    trained, the adapters beside the kept weights."""
     from pretrainer.finetune import Predictor
-    from pretrainer.finetune.runner import finetune, resume_finetune
+    from pretrainer.finetune.runner import finetune
 
-    kw = _finetune_kw(tmp_path, base_run)
-    finetune(out=str(tmp_path / "whole"), **dict(kw, quiet=False))
+    finetune(out=str(tmp_path / "whole"), **dict(_finetune_kw(tmp_path, base_run), quiet=False, **kw))
     first = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fine-tuning")][0]
     assert "; LoRA r=4 alpha=16 on attn.proj, attn.qkv: " in first and "trainable parameters" in first, first
     source, tuned = _weights(base_run), _weights(tmp_path / "whole")
@@ -260,12 +259,26 @@ def test_fine_tuning_with_lora_freezes_the_backbone_resumes_and_exports(base_run
     ckpt = latest_checkpoint(tmp_path / "whole")[0]
     assert all(k.startswith("base_model.model.backbone.blocks.")
                for k in load_file(str(ckpt / "adapter_model.safetensors")))
+    assert [p["label"] for p in Predictor(tmp_path / "whole").predict(["a lovely film"])] in (["0"], ["1"])
+    return tmp_path / "whole"
 
+
+def test_fine_tuning_with_lora_freezes_the_backbone(base_run, tmp_path, capsys):
+    _lora_finetune(tmp_path, base_run, capsys, epochs=1)
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_resumes_and_exports(base_run, tmp_path, capsys):
+    from pretrainer import load
+    from pretrainer.cli import main
+    from pretrainer.finetune.runner import finetune, resume_finetune
+
+    _lora_finetune(tmp_path, base_run, capsys)
+    kw = _finetune_kw(tmp_path, base_run)
     finetune(out=str(tmp_path / "part"), stop_at=3, **kw)  # mid-epoch 1 (4 steps an epoch)
     resume_finetune(str(tmp_path / "part"), quiet=True)
     assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
     assert (tmp_path / "part" / "predictions.jsonl").read_text() == (tmp_path / "whole" / "predictions.jsonl").read_text()
-    assert [p["label"] for p in Predictor(tmp_path / "whole").predict(["a lovely film"])] in (["0"], ["1"])
 
     # the fine-tuned backbone (adapters merged) and its unmerged export under peft
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
