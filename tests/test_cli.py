@@ -134,7 +134,7 @@ def test_config_lists_every_key_with_its_meaning_and_shows_what_a_command_line_r
     listed = {k["key"] for k in keys}
     run_sections = ("model.", "train.", "noise.", "electra.", "distill.", "mae.", "gato.")
     top = {f.name for f in dataclasses.fields(RunConfig) if f"{f.name}." not in run_sections}
-    assert listed == {k for k in _all_keys() if k.startswith(run_sections) and k != "model.moe"} | top
+    assert listed == {k for k in _all_keys() if k.startswith(run_sections) and k not in ("model.moe", "train.lora")} | top
     assert all(k["meaning"] for k in keys), [k["key"] for k in keys if not k["meaning"]]
     assert {"key": "train.lr", "default": 1e-3, "meaning": "peak learning rate"} in keys
     assert main(["config", "model=bert-tiny", "train.lr=3e-4"]) == 0

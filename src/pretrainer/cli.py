@@ -352,6 +352,17 @@ def cmd_export(args) -> None:
     from . import load
     from .interop.hf import export_hf
 
+    if args.unmerged:  # a LoRA run: the frozen base model, and its adapters apart (peft's format)
+        from .train.lora import export_unmerged
+
+        if args.generator:
+            raise PretrainerError("--unmerged applies to a LoRA run; --generator to an ELECTRA run")
+        tok_dir = Path(args.run) / "tokenizer"
+        check_out_folder(args.out, "Hugging Face model", ("config.json", "model.safetensors"))
+        export_unmerged(args.run, args.out, tokenizer_dir=tok_dir if tok_dir.is_dir() else None)
+        print(f"exported {args.run} to {args.out} (Hugging Face format: the base model) and its LoRA adapters "
+              f"to {Path(args.out) / 'adapter'} (peft.PeftModel.from_pretrained(model, that folder))")
+        return
     model = load(args.run, trained=args.generator)
     if args.generator:
         if not hasattr(model, "generator"):
@@ -737,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--generator", action="store_true",
                    help="an ELECTRA run: write its generator (ElectraForMaskedLM) instead of the discriminator")
+    s.add_argument("--unmerged", action="store_true",
+                   help="a LoRA run: write the frozen base model and its adapters in OUT/adapter (for "
+                        "peft.PeftModel.from_pretrained) instead of the weights with the adapters merged in")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", help="make a run folder from a Hugging Face model folder")

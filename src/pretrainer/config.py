@@ -480,6 +480,42 @@ def model_preset(name: str) -> ModelConfig:
 # Training and the run
 
 
+#: ``train.lora.targets`` (and ``finetune --lora-targets``): the modules each name adapts
+LORA_TARGETS = {"attention": ("attn.qkv", "attn.proj", "xattn.q", "xattn.kv", "xattn.proj"),
+                "mlp": ("mlp.up", "mlp.down")}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) through ``peft``: each adapted linear layer's
+    weight W stays frozen and the layer computes ``W x + (alpha / r) B A x`` with A [r, in] and
+    B [out, r] trained (B starts at zero); everything else is frozen (``pretrainer.train.lora``)."""
+
+    r: int = 0  # rank of the adapters; 0 = no LoRA (every weight trains); continued pretraining with init_from
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapters' input
+    targets: str = "attention"  # attention (self: qkv, proj; cross: q, kv, proj) | mlp (up, down) | both "attention,mlp" | module names such as attn.qkv
+
+    def validate(self, where: str = "train.lora") -> None:
+        if not isinstance(self.r, int) or self.r < 0:
+            raise ConfigError(f"{where}.r={self.r!r}: expected a rank >= 0 (0 = no LoRA)")
+        _finite(where, "alpha", self.alpha, lambda v: v > 0, "a positive, finite scale (the update is alpha / r x B A)")
+        _finite(where, "dropout", self.dropout, lambda v: 0 <= v < 1, "a value in [0, 1)")
+        self.target_names(where)
+
+    def target_names(self, where: str = "train.lora") -> list[str]:
+        """The module names (suffixes such as ``attn.qkv``) that ``targets`` adapts."""
+        known = [n for names in LORA_TARGETS.values() for n in names]
+        out = []
+        for item in str(self.targets).split(","):
+            item = item.strip()
+            if item not in LORA_TARGETS and item not in known:
+                raise ConfigError(f"{where}.targets: '{item}': expected attention, mlp or module names among "
+                                  f"{', '.join(known)}{_suggest(item, [*LORA_TARGETS, *known])}")
+            out += [n for n in LORA_TARGETS.get(item, (item,)) if n not in out]
+        return out
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. ``batch_size`` is sequences per micro-step per process; one
@@ -520,8 +556,13 @@ class TrainConfig:
     prefetch: int = 0  # micro-batches built ahead on a background thread while the model computes (a GPU run); 0 = off
     max_minutes: float = 0.0  # wall-clock budget of this invocation: stop (checkpoint, final eval) when spent; 0 = none
     threads: int = 0  # torch's intra-op CPU threads for the run; 0 = torch's default
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train low-rank adapters only (r > 0; with init_from)
+
+    def __post_init__(self):
+        self.lora = LoRAConfig(**self.lora) if isinstance(self.lora, dict) else dataclasses.replace(self.lora)
 
     def validate(self) -> None:
+        self.lora.validate()
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
                      "log_every", "keep_checkpoints"):
             _positive("train", name, getattr(self, name))
@@ -788,6 +829,20 @@ class FinetuneConfig:
     beams: int = option(1, "text2text: beam search width when evaluating (1 = greedy)", group="text2text")
     no_repeat_ngram: int = option(0, "text2text: when evaluating, never repeat an n-gram of N tokens "
                                      "(0 = off; 3 is common for summaries)", group="text2text")
+    # LoRA: train low-rank adapters and the task head; the backbone's weights stay frozen
+    lora: bool = option(False, "train LoRA adapters (and the task head) instead of every weight (peft; "
+                               "LoRA usually wants a larger --lr, e.g. 1e-3)", group="lora")
+    lora_r: int = option(8, "the adapters' rank", group="lora")
+    lora_alpha: float = option(16.0, "the update is scaled by alpha / r", group="lora")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input", group="lora")
+    lora_targets: str = option("attention", "attention (qkv, proj; cross-attention q, kv, proj), mlp (up, "
+                                            "down), attention,mlp, or module names such as attn.qkv", group="lora")
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters ``--lora`` asks for (None without it)."""
+        if not self.lora:
+            return None
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
     def validate(self) -> None:
         if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
@@ -832,6 +887,12 @@ class FinetuneConfig:
             self.model[key] = _coerce(f"model.{key}", self.model[key], fields[key].type, "finetune")
         dataclasses.replace(ModelConfig(), **self.model).validate("model")  # ranges, one line each
         _choice("finetune", "mixing", self.mixing, ["proportional", "temperature"])
+        if self.lora:
+            if self.from_scratch:
+                raise ConfigError("--lora adapts pretrained weights, which stay frozen; drop --from-scratch")
+            if not isinstance(self.lora_r, int) or self.lora_r <= 0:
+                raise ConfigError(f"--lora-r {self.lora_r}: expected a positive rank")
+            self.lora_config().validate("finetune.lora")
 
 
 @dataclass
@@ -1022,7 +1083,8 @@ def _flatten(raw: dict, prefix: str = ""):
 
 def _all_keys() -> list[str]:
     keys = []
-    for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig), ("noise", NoiseConfig),
+    for name, sub in (("model", ModelConfig), ("model.moe", MoEConfig), ("train", TrainConfig),
+                      ("train.lora", LoRAConfig), ("noise", NoiseConfig),
                       ("electra", ElectraConfig), ("distill", DistillConfig), ("mae", MAEConfig),
                       ("gato", GatoConfig), ("finetune", FinetuneConfig), ("sweep", SweepConfig)):
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(sub)]
@@ -1039,12 +1101,12 @@ def config_keys() -> list[dict]:
 
     out = []
     for prefix, cls in (("", RunConfig), ("model.", ModelConfig), ("model.moe.", MoEConfig), ("train.", TrainConfig),
-                        ("noise.", NoiseConfig), ("electra.", ElectraConfig), ("distill.", DistillConfig),
-                        ("mae.", MAEConfig), ("gato.", GatoConfig)):
+                        ("train.lora.", LoRAConfig), ("noise.", NoiseConfig), ("electra.", ElectraConfig),
+                        ("distill.", DistillConfig), ("mae.", MAEConfig), ("gato.", GatoConfig)):
         comments = dict(re.findall(r"^    (\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _resolve_type(f.type)) \
-                    or f.name in ("model", "moe", "train", "noise", "electra", "distill", "mae", "gato"):
+                    or f.name in ("model", "moe", "train", "lora", "noise", "electra", "distill", "mae", "gato"):
                 continue  # a section: its keys are listed under its own prefix
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

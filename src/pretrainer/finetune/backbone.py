@@ -105,7 +105,9 @@ def _from_hf(path: Path, from_scratch: bool) -> Backbone:
     return Backbone(model, _folder_tokenizer(path), {"kind": "hf", "path": str(path)})
 
 
-def _from_finetune_run(path: Path, from_scratch: bool) -> Backbone:
+def _from_finetune_run(path: Path, from_scratch: bool, adapter: bool = True) -> Backbone:
+    """A fine-tuning run's backbone; a LoRA run's with its adapters merged in (unless ``adapter``
+    is false: the frozen base weights)."""
     from safetensors.torch import load_file
 
     raw = yaml.safe_load((path / "config.yaml").read_text())
@@ -115,15 +117,18 @@ def _from_finetune_run(path: Path, from_scratch: bool) -> Backbone:
     if not from_scratch:
         ckpt, _ = latest_checkpoint(path)
         tensors = load_file(str(ckpt / "model.safetensors"))
-        if any(k.startswith("backbone.") for k in tensors):  # a task head around the backbone
-            own = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
-        else:  # text2text: the fine-tuned model is the backbone itself
-            own = tensors
+        prefix = "backbone." if any(k.startswith("backbone.") for k in tensors) else ""
+        # a task head around the backbone; text2text: the fine-tuned model is the backbone itself
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [k for k in missing if not is_tied_copy(model, k)]  # stored once (tied, shared)
         if missing or unexpected:
             raise PretrainerError(f"{ckpt}: backbone weights do not match its config "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if adapter:  # a LoRA run's adapters, merged into the weights
+            from ..train.lora import load_adapter
+
+            load_adapter(model, ckpt, prefix)
     return Backbone(model, _folder_tokenizer(path), {"kind": "finetune-run", "path": str(path),
                                                      "checkpoint": str(ckpt) if ckpt else None})
 

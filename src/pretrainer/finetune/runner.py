@@ -38,6 +38,7 @@ from ..train.tracking import Trackers, check_installed, parse_loggers
 from ..runlock import RunLock
 from ..train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, load_weights,
                                 remove_failed_saves, save_checkpoint)
+from ..train import lora
 from ..train.loop import DivergenceGuard, Env, StopFlag, TrainStep, optimizer_step, to_device
 from ..train.parallel import barrier, ddp
 from ..model.fast import apply_fast_paths, wants_fast_paths
@@ -275,6 +276,9 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
     model = the_task.build_model(backbone.model, opts.dropout).to(device)
     if wants_fast_paths("auto", device, env.dtype):  # as the trainer: float32 on a CPU
         apply_fast_paths(backbone.model)
+    lora_cfg = opts.lora_config()
+    if lora_cfg is not None:  # LoRA on the backbone: its weights frozen, adapters and task head trained
+        lora.add_lora(backbone.model, lora_cfg, "finetune.lora")
     if opts.batch_size < env.world:
         raise ConfigError(f"--batch-size {opts.batch_size}: fewer examples per step than the "
                           f"{env.world} processes that share them")
@@ -355,7 +359,8 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
         f"{len(eval_ex) if eval_ex else 0:,} evaluation examples, {opts.epochs} epochs x "
         f"{steps_per_epoch} steps on {device}{' x%d' % env.world if env.world > 1 else ''}; dropout "
         f"{cfg.dropout:g} in the model{' (model.dropout)' if 'dropout' in opts.model else ''}, "
-        f"{opts.dropout:g} on the head; batches {'grouped by length' if opts.group_by_length else 'shuffled'}")
+        f"{opts.dropout:g} on the head; batches {'grouped by length' if opts.group_by_length else 'shuffled'}"
+        f"{'; ' + lora.summary(model, lora_cfg) if lora_cfg else ''}")
 
     select = opts.select or the_task.select
     if select == "loss" and eval_ex is not None and not _has_targets(the_task.collate(eval_feats[:1], fmt.pad_id)):

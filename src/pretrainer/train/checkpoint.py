@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, storage
+from . import lora
 
 FORMAT = "pretrainer-checkpoint"
 STEP_PREFIX = "step_"
@@ -69,6 +70,7 @@ def save_checkpoint(run: str | Path, model: torch.nn.Module, optimizer: torch.op
     with storage(final, "save a checkpoint", cleanup=tmp):
         tmp.mkdir(parents=True)
         digests = {"model.safetensors": write_safetensors(model_tensors(model), tmp / "model.safetensors")}
+        digests.update(lora.write_adapter(model, tmp, write_safetensors))  # a LoRA run's adapters (peft's files)
         meta = dict(state, format=FORMAT, saved_at=time.time())
         if optimizer is not None:
             tensors, opt_meta = _flatten_optimizer(optimizer)
@@ -261,9 +263,11 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, adapter: bool = True) -> None:
     """Load ``model.safetensors`` (or the model part of a sharded ``dcp/`` checkpoint) of a
-    checkpoint folder into ``model`` (tied weights restored)."""
+    checkpoint folder into ``model`` (tied weights restored). A LoRA run's adapters come with them
+    (:func:`.lora.load_adapter`: into the LoRA layers of an adapted model, else merged into the
+    weights), unless ``adapter`` is false (the frozen base weights alone)."""
     if path.is_dir() and (path / "dcp").is_dir():
         import torch.distributed.checkpoint as dcp
 
@@ -280,7 +284,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         tensors = load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read weights ({e})") from None
-    own = model.state_dict()
+    own = lora.base_state(model.state_dict())  # an adapted model's base weights under the plain names
     missing = [k for k in own if k not in tensors and not is_tied_copy(model, k)]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
@@ -292,6 +296,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
+    if adapter or lora.adapted(model):
+        lora.load_adapter(model, path if path.is_dir() else path.parent)
 
 
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
@@ -313,7 +319,7 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict for saving: a tied output matrix is stored once (as the embedding),
     and weights shared across layers once (as the first layer's)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    return {k: v.detach().cpu().contiguous() for k, v in lora.base_state(model.state_dict()).items()
             if not is_tied_copy(model, k)}
 
 

@@ -50,6 +50,7 @@ from ..model.fast import apply_fast_paths, wants_fast_paths
 from ..model.info import human, model_info
 from ..model.layers import router_stats
 from .objectives import Objective, get_objective
+from . import lora
 from .parallel import parallel_mode, parallelize
 from ..runlock import RunLock
 from .checkpoint import (latest_checkpoint, list_checkpoints, remove_failed_saves, restore, resume_point,
@@ -274,6 +275,9 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
         model = objective.wrap(product)  # what it trains and checkpoints (ELECTRA: + its generator)
     if wants_fast_paths(t.fast_paths, env.device, env.dtype):
         apply_fast_paths(model)
+    if t.lora.r:  # LoRA: adapters in place and every other weight frozen, before DDP takes the parameters
+        lora.check_run(cfg, mode, product, model)
+        lora.add_lora(product, t.lora)
     step_fn = parallelize(model, objective, env, t)
     if cfg.init_from and not resume:
         load_initial_weights(product, cfg.init_from, sharded=mode == "fsdp")
@@ -323,7 +327,7 @@ def _train(cfg: RunConfig, resume: bool, stop_at: int | None, quiet: bool, lock:
                 f"{', activation checkpointing ' + t.activation_checkpointing if t.activation_checkpointing != 'none' else ''}"
                 f"); data {len(train_split):,} train tokens"
                 f"{'; weights from ' + cfg.init_from if cfg.init_from else ''}"
-                f"{'; ' + note if note else ''}")
+                f"{'; ' + note if note else ''}{'; ' + lora.summary(model, t.lora) if t.lora.r else ''}")
 
     def evaluate() -> dict:
         """The eval line's fields (loss; perplexity for a language model's loss; masked-token accuracy
@@ -629,7 +633,7 @@ def load_initial_weights(model: torch.nn.Module, source: str, sharded: bool = Fa
     src = load(source, fast_paths=False).float()
     weights = src.state_dict()
     if not sharded:
-        getattr(model, "load_initial_weights", model.load_state_dict)(weights)  # (a ViT: its classifier may start fresh)
+        lora.load_base(model, weights)  # (a LoRA run's: into the frozen base layers; a ViT's classifier may start fresh)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
