@@ -755,6 +755,13 @@ class FinetuneConfig:
     beams: int = option(1, "text2text: beam search width when evaluating (1 = greedy)", group="text2text")
     no_repeat_ngram: int = option(0, "text2text: when evaluating, never repeat an n-gram of N tokens "
                                      "(0 = off; 3 is common for summaries)", group="text2text")
+    # sft (instruction tuning of a decoder) only
+    packing: bool = option(False, "sft: put short examples together in rows of up to --max-len tokens (each "
+                                  "attends to itself only)", group="sft")
+    max_new_tokens: int = option(64, "sft: the longest answer generated when evaluating", group="sft")
+    chat_template: str | None = option(None, "sft: a file with the Jinja chat template (default: the "
+                                             "tokenizer's own, else pretrainer's User:/Assistant: one)",
+                                       group="sft")
 
     def validate(self) -> None:
         if not isinstance(self.no_repeat_ngram, int) or self.no_repeat_ngram < 0:
@@ -763,7 +770,7 @@ class FinetuneConfig:
             if name.strip() not in ("jsonl", "tensorboard", "wandb"):
                 raise ConfigError(f"--loggers {self.loggers}: unknown logger '{name.strip()}'; expected a "
                                   f"comma-separated list of jsonl, tensorboard, wandb")
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "vocab_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "vocab_size", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
