@@ -81,7 +81,8 @@ def row_messages(row: dict, where: str, require_answer: bool = True) -> list[dic
     if system is not None and not isinstance(system, str):
         raise DataError(f"{where}: field 'system' is {type(system).__name__}, expected text")
     head = [{"role": "system", "content": system}] if system else []
-    if "messages" in row:
+    if "messages" in row:  # its own system turn, if any
+        head = []
         msgs = _turns(row["messages"], where, "messages")
         field = "messages"
     elif "instruction" in row:
