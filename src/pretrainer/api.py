@@ -90,7 +90,7 @@ def load_with_tokenizer(run: str | Path, device: str | torch.device = "cpu", ove
 
 def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temperature: float,
                      top_k: int | None, top_p: float | None, seed: int, beams: int = 1,
-                     no_repeat_ngram: int = 0) -> list[str]:
+                     no_repeat_ngram: int = 0, chat: bool = False) -> list[str]:
     """Complete each prompt (decoder-only) or answer it (encoder-decoder).
 
     A decoder-only prompt starts a new document as the model saw documents in training: after the
@@ -100,7 +100,8 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
     encoder-decoder reads the prompt (ended by end-of-text, as in training) and the text returned
     is the decoder's output alone. Generation stops at end-of-text; ``beams`` > 1
     (encoder-decoders) searches instead of sampling; ``no_repeat_ngram`` = n > 0 never repeats an
-    n-gram."""
+    n-gram. ``chat`` (decoders): each prompt is a user's message, laid out by the tokenizer's chat
+    template (:mod:`pretrainer.chat`) with the generation prompt, and the answer alone is returned."""
     import torch
 
     from .eval.scoring import prefix_ids
@@ -113,6 +114,9 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
     eos = tok.need("eos", "to start and stop generation")
     pad = tok.pad_id
     seq2seq = getattr(model.cfg, "arch", "") == "encoder-decoder"
+    if chat and getattr(model.cfg, "arch", "") != "decoder":
+        raise PretrainerError("--chat applies to decoder runs (GPT, Llama), whose tokenizer's chat template "
+                              "lays out the conversation")
     if beams > 1 and not seq2seq:
         raise PretrainerError("--beams applies to encoder-decoder runs (T5, BART); sample or use "
                               "--temperature 0 for greedy decoding")
@@ -133,10 +137,15 @@ def generate_samples(model, tok, prompts: list[str], max_new_tokens: int, temper
             new = [i for i in y[0].tolist() if i not in (eos, pad)]
             out.append(tok.decode(new))
             continue
-        ids = prefix_ids(tok) + enc  # a new document, as in training: "<eos> prompt", Llama's "<s> prompt"
+        if chat:  # the template's layout: "<eos>User: prompt\n\nAssistant:" by default
+            from .chat import encode_chat
+
+            ids = encode_chat(tok, [{"role": "user", "content": prompt}])
+        else:
+            ids = prefix_ids(tok) + enc  # a new document, as in training: "<eos> prompt", Llama's "<s> prompt"
         x = torch.tensor([ids])
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_id=eos, generator=gen, no_repeat_ngram_size=no_repeat_ngram)
         new = [i for i in y[0, len(ids):].tolist() if i != eos]
-        out.append(prompt + tok.decode(new))
+        out.append(tok.decode(new).strip() if chat else prompt + tok.decode(new))
     return out

@@ -272,12 +272,29 @@ def cmd_generate(args) -> None:
         prompts = [""]
     texts = generate_samples(model, tok, prompts * args.num_samples, args.max_new_tokens,
                              args.temperature, args.top_k, args.top_p, args.seed, args.beams,
-                             args.no_repeat_ngram)
+                             args.no_repeat_ngram, chat=args.chat)
     if args.json:
         return _json_out([{"prompt": p, "text": t} for p, t in zip(prompts * args.num_samples, texts)])
     for t in texts:
         print(t)
         print("-" * 40)
+
+
+def cmd_chat(args) -> None:
+    import torch
+
+    from .chat import chat_loop, stderr_prompt
+
+    model, tok = _load_run_and_tokenizer(args.run, args.device, token_overrides(args))
+    if getattr(model.cfg, "arch", "") != "decoder":
+        raise PretrainerError(f"{args.run}: chat needs a decoder run (GPT, Llama); this one is {model.cfg.arch}")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("a prompt per line; /reset starts over, Ctrl-D ends", file=sys.stderr, flush=True)
+    chat_loop(model, tok, sys.stdin, lambda text: print(text, flush=True), system=args.system,
+              prompt=stderr_prompt if interactive else None, warn=lambda s: print(s, file=sys.stderr, flush=True),
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
 
 
 def cmd_embed(args) -> None:
@@ -713,9 +730,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=POSITIVE, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--chat", action="store_true", help="decoders: each prompt is a user's message in the "
+                   "tokenizer's chat template (an instruction-tuned run's); print the answer only")
     add_token_options(s, ("eos",))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="talk to an instruction-tuned decoder: a prompt per line on stdin", description=(
+        "A conversation with a decoder run (an instruction-tuned one: finetune --task sft): each line "
+        "of stdin is the user's next message, laid out with the earlier turns by the tokenizer's chat "
+        "template, and the answer is printed. /reset starts a new conversation; end of input exits."))
+    s.add_argument("run", help="run folder or HF folder of a decoder")
+    s.add_argument("--system", default=None, help="a system message before the conversation")
+    s.add_argument("--max-new-tokens", type=COUNT, default=200)
+    s.add_argument("--temperature", type=NONNEG, default=0.0, help="0 = greedy (the default)")
+    s.add_argument("--top-k", type=POSITIVE, default=None)
+    s.add_argument("--top-p", type=PROBABILITY, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    add_token_options(s, ("eos",))
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("embed", help="encoder representations of texts (T5/BART encoder or BERT), frozen")
     s.add_argument("run", help="run folder or HF folder of an encoder-decoder or encoder model")

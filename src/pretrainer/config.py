@@ -838,6 +838,14 @@ class FinetuneConfig:
     lora_targets: str = option("attention", "attention (qkv, proj; cross-attention q, kv, proj), mlp (up, "
                                             "down), attention,mlp, or module names such as attn.qkv", group="lora")
 
+    # sft (instruction tuning of a decoder) only
+    packing: bool = option(False, "sft: put short examples together in rows of up to --max-len tokens (each "
+                                  "attends to itself only)", group="sft")
+    max_new_tokens: int = option(64, "sft: the longest answer generated when evaluating", group="sft")
+    chat_template: str | None = option(None, "sft: a file with the Jinja chat template (default: the "
+                                             "tokenizer's own, else pretrainer's User:/Assistant: one)",
+                                       group="sft")
+
     def lora_config(self) -> LoRAConfig | None:
         """The adapters ``--lora`` asks for (None without it)."""
         if not self.lora:
@@ -851,7 +859,7 @@ class FinetuneConfig:
             if name.strip() not in ("jsonl", "tensorboard", "wandb"):
                 raise ConfigError(f"--loggers {self.loggers}: unknown logger '{name.strip()}'; expected a "
                                   f"comma-separated list of jsonl, tensorboard, wandb")
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "vocab_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "vocab_size", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a positive integer")

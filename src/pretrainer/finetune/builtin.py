@@ -16,6 +16,15 @@ Python version gives the same examples in the same order.
   above that has a docstring (about 1,400 training and 370 evaluation pairs on Python 3.11, at
   most 2,000 and 500).
 
+- ``builtin:stdlib-instruct`` (sft, instruction tuning of a decoder): Alpaca rows (``instruction``,
+  ``input`` = a function's first lines without the docstring, ``output``) of nine instruction
+  kinds over the functions of the packages above (:data:`INSTRUCTION_KINDS`). Training rows come
+  from the five training kinds only (2,000 rows, 400 a kind); the evaluation split has every kind
+  (about 55 rows a kind), and the four held-out kinds (``held_out: true``) were never trained on:
+  zero-shot evaluation of instruction following, as FLAN holds out task clusters (Wei et al.
+  2022). Each held-out kind has a trained relative (the module / the package, yes-no answers,
+  parameters and name / the signature), not a copy.
+
 Train and eval are split **by file** (about a fifth of each package's functions, in whole files,
 go to eval), so no file contributes to both. ``builtin:NAME:N`` caps training at N examples per
 package (``stdlib-package``) or N pairs (``stdlib-docstring``), and eval at a quarter of that.
@@ -37,7 +46,7 @@ PACKAGES = ("asyncio", "email", "http", "idlelib", "importlib", "multiprocessing
             "unittest", "urllib", "xml")
 #: builtin task name -> (fine-tuning task, default training cap)
 BUILTIN_TASKS = {"stdlib-package": ("classification", 300), "stdlib-docstring": ("classification", 2000),
-                 "stdlib-summarize": ("text2text", 3000)}
+                 "stdlib-summarize": ("text2text", 3000), "stdlib-instruct": ("sft", 2000)}
 SUMMARIZE_PREFIX = "summarize: "
 SPLITS = ("train", "eval")
 EVAL_SHARE = 0.2
@@ -52,7 +61,8 @@ def _key(*parts) -> str:
 @functools.lru_cache(maxsize=1)
 def stdlib_functions() -> tuple[dict, ...]:
     """Every function and method of the :data:`PACKAGES` (test suites left out) as
-    ``{"package", "file", "line", "code", "doc"}``; ``code`` has no docstring, duplicates dropped."""
+    ``{"package", "file", "line", "code", "doc", "method"}``; ``code`` has no docstring, duplicates
+    dropped; ``method``: defined in a class."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out, seen = [], set()
     for path in stdlib_files():
@@ -68,22 +78,23 @@ def stdlib_functions() -> tuple[dict, ...]:
             continue
         lines = source.splitlines()
         rel = "/".join(parts)
-        for node in _functions(tree):
+        for node, method in _functions(tree):
             item = _function_text(node, lines)
             if item is None or item[0] in seen:
                 continue
             seen.add(item[0])
-            out.append({"package": parts[0], "file": rel, "line": node.lineno, "code": item[0], "doc": item[1]})
+            out.append({"package": parts[0], "file": rel, "line": node.lineno, "code": item[0], "doc": item[1],
+                        "method": method})
     return tuple(out)
 
 
 def _functions(tree: ast.Module):
-    """Module-level functions and the methods of module-level classes."""
+    """``(node, is a method)``: module-level functions and the methods of module-level classes."""
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
+            yield node, False
         elif isinstance(node, ast.ClassDef):
-            yield from (n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+            yield from ((n, True) for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
 
 def _function_text(node, lines: list[str]) -> tuple[str, str | None] | None:
@@ -130,6 +141,8 @@ def held_out_files(source: str = "builtin:stdlib-package") -> list[str]:
         groups = [[f for f in items if f["doc"] and f["doc"].strip()]]
     elif name == "stdlib-summarize":
         groups = [_summarizable()]
+    elif name == "stdlib-instruct":
+        groups = [list(items)]
     else:
         groups = [[f for f in items if f["package"] == p] for p in PACKAGES]
     return sorted({f["file"] for g in groups for f in _split_by_file(g)["eval"]})
@@ -179,7 +192,7 @@ def builtin_rows(source: str, split: str) -> tuple[str, list[tuple[str, dict]]]:
     cap = cap or default_cap
     limit = cap if split == "train" else max(1, cap // 4)
     rows = {"stdlib-package": _package_rows, "stdlib-docstring": _docstring_rows,
-            "stdlib-summarize": _summarize_rows}[name](split, limit)
+            "stdlib-summarize": _summarize_rows, "stdlib-instruct": _instruct_rows}[name](split, limit)
     return task, [(f"builtin:{name} {split} {where}", row) for where, row in rows]
 
 
@@ -231,3 +244,103 @@ def _summarize_rows(split: str, limit: int) -> list[tuple[str, dict]]:
     pool = sorted(_split_by_file(_summarizable())[split], key=lambda f: _key(f["file"], f["line"]))[:limit]
     return [(f"{f['file']}:{f['line']}", {"input": SUMMARIZE_PREFIX + f["code"],
                                           "target": first_sentence(f["doc"])}) for f in pool]
+
+
+# ----------------------------------------------------------------------------------------------
+# builtin:stdlib-instruct
+
+#: kind -> (instruction, held out of training). Answers are computed from each function's syntax
+#: tree (:func:`_facts`), except the summary (the docstring's first sentence) and the module.
+INSTRUCTION_KINDS = {
+    "name": ("What is the name of this function?", False),
+    "parameters": ("List the parameters of this function, separated by commas (none if it takes none).", False),
+    "package": ("Which standard-library package is this function from?", False),
+    "has_default": ("Does any parameter of this function have a default value? Answer yes or no.", False),
+    "summarize": ("Summarize what this function does in one sentence.", False),
+    "signature": ("Write the signature of this function: its name, then its parameters in parentheses.", True),
+    "module": ("Name the module this function is defined in, as you would import it.", True),
+    "method": ("Is this function a method of a class? Answer yes or no.", True),
+    "first_parameter": ("What is the first parameter of this function?", True),
+}
+INSTRUCT_LINES = 10  # the input is a function's first lines (its docstring removed)
+
+
+def _facts(f: dict) -> dict | None:
+    """A function's name, parameters (``*args`` and ``**kw`` starred; no annotations or
+    defaults) and whether one has a default; None when its text does not parse on its own."""
+    try:
+        node = ast.parse(f["code"]).body[0]
+    except (SyntaxError, IndexError, ValueError):
+        return None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    a = node.args
+    params = [p.arg for p in a.posonlyargs + a.args]
+    params += ["*" + a.vararg.arg] if a.vararg else []
+    params += [p.arg for p in a.kwonlyargs]
+    params += ["**" + a.kwarg.arg] if a.kwarg else []
+    has_default = bool(a.defaults) or any(d is not None for d in a.kw_defaults)
+    return {"name": node.name, "params": params, "has_default": has_default}
+
+
+def _module_name(file: str) -> str:
+    parts = file.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _answer(kind: str, f: dict, facts: dict) -> str | None:
+    """The expected output of ``kind`` for a function, or None when the kind does not apply."""
+    params = facts["params"]
+    if kind == "name":
+        return facts["name"]
+    if kind == "parameters":
+        return ", ".join(params) if params else "none"
+    if kind == "package":
+        return f["package"]
+    if kind == "has_default":
+        return "yes" if facts["has_default"] else "no"
+    if kind == "summarize":
+        return first_sentence(f["doc"]) if f["doc"] else None
+    if kind == "signature":
+        return f"{facts['name']}({', '.join(params)})"
+    if kind == "module":
+        return _module_name(f["file"])
+    if kind == "method":
+        return "yes" if f["method"] else "no"
+    if kind == "first_parameter":
+        return params[0] if params else None
+    raise KeyError(kind)
+
+
+@functools.lru_cache(maxsize=4)
+def _instruct_pool(split: str) -> tuple:
+    """``(function, facts)`` of the split's functions whose text parses on its own."""
+    out = []
+    for f in _split_by_file(list(stdlib_functions()))[split]:
+        facts = _facts(f)
+        if facts is not None:
+            out.append((f, facts))
+    return tuple(out)
+
+
+def _instruct_rows(split: str, limit: int) -> list[tuple[str, dict]]:
+    kinds = [k for k, (_, held) in INSTRUCTION_KINDS.items() if split == "eval" or not held]
+    per_kind = max(1, limit // len(kinds))
+    rows = []
+    for kind in kinds:
+        instruction, held = INSTRUCTION_KINDS[kind]
+        pool = sorted(_instruct_pool(split), key=lambda p: _key(kind, p[0]["file"], p[0]["line"]))
+        chosen = [(f, a) for f, facts in pool if (a := _answer(kind, f, facts)) is not None]
+        if kind in ("has_default", "method", "package"):  # as many of each answer (taken in turn)
+            by_answer: dict[str, list] = {}
+            for item in chosen:
+                by_answer.setdefault(item[1], []).append(item)
+            groups = [by_answer[a] for a in sorted(by_answer)]
+            chosen = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+        for f, answer in chosen[:per_kind]:
+            code = "\n".join(f["code"].splitlines()[:INSTRUCT_LINES])
+            rows.append((f"{f['file']}:{f['line']} {kind}",
+                         {"instruction": instruction, "input": code, "output": answer, "task": kind,
+                          "held_out": held}))
+    rows.sort(key=lambda r: _key("order", r[0]))
+    return rows

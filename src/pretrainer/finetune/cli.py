@@ -122,8 +122,9 @@ def register(sub) -> None:
             "Fine-tune FROM (a run folder, a Hugging Face folder, or a preset name with "
             "--from-scratch) on TRAIN, evaluating on EVAL every epoch; the best epoch is kept in "
             "OUT. Files: CSV/TSV (header row; GLUE's 'sentence<TAB>label' works as is), JSONL, "
-            "CoNLL (tagging), SQuAD JSON (qa), input/target rows (text2text); or builtin:stdlib-package / "
-            "builtin:stdlib-docstring / builtin:stdlib-summarize "
+            "CoNLL (tagging), SQuAD JSON (qa), input/target rows (text2text), Alpaca "
+            "instruction/input/output, messages or prompt/completion rows (sft); or builtin:stdlib-package / "
+            "builtin:stdlib-docstring / builtin:stdlib-summarize / builtin:stdlib-instruct "
             "(their held-out split is the evaluation data when --eval is omitted)."))
     s.add_argument("source", metavar="FROM", nargs="?",
                    help="run folder, Hugging Face folder, or preset name (with --from-scratch)")
@@ -133,7 +134,8 @@ def register(sub) -> None:
     s.add_argument("--resume", metavar="RUN", help="continue a stopped fine-tuning run with its own settings")
     s.add_argument("--task", metavar="TASK",
                    help="classification, regression, tagging, qa, text2text (encoder-decoder "
-                        "backbones), or image-classification (ViT; --data IMAGES); the registry "
+                        "backbones), sft (instruction tuning of a decoder: loss on the answers, chat "
+                        "template), or image-classification (ViT; --data IMAGES); the registry "
                         "pretrainer.finetune.TASKS")
     s.add_argument("--train", metavar="FILE", help="training data (a file, a datasets save_to_disk folder, or builtin:NAME)")
     s.add_argument("--eval", metavar="FILE", help="evaluation data, as --train (default for builtin:NAME: its eval split)")

@@ -247,6 +247,8 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
                   mixing=opts.mixing, mixing_temperature=opts.mixing_temperature,
                   max_target_len=opts.max_target_len, beams=opts.beams,
                   no_repeat_ngram=opts.no_repeat_ngram)
+    if task == "sft":
+        kw = dict(packing=opts.packing, max_new_tokens=opts.max_new_tokens, chat_template=opts.chat_template)
     the_task = make_task(task, **kw)
     if not resume:  # a datasets object or save_to_disk folder: its rows as JSON lines in the run folder
         train, eval = (rows_as_jsonl(src, run / "data" / f"{name}.jsonl", env.master, env.world)

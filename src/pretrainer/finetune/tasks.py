@@ -677,6 +677,7 @@ TASKS: dict[str, type[Task]] = {
 
 
 from . import text2text  # noqa: E402,F401 - builds on Task and adds "text2text" to TASKS
+from . import sft  # noqa: E402,F401 - adds "sft" (instruction tuning of a decoder)
 from . import images  # noqa: E402,F401 - adds "image-classification" (a ViT run of its own: finetune.images)
 
 

@@ -152,8 +152,9 @@ class Text2TextTask(Task):
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, examples, tok, fmt, max_len: int) -> list[dict]:
         if fmt.arch != "encoder-decoder":
+            hint = "; for a decoder use --task sft" if fmt.arch == "decoder" else ""
             raise ConfigError("--task text2text needs an encoder-decoder backbone (T5, BART); "
-                              f"this one is arch={fmt.arch}")
+                              f"this one is arch={fmt.arch}{hint}")
         ids = tok.encode_batch([e["text"] for e in examples])
         feats = []
         targets = tok.encode_batch([e.get("label", "") for e in examples])

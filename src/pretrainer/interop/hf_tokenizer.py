@@ -16,7 +16,8 @@ out per architecture; the exported ``tokenizer.json`` carries that layout as its
   ``generate``; ``tok(text_target=B)`` gives the decoder's target ``B <eos>``; a pair is
   ``A <eos> B <eos>`` (T5's; pretrainer has no pair input for these models).
 
-``tokenizer_config.json`` (:func:`export_tokenizer_config`) names the tokens by role, sets
+``tokenizer_config.json`` (:func:`export_tokenizer_config`) carries a decoder's chat template
+(:mod:`pretrainer.chat`; ``apply_chat_template`` adds no special tokens of its own), names the tokens by role, sets
 ``model_max_length`` to the model's window, pads decoders on the left (batched generation) and the
 others on the right, and returns ``token_type_ids`` only to an encoder with segment embeddings (GPT-2
 would add them to its input as token embeddings; T5, BART, Llama and DistilBERT take none).
@@ -95,7 +96,9 @@ def export_tokenizer_config(tok: Tok, cfg: ModelConfig) -> dict:
     """The ``tokenizer_config.json`` of an exported model: the tokens by role, the model's window
     as ``model_max_length``, the padding side and the inputs the model takes. Fields of the source
     folder's own config are not carried over (an ``add_bos_token`` or a class of its own would make
-    ``transformers`` rebuild the layout), except its chat template."""
+    ``transformers`` rebuild the layout), except its chat template; a decoder without one gets the
+    template ``pretrainer chat`` uses for it (:func:`pretrainer.chat.default_chat_template`), so
+    ``apply_chat_template`` gives the ids pretrainer feeds the model."""
     takes_types = cfg.arch == "encoder" and cfg.type_vocab_size > 0
     fields = {
         "model_max_length": int(cfg.max_seq_len),
@@ -105,6 +108,10 @@ def export_tokenizer_config(tok: Tok, cfg: ModelConfig) -> dict:
     }
     if "chat_template" in tok.config:
         fields["chat_template"] = tok.config["chat_template"]
+    elif cfg.arch == "decoder":  # the one pretrainer chat / generate --chat use for this tokenizer
+        from ..chat import default_chat_template
+
+        fields["chat_template"] = default_chat_template(tok)
     return tokenizer_config(tok, fields)
 
 
