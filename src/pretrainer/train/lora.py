@@ -340,9 +340,11 @@ def base_model(run: str | Path) -> tuple[nn.Module, Path, str]:
         return backbone.model, ckpt, prefix
     config_file, ckpt = find_run_files(p)
     cfg = config_from_file(config_file)
-    if cfg.objective == "electra":
-        raise PretrainerError(f"{run}: an ELECTRA run trains no LoRA adapters")
     model = make_model(cfg.model)
+    from .objectives import trained_module
+
+    if trained_module(cfg, model) is not model:  # (ELECTRA: a generator beside the model)
+        raise PretrainerError(f"{run}: an objective={cfg.objective} run trains no LoRA adapters")
     load_weights(model, ckpt, adapter=False)
     return model, ckpt, ""
 
