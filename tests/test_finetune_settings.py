@@ -148,7 +148,7 @@ def test_an_epoch_of_equal_accuracy_that_answers_one_class_is_not_kept(data, tmp
     assert saved["best"]["epoch"] == kept and saved["last"]["epoch"] == 2
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [e.get("one_class") for e in evals] == [("0" if e["epoch"] == constant_epoch else None) for e in evals]
-    assert f"predicts '0' for every example" in err
+    assert "predicts '0' for every example" in err
 
 
 def test_the_summary_line_shows_the_last_epoch_beside_the_kept_one():

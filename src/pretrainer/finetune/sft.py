@@ -339,7 +339,7 @@ class SFTTask(Task):
         pairs = [(p["prediction"], e["label"]) for e, p in zip(examples, preds)]
         out = answer_scores(*zip(*pairs))
         tasks = sorted({e["task"] for e in examples if "task" in e})
-        groups = {f"held_out": [e.get("held_out", False) for e in examples]} if any(
+        groups = {"held_out": [e.get("held_out", False) for e in examples]} if any(
             e.get("held_out") for e in examples) else {}
         if len(tasks) > 1:
             groups.update({t: [e.get("task") == t for e in examples] for t in tasks})

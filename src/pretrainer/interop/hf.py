@@ -120,7 +120,6 @@ from ..train.checkpoint import is_tied_copy
 
 #: Special-token ids of every pretrainer tokenizer (see ``pretrainer.tokenization``).
 DEFAULT_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # our ``model.mlp`` <-> GPT-2's ``activation_function`` / Llama's ``hidden_act``
 _GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
