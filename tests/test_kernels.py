@@ -144,3 +144,21 @@ def test_a_compiled_model_gives_the_same_step():
     torch.testing.assert_close(loss, ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+@needs_kernels
+def test_gelu_tanh_kernel_matches_the_formula():
+    from pretrainer.model.fast import _GeluTanh
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3, 7, 45, dtype=torch.float64) * 3, torch.tensor([[[-30.0, -9.0, 0.0, 9.0, 30.0] * 9]],
+                                                                                  dtype=torch.float64).expand(1, 7, 45)])
+    dy = torch.randn_like(x)
+    x32 = x.float().requires_grad_()
+    kernels.used.clear()
+    got = _GeluTanh.apply(x32)
+    x64 = x.clone().requires_grad_()
+    ref = 0.5 * x64 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x64 + 0.044715 * x64 ** 3)))  # Hendrycks & Gimpel
+    close(got, ref)
+    close(torch.autograd.grad((got * dy.float()).sum(), x32)[0], torch.autograd.grad((ref * dy).sum(), x64)[0])
+    assert "gelu_tanh" in kernels.used

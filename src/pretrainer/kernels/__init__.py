@@ -2,7 +2,7 @@
 
 On a CPU, a small model's step is mostly matrix products (MKL, already near the machine's peak)
 plus elementwise work that PyTorch's eager ops do in several passes over activations that do not
-fit in cache: SwiGLU, RMSNorm and their backward passes, the rotary embedding, the softmax of the
+fit in cache: SwiGLU, GPT-2's tanh GELU, RMSNorm and their backward passes, the rotary embedding, the softmax of the
 fused cross-entropy head. ``cpu.c`` does each in one pass. On a 2-core machine that takes about
 8 % off a Llama-style step (numbers in benchmarks/README.md).
 
@@ -48,6 +48,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "swiglu_forward": [_P, _P, _I, _I],
     "swiglu_backward": [_P, _P, _P, _I, _I],
+    "gelu_tanh_forward": [_P, _P, _I],
+    "gelu_tanh_backward": [_P, _P, _P, _I],
     "rms_norm_forward": [_P, _P, _P, _P, _I, _I, _F],
     "rms_norm_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
     "rotary": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F],
@@ -162,6 +164,24 @@ def swiglu_forward(h: torch.Tensor) -> torch.Tensor:
     used.add("swiglu")
     _lib.swiglu_forward(_ptr(h), _ptr(y), h.numel() // h.shape[-1], n)
     return y
+
+
+def gelu_tanh_forward(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh form (``F.gelu(x, approximate="tanh")``)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    used.add("gelu_tanh")
+    _lib.gelu_tanh_forward(_ptr(x), _ptr(y), x.numel())
+    return y
+
+
+def gelu_tanh_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`gelu_tanh_forward` with respect to ``x``."""
+    dy, x = dy.contiguous(), x.contiguous()
+    dx = torch.empty_like(x)
+    used.add("gelu_tanh")
+    _lib.gelu_tanh_backward(_ptr(dy), _ptr(x), _ptr(dx), x.numel())
+    return dx
 
 
 def swiglu_backward(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

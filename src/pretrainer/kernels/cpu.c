@@ -51,6 +51,29 @@ void swiglu_backward(const float *dy, const float *h, float *dh, int64_t N, int6
     }
 }
 
+/* GELU in its tanh form (Hendrycks & Gimpel 2016; GPT-2's, BERT's gelu_new) over n values:
+ * y = x (1 + tanh(u)) / 2 with u = sqrt(2/pi) (x + 0.044715 x^3), and tanh(u) = 2 sigmoid(2u) - 1. */
+#define GELU_K 0.7978845608028654f
+#define GELU_C 0.044715f
+void gelu_tanh_forward(const float *x, float *y, int64_t n) {
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        float t = 2.f * sigmoid(2.f * GELU_K * (v + GELU_C * v * v * v)) - 1.f;
+        y[i] = 0.5f * v * (1.f + t);
+    }
+}
+
+/* Its gradient: dx = dy ((1 + t) / 2 + x (1 - t^2) / 2 * sqrt(2/pi) (1 + 3 * 0.044715 x^2)). */
+void gelu_tanh_backward(const float *dy, const float *x, float *dx, int64_t n) {
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        float t = 2.f * sigmoid(2.f * GELU_K * (v + GELU_C * v * v * v)) - 1.f;
+        dx[i] = dy[i] * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_K * (1.f + 3.f * GELU_C * v * v));
+    }
+}
+
 /* RMSNorm (Zhang & Sennrich 2019) over rows of x [N, d]: r = 1 / sqrt(mean(x^2) + eps),
  * y = x * r * w. r [N] is kept for the backward. */
 void rms_norm_forward(const float *x, const float *w, float *y, float *r, int64_t N, int64_t d, float eps) {

@@ -12,7 +12,8 @@ its parent's parameters and state-dict names and overrides one method:
   layers computed block by block over the keys their band reaches (:func:`banded_attention`)
   instead of a T x T masked product;
 - :class:`FastMLP` (SwiGLU): both halves of the gradient written into one buffer, silu recomputed
-  in the backward so its output is not kept; one-pass C kernels each way.
+  in the backward so its output is not kept; one-pass C kernels each way; GPT-2's tanh GELU in
+  one-pass C kernels each way too (PyTorch's CPU op for it was twice its exact GELU's time).
 
 The fused chunked LM-head loss (:func:`pretrainer.model.loss.linear_cross_entropy`) is the fourth
 fast path; the LM objectives choose it (:mod:`pretrainer.train.objectives`).
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from .layers import MLP, RMSNorm, SelfAttention
+from .layers import MLP, RMSNorm, SelfAttention, gelu_tanh
 
 
 class FastRMSNorm(RMSNorm):
@@ -170,6 +171,24 @@ class _SwiGLU(torch.autograd.Function):
         return g
 
 
+class _GeluTanh(torch.autograd.Function):
+    """GELU in its tanh form (GPT-2's) in one pass each way (:mod:`pretrainer.kernels`), the input
+    kept for the backward; PyTorch's op where the kernel does not apply."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kernel = kernels.usable(x)
+        ctx.save_for_backward(x)
+        return kernels.gelu_tanh_forward(x) if ctx.kernel else F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        if ctx.kernel:
+            return kernels.gelu_tanh_backward(dy, x)
+        return torch.ops.aten.gelu_backward(dy, x, approximate="tanh")
+
+
 def banded_attention(q, k, v, window: int, scale: float | None, dropout_p: float) -> torch.Tensor:
     """Causal attention over the last ``window`` positions (a local layer; queries, keys and values
     [B, H, T, D] from position 0), block by block: the queries in blocks of ``window`` positions,
@@ -216,11 +235,14 @@ class FastSelfAttention(SelfAttention):
 
 
 class FastMLP(MLP):
-    """:class:`MLP` whose SwiGLU runs as :class:`_SwiGLU` (other activations are left plain)."""
+    """:class:`MLP` whose SwiGLU runs as :class:`_SwiGLU` and whose ungated tanh GELU (GPT-2's) as
+    :class:`_GeluTanh` (other activations are left plain)."""
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.act is F.silu and self.gated:
             return _SwiGLU.apply(h)
+        if self.act is gelu_tanh and not self.gated:
+            return _GeluTanh.apply(h)
         return super().activate(h)
 
 

@@ -346,9 +346,14 @@ class CrossAttention(nn.Module):
 # MLP
 
 
+def gelu_tanh(t: torch.Tensor) -> torch.Tensor:
+    """GELU in its tanh form (Hendrycks & Gimpel 2016), as GPT-2 uses it."""
+    return F.gelu(t, approximate="tanh")
+
+
 _ACTIVATIONS = {
     "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_tanh": gelu_tanh,
     "relu": F.relu,
     "swiglu": F.silu,
     "geglu": F.gelu,
