@@ -1,11 +1,26 @@
-"""What the pretrained-vs-scratch benchmarks share: whether a fine-tuning run left by an earlier
-invocation can be reused instead of trained again."""
+"""What the pretrained-vs-scratch benchmarks share: a pretraining corpus without the evaluation
+files, and whether a fine-tuning run left by an earlier invocation can be reused instead of trained
+again."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
+
+
+def fresh_corpus(folder: Path, source: str) -> int:
+    """Empty ``folder`` and fill it with links to the standard library less ``source``'s evaluation
+    files (emptied first: links left by a run for another task could hold this one's eval files).
+    Returns the number of files linked."""
+    from pretrainer.finetune.builtin import corpus_without_eval
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return corpus_without_eval(folder, source)
 
 
 def finished_finetune(out: Path, *, epochs: int, lr: float, seed: int, scratch: bool, checkpoint,

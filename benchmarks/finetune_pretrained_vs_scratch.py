@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _reuse import finished_finetune, rates
+from _reuse import finished_finetune, fresh_corpus, rates
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -60,7 +60,6 @@ def main() -> None:
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
-    from pretrainer.finetune.builtin import corpus_without_eval
     from pretrainer.finetune.builtin import builtin_rows
     from pretrainer.train.checkpoint import latest_checkpoint
     from pretrainer.train.trainer import resume_config, train
@@ -72,8 +71,7 @@ def main() -> None:
     if not (args.reuse and (data / "manifest.json").is_file()):
         t0 = time.perf_counter()
         corpus = work / "corpus"
-        corpus.mkdir(parents=True, exist_ok=True)
-        n_files = corpus_without_eval(corpus, "builtin:stdlib-package")
+        n_files = fresh_corpus(corpus, "builtin:stdlib-package")
         print(f"[1/3] preparing {n_files} stdlib files (eval files held out) with WordPiece 8192", flush=True)
         prepare(str(corpus), "wordpiece:8192", data, overwrite=True, progress=False)
         timings["prepare_s"] = time.perf_counter() - t0

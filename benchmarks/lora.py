@@ -245,9 +245,9 @@ def main() -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
+    from _reuse import fresh_corpus
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
-    from pretrainer.finetune.builtin import corpus_without_eval
     from pretrainer.train.checkpoint import latest_checkpoint
     from pretrainer.train.trainer import resume_config, train
 
@@ -257,10 +257,7 @@ def main() -> int:
     if not (args.reuse and (data / "manifest.json").is_file()):
         t0 = time.perf_counter()
         corpus = work / "corpus"
-        if corpus.exists():
-            shutil.rmtree(corpus)
-        corpus.mkdir(parents=True)
-        n = corpus_without_eval(corpus, "builtin:stdlib-package")
+        n = fresh_corpus(corpus, "builtin:stdlib-package")
         if args.quick:  # a slice of the corpus
             for i, f in enumerate(sorted(x for x in corpus.rglob("*") if x.is_file() or x.is_symlink())):
                 if i % 20:

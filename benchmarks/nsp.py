@@ -67,10 +67,11 @@ def main() -> int:
         return 0
     torch.set_num_threads(1)
 
+    from _reuse import fresh_corpus
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
-    from pretrainer.finetune.builtin import builtin_rows, corpus_without_eval
+    from pretrainer.finetune.builtin import builtin_rows
     from pretrainer.train.trainer import train
 
     work = Path(args.work)
@@ -79,10 +80,7 @@ def main() -> int:
     if not (args.reuse and (data / "manifest.json").is_file()):
         t0 = time.perf_counter()
         corpus = work / "corpus"
-        if corpus.exists():
-            shutil.rmtree(corpus)
-        corpus.mkdir(parents=True)
-        n_files = corpus_without_eval(corpus, TASK)
+        n_files = fresh_corpus(corpus, TASK)
         print(f"[1/3] preparing {n_files} stdlib files ({TASK}'s eval files held out), WordPiece 8192", flush=True)
         prepare(str(corpus), "wordpiece:8192", data, overwrite=True, progress=False)
         timings["prepare_s"] = time.perf_counter() - t0

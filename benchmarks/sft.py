@@ -75,11 +75,12 @@ def main() -> None:
     if args.quick:
         args.steps, args.epochs, args.max_new_tokens = 60, 1, 16
 
+    from _reuse import fresh_corpus
     from pretrainer import load
     from pretrainer.config import RunConfig, TrainConfig, model_preset
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
-    from pretrainer.finetune.builtin import INSTRUCTION_KINDS, corpus_without_eval
+    from pretrainer.finetune.builtin import INSTRUCTION_KINDS
     from pretrainer.finetune.heads import InputFormat
     from pretrainer.finetune.sft import SFTTask, answer_scores
     from pretrainer.tokenization import load_tokenizer
@@ -96,10 +97,7 @@ def main() -> None:
     if not (args.reuse and (data / "manifest.json").is_file()):
         t0 = time.perf_counter()
         corpus = work / "corpus"
-        if corpus.exists():
-            shutil.rmtree(corpus)
-        corpus.mkdir(parents=True)
-        n_files = corpus_without_eval(corpus, "builtin:stdlib-instruct")
+        n_files = fresh_corpus(corpus, "builtin:stdlib-instruct")
         say(f"[1/4] preparing {n_files} stdlib files (evaluation files held out), BPE {args.vocab}")
         prepare(str(corpus), f"bpe:{args.vocab}", data, overwrite=True, progress=False,
                 tokenizer_sample_mb=4 if args.quick else None)

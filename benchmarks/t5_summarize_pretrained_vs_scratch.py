@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _reuse import finished_finetune, rates
+from _reuse import finished_finetune, fresh_corpus, rates
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -121,7 +121,6 @@ def main() -> None:
     from pretrainer.config import load_config
     from pretrainer.data.prepare import prepare
     from pretrainer.finetune import finetune
-    from pretrainer.finetune.builtin import corpus_without_eval
     from pretrainer.train.checkpoint import latest_checkpoint
     from pretrainer.train.trainer import resume_config, train
 
@@ -132,8 +131,7 @@ def main() -> None:
     if not (args.reuse and (data / "manifest.json").is_file()):
         t0 = time.perf_counter()
         corpus = work / "corpus"
-        corpus.mkdir(parents=True, exist_ok=True)
-        n_files = corpus_without_eval(corpus, TASK)
+        n_files = fresh_corpus(corpus, TASK)
         print(f"[1/3] preparing {n_files} stdlib files (eval files held out), byte-level BPE 8192 + 100 sentinels",
               flush=True)
         prepare(str(corpus), "bpe:8192", data, sentinels=100, overwrite=True, progress=False)
