@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .decoder import DecoderLM
+from .layers import init_each
 
 
 class GatoInputs(nn.Module):
@@ -57,9 +58,7 @@ class GatoModel(nn.Module):
     def init_inputs(self, materialise=None) -> None:
         """N(0, init_std) for the patch map and positions, a zero bias (as the decoder's matrices);
         one module at a time, each its own parameters (``materialise`` as the decoder's)."""
-        run = materialise or (lambda module, fn: fn(module))
-        for module in self.inputs.modules():
-            run(module, self._init_inputs)
+        init_each(self.inputs, self._init_inputs, materialise)
 
     def _init_inputs(self, module: nn.Module) -> None:
         std = self.decoder.cfg.init_std

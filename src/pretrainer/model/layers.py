@@ -570,6 +570,16 @@ def shared_blocks(cfg: ModelConfig, causal: bool, cross: bool = False) -> list[B
     return [first] + [Block(cfg, i, causal=causal, cross=cross, attn=attn, mlp=mlp) for i in range(1, cfg.n_layer)]
 
 
+def init_each(root: nn.Module, init, materialise=None) -> None:
+    """``init(module)`` for every module under ``root``, one at a time in ``root.modules()`` order,
+    each setting the parameters the module itself holds; ``materialise(module, fn)`` may wrap each
+    call (a sharded model runs it on full-size stand-ins of the module's own parameters:
+    ``train.parallel.init_sharded``)."""
+    run = materialise or (lambda module, fn: fn(module))
+    for module in root.modules():
+        run(module, init)
+
+
 # ----------------------------------------------------------------------------------------------
 # The stack both models share
 
@@ -638,12 +648,8 @@ class Transformer(nn.Module):
         embeddings N(0, 1), the relative position bias N(0, 1/d_model). (T5's tied output is scaled
         by d_model**-0.5, which is what keeps N(0, 1) embeddings from giving huge logits.)
 
-        Modules are initialised one at a time, in ``self.modules()`` order, each by
-        :meth:`init_module`; ``materialise(module, fn)`` may wrap that call (a sharded model runs
-        it on full-size stand-ins of the module's own parameters: ``train.parallel.init_sharded``)."""
-        run = materialise or (lambda module, fn: fn(module))
-        for module in self.modules():
-            run(module, self.init_module)
+        Each module by :meth:`init_module` (:func:`init_each`, where ``materialise`` is told)."""
+        init_each(self, self.init_module, materialise)
 
     def init_weights(self, materialise=None) -> None:
         """Draw every weight afresh (:meth:`reset_parameters`; an encoder-decoder overrides it)."""

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..config import MAEConfig, ModelConfig
 from ..errors import ConfigError
-from .layers import make_norm, shared_blocks
+from .layers import init_each, make_norm, shared_blocks
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -109,10 +109,8 @@ class ViT(nn.Module):
     def reset_parameters(self, materialise=None) -> None:
         """N(0, init_std) for every matrix, the convolution, ``<cls>`` and the positions; zero
         biases; unit norm gains (the residual projections scaled by 1/sqrt(2 n_layer) with
-        ``scaled_residual_init``)."""
-        run = materialise or (lambda module, fn: fn(module))
-        for module in self.modules():
-            run(module, self.init_module)
+        ``scaled_residual_init``), each module by :meth:`init_module` (:func:`init_each`)."""
+        init_each(self, self.init_module, materialise)
 
     def init_weights(self, materialise=None) -> None:
         self.reset_parameters(materialise)
@@ -239,9 +237,7 @@ class MAEPretraining(nn.Module):
 
     def init_decoder(self, materialise=None) -> None:
         """The decoder's weights as the encoder's: N(0, init_std) matrices, mask token and positions."""
-        run = materialise or (lambda module, fn: fn(module))
-        for module in self.decoder.modules():
-            run(module, self._init_decoder_module)
+        init_each(self.decoder, self._init_decoder_module, materialise)
 
     def _init_decoder_module(self, module: nn.Module) -> None:
         if module is self.decoder:
