@@ -292,13 +292,8 @@ class SFTTask(Task):
     @staticmethod
     def states(model, batch: dict) -> torch.Tensor:
         """The decoder's final hidden states; a packed batch attends within each example only."""
-        if "segments" not in batch:
-            return model.hidden_states(batch["input_ids"])
-        h = model.encode(batch["input_ids"], attn_mask=segment_mask(batch["segments"]))
-        cfg = model.cfg
-        if cfg.tie_embeddings and cfg.scale_tied_output:  # as DecoderLM.hidden_states
-            h = h * cfg.d_model ** -0.5
-        return h
+        mask = segment_mask(batch["segments"]) if "segments" in batch else None
+        return model.hidden_states(batch["input_ids"], attn_mask=mask)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         h = self.states(model, batch)

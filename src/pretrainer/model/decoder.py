@@ -58,19 +58,22 @@ class DecoderLM(Transformer):
                       decoder_input_ids: torch.Tensor | None = None,
                       prefix_len: torch.Tensor | None = None,
                       cache: KVCache | None = None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, d_model] (after the last norm; times d_model**-0.5 for T5's
         tied head, ``scale_tied_output``). The keywords are the same for
         the three model kinds. ``attention_mask`` is accepted for right-padded batches and needs
         nothing here: causal attention never lets a real token see the padding after it.
         ``token_type_ids`` must be None or zeros (a decoder has no segment embeddings).
         ``inputs_embeds`` [B, T, embed_dim]: input vectors in place of the token embeddings of
-        ``input_ids`` (:meth:`Transformer.encode`)."""
+        ``input_ids`` (:meth:`Transformer.encode`). ``attn_mask`` boolean [B, 1, T, T]: the keys each
+        query sees, in place of the causal mask (packed SFT examples:
+        :func:`pretrainer.finetune.sft.segment_mask`)."""
         check_extras("decoder-only", decoder_input_ids=decoder_input_ids)
-        mask = None
+        mask = attn_mask
         if prefix_len is not None:
-            if cache is not None:
-                raise ValueError("prefix_len and a KV cache do not combine")
+            if cache is not None or attn_mask is not None:
+                raise ValueError("prefix_len does not combine with a KV cache or an attn_mask")
             mask = prefix_attention_mask(prefix_len, input_ids.shape[1])
         h = self.encode(input_ids, cache, attn_mask=mask, inputs_embeds=inputs_embeds)
         if self.cfg.tie_embeddings and self.cfg.scale_tied_output:  # T5's tied head, as in encdec
