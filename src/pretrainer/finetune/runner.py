@@ -97,24 +97,39 @@ def resolve_eval(train: str, eval_source: str | None) -> str | None:
     return eval_source
 
 
-@torch.no_grad()
 def infer(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int, pad_id: int,
           device: torch.device) -> list[torch.Tensor]:
     """The model's outputs for every feature (float32 on the CPU; token outputs cut to the
     feature's length), in batches of similar length."""
+    return infer_with_loss(task, model, feats, batch_size, pad_id, device, loss=False)[0]
+
+
+@torch.no_grad()
+def infer_with_loss(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int, pad_id: int,
+                    device: torch.device, loss: bool = True) -> tuple[list[torch.Tensor], float | None]:
+    """``(outputs, loss)``: :func:`infer`'s outputs and, from the same forward passes, what
+    :func:`eval_loss` gives (the same batches: both sort the features by length; ``None``
+    without targets or with ``loss=False``)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(feats)), key=lambda i: task.length(feats[i]))
     outputs: list[torch.Tensor | None] = [None] * len(feats)
+    total, count = 0.0, 0
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         batch = task.collate([feats[i] for i in idx], pad_id)
+        loss = loss and _has_targets(batch)
         batch = {name: t.to(device) for name, t in batch.items()}
-        out = task.forward(model, batch).float().cpu()
+        out = task.forward(model, batch)
+        if loss:
+            n = _loss_weight(batch)
+            total += float(task.loss_from(out, batch)) * n
+            count += n
+        out = out.float().cpu()
         for row, i in enumerate(idx):
             outputs[i] = out[row, :len(feats[i]["ids"])] if out.dim() == 3 else out[row]
     model.train(was_training)
-    return outputs
+    return outputs, total / count if loss and count else None
 
 
 #: batches per group sorted by length (Hugging Face's LengthGroupedSampler also takes 50)
@@ -147,6 +162,12 @@ def _has_targets(batch: dict) -> bool:
     return not set(batch) <= {"input_ids", "attention_mask", "token_type_ids"}
 
 
+def _loss_weight(batch: dict) -> int:
+    """What a batch's mean loss is over: its target tokens when the labels are per token, else its rows."""
+    labels = batch.get("labels")
+    return int((labels != IGNORE).sum()) if labels is not None and labels.dim() == 2 else len(batch["input_ids"])
+
+
 @torch.no_grad()
 def eval_loss(task: Task, model: torch.nn.Module, feats: list[dict], batch_size: int, pad_id: int,
               device: torch.device) -> float | None:
@@ -163,8 +184,7 @@ def eval_loss(task: Task, model: torch.nn.Module, feats: list[dict], batch_size:
             model.train(was_training)
             return None
         batch = {name: t.to(device) for name, t in batch.items()}
-        labels = batch.get("labels")
-        n = int((labels != IGNORE).sum()) if labels is not None and labels.dim() == 2 else len(batch["input_ids"])
+        n = _loss_weight(batch)
         total += float(task.loss(model, batch)) * n
         count += n
     model.train(was_training)
@@ -172,10 +192,21 @@ def eval_loss(task: Task, model: torch.nn.Module, feats: list[dict], batch_size:
 
 
 def evaluate(task: Task, model, examples: list[dict], feats: list[dict], batch_size: int, pad_id: int,
-             device: torch.device) -> tuple[dict, list[dict]]:
-    """``(metrics, predictions)`` on labelled examples."""
-    preds = task.decode(examples, feats, task.infer(model, feats, batch_size, pad_id, device))
-    return task.metrics(examples, preds), preds
+             device: torch.device, loss: bool = False) -> tuple[dict, list[dict]]:
+    """``(metrics, predictions)`` on labelled examples; with ``loss``, ``eval_loss`` among the
+    metrics when the features carry targets. A task whose outputs are one forward pass gets the
+    loss from the same pass; one that generates them (its own ``infer``: text2text, sft) needs a
+    teacher-forced pass of its own (:func:`eval_loss`)."""
+    if type(task).infer is Task.infer:
+        outputs, loss_now = infer_with_loss(task, model, feats, batch_size, pad_id, device, loss)
+    else:
+        outputs = task.infer(model, feats, batch_size, pad_id, device)
+        loss_now = eval_loss(task, model, feats, batch_size, pad_id, device) if loss else None
+    preds = task.decode(examples, feats, outputs)
+    scores = task.metrics(examples, preds)
+    if loss_now is not None:
+        scores["eval_loss"] = round(loss_now, 6)
+    return scores, preds
 
 
 def write_predictions(path: Path, task: Task, examples: list[dict], preds: list[dict],
@@ -431,10 +462,8 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
                     save_checkpoint(run, model, None, {"step": step, "epoch": epoch}, keep=1)
                 best = epoch
             elif env.master:
-                scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device)
-                loss_now = eval_loss(the_task, model, eval_feats, opts.batch_size, fmt.pad_id, device)
-                if loss_now is not None:
-                    scores["eval_loss"] = round(loss_now, 6)
+                scores, preds = evaluate(the_task, model, eval_ex, eval_feats, opts.batch_size, fmt.pad_id, device,
+                                         loss=True)
                 one = the_task.one_class(preds)
                 scores = {**scores, **({"one_class": one} if one is not None else {})}
                 value = scores[criterion]
