@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import objective
@@ -164,3 +165,26 @@ def test_cli_pretrains_bert_tiny_with_mlm(synthetic_data, tmp_path):
     scores = json.loads(done.stdout)
     assert scores["val_loss"] == _logged(run, "val_loss")[20]  # the same windows and masks
     assert scores["val_accuracy"] == _logged(run, "val_accuracy")[20]
+
+
+def test_mask_prob_sets_the_share_selected_through_the_config(synthetic_data):
+    from pretrainer.errors import ConfigError
+    from pretrainer.train.objectives import get_objective
+
+    split = TokenSplit(synthetic_data, "train")
+    shares = {}
+    for p in (0.15, 0.4):
+        cfg = RunConfig(model=model_preset("bert-tiny"), objective="mlm", mask_prob=p)
+        batches = get_objective(cfg).builder(split, 64, 3)
+        picked = candidates = 0
+        for g in range(0, 256, 16):
+            x, y = batches.batch(g, 16)
+            picked += int((y != -100).sum())
+            originals = torch.stack([batches.window(batches.order.start(i)) for i in range(g, g + 16)])
+            candidates += int((~torch.isin(originals, torch.tensor([PAD, BOS, EOS, CLS, SEP]))).sum())
+        shares[p] = picked / candidates
+    assert abs(shares[0.15] - 0.15) < 0.01 and abs(shares[0.4] - 0.4) < 0.01
+    with pytest.raises(ConfigError, match="mask_prob=0.4 applies to objective=mlm"):
+        get_objective(RunConfig(objective="clm", mask_prob=0.4))
+    with pytest.raises(ConfigError, match="mask_prob=1.5: expected a share between 0 and 1"):
+        RunConfig(model=model_preset("bert-tiny"), objective="mlm", mask_prob=1.5).validate(need_paths=False)

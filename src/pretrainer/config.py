@@ -14,6 +14,7 @@ A run is described by one :class:`RunConfig`::
                architectures it declares (pretrainer.train.objectives)
     init_from: a run, checkpoint or Hugging Face folder whose weights the run starts from
     masking: what mlm (and mlm+nsp, mlm+sop, electra) selects: token (BERT) | word (whole words) | span (SpanBERT)
+    mask_prob: the share of the tokens mlm (and mlm+nsp, mlm+sop) selects (electra: electra.mask_prob)
     noise:  how span / denoise corrupt (see :class:`NoiseConfig`)
     electra: the generator's size and the loss weight of objective=electra (see :class:`ElectraConfig`)
     mae:    objective=mae only: the mask ratio and the decoder's size (see :class:`MAEConfig`)
@@ -724,6 +725,7 @@ class RunConfig:
     out: str | None = None  # the run folder
     objective: str = "clm"  # see pretrainer.train.objectives (each names the architectures it trains)
     masking: str = "token"  # mlm and electra: token | word | span
+    mask_prob: float = 0.15  # mlm, mlm+nsp, mlm+sop: share of the tokens selected (BERT 0.15; Wettig et al. 2023 find 0.4 better)
     prefix_mask: bool = True  # (input, target) objectives on a decoder: the input part bidirectional
     init_from: str | None = None  # start from these weights: a run, a checkpoint or a Hugging Face folder
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # span / denoise only
@@ -745,6 +747,8 @@ class RunConfig:
 
         get_objective(self)
         _choice("", "masking", self.masking, MASKING)
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"mask_prob={self.mask_prob}: expected a share between 0 and 1 (BERT: 0.15)")
         if need_paths:
             if not self.data:
                 raise ConfigError("data: missing; expected a folder made by 'pretrainer prepare' (data=DIR)")

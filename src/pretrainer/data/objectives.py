@@ -287,14 +287,15 @@ class SentencePairBatches:
     BERT's occasional shorter sequences (``short_seq_prob``) are left out: every chunk is as long
     as its document allows."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, seed: int, task: str, masking: str = "token"):
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, task: str, masking: str = "token",
+                 mask_prob: float = 0.15):
         from ..tokenization import padding_id
 
         if seq_len < 5:
             raise DataError(f"objective=mlm+{task}: seq_len={seq_len} leaves no room for two segments "
                             f"besides <cls> and two <sep>")
         self.split, self.seq_len, self.seed, self.task = split, seq_len, seed, task
-        self.masking = MLMMasking.for_split(split, unit=masking)
+        self.masking = MLMMasking.for_split(split, unit=masking, mask_prob=mask_prob)
         ids = split.manifest["special_ids"]
         for role in ("cls", "sep", "eos"):
             if ids.get(role) is None:

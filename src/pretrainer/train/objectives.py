@@ -67,6 +67,10 @@ def get_objective(cfg: RunConfig) -> "Objective":
     if cfg.masking != "token" and "masking" not in cls.options:
         users = [name for name, c in OBJECTIVES.items() if "masking" in c.options]
         raise ConfigError(f"masking={cfg.masking} applies to objective={' or '.join(users)} only")
+    if cfg.mask_prob != 0.15 and "mask_prob" not in cls.options:
+        users = [name for name, c in OBJECTIVES.items() if "mask_prob" in c.options]
+        raise ConfigError(f"mask_prob={cfg.mask_prob} applies to objective={' or '.join(users)} only"
+                          f"{' (ELECTRA: electra.mask_prob)' if cls.name == 'electra' else ''}")
     return cls(cfg)
 
 
@@ -232,14 +236,14 @@ class MaskedLM(Objective):
     name = "mlm"
     archs = ("encoder",)
     sums = ("correct", "count", "loss")
-    options = ("masking",)
-    about = ("masked language modelling: 15 % of the tokens selected (masking = token | word | "
+    options = ("masking", "mask_prob")
+    about = ("masked language modelling: mask_prob (15 %) of the tokens selected (masking = token | word | "
              "span), 80/10/10 mask/random/kept (BERT); accuracy on the selected positions")
 
     def builder(self, split, seq_len, seed):
         from ..data.objectives import MLMBatches
 
-        return MLMBatches(split, seq_len, seed, self.cfg.masking)
+        return MLMBatches(split, seq_len, seed, self.cfg.masking, mask_prob=self.cfg.mask_prob)
 
     def _logits(self, model, batch):
         labels = batch["labels"]
@@ -279,7 +283,7 @@ class SentencePairMLM(MaskedLM):
     def builder(self, split, seq_len, seed):
         from ..data.objectives import SentencePairBatches
 
-        return SentencePairBatches(split, seq_len, seed, self.task, self.cfg.masking)
+        return SentencePairBatches(split, seq_len, seed, self.task, self.cfg.masking, self.cfg.mask_prob)
 
     def as_batch(self, batch):
         if self.cfg.model.type_vocab_size < 2:  # no segment embedding for B: <sep> alone marks it
