@@ -140,10 +140,15 @@ def build(impl: str):
     apply_fast_paths(model)
     if style in ("gpt2", "llama"):
         return model, lambda b: lm_loss(model, model.hidden_states(b["input_ids"]), b["labels"])
-    if style == "bert":  # like for like with BertForMaskedLM: the head on every position
-        from pretrainer.model.loss import cross_entropy
+    if style == "bert":  # like for like with BertForMaskedLM: our masked-LM loss on every position
+        try:
+            from pretrainer.train.objectives import mlm_loss
+        except ImportError:  # a baseline from before mlm_loss: the plain logits, as its objective had them
+            from pretrainer.model.loss import cross_entropy
 
-        return model, lambda b: cross_entropy(model.head(model.hidden_states(b["input_ids"])), b["labels"])
+            def mlm_loss(model, h, labels):
+                return cross_entropy(model.head(h), labels)
+        return model, lambda b: mlm_loss(model, model.hidden_states(b["input_ids"]), b["labels"])
     # bert-masked (the mlm objective: the head on the selected positions only) and t5 (span)
     from pretrainer.config import RunConfig
     from pretrainer.train.objectives import get_objective
