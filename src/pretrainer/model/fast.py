@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from .layers import MLP, RMSNorm, SelfAttention, gelu_tanh
+from .layers import MLP, CrossAttention, RMSNorm, SelfAttention, gelu_tanh
 
 
 class FastRMSNorm(RMSNorm):
@@ -86,7 +86,8 @@ class _SplitHeads(torch.autograd.Function):
     """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
     [B, heads, T, D], the queries and keys rotated (``cos`` [T, R] and ``sin`` [T, R/2] from
     :meth:`Rotary.tables`, or None for no rotary; with R < D the first R dimensions of each head
-    rotate and the rest pass through, as in :func:`~.layers.apply_rotary`).
+    rotate and the rest pass through, as in :func:`~.layers.apply_rotary`). With no query heads
+    (``n_q=0``: cross-attention's key/value projection) the queries come out empty.
 
     Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
     tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
@@ -271,8 +272,19 @@ class FastMLP(MLP):
         return super().activate(h)
 
 
+class FastCrossAttention(CrossAttention):
+    """:class:`CrossAttention` whose keys and values come out of the projection through
+    :class:`_SplitHeads` (no query heads): their gradients written straight into one buffer laid
+    out as the projection's output, where autograd would concatenate them and then copy the
+    transposed result."""
+
+    def split_kv(self, kv):
+        _, k, v = _SplitHeads.apply(kv, None, None, 0, self.n_kv)
+        return k, v
+
+
 #: plain class -> its fast subclass
-FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, MLP: FastMLP}
+FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, CrossAttention: FastCrossAttention, MLP: FastMLP}
 
 
 def apply_fast_paths(model: nn.Module) -> nn.Module:
