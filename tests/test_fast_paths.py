@@ -124,3 +124,25 @@ def test_activation_checkpointing_gives_the_same_step():
         torch.testing.assert_close(loss, ref)
         for a, b in zip(g, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0])
+@pytest.mark.parametrize("batch_bias", [False, True])
+def test_biased_attention_equals_pytorchs(scale, batch_bias):
+    """T5's learned position bias as plain products: the same output and gradients (queries,
+    keys, values and the bias) as PyTorch's attention with the bias as its float mask, with
+    masked entries at the dtype's lowest value as the position bias has them."""
+    from pretrainer.model.fast import biased_attention
+
+    torch.manual_seed(0)
+    B, H, T, S, D = 2, 3, 5, 7, 8
+    qkv = [torch.randn(B, n, H, D, dtype=torch.float64).transpose(1, 2).requires_grad_() for n in (T, S, S)]
+    bias = torch.randn(B if batch_bias else 1, H, T, S, dtype=torch.float64)
+    bias = bias.masked_fill(torch.rand(bias.shape) < 0.3, torch.finfo(torch.float64).min).requires_grad_()
+    w = torch.randn(B, H, T, D, dtype=torch.float64)
+    got = biased_attention(*qkv, bias, scale)
+    ref = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=bias, scale=scale)
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), [*qkv, bias]),
+                    torch.autograd.grad((ref * w).sum(), [*qkv, bias])):
+        torch.testing.assert_close(a, b)

@@ -110,6 +110,34 @@ def test_cross_entropy_kernel_matches_the_formula_with_ignored_targets():
         linear_cross_entropy(h32, W32, torch.full((N,), V))
 
 
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_fused_loss_with_a_bias_and_changing_rows_matches_the_formula(use_kernels, fresh_kernels, monkeypatch):
+    """The masked LM's head: an output bias, and a different number of rows at every step (the
+    kept buffer grows and serves them); two losses alive at once do not share it."""
+    if not use_kernels:
+        monkeypatch.setenv("PRETRAINER_KERNELS", "0")
+    elif kernels.load() is None:
+        pytest.skip("fused CPU kernels not built here")
+    torch.manual_seed(0)
+    d, V = 16, 503
+    W, b = torch.randn(V, d, dtype=torch.float64), torch.randn(V, dtype=torch.float64)
+    W32, b32 = W.float().requires_grad_(), b.float().requires_grad_()
+    W64, b64 = W.clone().requires_grad_(), b.clone().requires_grad_()
+    for N in (30, 41, 35, 44):
+        h = torch.randn(N, d, dtype=torch.float64)
+        t = torch.randint(0, V, (N,))
+        t[::3] = -100
+        h32, h64 = h.float().requires_grad_(), h.clone().requires_grad_()
+        got = linear_cross_entropy(h32, W32, t, bias=b32)
+        other = linear_cross_entropy(h32[:7], W32, t[:7], bias=b32)  # alive beside it
+        ref = F.cross_entropy(h64 @ W64.t() + b64, t, ignore_index=-100)
+        close(got, ref)
+        close(other, F.cross_entropy(h64[:7] @ W64.t() + b64, t[:7], ignore_index=-100))
+        for x, y in zip(torch.autograd.grad(3 * got, (h32, W32, b32)), torch.autograd.grad(3 * ref, (h64, W64, b64))):
+            close(x, y)
+        other.backward()
+
+
 def test_turned_off_kernels_leave_the_same_training_step(fresh_kernels, monkeypatch):
     model, x = tiny_llama()
     loss_k, grads_k = step_grads(model, x)

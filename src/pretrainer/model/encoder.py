@@ -50,10 +50,12 @@ class MLMHead(nn.Module):
         self.norm = make_norm(cfg, E) if cfg.mlm_head else None
         self.out = nn.Linear(E, cfg.vocab_size, bias=True)
 
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """What the output layer reads: ``norm(act(dense(h)))``, or ``h`` without the transform."""
+        return self.norm(self.act(self.dense(h))) if self.dense is not None else h
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            h = self.norm(self.act(self.dense(h)))
-        return self.out(h)
+        return self.out(self.transform(h))
 
 
 class RTDHead(nn.Module):

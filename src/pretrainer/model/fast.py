@@ -8,9 +8,10 @@ its parent's parameters and state-dict names and overrides one method:
   activations about twice as often), and one-pass C kernels each way;
 - :class:`FastSelfAttention`: the head split and the rotary rotation in one autograd Function whose
   backward writes the three gradients, rotated back, straight into one buffer laid out like the
-  projection's output (autograd would concatenate and transpose: two copies); and local (banded)
+  projection's output (autograd would concatenate and transpose: two copies); local (banded)
   layers computed block by block over the keys their band reaches (:func:`banded_attention`)
-  instead of a T x T masked product;
+  instead of a T x T masked product; and T5's learned position bias as plain products
+  (:func:`biased_attention`) instead of PyTorch's math path, which adds passes over the scores;
 - :class:`FastMLP` (SwiGLU): both halves of the gradient written into one buffer, silu recomputed
   in the backward so its output is not kept; one-pass C kernels each way; GPT-2's tanh GELU in
   one-pass C kernels each way too (PyTorch's CPU op for it was twice its exact GELU's time).
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from .layers import MLP, RMSNorm, SelfAttention, gelu_tanh
+from .layers import MLP, CrossAttention, RMSNorm, SelfAttention, gelu_tanh
 
 
 class FastRMSNorm(RMSNorm):
@@ -85,7 +86,8 @@ class _SplitHeads(torch.autograd.Function):
     """The fused projection's output ``qkv`` [B, T, q + 2 kv heads, D] -> queries, keys and values
     [B, heads, T, D], the queries and keys rotated (``cos`` [T, R] and ``sin`` [T, R/2] from
     :meth:`Rotary.tables`, or None for no rotary; with R < D the first R dimensions of each head
-    rotate and the rest pass through, as in :func:`~.layers.apply_rotary`).
+    rotate and the rest pass through, as in :func:`~.layers.apply_rotary`). With no query heads
+    (``n_q=0``: cross-attention's key/value projection) the queries come out empty.
 
     Autograd would take the gradients of the pieces, concatenate them (a copy of the whole
     tensor) and transpose them back (another copy), and on a CPU such memory-bound passes cost a
@@ -214,16 +216,40 @@ def banded_attention(q, k, v, window: int, scale: float | None, dropout_p: float
     return y.reshape(B, H, n * W, D)[:, :, :T]
 
 
+def biased_attention(q, k, v, bias: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` for queries [B, H, T, D], keys and values [B, H, S, D]
+    and an additive float ``bias`` [B or 1, H, T, S] that takes gradients (T5's learned relative
+    positions), as plain products under autograd. PyTorch's attention sends such a mask to its
+    math path, which also multiplies the queries and the keys by sqrt(scale) (even a scale of 1)
+    and checks every row of the scores for being all -inf (three more passes over them); a
+    position bias never has such rows (masked entries hold the dtype's lowest value), so the
+    result is the same."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if scale != 1.0:
+        q = q * scale  # (the smaller tensor: D against S)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores.add_(bias)  # (in place: the product's backward keeps its inputs, not its output)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 class FastSelfAttention(SelfAttention):
-    """:class:`SelfAttention` whose head split and rotation run as :class:`_SplitHeads`, and whose
+    """:class:`SelfAttention` whose head split and rotation run as :class:`_SplitHeads`, whose
     local layers attend block by block (:func:`banded_attention`) over a sequence longer than two
-    windows (no cache, no mask: training and scoring)."""
+    windows (no cache, no mask: training and scoring), and whose attention with a learned
+    position bias runs as :func:`biased_attention` in a training step without dropout."""
 
     def split_heads(self, qkv, tables):
         cos, sin = tables if tables is not None else (None, None)
         return _SplitHeads.apply(qkv, cos, sin, self.n_head, self.n_kv)
 
     def attend(self, q, k, v, start, key_pos, attn_mask):
+        if (attn_mask is not None and attn_mask.requires_grad and attn_mask.dtype == q.dtype
+                and torch.is_grad_enabled() and self.window is None and not (self.training and self.dropout)):
+            if k.shape[1] != self.n_head:  # grouped-query: each key/value head serves several query heads
+                group = self.n_head // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return biased_attention(q, k, v, attn_mask, self.scale)
         banded = (self.window is not None and start == 0 and key_pos is None and attn_mask is None
                   and q.shape[-2] > 2 * self.window)
         if not banded:
@@ -246,8 +272,19 @@ class FastMLP(MLP):
         return super().activate(h)
 
 
+class FastCrossAttention(CrossAttention):
+    """:class:`CrossAttention` whose keys and values come out of the projection through
+    :class:`_SplitHeads` (no query heads): their gradients written straight into one buffer laid
+    out as the projection's output, where autograd would concatenate them and then copy the
+    transposed result."""
+
+    def split_kv(self, kv):
+        _, k, v = _SplitHeads.apply(kv, None, None, 0, self.n_kv)
+        return k, v
+
+
 #: plain class -> its fast subclass
-FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, MLP: FastMLP}
+FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, CrossAttention: FastCrossAttention, MLP: FastMLP}
 
 
 def apply_fast_paths(model: nn.Module) -> nn.Module:

@@ -320,6 +320,10 @@ class CrossAttention(nn.Module):
         self.dropout = cfg.dropout
         self.scale = None if cfg.attn_scale else 1.0
 
+    def split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv heads, S, D] from the projection's output [B, S, 2 kv heads, D]."""
+        return kv.transpose(1, 2).split([self.n_kv, self.n_kv], dim=1)
+
     def forward(self, x, memory: torch.Tensor, cache: KVCache | None = None,
                 memory_mask: torch.Tensor | None = None):
         """``memory_mask``: boolean [B, 1, 1, S], ``True`` for the encoder positions that are not
@@ -329,7 +333,7 @@ class CrossAttention(nn.Module):
         kv = cache.cross[self.layer_idx] if cache is not None else None
         if kv is None:
             S = memory.shape[1]
-            k, v = self.kv(memory).view(B, S, 2 * Hkv, D).transpose(1, 2).split([Hkv, Hkv], dim=1)
+            k, v = self.split_kv(self.kv(memory).view(B, S, 2 * Hkv, D))
             if cache is not None:
                 cache.cross[self.layer_idx] = (k, v)
         else:

@@ -20,40 +20,55 @@ import torch.nn.functional as F
 from .. import kernels
 from ..common import IGNORE  # noqa: F401 - also imported from here
 
-# One logits/gradient buffer per (shape, device) is kept between training steps and reused: a
-# fresh 10-100 MB allocation on a CPU costs page faults comparable to the product that fills it.
-# A buffer is lent out from a forward until its backward, so two losses alive at once never share.
-_buffers: dict[tuple, torch.Tensor] = {}
+# One flat logits/gradient buffer per device is kept between training steps and reused, grown to
+# the largest size asked for: a fresh 10-100 MB allocation on a CPU costs page faults comparable to
+# the product that fills it. (The masked LM asks for a slightly different number of rows at every
+# step: the buffer is grown with some room to spare, then serves them all.) A buffer is lent out
+# from a forward until its backward, so two losses alive at once never share.
+_buffers: dict[str, torch.Tensor] = {}
 _lent: set[int] = set()
 
 
-def _borrow(shape: tuple, device: torch.device) -> torch.Tensor:
-    key = (shape, str(device))
-    buf = _buffers.get(key)
-    if buf is None or id(buf) in _lent:
-        buf = torch.empty(shape, dtype=torch.float32, device=device)
-        if key not in _buffers:
-            _buffers.clear()  # keep one shape: training steps repeat theirs
-            _buffers[key] = buf
+def _borrow(shape: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(tensor of shape, owner)``: a view of the kept buffer and that buffer (to hand back with
+    :func:`_give_back`), or a fresh tensor and None while the buffer is lent out."""
+    n = shape[0] * shape[1]
+    buf = _buffers.get(str(device))
+    if buf is not None and id(buf) in _lent:
+        return torch.empty(shape, dtype=torch.float32, device=device), None
+    if buf is None or buf.numel() < n:  # the first exactly, a larger one with room to spare
+        size = n if buf is None else n + n // 8
+        buf = _buffers[str(device)] = torch.empty(size, dtype=torch.float32, device=device)
     _lent.add(id(buf))
-    return buf
+    return buf[:n].view(shape), buf
+
+
+def _give_back(owner: torch.Tensor | None) -> None:
+    if owner is not None:
+        _lent.discard(id(owner))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, rows):
+    def forward(ctx, h, weight, bias, targets, rows):
         valid = targets != IGNORE
         count = valid.sum().clamp(min=1)
         safe_t = targets.clamp(min=0)
         # one large product (efficient), then softmax and its gradient a few rows at a time so
         # that every elementwise pass runs on a block that stays in cache
-        grad = _borrow((h.shape[0], weight.shape[0]), h.device)
+        grad, ctx.owner = _borrow((h.shape[0], weight.shape[0]), h.device)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         autocast = torch.is_autocast_enabled(h.device.type)
         ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
         if ctx.mm_dtype == torch.float32 and weight.dtype == torch.float32:
-            torch.mm(h, weight.t(), out=grad)
+            if bias is None:
+                torch.mm(h, weight.t(), out=grad)
+            else:  # the bias copied into every row, then the product added to it
+                torch.addmm(bias.float(), h, weight.t(), out=grad)
         else:  # a bf16/fp16 product, softmax in float32
             grad.copy_(h.to(ctx.mm_dtype) @ weight.to(ctx.mm_dtype).t())
+            if bias is not None:
+                grad.add_(bias.float())
         scale = valid.float() / count
         if kernels.usable(grad):  # one pass per row, from its maximum to its gradient
             loss = kernels.softmax_cross_entropy_(grad, safe_t, scale)
@@ -76,19 +91,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight, grad = ctx.saved_tensors
         g = grad.to(ctx.mm_dtype)
-        # the upstream gradient scales the two small products, not the vocabulary-wide buffer
+        # the upstream gradient scales the small products and sums, not the vocabulary-wide buffer
         dh = (g @ weight.to(g.dtype)).mul_(grad_out)
         dw = (g.t() @ h.to(g.dtype)).mul_(grad_out)
-        _lent.discard(id(grad))
-        return dh.to(h.dtype), dw.to(weight.dtype), None, None
+        db = grad.sum(0).mul_(grad_out).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        _give_back(ctx.owner)
+        return dh.to(h.dtype), dw.to(weight.dtype), db, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         rows: int = 32) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (``-100`` = ignored), for
-    ``h`` [..., d] and ``weight`` [vocab, d], without materialising the logits."""
+                         rows: int = 32, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T (+ bias)`` against ``targets`` (``-100`` = ignored),
+    for ``h`` [..., d], ``weight`` [vocab, d] and ``bias`` [vocab], without materialising the
+    logits."""
     h2 = h.reshape(-1, h.shape[-1])
-    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), rows)
+    return _LinearCrossEntropy.apply(h2, weight, bias, targets.reshape(-1), rows)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

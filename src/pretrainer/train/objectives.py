@@ -10,7 +10,7 @@ An objective owns
 - its **loss** from the model's outputs: ``objective.loss(model, batch)``. The LM objectives use
   the fused chunked output-projection loss (:func:`pretrainer.model.loss.linear_cross_entropy`)
   in training steps, so the [tokens x vocabulary] logits are never kept; the masked LM runs its
-  head on the selected positions only;
+  head on the selected positions only, through the same fused loss (with the output bias);
 - its **evaluation metrics**: ``objective.eval_sums(model, batch)`` (sums that add up across
   batches and processes) and ``objective.metrics(sums)`` (``val_loss``, and ``val_accuracy`` for
   the masked LM).
@@ -87,6 +87,16 @@ def lm_loss(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     otherwise the plain logits (on a GPU ``torch.compile`` fuses those)."""
     if torch.is_grad_enabled() and getattr(model, "fast_paths", False):
         return linear_cross_entropy(h, model.output_weight, labels)
+    return cross_entropy(model.head(h), labels)
+
+
+def mlm_loss(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of an encoder's masked-LM head on hidden states ``h`` against ``labels``
+    (``IGNORE`` = not counted): as :func:`lm_loss`, the head's transform then the fused output
+    layer and loss (with its bias) in a fast-path training step, else the plain logits."""
+    if torch.is_grad_enabled() and getattr(model, "fast_paths", False) and getattr(model, "mlm", None) is not None:
+        out = model.mlm.out
+        return linear_cross_entropy(model.mlm.transform(h), out.weight, labels, bias=out.bias)
     return cross_entropy(model.head(h), labels)
 
 
@@ -245,14 +255,19 @@ class MaskedLM(Objective):
 
         return MLMBatches(split, seq_len, seed, self.cfg.masking, mask_prob=self.cfg.mask_prob)
 
-    def _logits(self, model, batch):
+    def _selected(self, model, batch):
+        """Hidden states and labels of the selected positions (the head runs on those only)."""
         labels = batch["labels"]
         picked = labels != IGNORE
         h = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        return model.head(h[picked]), labels[picked]  # the head on the selected positions only
+        return h[picked], labels[picked]
+
+    def _logits(self, model, batch):
+        h, y = self._selected(model, batch)
+        return model.head(h), y
 
     def loss(self, model, batch):
-        return cross_entropy(*self._logits(model, batch))
+        return mlm_loss(model, *self._selected(model, batch))
 
     def eval_sums(self, model, batch):
         logits, y = self._logits(model, batch)
@@ -290,17 +305,22 @@ class SentencePairMLM(MaskedLM):
             batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
         return batch
 
-    def _outputs(self, model, batch):
-        """MLM logits and labels of the selected positions, sentence logits [B, 2]."""
+    def _states(self, model, batch):
+        """Hidden states [B, T, d], the selected positions' states and labels."""
         labels = batch["labels"]
         picked = labels != IGNORE
         h = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
                                 token_type_ids=batch.get("token_type_ids"))
-        return model.head(h[picked]), labels[picked], model.sentence_logits(h)
+        return h, h[picked], labels[picked]
+
+    def _outputs(self, model, batch):
+        """MLM logits and labels of the selected positions, sentence logits [B, 2]."""
+        h, selected, y = self._states(model, batch)
+        return model.head(selected), y, model.sentence_logits(h)
 
     def loss(self, model, batch):
-        logits, y, pair_logits = self._outputs(model, batch)
-        return cross_entropy(logits, y) + cross_entropy(pair_logits, batch["sentence_labels"])
+        h, selected, y = self._states(model, batch)
+        return mlm_loss(model, selected, y) + cross_entropy(model.sentence_logits(h), batch["sentence_labels"])
 
     def eval_sums(self, model, batch):
         logits, y, pair_logits = self._outputs(model, batch)
