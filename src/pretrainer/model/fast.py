@@ -293,6 +293,9 @@ class _DroppedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal: bool, scale: float, p: float):
+        # heads split from one projection are strided views: each product would copy them, twice
+        # more in the backward; one copy each, kept for the backward, serves all of them
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # (the products' outputs are never written over: selective checkpointing may keep them)
         scores = torch.matmul(q, k.transpose(-1, -2))
         T, S = scores.shape[-2:]
@@ -312,6 +315,7 @@ class _DroppedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, probs, y = ctx.saved_tensors
+        dout = dout.contiguous()
         dv = torch.matmul(y.transpose(-1, -2), dout)
         ds = kernels.softmax_dropout_backward_(torch.matmul(dout, v.transpose(-1, -2)), probs, y, ctx.a)
         dmask = None
