@@ -35,7 +35,8 @@ the seeds.
 
 ``--profile`` runs 10 training steps of each model (``pretrainer``'s through its optimizer step,
 fused AdamW; ``transformers``' with ``torch.optim.AdamW`` as ``--hf-optimizer`` says) on one batch of 32 inputs of 30 tokens
-under ``torch.profiler`` and prints the operators' shares of the CPU time, grouped.
+under ``torch.profiler`` and prints the operators' shares of the CPU time, grouped (``pretrainer``'s
+fused C kernels counted by the self time of the autograd Functions that call them).
 
 Writes ``benchmarks/results/finetune_vs_transformers.json``.
 """
@@ -205,7 +206,7 @@ def profile(args) -> None:
     from pretrainer.config import TrainConfig
     from pretrainer.finetune.tasks import make_task
     from pretrainer.interop.hf import hf_config
-    from pretrainer.model import make_model, model_config
+    from pretrainer.model import fast, loss, make_model, model_config
     from pretrainer.model.fast import apply_fast_paths
     from pretrainer.train.loop import Env, TrainStep, optimizer_step
     from pretrainer.train.optim import make_optimizer
@@ -240,13 +241,19 @@ def profile(args) -> None:
               "optimizer": ("_fused_adamw_", "sqrt", "div", "lerp_", "addcmul_", "addcdiv_", "_foreach"),
               "softmax, GELU, layer norm": ("softmax", "_softmax", "gelu", "gelu_backward", "native_layer_norm",
                                             "native_layer_norm_backward", "_softmax_backward_data")}
+    # pretrainer's fused C kernels run inside its autograd Functions (ctypes calls, no aten operator):
+    # the self time of those Functions' forward and backward events is theirs
+    functions = {c.__name__ for m in (fast, loss) for c in vars(m).values()
+                 if isinstance(c, type) and issubclass(c, torch.autograd.Function)}
+    groups["pretrainer's fused kernels"] = tuple(functions | {f + "Backward" for f in functions})
     for name, fn in (("pretrainer", ours_step), ("transformers", hf_step)):
         for _ in range(3):
             fn()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(10):
                 fn()
-        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::") or e.key in functions
+                  or e.key.removesuffix("Backward") in functions]
         total = sum(e.self_cpu_time_total for e in events)
         shares = {g: 0.0 for g in groups}
         for e in events:
@@ -256,7 +263,7 @@ def profile(args) -> None:
                     shares[g] += e.self_cpu_time_total
                     break
         shown = ", ".join(f"{g} {100 * v / total:.0f} %" for g, v in shares.items())
-        print(f"{name:>12}: {total / 10 / 1000:.1f} ms CPU per step (aten operators) | {shown} | "
+        print(f"{name:>12}: {total / 10 / 1000:.1f} ms CPU per step (aten operators, fused kernels) | {shown} | "
               f"other {100 * (total - sum(shares.values())) / total:.0f} %", flush=True)
 
 

@@ -3,7 +3,8 @@
 On a CPU, a small model's step is mostly matrix products (MKL, already near the machine's peak)
 plus elementwise work that PyTorch's eager ops do in several passes over activations that do not
 fit in cache: SwiGLU, GPT-2's tanh GELU, RMSNorm and their backward passes, the rotary embedding, the softmax of the
-fused cross-entropy head. ``cpu.c`` does each in one pass. On a 2-core machine that takes about
+fused cross-entropy head; and dropout, whose PyTorch CPU op spends about 10 ns per element drawing
+its mask. ``cpu.c`` does each in one pass. On a 2-core machine that takes about
 8 % off a Llama-style step (numbers in benchmarks/README.md).
 
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc``), for the
@@ -44,7 +45,7 @@ _tried = False
 #: the kernels that have run in this process (callers may clear it to watch a stretch of work)
 used: set[str] = set()
 _lock = threading.Lock()
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I, _F, _U = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
 _SIGNATURES = {
     "swiglu_forward": [_P, _P, _I, _I],
     "swiglu_backward": [_P, _P, _P, _I, _I],
@@ -54,6 +55,10 @@ _SIGNATURES = {
     "rms_norm_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
     "rotary": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F],
     "softmax_cross_entropy": [_P, _P, _P, _P, _I, _I],
+    "dropout_forward": [_P, _P, _P, _P, _I, _U, _U, _F],
+    "dropout_backward": [_P, _P, _P, _I, _F],
+    "softmax_dropout_forward": [_P, _P, _P, _I, _I, _F, _U, _U, _F],
+    "softmax_dropout_backward": [_P, _P, _P, _P, _I, _I, _F],
 }
 
 
@@ -249,3 +254,63 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: t
     _lib.softmax_cross_entropy(_ptr(logits), _ptr(targets), _ptr(scale), _ptr(loss), logits.shape[0],
                                logits.shape[1])
     return loss
+
+
+def dropout_seed() -> int:
+    """A seed for one dropout call, drawn from PyTorch's default CPU generator: ``torch.manual_seed``
+    and a saved and restored generator state (resuming, activation checkpointing's recompute) give
+    the same masks."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def _keep_threshold(p: float) -> int:
+    """``(1 - p) 2^32``: a draw's high 32 bits below it keep the value."""
+    return min(1 << 32, round((1.0 - p) * 2.0 ** 32))
+
+
+def dropout_forward(x: torch.Tensor, p: float, residual: torch.Tensor | None = None,
+                    seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + dropout(x, p)`` (no ``residual``: ``dropout(x, p)``) and the keep mask (bool,
+    shaped as ``x``); ``0 < p < 1``."""
+    x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
+    y, mask = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)
+    used.add("dropout")
+    _lib.dropout_forward(_ptr(x), None if residual is None else _ptr(residual), _ptr(y), _ptr(mask), x.numel(),
+                         _keep_threshold(p), dropout_seed() if seed is None else seed, 1.0 / (1.0 - p))
+    return y, mask
+
+
+def dropout_backward(dy: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """``dy * mask / (1 - p)``."""
+    dy = dy.contiguous()
+    dx = torch.empty_like(dy)
+    used.add("dropout")
+    _lib.dropout_backward(_ptr(dy), _ptr(mask), _ptr(dx), dy.numel(), 1.0 / (1.0 - p))
+    return dx
+
+
+def softmax_dropout(scores: torch.Tensor, a: float, p: float,
+                    seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs = softmax(a * scores)`` over the last dimension and ``dropout(probs, p)``
+    (``0 < p < 1``); ``scores`` is left as it is."""
+    scores = scores.contiguous()
+    probs, y = torch.empty_like(scores), torch.empty_like(scores)
+    S = scores.shape[-1]
+    used.add("softmax_dropout")
+    _lib.softmax_dropout_forward(_ptr(scores), _ptr(probs), _ptr(y), scores.numel() // S, S, a,
+                                 _keep_threshold(p), dropout_seed() if seed is None else seed, 1.0 / (1.0 - p))
+    return probs, y
+
+
+def softmax_dropout_backward_(dy: torch.Tensor, probs: torch.Tensor, y: torch.Tensor, a: float) -> torch.Tensor:
+    """The gradient of :func:`softmax_dropout` with respect to its ``scores``, from that of its
+    output ``y`` (``dy``, contiguous: overwritten with the result) and ``probs`` (no mask needed:
+    see cpu.c)."""
+    assert dy.is_contiguous(), "softmax_dropout_backward_: dy must be contiguous"
+    probs, y = probs.contiguous(), y.contiguous()
+    S = y.shape[-1]
+    used.add("softmax_dropout")
+    _lib.softmax_dropout_backward(_ptr(dy), _ptr(probs), _ptr(y), _ptr(dy), y.numel() // S, S, a)
+    return dy

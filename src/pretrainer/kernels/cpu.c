@@ -168,3 +168,96 @@ void softmax_cross_entropy(float *x, const int64_t *target, const float *scale, 
         xi[target[i]] -= scale[i];
     }
 }
+
+/* Dropout (Srivastava et al. 2014). Element i of a call keeps its value when the i-th output of
+ * SplitMix64 (Steele, Lea & Flood 2014) started at `seed` has its high 32 bits below `thr`
+ * (= (1 - p) 2^32, so it keeps with probability 1 - p to within 2^-32). Each draw is a function
+ * of (seed, i) alone: the mask does not depend on how the elements are split among threads, and
+ * the caller draws `seed` from PyTorch's generator, so runs repeat and resume exactly. */
+#define GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
+static inline uint64_t splitmix64(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + (i + 1) * GOLDEN_GAMMA;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* y = res + x * keep * scale over n values (res NULL: no residual), keep written to mask (0 / 1).
+ * The dropped values are multiplied by 0, as PyTorch's dropout does (a NaN stays NaN). */
+void dropout_forward(const float *x, const float *res, float *y, uint8_t *mask, int64_t n,
+                     uint64_t thr, uint64_t seed, float scale) {
+    if (res) {
+        #pragma omp parallel for simd schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            uint8_t k = (splitmix64(seed, (uint64_t)i) >> 32) < thr;
+            mask[i] = k;
+            y[i] = res[i] + x[i] * (k ? scale : 0.f);
+        }
+    } else {
+        #pragma omp parallel for simd schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            uint8_t k = (splitmix64(seed, (uint64_t)i) >> 32) < thr;
+            mask[i] = k;
+            y[i] = x[i] * (k ? scale : 0.f);
+        }
+    }
+}
+
+/* dx = dy * keep * scale: the same mask as the forward. */
+void dropout_backward(const float *dy, const uint8_t *mask, float *dx, int64_t n, float scale) {
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * (mask[i] ? scale : 0.f);
+}
+
+/* Attention probabilities with dropout over the rows of scores s [N, S]: p = softmax(a s) (kept for
+ * the backward) and y = p * keep * scale, element (i, j) drawn as element i S + j of
+ * dropout_forward. A row that is -inf throughout (every key masked) gives zeros, as PyTorch's
+ * attention does. */
+void softmax_dropout_forward(const float *s, float *p, float *y, int64_t N, int64_t S, float a,
+                             uint64_t thr, uint64_t seed, float scale) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *si = s + i * S;
+        float *pi = p + i * S, *yi = y + i * S;
+        float m = -INFINITY;
+        #pragma omp simd reduction(max:m)
+        for (int64_t j = 0; j < S; j++) m = si[j] > m ? si[j] : m;
+        if (m == -INFINITY) {
+            memset(pi, 0, sizeof(float) * S);
+            memset(yi, 0, sizeof(float) * S);
+            continue;
+        }
+        float total = 0.f;
+        #pragma omp simd reduction(+:total)
+        for (int64_t j = 0; j < S; j++) {
+            float e = expf(a * (si[j] - m));
+            pi[j] = e;
+            total += e;
+        }
+        float r = 1.f / total;
+        #pragma omp simd
+        for (int64_t j = 0; j < S; j++) {
+            uint8_t k = (splitmix64(seed, (uint64_t)(i * S + j)) >> 32) < thr;
+            float pj = pi[j] * r;
+            pi[j] = pj;
+            yi[j] = pj * (k ? scale : 0.f);
+        }
+    }
+}
+
+/* Its gradient with respect to s, from dy (the gradient of y), p and y: with g = dy keep scale,
+ * ds = a p (g - sum(g p)), and p g = dy y, so ds = a (dy y - p sum(dy y)): no mask needed. ds may
+ * be dy itself. */
+void softmax_dropout_backward(const float *dy, const float *p, const float *y, float *ds, int64_t N,
+                              int64_t S, float a) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *dyi = dy + i * S, *pi = p + i * S, *yi = y + i * S;
+        float *dsi = ds + i * S;
+        float t = 0.f;
+        #pragma omp simd reduction(+:t)
+        for (int64_t j = 0; j < S; j++) t += dyi[j] * yi[j];
+        #pragma omp simd
+        for (int64_t j = 0; j < S; j++) dsi[j] = a * (dyi[j] * yi[j] - pi[j] * t);
+    }
+}

@@ -14,7 +14,11 @@ its parent's parameters and state-dict names and overrides one method:
   (:func:`biased_attention`) instead of PyTorch's math path, which adds passes over the scores;
 - :class:`FastMLP` (SwiGLU): both halves of the gradient written into one buffer, silu recomputed
   in the backward so its output is not kept; one-pass C kernels each way; GPT-2's tanh GELU in
-  one-pass C kernels each way too (PyTorch's CPU op for it was twice its exact GELU's time).
+  one-pass C kernels each way too (PyTorch's CPU op for it was twice its exact GELU's time);
+- dropout (:class:`FastDropout`, :class:`FastBlock`'s residual add, attention with dropout through
+  :class:`_DroppedAttention`): the mask drawn in the same pass by a counter-based generator seeded
+  from PyTorch's (its CPU ``bernoulli_`` took a tenth of a BERT fine-tuning step), the residual
+  add and the attention softmax fused with it. Other masks than PyTorch's, the same distribution.
 
 The fused chunked LM-head loss (:func:`pretrainer.model.loss.linear_cross_entropy`) is the fourth
 fast path; the LM objectives choose it (:mod:`pretrainer.train.objectives`).
@@ -32,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from .layers import MLP, CrossAttention, RMSNorm, SelfAttention, gelu_tanh
+from .layers import MLP, Block, CrossAttention, RMSNorm, SelfAttention, gelu_tanh
 
 
 class FastRMSNorm(RMSNorm):
@@ -233,7 +237,110 @@ def biased_attention(q, k, v, bias: torch.Tensor, scale: float | None) -> torch.
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-class FastSelfAttention(SelfAttention):
+class _Dropout(torch.autograd.Function):
+    """``residual + dropout(x, p)`` (``residual`` None: ``dropout(x, p)``) in one pass each way
+    (:mod:`pretrainer.kernels`): the mask drawn by a counter-based generator seeded from PyTorch's
+    and kept as bytes; the backward multiplies by it. PyTorch's CPU dropout draws its mask at
+    about 10 ns per element, a few times the cost of the multiplication itself."""
+
+    @staticmethod
+    def forward(ctx, x, residual, p: float):
+        y, mask = kernels.dropout_forward(x, p, residual)
+        ctx.p, ctx.residual = p, residual is not None
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (mask,) = ctx.saved_tensors
+        return kernels.dropout_backward(dy, mask, ctx.p), dy if ctx.residual else None, None
+
+
+def _fused_dropout(module: nn.Module, p: float, *tensors: torch.Tensor) -> bool:
+    """Whether a dropout of rate ``p`` in ``module`` runs as :class:`_Dropout`: while training, for
+    ``0 < p < 1``, on float32 CPU tensors with the kernels built."""
+    return module.training and 0 < p < 1 and kernels.usable(*tensors)
+
+
+class FastDropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` as :class:`_Dropout` (float32 on a CPU, while training)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.inplace and _fused_dropout(self, self.p, x):
+            return _Dropout.apply(x, None, self.p)
+        return super().forward(x)
+
+
+class FastBlock(Block):
+    """:class:`Block` whose residual adds take the branch's dropout in the same pass
+    (:class:`_Dropout` with a residual)."""
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape == y.shape and _fused_dropout(self.drop, self.drop.p, x, y):
+            return _Dropout.apply(y, x, self.drop.p)
+        return super().residual(x, y)
+
+
+class _DroppedAttention(torch.autograd.Function):
+    """``dropout(softmax(q k^T * scale + mask), p) v`` for queries [B, H, T, D] and keys and values
+    [B, H, S, D], with the softmax and the dropout in one pass each way (:mod:`pretrainer.kernels`)
+    and the products written out. ``mask``: None, boolean (``True`` takes part; broadcast to
+    [B, H, T, S]) or additive float (may take gradients: T5's position bias); ``causal``: keys after
+    the query left out. PyTorch's attention takes its math path whenever ``dropout_p > 0`` on a
+    CPU: queries and keys scaled apart, the dropout as its own slow op and the softmax with a check
+    of every row. Here the softmax and the dropped-out probabilities are kept, and no mask: the
+    gradient needs only those two (see cpu.c)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal: bool, scale: float, p: float):
+        # heads split from one projection are strided views: each product would copy them, twice
+        # more in the backward; one copy each, kept for the backward, serves all of them
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # (the products' outputs are never written over: selective checkpointing may keep them)
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        T, S = scores.shape[-2:]
+        a = scale  # the softmax's factor: the scale, unless an additive mask was added after it
+        if causal:
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu_(1), float("-inf"))
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            scores, a = torch.add(mask, scores, alpha=scale), 1.0
+        probs, y = kernels.softmax_dropout(scores, a, p)
+        ctx.a, ctx.scale = a, scale
+        ctx.mask_shape = mask.shape if mask is not None else None
+        ctx.save_for_backward(q, k, v, probs, y)
+        return torch.matmul(y, v)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, probs, y = ctx.saved_tensors
+        dout = dout.contiguous()
+        dv = torch.matmul(y.transpose(-1, -2), dout)
+        ds = kernels.softmax_dropout_backward_(torch.matmul(dout, v.transpose(-1, -2)), probs, y, ctx.a)
+        dmask = None
+        if ctx.needs_input_grad[3]:  # an additive mask: the gradient of the softmax's input, summed
+            dmask = ds.sum_to_size(ctx.mask_shape)  # over the dimensions it was broadcast along
+        if ctx.a != ctx.scale:
+            ds.mul_(ctx.scale)
+        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv, dmask, None, None, None
+
+
+class _AttentionWithDropout:
+    """Mixed into the fast attention classes: attention with dropout as :class:`_DroppedAttention`
+    (float32 on a CPU), PyTorch's otherwise."""
+
+    def attention(self, q, k, v, mask, is_causal, dropout_p, gqa):
+        if 0 < dropout_p < 1 and kernels.usable(q, k, v) and (mask is None or mask.dtype in (torch.bool, q.dtype)):
+            if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves several query heads
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+            return _DroppedAttention.apply(q, k, v, mask, is_causal, scale, dropout_p)
+        return super().attention(q, k, v, mask, is_causal, dropout_p, gqa)
+
+
+class FastSelfAttention(_AttentionWithDropout, SelfAttention):
     """:class:`SelfAttention` whose head split and rotation run as :class:`_SplitHeads`, whose
     local layers attend block by block (:func:`banded_attention`) over a sequence longer than two
     windows (no cache, no mask: training and scoring), and whose attention with a learned
@@ -272,7 +379,7 @@ class FastMLP(MLP):
         return super().activate(h)
 
 
-class FastCrossAttention(CrossAttention):
+class FastCrossAttention(_AttentionWithDropout, CrossAttention):
     """:class:`CrossAttention` whose keys and values come out of the projection through
     :class:`_SplitHeads` (no query heads): their gradients written straight into one buffer laid
     out as the projection's output, where autograd would concatenate them and then copy the
@@ -284,7 +391,8 @@ class FastCrossAttention(CrossAttention):
 
 
 #: plain class -> its fast subclass
-FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, CrossAttention: FastCrossAttention, MLP: FastMLP}
+FAST = {RMSNorm: FastRMSNorm, SelfAttention: FastSelfAttention, CrossAttention: FastCrossAttention, MLP: FastMLP,
+        Block: FastBlock, nn.Dropout: FastDropout}
 
 
 def apply_fast_paths(model: nn.Module) -> nn.Module:

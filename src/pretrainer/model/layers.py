@@ -298,10 +298,12 @@ class SelfAttention(nn.Module):
                 is_causal = T > 1
             elif T > 1:  # a chunk after cached positions: query i sees keys <= start + i
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale, **gqa,
-        )
+        return self.attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, gqa)
+
+    def attention(self, q, k, v, mask, is_causal: bool, dropout_p: float, gqa: dict) -> torch.Tensor:
+        """``softmax(q k^T * scale + mask) v`` with dropout on the probabilities: PyTorch's attention."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                              scale=self.scale, **gqa)
 
 
 class CrossAttention(nn.Module):
@@ -340,10 +342,10 @@ class CrossAttention(nn.Module):
             k, v = kv
         q = self.q(x).view(B, T, H, D).transpose(1, 2)
         k, v, gqa = _share_kv_heads(k, v, H)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           scale=self.scale, **gqa)
+        y = self.attention(q, k, v, memory_mask, False, self.dropout if self.training else 0.0, gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    attention = SelfAttention.attention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,20 +547,25 @@ class Block(nn.Module):
         self.mlp = mlp if mlp is not None else MoE(cfg) if cfg.moe.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A residual branch's output ``y`` added to the stream ``x``: ``x + dropout(y)``."""
+        return x + self.drop(y)
+
     def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None):
+        add = self.residual
         if self.parallel:
             h = self.norm1(x)
             h_mlp = self.norm2(x) if self.norm2 is not None else h
-            return x + self.drop(self.attn(h, rotary, cache, attn_mask)) + self.drop(self.mlp(h_mlp))
+            return add(add(x, self.attn(h, rotary, cache, attn_mask)), self.mlp(h_mlp))
         if self.prenorm:
-            x = x + self.drop(self.attn(self.norm1(x), rotary, cache, attn_mask))
+            x = add(x, self.attn(self.norm1(x), rotary, cache, attn_mask))
             if self.xattn is not None:
-                x = x + self.drop(self.xattn(self.norm_x(x), memory, cache, memory_mask))
-            return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, rotary, cache, attn_mask)))
+                x = add(x, self.xattn(self.norm_x(x), memory, cache, memory_mask))
+            return add(x, self.mlp(self.norm2(x)))
+        x = self.norm1(add(x, self.attn(x, rotary, cache, attn_mask)))
         if self.xattn is not None:
-            x = self.norm_x(x + self.drop(self.xattn(x, memory, cache, memory_mask)))
-        return self.norm2(x + self.drop(self.mlp(x)))
+            x = self.norm_x(add(x, self.xattn(x, memory, cache, memory_mask)))
+        return self.norm2(add(x, self.mlp(x)))
 
 
 def shared_blocks(cfg: ModelConfig, causal: bool, cross: bool = False) -> list[Block]:
