@@ -107,11 +107,11 @@ def write_data(work: Path, quick: bool) -> dict:
             "stsb": [len(sts["train"]), len(sts["dev"])]}
 
 
-def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, seed: int, epochs: int,
-                  reuse: bool) -> dict:
+def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, dropout: float, seed: int,
+                  epochs: int, reuse: bool) -> dict:
     """One fine-tuning run (a subprocess, one thread); its best epoch's metrics, as ``--json`` prints."""
     kind, _, _ = TASKS[task]
-    name = f"{'scratch' if scratch else 'pt-' + Path(source).name}-lr{lr:g}-s{seed}"
+    name = f"{'scratch' if scratch else 'pt-' + Path(source).name}-lr{lr:g}-d{dropout:g}-s{seed}"
     out = work / "ft" / task / name
     result = out / "result.json"
     if reuse and result.is_file():
@@ -124,7 +124,8 @@ def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, 
     t0 = time.perf_counter()
     printed = pretrainer(["finetune", source, *(["--from-scratch"] if scratch else []), "--task", kind,
                           "--train", str(work / data[0]), "--eval", str(work / data[1]), "--out", str(out),
-                          "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed), "--batch-size", "32",
+                          "--epochs", str(epochs), "--lr", str(lr), "--dropout", str(dropout), "--seed", str(seed),
+                          "--batch-size", "32",
                           "--max-len", "128", "--json"], log=out.parent / f"{name}.log")
     r = {**json.loads(printed), "wall_s": round(time.perf_counter() - t0, 1)}
     result.write_text(json.dumps(r, indent=2) + "\n")
@@ -148,6 +149,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--pretrained-lrs", default="3e-4,1e-3", help="fine-tuning rates tried from the pretrained model")
     p.add_argument("--scratch-lrs", default="3e-4,1e-3", help="fine-tuning rates tried from random weights")
+    p.add_argument("--pretrained-dropout", type=float, default=0.0,
+                   help="fine-tuning dropout from the pretrained model (the recipe pretrains without)")
+    p.add_argument("--scratch-dropout", type=float, default=0.1, help="fine-tuning dropout from random weights")
     p.add_argument("--threads", type=int, default=2, help="pretraining's threads")
     p.add_argument("--parallel", type=int, default=2, help="fine-tuning processes at a time (one thread each)")
     p.add_argument("--reuse", action="store_true", help="keep the data, the pretraining run and finished fine-tuning runs")
@@ -207,7 +211,8 @@ def main() -> None:
     def run(job):
         t, point, lr, seed = job
         source = ckpt[point] if point else str(pre)
-        return job, finetune_once(work, t, source, point is None, lr, seed, args.epochs, args.reuse)
+        dropout = args.scratch_dropout if point is None else args.pretrained_dropout
+        return job, finetune_once(work, t, source, point is None, lr, dropout, seed, args.epochs, args.reuse)
 
     def run_all(batch):
         with futures.ThreadPoolExecutor(args.parallel) as pool:
@@ -264,6 +269,7 @@ def main() -> None:
                                      for e in evals]},
         "data": sizes, "seeds": args.seeds, "epochs": args.epochs, "points": points,
         "lrs": {"pretrained": lrs(args.pretrained_lrs), "scratch": lrs(args.scratch_lrs)},
+        "dropout": {"pretrained": args.pretrained_dropout, "scratch": args.scratch_dropout},
         "tasks": summary,
         "runs": [{"task": t, "from": "scratch" if point is None else f"step {point}", "lr": lr, "seed": s,
                   **{k: v for k, v in r.items() if isinstance(v, (int, float))}}
