@@ -195,9 +195,13 @@ def main() -> None:
                     f"train.threads={args.threads}", *(["train.warmup_steps=4", "train.eval_every=20"] if args.quick else [])],
                    log=work / "pretrain.log", threads=args.threads)
     pretrain_s = time.perf_counter() - t0
-    evals = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in x]
+    lines = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    evals = [r for r in lines if "val_loss" in r]
+    ran = yaml.safe_load((pre / "config.yaml").read_text())["train"]
+    step_s = sum(r["ms_per_step"] for r in lines if "ms_per_step" in r) * ran["log_every"] / 1000  # the steps' own time
     print(f"pretrained: masked-LM validation loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}, "
-          f"masked accuracy {evals[-1].get('val_accuracy', float('nan')):.3f}", flush=True)
+          f"masked accuracy {evals[-1].get('val_accuracy', float('nan')):.3f}; its steps took {step_s / 60:.0f} min "
+          f"({ran['threads'] or 'default'} threads)", flush=True)
     ckpt = {s: str(pre / "checkpoints" / f"step_{s:08d}") for s in points}
 
     def lrs(text: str) -> list[float]:
@@ -264,7 +268,8 @@ def main() -> None:
     out = {
         "recipe": args.config if args.config != str(CONFIG) else str(CONFIG.relative_to(ROOT)),
         "pretraining": {"steps": steps, "tokens": steps * recipe["train"]["batch_size"] * recipe["train"]["seq_len"],
-                        "threads": args.threads, "wall_s": round(pretrain_s, 1),
+                        "threads": ran["threads"], "wall_s_this_invocation": round(pretrain_s, 1),
+                        "steps_s": round(step_s, 1),
                         "val_loss": [{"step": e["step"], "loss": e["val_loss"], "accuracy": e.get("val_accuracy")}
                                      for e in evals]},
         "data": sizes, "seeds": args.seeds, "epochs": args.epochs, "points": points,
@@ -305,7 +310,7 @@ def plot(summary: dict, points: list[int], png: Path) -> None:
         ax.set_xlabel("masked-LM pretraining steps")
         ax.set_ylabel(f"dev {s['metric']}")
         ax.set_title(s["about"])
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     save(fig, png)
 
 
