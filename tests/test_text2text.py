@@ -100,7 +100,9 @@ def test_finetune_text2text_learns_and_predicts(t5_run, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     for key in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match"):
         assert key in result and not math.isnan(result[key])
-    assert result["rouge1"] > 0.7, result  # reversing a few words: the words come right first
+    # reversing a few words: the words come right first (ROUGE-1 ignores order); over seeds 0-3 this
+    # run scores 0.59-0.75 with either dropout path (seed to seed), one epoch at lr 1e-9 scores 0
+    assert result["rouge1"] > 0.5, result
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 40 and {"prediction", "gold"} <= set(preds[0])
     # text2text keeps the epoch with the lowest evaluation loss, not the highest ROUGE-L
