@@ -99,10 +99,10 @@ def write_data(work: Path, quick: bool) -> dict:
 
 
 def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, dropout: float, seed: int,
-                  epochs: int, reuse: bool) -> dict:
+                  epochs: int, reuse: bool, pooling: str = "cls") -> dict:
     """One fine-tuning run (a subprocess, one thread); its best epoch's metrics, as ``--json`` prints."""
     kind, _, _ = TASKS[task]
-    name = f"{'scratch' if scratch else 'pt-' + Path(source).name}-lr{lr:g}-d{dropout:g}-s{seed}"
+    name = f"{'scratch' if scratch else 'pt-' + Path(source).name}-lr{lr:g}-d{dropout:g}{'' if pooling == 'cls' else '-' + pooling}-s{seed}"
     out = work / "ft" / task / name
     result = out / "result.json"
     if reuse and result.is_file():
@@ -116,7 +116,7 @@ def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, 
     printed = pretrainer(["finetune", source, *(["--from-scratch"] if scratch else []), "--task", kind,
                           "--train", str(work / data[0]), "--eval", str(work / data[1]), "--out", str(out),
                           "--epochs", str(epochs), "--lr", str(lr), "--dropout", str(dropout), "--seed", str(seed),
-                          "--batch-size", "32",
+                          "--batch-size", "32", "--pooling", pooling,
                           "--max-len", "128", "--json"], log=out.parent / f"{name}.log")
     r = {**json.loads(printed), "wall_s": round(time.perf_counter() - t0, 1)}
     result.write_text(json.dumps(r, indent=2) + "\n")
@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--pretrained-dropout", type=float, default=0.0,
                    help="fine-tuning dropout from the pretrained model (the recipe pretrains without)")
     p.add_argument("--scratch-dropout", type=float, default=0.1, help="fine-tuning dropout from random weights")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="what the task head reads, both sides (finetune --pooling)")
     p.add_argument("--threads", type=int, default=2, help="pretraining's threads")
     p.add_argument("--parallel", type=int, default=2, help="fine-tuning processes at a time (one thread each)")
     p.add_argument("--reuse", action="store_true", help="keep the data, the pretraining run and finished fine-tuning runs")
@@ -207,7 +209,8 @@ def main() -> None:
         t, point, lr, seed = job
         source = ckpt[point] if point else str(pre)
         dropout = args.scratch_dropout if point is None else args.pretrained_dropout
-        return job, finetune_once(work, t, source, point is None, lr, dropout, seed, args.epochs, args.reuse)
+        return job, finetune_once(work, t, source, point is None, lr, dropout, seed, args.epochs, args.reuse,
+                                  args.pooling)
 
     def run_all(batch):
         with futures.ThreadPoolExecutor(args.parallel) as pool:
@@ -266,6 +269,7 @@ def main() -> None:
         "data": sizes, "seeds": args.seeds, "epochs": args.epochs, "points": points,
         "lrs": {"pretrained": lrs(args.pretrained_lrs), "scratch": lrs(args.scratch_lrs)},
         "dropout": {"pretrained": args.pretrained_dropout, "scratch": args.scratch_dropout},
+        "pooling": args.pooling,
         "tasks": summary,
         "runs": [{"task": t, "from": "scratch" if point is None else f"step {point}", "lr": lr, "seed": s,
                   **{k: v for k, v in r.items() if isinstance(v, (int, float))}}

@@ -307,6 +307,46 @@ def test_encoder_head_ignores_padding_and_uses_segments():
     assert not torch.allclose(h, model.states(ids, mask, torch.zeros_like(types))[:, 0], atol=1e-3)
 
 
+def test_mean_pooling_reads_the_mean_of_the_real_positions():
+    torch.manual_seed(0)
+    for arch in ("encoder", "decoder"):
+        model = TaskModel(_tiny(arch), SequenceHead(32, 2), "sequence", pooling="mean").eval()
+        ids = torch.tensor([[4, 9, 10, 5, 0, 0], [4, 11, 12, 13, 14, 5]])
+        mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+        h = model.states(ids, mask)
+        by_hand = torch.stack([h[0, :4].mean(0), h[1].mean(0)])
+        assert torch.allclose(model(ids, mask), model.head(by_hand), atol=1e-6)
+        garbage = ids.clone()
+        garbage[0, 4:] = torch.tensor([30, 31])  # where the padding was: changes nothing
+        assert torch.allclose(model(garbage, mask), model(ids, mask), atol=1e-6)
+        first = TaskModel(model.backbone, model.head, "sequence").eval()  # the same weights, pooling=cls
+        assert not torch.allclose(first(ids, mask), model(ids, mask), atol=1e-4)
+    with pytest.raises(ValueError, match="pooling"):
+        TaskModel(_tiny("encoder"), SequenceHead(32, 2), "sequence", pooling="max")
+
+
+def test_mean_pooling_end_to_end_and_kept_for_predict(sentiment, tmp_path, capsys):
+    train, dev, _ = sentiment
+    run = tmp_path / "mean"
+    code, stdout, err = cli(capsys, "finetune", "bert-tiny", "--from-scratch", "--train", str(train), "--eval",
+                            str(dev), "--out", str(run), "--vocab-size", "120", "--pooling", "mean", "--json",
+                            *ENCODER_ARGS)
+    assert code == 0, err
+    assert json.loads(stdout)["accuracy"] >= 0.9  # one word decides the label
+    assert yaml_load(run / "config.yaml")["options"]["pooling"] == "mean"
+    p = Predictor(run)
+    assert p.model.pooling == "mean"
+    saved = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    again = p.predict([line.split("\t")[0] for line in dev.read_text().splitlines()[1:]])
+    assert [a["label"] for a in again] == [s["label"] for s in saved]
+    conll = tmp_path / "ner.conll"
+    conll.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\n")
+    one_line_error(capsys, "finetune", "bert-tiny", "--from-scratch", "--task", "tagging", "--train", str(conll),
+                   "--out", str(tmp_path / "tag"), "--pooling", "mean", needles=("--pooling mean", "tagging"))
+    one_line_error(capsys, "finetune", "bert-tiny", "--from-scratch", "--task", "classification", "--train",
+                   str(train), "--out", str(tmp_path / "bad"), "--set", "pooling=max", needles=("pooling", "cls"))
+
+
 def test_input_layouts_of_both_backbones():
     tok = Tok.train(["a b c"], "wordpiece", 20)
     enc = InputFormat.for_backbone("encoder", tok, 2)

@@ -773,6 +773,7 @@ def option(default: Any, help: str, **meta) -> Any:
 
 
 SELECT = ("metric", "loss")
+POOLING = ("cls", "mean")
 #: the model keys ``pretrainer finetune`` may change on a pretrained backbone (its weights keep their shapes)
 FINETUNE_MODEL_KEYS = ("dropout", "max_seq_len")
 
@@ -805,6 +806,10 @@ class FinetuneConfig:
         "backbone settings its weights allow changing, as KEY=VALUE (repeatable; also model.KEY=VALUE after FROM, "
         "or --set model.KEY=VALUE): dropout (default: --dropout) and max_seq_len (rope, relative, sinusoidal "
         "or no positions; a learned position table is fixed); other model keys are refused")})
+    pooling: str = option("cls", "what a sequence head (classification, regression) reads: cls (BERT's pooled "
+                                 "<cls> state; a decoder's last token) or mean (the mean of the final states "
+                                 "over the input's tokens, padding left out, as Sentence-BERT pools)",
+                          choices=POOLING)
     group_by_length: bool = option(True, "training batches of similar lengths (each group of 50 batches sorted "
                                          "by length, the batches shuffled; padded to their longest input); "
                                          "--no-group-by-length: a plain shuffle")
@@ -881,6 +886,8 @@ class FinetuneConfig:
             raise ConfigError(f"--dropout {self.dropout}: expected a value in [0, 1)")
         if self.select not in (None, *SELECT):
             raise ConfigError(f"--select {self.select}: expected one of {', '.join(SELECT)}")
+        if self.pooling not in POOLING:
+            raise ConfigError(f"--pooling {self.pooling}: expected one of {', '.join(POOLING)}")
         self.validate_model()
 
     def validate_model(self) -> None:

@@ -97,16 +97,20 @@ class TokenHead(SequenceHead):
 class TaskModel(nn.Module):
     """A backbone (``EncoderLM`` or ``DecoderLM``) with a task head.
 
-    ``reads="sequence"``: the head sees one vector per input (the pooled ``<cls>`` state, or the last
-    non-pad token's state on a decoder) and returns [B, n_out]; ``reads="tokens"``: every position,
+    ``reads="sequence"``: the head sees one vector per input and returns [B, n_out]: with
+    ``pooling="cls"`` the pooled ``<cls>`` state (or the last non-pad token's state on a decoder), with
+    ``pooling="mean"`` the mean of the final states over the non-pad positions (special tokens
+    included, as Sentence-BERT's mean pooling); ``reads="tokens"``: every position,
     [B, T, n_out]. The backbone keeps its pretraining output layer (unused here), so a checkpoint
     holds a complete model; ``cfg``, ``tied_output`` and ``shared_copies`` let the checkpoint helpers
     store the tied output matrix and the weights shared across layers once.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, reads: str):
+    def __init__(self, backbone: nn.Module, head: nn.Module, reads: str, pooling: str = "cls"):
         super().__init__()
-        self.backbone, self.head, self.reads = backbone, head, reads
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling={pooling!r}: expected cls or mean")
+        self.backbone, self.head, self.reads, self.pooling = backbone, head, reads, pooling
         self.cfg = backbone.cfg
         self.tied_output = "backbone." + backbone.tied_output
         self.shared_copies = tuple("backbone." + k for k in getattr(backbone, "shared_copies", ()))
@@ -119,7 +123,11 @@ class TaskModel(nn.Module):
                                            token_type_ids=token_type_ids)
 
     def summary(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One vector per input: pooled ``<cls>`` (encoder) or the last non-pad token (decoder)."""
+        """One vector per input: the mean over the non-pad positions (``pooling="mean"``), else the
+        pooled ``<cls>`` (encoder) or the last non-pad token (decoder)."""
+        if self.pooling == "mean":
+            keep = attention_mask.to(h.dtype).unsqueeze(-1)
+            return (h * keep).sum(dim=1) / keep.sum(dim=1)
         if self.arch == "encoder":
             return self.backbone.pooled(h) if self.backbone.pooler is not None else h[:, 0]
         last = attention_mask.long().sum(dim=1) - 1

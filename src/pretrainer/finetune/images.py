@@ -88,6 +88,9 @@ def finetune_images(source: str, data: str, out: str, eval: str | None = None, r
 
     opts = FinetuneConfig(**options)
     opts.validate()
+    if opts.pooling != "cls":
+        raise ConfigError(f"--pooling {opts.pooling}: image-classification reads the ViT's pooled <cls> state; "
+                          f"--pooling applies to text classification and regression")
     if eval is not None and str(eval) != str(data):
         raise ConfigError(f"--eval {eval}: image-classification evaluates on the val split of --data {data} "
                           f"(prepare --images with --val-fraction)")

@@ -306,7 +306,11 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
     train_feats = the_task.encode(train_ex, tok, fmt, max_len)
     eval_feats = the_task.encode(eval_ex, tok, fmt, max_len) if eval_ex else None
     the_task.bind(tok)
-    model = the_task.build_model(backbone.model, opts.dropout).to(device)
+    if opts.pooling != "cls" and the_task.reads != "sequence":
+        raise ConfigError(f"--pooling {opts.pooling}: pools a sequence head (classification, regression); "
+                          f"the {task} task reads {'every token' if the_task.reads == 'tokens' else 'text'}")
+    pooled = {"pooling": opts.pooling} if the_task.reads == "sequence" else {}
+    model = the_task.build_model(backbone.model, opts.dropout, **pooled).to(device)
     if wants_fast_paths("auto", device, env.dtype):  # as the trainer: float32 on a CPU
         apply_fast_paths(backbone.model)
     lora_cfg = opts.lora_config()

@@ -189,9 +189,9 @@ class Task:
     def n_outputs(self) -> int:
         return len(self.labels)
 
-    def build_model(self, backbone: torch.nn.Module, dropout: float = 0.1) -> torch.nn.Module:
+    def build_model(self, backbone: torch.nn.Module, dropout: float = 0.1, pooling: str = "cls") -> torch.nn.Module:
         head_cls = SequenceHead if self.reads == "sequence" else TokenHead
-        return TaskModel(backbone, head_cls(backbone.cfg.d_model, self.n_outputs(), dropout), self.reads)
+        return TaskModel(backbone, head_cls(backbone.cfg.d_model, self.n_outputs(), dropout), self.reads, pooling)
 
     def forward(self, model, batch: dict) -> torch.Tensor:
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
