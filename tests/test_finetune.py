@@ -269,7 +269,7 @@ def _tiny(arch, **kw):
     base = dict(arch=arch, n_layer=2, n_head=2, d_model=32, vocab_size=50, max_seq_len=32)
     if arch == "encoder":
         base.update(type_vocab_size=2, pooler=True, prenorm=False, embed_norm=True)
-    return make_model(ModelConfig(**base, **kw))
+    return make_model(ModelConfig(**{**base, **kw}))
 
 
 def test_decoder_head_reads_the_last_non_pad_token():
@@ -305,6 +305,39 @@ def test_encoder_head_ignores_padding_and_uses_segments():
     # segment ids reach the <cls> state the head reads
     h = model.states(ids, mask, types)[:, 0]
     assert not torch.allclose(h, model.states(ids, mask, torch.zeros_like(types))[:, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", [{}, {"prenorm": True}, {"parallel_block": True, "prenorm": True},
+                                {"position": "relative", "prenorm": True, "type_vocab_size": 0},
+                                {"position": "rope", "share_layers": "all"}, {"moe": {"n_experts": 2, "top_k": 1}}],
+                         ids=["post-norm", "pre-norm", "parallel", "relative-bias", "rope-albert", "moe"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_cls_head_computes_only_the_cls_row_of_the_last_layer_with_the_same_numbers(kw, fast):
+    """TaskModel reads <cls> through hidden_states(positions=slice(0, 1)): the last block runs its
+    queries, residuals and MLP on that row only. Its logits and every gradient equal those from
+    the full final states (training mode, dropout 0), fast paths or not. (A mixture of experts
+    keeps every row: its capacity and balancing loss depend on the tokens routed.)"""
+    from pretrainer.model.fast import apply_fast_paths
+
+    torch.manual_seed(0)
+    backbone = _tiny("encoder", **kw)
+    if fast:
+        apply_fast_paths(backbone)
+    model = TaskModel(backbone, SequenceHead(32, 3, dropout=0.0), "sequence").train()
+    ids = torch.tensor([[4, 9, 10, 5, 11, 5, 0, 0], [4, 12, 13, 14, 15, 16, 17, 5]])
+    mask = (ids != 0).long()
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 0, 0], [0] * 8]) if model.cfg.type_vocab_size else None
+    out = model(ids, mask, types)
+    g = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
+    full = model.states(ids, mask, types)  # every row of the last layer
+    assert full.shape[1] == 8
+    ref = model.head(model.summary(full, mask))
+    g_ref = torch.autograd.grad(ref.square().sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), g, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mean_pooling_reads_the_mean_of_the_real_positions():

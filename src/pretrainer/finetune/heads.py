@@ -135,6 +135,12 @@ class TaskModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.reads == "sequence" and self.pooling == "cls" and self.arch == "encoder"
+                and not self.cfg.moe.n_experts):  # (experts' capacity depends on the tokens routed)
+            # the head reads <cls> only: the last layer computes that row alone (the same numbers)
+            h = self.backbone.hidden_states(input_ids, attention_mask=attention_mask,
+                                            token_type_ids=token_type_ids, positions=slice(0, 1))
+            return self.head(self.summary(h, attention_mask))
         h = self.states(input_ids, attention_mask, token_type_ids)
         if self.reads == "sequence":
             h = self.summary(h, attention_mask)

@@ -91,11 +91,14 @@ class EncoderLM(Transformer):
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       token_type_ids: torch.Tensor | None = None,
                       decoder_input_ids: torch.Tensor | None = None,
-                      prefix_len: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                      prefix_len: torch.Tensor | None = None, cache=None,
+                      positions: slice | None = None) -> torch.Tensor:
         """Final hidden states [B, T, d_model]. ``attention_mask`` [B, T]: 1 for tokens, 0 for
         padding (padding keys are masked out of every attention; its own states are computed but
         meaningless). ``token_type_ids`` [B, T]: segment ids (0 everywhere when not given; a
-        model without segment embeddings takes none)."""
+        model without segment embeddings takes none). ``positions``: a slice of the positions
+        whose states are wanted, [B, len, d_model] (``slice(0, 1)``: the ``<cls>`` state; the
+        last layer then computes that row only, the same numbers for a quarter of its work)."""
         check_extras("encoder-only", decoder_input_ids=decoder_input_ids, prefix_len=prefix_len,
                      cache=cache)
         mask = None
@@ -103,7 +106,7 @@ class EncoderLM(Transformer):
             mask = attention_mask.bool()[:, None, None, :]
         if self.type_emb is None:
             token_type_ids = None
-        return self.encode(input_ids, token_type_ids=token_type_ids, attn_mask=mask)
+        return self.encode(input_ids, token_type_ids=token_type_ids, attn_mask=mask, queries=positions)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """MLM logits of hidden states (of every position, or of the selected ones)."""

@@ -268,10 +268,11 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x, rotary: Rotary | None = None, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None):
+                attn_mask: torch.Tensor | None = None, queries: slice | None = None):
         """``attn_mask``: a boolean mask of the keys that take part (``True``), [B, 1, 1, T], e.g.
         to leave out padding, or an additive float mask [B or 1, H, T, S] (a position bias). For a
-        causal layer, a given mask must already hold the causal part."""
+        causal layer, a given mask must already hold the causal part. ``queries``: the positions
+        whose outputs are wanted (a bidirectional layer only; keys and values stay everywhere)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
         start = cache.length if cache is not None else 0
@@ -281,8 +282,14 @@ class SelfAttention(nn.Module):
         key_pos = None  # keys at 0 .. S-1, unless a local layer's cache keeps only its window
         if cache is not None:
             k, v, key_pos = cache.update(self.layer_idx, k, v)
+        if queries is not None:
+            if self.causal or cache is not None:
+                raise ValueError("queries= selects outputs of a bidirectional layer without a cache")
+            q = q[:, :, queries]
+            if attn_mask is not None and attn_mask.shape[-2] == T > 1:  # a bias per query row
+                attn_mask = attn_mask[..., queries, :]
         y = self.attend(q, k, v, start, key_pos, attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], H * D))
 
     def attend(self, q, k, v, start: int, key_pos: torch.Tensor | None,
                attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -551,18 +558,23 @@ class Block(nn.Module):
         """A residual branch's output ``y`` added to the stream ``x``: ``x + dropout(y)``."""
         return x + self.drop(y)
 
-    def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None):
+    def forward(self, x, rotary=None, cache=None, attn_mask=None, memory=None, memory_mask=None, queries=None):
+        """The block's output [B, T, d_model]; with ``queries`` (a slice of the positions, in a
+        bidirectional stack) the outputs at those positions only: the attention reads every
+        position, everything after it runs on the queries' rows (a classifier on ``<cls>`` needs
+        one row of the last block)."""
         add = self.residual
+        rows = x if queries is None else x[:, queries]
         if self.parallel:
             h = self.norm1(x)
-            h_mlp = self.norm2(x) if self.norm2 is not None else h
-            return add(add(x, self.attn(h, rotary, cache, attn_mask)), self.mlp(h_mlp))
+            h_mlp = self.norm2(rows) if self.norm2 is not None else h if queries is None else h[:, queries]
+            return add(add(rows, self.attn(h, rotary, cache, attn_mask, queries)), self.mlp(h_mlp))
         if self.prenorm:
-            x = add(x, self.attn(self.norm1(x), rotary, cache, attn_mask))
+            x = add(rows, self.attn(self.norm1(x), rotary, cache, attn_mask, queries))
             if self.xattn is not None:
                 x = add(x, self.xattn(self.norm_x(x), memory, cache, memory_mask))
             return add(x, self.mlp(self.norm2(x)))
-        x = self.norm1(add(x, self.attn(x, rotary, cache, attn_mask)))
+        x = self.norm1(add(rows, self.attn(x, rotary, cache, attn_mask, queries)))
         if self.xattn is not None:
             x = self.norm_x(add(x, self.xattn(x, memory, cache, memory_mask)))
         return self.norm2(add(x, self.mlp(x)))
@@ -691,8 +703,10 @@ class Transformer(nn.Module):
                token_type_ids: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None,
-               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+               inputs_embeds: torch.Tensor | None = None, queries: slice | None = None) -> torch.Tensor:
         """Final hidden states [B, T, d_model] of ``input_ids`` [B, T] (after the last norm).
+        ``queries``: a slice of the positions whose final states are wanted (bidirectional stacks;
+        the last block computes those rows only): [B, len, d_model].
         ``attn_mask``: boolean [B, 1, 1, T] keys that take part (padding left out; bidirectional
         stacks). ``memory`` [B, S, d_model] and ``memory_mask`` [B, 1, 1, S]: the encoder output
         that a decoder stack cross-attends to. ``inputs_embeds`` [B, T, embed_dim]: the input
@@ -720,8 +734,9 @@ class Transformer(nn.Module):
             x = self.embed_proj(x)
         if self.rel_bias is not None:
             attn_mask = self.position_bias(start, T, attn_mask, x.dtype)
-        for block in self.blocks:
-            x = block(x, self.rotary, cache, attn_mask, memory, memory_mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rotary, cache, attn_mask, memory, memory_mask, queries if i == last else None)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
