@@ -156,6 +156,7 @@ class SFTTask(Task):
     """Decoders only; the model is the backbone itself."""
 
     name = "sft"
+    reads = "text"  # no head: the decoder's own next-token output
     main_metric = "rougeL"
     select = "loss"  # the lowest response loss on the evaluation rows
 
