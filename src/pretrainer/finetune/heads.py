@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..config import POOLING
 from ..tokenization import Tok
 
 @dataclass
@@ -108,13 +109,16 @@ class TaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, reads: str, pooling: str = "cls"):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling={pooling!r}: expected cls or mean")
+        if pooling not in POOLING:
+            raise ValueError(f"pooling={pooling!r}: expected one of {', '.join(POOLING)}")
         self.backbone, self.head, self.reads, self.pooling = backbone, head, reads, pooling
         self.cfg = backbone.cfg
         self.tied_output = "backbone." + backbone.tied_output
         self.shared_copies = tuple("backbone." + k for k in getattr(backbone, "shared_copies", ()))
-        self.arch = backbone.cfg.arch
+        self.by_cls = getattr(backbone, "summarised_by_cls", False)
+        # a head on <cls> reads one row of the last layer, which then computes that row alone (the
+        # same numbers); not with experts, whose capacity depends on the tokens routed
+        self.cls_row_only = reads == "sequence" and pooling == "cls" and self.by_cls and not self.cfg.moe.n_experts
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,20 +132,18 @@ class TaskModel(nn.Module):
         if self.pooling == "mean":
             keep = attention_mask.to(h.dtype).unsqueeze(-1)
             return (h * keep).sum(dim=1) / keep.sum(dim=1)
-        if self.arch == "encoder":
+        if self.by_cls:
             return self.backbone.pooled(h) if self.backbone.pooler is not None else h[:, 0]
         last = attention_mask.long().sum(dim=1) - 1
         return h[torch.arange(h.shape[0], device=h.device), last]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.reads == "sequence" and self.pooling == "cls" and self.arch == "encoder"
-                and not self.cfg.moe.n_experts):  # (experts' capacity depends on the tokens routed)
-            # the head reads <cls> only: the last layer computes that row alone (the same numbers)
+        if self.cls_row_only:
             h = self.backbone.hidden_states(input_ids, attention_mask=attention_mask,
                                             token_type_ids=token_type_ids, positions=slice(0, 1))
-            return self.head(self.summary(h, attention_mask))
-        h = self.states(input_ids, attention_mask, token_type_ids)
+        else:
+            h = self.states(input_ids, attention_mask, token_type_ids)
         if self.reads == "sequence":
             h = self.summary(h, attention_mask)
         return self.head(h)

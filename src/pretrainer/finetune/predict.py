@@ -47,8 +47,7 @@ class Predictor:
         self.batch_size = batch_size
         cfg = ModelConfig(**self.settings["model"])
         options = self.settings["options"]
-        pooled = {"pooling": options.get("pooling", "cls")} if self.task.reads == "sequence" else {}
-        self.model = self.task.build_model(make_model(cfg), options.get("dropout", 0.1), **pooled)
+        self.model = self.task.build_model(make_model(cfg), options.get("dropout", 0.1), options.get("pooling", "cls"))
         ckpt, meta = latest_checkpoint(self.run)
         if not self.settings.get("best"):  # a finished fine-tune records its selected checkpoint
             print(f"warning: {self.run}: the fine-tuning did not finish; predicting with its newest "

@@ -309,8 +309,7 @@ def _finetune(source: str, task: str, train: str, out: str, eval: str | None, re
     if opts.pooling != "cls" and the_task.reads != "sequence":
         raise ConfigError(f"--pooling {opts.pooling}: pools a sequence head (classification, regression); "
                           f"the {task} task reads {'every token' if the_task.reads == 'tokens' else 'text'}")
-    pooled = {"pooling": opts.pooling} if the_task.reads == "sequence" else {}
-    model = the_task.build_model(backbone.model, opts.dropout, **pooled).to(device)
+    model = the_task.build_model(backbone.model, opts.dropout, opts.pooling).to(device)
     if wants_fast_paths("auto", device, env.dtype):  # as the trainer: float32 on a CPU
         apply_fast_paths(backbone.model)
     lora_cfg = opts.lora_config()

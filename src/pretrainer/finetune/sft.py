@@ -287,7 +287,7 @@ class SFTTask(Task):
         return batch
 
     # -- model ---------------------------------------------------------------------------------
-    def build_model(self, backbone, dropout: float = 0.1):
+    def build_model(self, backbone, dropout: float = 0.1, pooling: str = "cls"):
         return backbone
 
     @staticmethod

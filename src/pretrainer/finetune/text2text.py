@@ -198,7 +198,7 @@ class Text2TextTask(Task):
         return order
 
     # -- model ---------------------------------------------------------------------------------
-    def build_model(self, backbone, dropout: float = 0.1):
+    def build_model(self, backbone, dropout: float = 0.1, pooling: str = "cls"):
         return backbone
 
     def loss(self, model, batch: dict) -> torch.Tensor:

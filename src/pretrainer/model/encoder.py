@@ -77,6 +77,7 @@ class EncoderLM(Transformer):
     replaced-token detection head (``rtd``) instead of it (``rtd_head``)."""
 
     tied_output = "mlm.out.weight"  # the state-dict entry that is ``tok_emb.weight`` when tied
+    summarised_by_cls = True  # a sequence task head reads the first (<cls>) state (a decoder's: the last)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, causal=False)
@@ -98,7 +99,7 @@ class EncoderLM(Transformer):
         meaningless). ``token_type_ids`` [B, T]: segment ids (0 everywhere when not given; a
         model without segment embeddings takes none). ``positions``: a slice of the positions
         whose states are wanted, [B, len, d_model] (``slice(0, 1)``: the ``<cls>`` state; the
-        last layer then computes that row only, the same numbers for a quarter of its work)."""
+        last layer then runs only its q/k/v projection on every position, the rest on that row)."""
         check_extras("encoder-only", decoder_input_ids=decoder_input_ids, prefix_len=prefix_len,
                      cache=cache)
         mask = None

@@ -567,7 +567,8 @@ class Block(nn.Module):
         rows = x if queries is None else x[:, queries]
         if self.parallel:
             h = self.norm1(x)
-            h_mlp = self.norm2(rows) if self.norm2 is not None else h if queries is None else h[:, queries]
+            h_rows = h if queries is None else h[:, queries]
+            h_mlp = self.norm2(rows) if self.norm2 is not None else h_rows
             return add(add(rows, self.attn(h, rotary, cache, attn_mask, queries)), self.mlp(h_mlp))
         if self.prenorm:
             x = add(rows, self.attn(self.norm1(x), rotary, cache, attn_mask, queries))
