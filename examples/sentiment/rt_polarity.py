@@ -28,8 +28,9 @@ Measured 2026-11-23 on a 2-core CPU, one thread: from scratch, accuracy 0.773 (b
 plateau and does not help yet; the stdlib benchmark (``benchmarks/finetune_pretrained_vs_scratch.py``)
 shows where the gain appears. On English, ``benchmarks/english_pretraining.py`` measures the recipe
 that pays off (``configs/bert-tiny-imdb.yaml``: rotary positions, which leave that plateau within a
-few hundred steps, and the head on the mean of the final states): from 4,000 steps it fine-tunes
-above the same model from scratch on Rotten Tomatoes and STS-B (benchmarks/README.md).
+few hundred steps, and the head on the mean of the final states): from 4,000 steps every seed
+fine-tunes above every seed of the same model from scratch on Rotten Tomatoes and STS-B
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
