@@ -295,6 +295,38 @@ def test_long_documents_cut_in_pieces_encode_exactly(kind, monkeypatch):
         assert ids.tolist() == tok.encode(doc) + [tok.eos_id]
 
 
+def test_encoding_in_many_tokenizer_calls_gives_the_same_ids(monkeypatch):
+    """The pieces of a batch go to the tokenizer a few hundred thousand characters at a time (its
+    result holds ~100 bytes a token): documents whose pieces land in different calls, and calls
+    that hold the ends of several documents, give each document exactly its own ids."""
+    monkeypatch.setattr(prepare_mod, "_PIECE_CHARS", 300)
+    docs = docs_of("builtin:stdlib:12")
+    tok = Tok.train(docs, "bpe", 1000)
+    tok.tok.encode_special_tokens = True
+    calls = []
+    real = tok.tok.encode_batch_fast
+
+    class Spy:  # the Rust tokenizer's methods cannot be patched on the object itself
+        def __getattr__(self, name):
+            return getattr(real.__self__, name)
+
+        def encode_batch_fast(self, pieces, **kw):
+            calls.append(sum(map(len, pieces)))
+            return real(pieces, **kw)
+
+    tok.tok = Spy()
+    batch = list(enumerate(docs))
+    whole = prepare_mod._encode(tok, batch, True, np.dtype("<u2"))
+    assert len(calls) == 1  # everything in one call at the default size
+    monkeypatch.setattr(prepare_mod, "_ENCODE_CHARS", 1000)
+    calls.clear()
+    grouped = prepare_mod._encode(tok, batch, True, np.dtype("<u2"))
+    assert len(calls) > len(docs) and max(calls) < 1000 + 2 * 300 + max(map(len, docs))
+    assert [i for i, _ in grouped] == [i for i, _ in whole]
+    for (_, a), (_, b), doc in zip(grouped, whole, docs):
+        assert a.dtype == b.dtype and a.tolist() == b.tolist() == tok.encode(doc) + [tok.eos_id]
+
+
 def test_uint32_when_the_vocabulary_needs_it(tmp_path):
     text = "".join(chr(c) for c in range(0x10000, 0x10000 + 66_000))  # more distinct chars than uint16 ids
     (tmp_path / "wide.txt").write_text(text)
