@@ -54,7 +54,7 @@ _SIGNATURES = {
     "rms_norm_forward": [_P, _P, _P, _P, _I, _I, _F],
     "rms_norm_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
     "rotary": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F],
-    "softmax_cross_entropy": [_P, _P, _P, _P, _I, _I],
+    "softmax_cross_entropy": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
     "dropout_forward": [_P, _P, _P, _P, _I, _U, _U, _F],
     "dropout_backward": [_P, _P, _P, _I, _F],
     "softmax_dropout_forward": [_P, _P, _P, _I, _I, _F, _U, _U, _F],
@@ -239,10 +239,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     return out
 
 
-def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy of ``logits`` [N, V] (contiguous; overwritten with
-    ``scale * (softmax - one_hot)``, the gradient of ``sum(scale * loss)``); ``targets`` [N] in
-    ``0 .. V-1``, ``scale`` [N]."""
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of ``logits`` [N, V] (+ ``bias`` [V] on every row, if given)
+    (contiguous; overwritten with ``scale * (softmax - one_hot)``, the gradient of
+    ``sum(scale * loss)``); ``targets`` [N] in ``0 .. V-1``, ``scale`` [N]. With a bias, returns
+    ``(loss, dbias)``: the bias's gradient summed over the rows in the same pass."""
     assert logits.is_contiguous(), "softmax_cross_entropy_: logits must be contiguous"
     targets = targets.to(torch.int64).contiguous()
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
@@ -251,9 +253,14 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: t
     scale = scale.to(torch.float32).contiguous()
     loss = logits.new_empty(logits.shape[0])
     used.add("softmax_cross_entropy")
-    _lib.softmax_cross_entropy(_ptr(logits), _ptr(targets), _ptr(scale), _ptr(loss), logits.shape[0],
+    parts = max(1, min(torch.get_num_threads(), logits.shape[0]))
+    dbias = logits.new_zeros(parts, logits.shape[1]) if bias is not None else None
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    _lib.softmax_cross_entropy(_ptr(logits), _ptr(bias) if bias is not None else None, _ptr(targets), _ptr(scale),
+                               _ptr(loss), _ptr(dbias) if dbias is not None else None, parts, logits.shape[0],
                                logits.shape[1])
-    return loss
+    return loss if bias is None else (loss, dbias.sum(0))
 
 
 def dropout_seed() -> int:

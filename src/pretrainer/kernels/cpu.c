@@ -141,31 +141,45 @@ void rotary(const float *x, const int64_t *xs, float *out, const int64_t *os, co
     }
 }
 
-/* Cross-entropy over logits [N, V], in place: loss[i] = logsumexp(row i) - row i at target[i]
- * (read before anything is written), then row i becomes its softmax times scale[i] minus scale[i]
- * at target[i]: the gradient of sum_i scale[i] * loss[i]. A row is in cache from the first read
- * (its maximum) to the last write. */
-void softmax_cross_entropy(float *x, const int64_t *target, const float *scale, float *loss,
-                           int64_t N, int64_t V) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < N; i++) {
-        float *xi = x + i * V;
-        float picked = xi[target[i]];
-        float m = xi[0];
-        #pragma omp simd reduction(max:m)
-        for (int64_t j = 0; j < V; j++) m = xi[j] > m ? xi[j] : m;
-        float total = 0.f;
-        #pragma omp simd reduction(+:total)
-        for (int64_t j = 0; j < V; j++) {
-            float e = expf(xi[j] - m);
-            xi[j] = e;
-            total += e;
+/* Cross-entropy over logits [N, V], in place: bias [V] (or NULL) added to every row first, then
+ * loss[i] = logsumexp(row i) - row i at target[i], then row i becomes its softmax times scale[i]
+ * minus scale[i] at target[i]: the gradient of sum_i scale[i] * loss[i]. A row is in cache from
+ * the first read to the last write. With dbias [parts, V] (zeros; or NULL), `parts` threads each
+ * add their rows' gradients into their own row of it: the bias gradient is its column sums. */
+void softmax_cross_entropy(float *x, const float *bias, const int64_t *target, const float *scale,
+                           float *loss, float *dbias, int64_t parts, int64_t N, int64_t V) {
+    #pragma omp parallel num_threads(parts)
+    {
+        /* this thread's row of dbias [parts, V] (zeros): the column sums of its rows' gradients */
+        float *acc = dbias ? dbias + (int64_t)omp_get_thread_num() * V : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < N; i++) {
+            float *xi = x + i * V;
+            if (bias) {
+                #pragma omp simd
+                for (int64_t j = 0; j < V; j++) xi[j] += bias[j];
+            }
+            float picked = xi[target[i]];
+            float m = xi[0];
+            #pragma omp simd reduction(max:m)
+            for (int64_t j = 0; j < V; j++) m = xi[j] > m ? xi[j] : m;
+            float total = 0.f;
+            #pragma omp simd reduction(+:total)
+            for (int64_t j = 0; j < V; j++) {
+                float e = expf(xi[j] - m);
+                xi[j] = e;
+                total += e;
+            }
+            float k = scale[i] / total;
+            #pragma omp simd
+            for (int64_t j = 0; j < V; j++) xi[j] *= k;
+            loss[i] = m + logf(total) - picked;
+            xi[target[i]] -= scale[i];
+            if (acc) {
+                #pragma omp simd
+                for (int64_t j = 0; j < V; j++) acc[j] += xi[j];
+            }
         }
-        float k = scale[i] / total;
-        #pragma omp simd
-        for (int64_t j = 0; j < V; j++) xi[j] *= k;
-        loss[i] = m + logf(total) - picked;
-        xi[target[i]] -= scale[i];
     }
 }
 

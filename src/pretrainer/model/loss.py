@@ -60,17 +60,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         autocast = torch.is_autocast_enabled(h.device.type)
         ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+        # the kernel adds the bias row by row and sums its gradient in the same pass; without it the
+        # bias is copied into every row, then the product added to it
+        fused_bias = bias is not None and kernels.usable(grad)
+        ctx.dbias = None
         if ctx.mm_dtype == torch.float32 and weight.dtype == torch.float32:
-            if bias is None:
+            if bias is None or fused_bias:
                 torch.mm(h, weight.t(), out=grad)
-            else:  # the bias copied into every row, then the product added to it
+            else:
                 torch.addmm(bias.float(), h, weight.t(), out=grad)
         else:  # a bf16/fp16 product, softmax in float32
             grad.copy_(h.to(ctx.mm_dtype) @ weight.to(ctx.mm_dtype).t())
-            if bias is not None:
+            if bias is not None and not fused_bias:
                 grad.add_(bias.float())
         scale = valid.float() / count
-        if kernels.usable(grad):  # one pass per row, from its maximum to its gradient
+        if fused_bias:
+            loss, ctx.dbias = kernels.softmax_cross_entropy_(grad, safe_t, scale, bias)
+        elif kernels.usable(grad):  # one pass per row, from its maximum to its gradient
             loss = kernels.softmax_cross_entropy_(grad, safe_t, scale)
         else:
             picked = grad.gather(1, safe_t[:, None]).squeeze(1)
@@ -94,7 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # the upstream gradient scales the small products and sums, not the vocabulary-wide buffer
         dh = (g @ weight.to(g.dtype)).mul_(grad_out)
         dw = (g.t() @ h.to(g.dtype)).mul_(grad_out)
-        db = grad.sum(0).mul_(grad_out).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        db = None
+        if ctx.needs_input_grad[2]:
+            db = (ctx.dbias if ctx.dbias is not None else grad.sum(0)).mul_(grad_out).to(ctx.bias_dtype)
         _give_back(ctx.owner)
         return dh.to(h.dtype), dw.to(weight.dtype), db, None, None
 
