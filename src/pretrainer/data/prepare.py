@@ -279,10 +279,11 @@ def _encode(tok: Tok, batch: list[tuple[int, str]], cut_long: bool, dtype: np.dt
     """Ids of every document of the batch, each followed by the end-of-text token.
 
     Parallelism: one ``encode_batch_fast`` call per ``_ENCODE_CHARS`` of pieces lets `tokenizers`
-    spread them over all cores with its own threads (one call per 4 MB batch held a character
-    tokenizer's 4 million token objects at once, ~400 MB). On the 2-vCPU development VM (builtin:stdlib, 12 MB, bpe:8192;
-    wall seconds, noisy shared host) that took 6.6-7.5 s, a 2-process multiprocessing.Pool 6.7-9.6 s
-    (it also pays for starting workers and pickling ids back) and one thread 7.0-11.5 s; so no Pool.
+    spread them over all cores with its own threads; its result is held for one call only (one call
+    per 4 MB batch held a character tokenizer's 4 million token objects at once). On the 2-vCPU
+    development VM (builtin:stdlib, 12 MB, bpe:8192; wall seconds, noisy shared host) one call per
+    batch took 6.6-7.5 s, a 2-process multiprocessing.Pool 6.7-9.6 s (it also pays for starting
+    workers and pickling ids back) and one thread 7.0-11.5 s; so no Pool.
     """
     eos, start = tok.role_id("eos"), tok.document_prefix  # Llama's "<s> doc </s>"; ours "doc <eos>"
     ids: list[list[np.ndarray]] = [[np.array(start, dtype=dtype)] for _ in batch]
