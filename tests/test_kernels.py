@@ -110,6 +110,34 @@ def test_cross_entropy_kernel_matches_the_formula_with_ignored_targets():
         linear_cross_entropy(h32, W32, torch.full((N,), V))
 
 
+@needs_kernels
+@pytest.mark.parametrize("scale", [None, 1.0])
+@pytest.mark.parametrize("batch_bias", [False, True])
+def test_biased_softmax_kernel_matches_pytorchs_attention(scale, batch_bias):
+    """T5's attention with its learned position bias through the fused bias-and-softmax kernel
+    (float32): output and gradients of the queries, keys, values and the bias (summed over the
+    batch when it is shared) against PyTorch's attention in float64; strided heads as the
+    projection's split gives them, masked entries at float's lowest value, two threads' rows."""
+    from pretrainer.model.fast import biased_attention
+
+    torch.manual_seed(0)
+    B, H, T, S, D = 3, 2, 5, 7, 8
+    qkv = [torch.randn(B, n, H, D, dtype=torch.float64).transpose(1, 2) for n in (T, S, S)]
+    bias = torch.randn(B if batch_bias else 1, H, T, S, dtype=torch.float64)
+    bias = bias.masked_fill(torch.rand(bias.shape) < 0.3, torch.finfo(torch.float32).min)
+    w = torch.randn(B, H, T, D, dtype=torch.float64)
+    ours = [x.float().requires_grad_() for x in (*qkv, bias)]
+    ref = [x.clone().requires_grad_() for x in (*qkv, bias)]
+    kernels.used.clear()
+    got = biased_attention(*ours[:3], ours[3], scale)
+    assert "biased_softmax" in kernels.used
+    want = F.scaled_dot_product_attention(*ref[:3], attn_mask=ref[3], scale=scale)
+    close(got, want)
+    for a, b in zip(torch.autograd.grad((got * w.float()).sum(), ours), torch.autograd.grad((want * w).sum(), ref)):
+        assert a.shape == b.shape
+        close(a, b)
+
+
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_fused_loss_with_a_bias_and_changing_rows_matches_the_formula(use_kernels, fresh_kernels, monkeypatch):
     """The masked LM's head: an output bias, and a different number of rows at every step (the

@@ -55,6 +55,8 @@ _SIGNATURES = {
     "rms_norm_backward": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
     "rotary": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F],
     "softmax_cross_entropy": [_P, _P, _P, _P, _P, _P, _I, _I, _I],
+    "biased_softmax_forward": [_P, _P, _I, _I, _I, _I],
+    "biased_softmax_backward": [_P, _P, _P, _I, _I, _I],
     "dropout_forward": [_P, _P, _P, _P, _I, _U, _U, _F],
     "dropout_backward": [_P, _P, _P, _I, _F],
     "softmax_dropout_forward": [_P, _P, _P, _I, _I, _F, _U, _U, _F],
@@ -261,6 +263,32 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: t
                                _ptr(loss), _ptr(dbias) if dbias is not None else None, parts, logits.shape[0],
                                logits.shape[1])
     return loss if bias is None else (loss, dbias.sum(0))
+
+
+def biased_softmax_(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores + bias)`` over the last dimension, written over ``scores`` [B, H, T, S]
+    (contiguous); ``bias`` [1 or B, H, T, S]. Returns ``scores``."""
+    assert scores.is_contiguous(), "biased_softmax_: scores must be contiguous"
+    B, S = scores.shape[0], scores.shape[-1]
+    R = scores.numel() // (B * S)
+    bias = bias.contiguous()
+    used.add("biased_softmax")
+    _lib.biased_softmax_forward(_ptr(scores), _ptr(bias), B, R, S, 0 if bias.shape[0] == 1 else R * S)
+    return scores
+
+
+def biased_softmax_backward_(dp: torch.Tensor, probs: torch.Tensor, shared_bias: bool) -> torch.Tensor | None:
+    """The gradient of :func:`biased_softmax_` with respect to its scores, from that of its output
+    (``dp``, contiguous: overwritten with the result); ``probs`` its output. With ``shared_bias``
+    (a bias [1, H, T, S]) returns the bias's gradient, the scores' summed over the batch, else None
+    (a bias [B, H, T, S] has the scores' own)."""
+    assert dp.is_contiguous() and probs.is_contiguous(), "biased_softmax_backward_: contiguous tensors only"
+    B, S = dp.shape[0], dp.shape[-1]
+    R = dp.numel() // (B * S)
+    dbias = dp.new_empty(1, *dp.shape[1:]) if shared_bias else None
+    used.add("biased_softmax")
+    _lib.biased_softmax_backward(_ptr(dp), _ptr(probs), _ptr(dbias) if dbias is not None else None, B, R, S)
+    return dbias
 
 
 def dropout_seed() -> int:

@@ -183,6 +183,63 @@ void softmax_cross_entropy(float *x, const float *bias, const int64_t *target, c
     }
 }
 
+/* Attention probabilities with an additive bias (T5's learned relative positions), in place:
+ * x [B, R, S] (R = heads x queries) becomes softmax(x + bias) over its last dimension; bias is
+ * [R, S], shared by the B batch entries (bstride 0), or [B, R, S] (bstride R * S). Masked entries
+ * hold float's lowest value, so no row is all -inf; a row that is gets zeros. */
+void biased_softmax_forward(float *x, const float *bias, int64_t B, int64_t R, int64_t S, int64_t bstride) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < B * R; i++) {
+        float *xi = x + i * S;
+        const float *bi = bias + (i / R) * bstride + (i % R) * S;
+        float m = -INFINITY;
+        #pragma omp simd reduction(max:m)
+        for (int64_t j = 0; j < S; j++) {
+            xi[j] += bi[j];
+            m = xi[j] > m ? xi[j] : m;
+        }
+        if (m == -INFINITY) {
+            memset(xi, 0, sizeof(float) * S);
+            continue;
+        }
+        float total = 0.f;
+        #pragma omp simd reduction(+:total)
+        for (int64_t j = 0; j < S; j++) {
+            float e = expf(xi[j] - m);
+            xi[j] = e;
+            total += e;
+        }
+        float r = 1.f / total;
+        #pragma omp simd
+        for (int64_t j = 0; j < S; j++) xi[j] *= r;
+    }
+}
+
+/* Its gradient: dp [B, R, S], the gradient of the probabilities p, becomes that of the scores,
+ * p (dp - sum(dp p)), in place; with dbias [R, S] (a shared bias), those summed over the batch are
+ * written into it. The rows are split among the threads by r, each walking the batch for its own
+ * rows, so no two threads write the same row of dbias. */
+void biased_softmax_backward(float *dp, const float *p, float *dbias, int64_t B, int64_t R, int64_t S) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        float *db = dbias ? dbias + r * S : NULL;
+        if (db) memset(db, 0, sizeof(float) * S);
+        for (int64_t b = 0; b < B; b++) {
+            float *di = dp + (b * R + r) * S;
+            const float *pi = p + (b * R + r) * S;
+            float t = 0.f;
+            #pragma omp simd reduction(+:t)
+            for (int64_t j = 0; j < S; j++) t += di[j] * pi[j];
+            #pragma omp simd
+            for (int64_t j = 0; j < S; j++) di[j] = pi[j] * (di[j] - t);
+            if (db) {
+                #pragma omp simd
+                for (int64_t j = 0; j < S; j++) db[j] += di[j];
+            }
+        }
+    }
+}
+
 /* Dropout (Srivastava et al. 2014). Element i of a call keeps its value when the i-th output of
  * SplitMix64 (Steele, Lea & Flood 2014) started at `seed` has its high 32 bits below `thr`
  * (= (1 - p) 2^32, so it keeps with probability 1 - p to within 2^-32). Each draw is a function

@@ -10,8 +10,9 @@ its parent's parameters and state-dict names and overrides one method:
   backward writes the three gradients, rotated back, straight into one buffer laid out like the
   projection's output (autograd would concatenate and transpose: two copies); local (banded)
   layers computed block by block over the keys their band reaches (:func:`banded_attention`)
-  instead of a T x T masked product; and T5's learned position bias as plain products
-  (:func:`biased_attention`) instead of PyTorch's math path, which adds passes over the scores;
+  instead of a T x T masked product; and T5's learned position bias as plain products with the
+  bias add and the softmax fused each way (:func:`biased_attention`) instead of PyTorch's math
+  path, which adds passes over the scores;
 - :class:`FastMLP` (SwiGLU): both halves of the gradient written into one buffer, silu recomputed
   in the backward so its output is not kept; one-pass C kernels each way; GPT-2's tanh GELU in
   one-pass C kernels each way too (PyTorch's CPU op for it was twice its exact GELU's time);
@@ -230,11 +231,44 @@ def biased_attention(q, k, v, bias: torch.Tensor, scale: float | None) -> torch.
     result is the same."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if (kernels.usable(q, k, v, bias) and bias.dim() == 4 and bias.shape[0] in (1, q.shape[0])
+            and bias.shape[1:] == (q.shape[1], q.shape[2], k.shape[2])):
+        return _BiasedAttention.apply(q, k, v, bias, scale)
     if scale != 1.0:
         q = q * scale  # (the smaller tensor: D against S)
     scores = torch.matmul(q, k.transpose(-1, -2))
     scores.add_(bias)  # (in place: the product's backward keeps its inputs, not its output)
     return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """:func:`biased_attention` with the bias add and the softmax in one pass each way
+    (:mod:`pretrainer.kernels`), the bias's gradient summed over the batch in the backward's pass.
+    The queries, keys and values are copied once into contiguous tensors, kept for the backward
+    (heads split from one projection are strided views, which each product would copy)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float):
+        q = (q * scale) if scale != 1.0 else q.contiguous()
+        k, v = k.contiguous(), v.contiguous()
+        probs = kernels.biased_softmax_(torch.matmul(q, k.transpose(-1, -2)), bias)
+        ctx.scale, ctx.shared = scale, bias.shape[0] == 1
+        ctx.save_for_backward(q, k, v, probs)
+        return torch.matmul(probs, v)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, probs = ctx.saved_tensors
+        dout = dout.contiguous()
+        dv = torch.matmul(probs.transpose(-1, -2), dout)
+        ds = torch.matmul(dout, v.transpose(-1, -2))
+        dbias = kernels.biased_softmax_backward_(ds, probs, ctx.shared)
+        if dbias is None and ctx.needs_input_grad[3]:  # a bias per batch entry: the scores' own
+            dbias = ds.clone()
+        dq = torch.matmul(ds, k)
+        if ctx.scale != 1.0:
+            dq.mul_(ctx.scale)
+        return dq, torch.matmul(ds.transpose(-1, -2), q), dv, dbias, None
 
 
 class _Dropout(torch.autograd.Function):
