@@ -45,12 +45,29 @@ CORPUS = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 NANOGPT_DIR = HERE.parent.parent / "shared" / "anchors" / "nanoGPT"
 
 
+def model_config(name: str):
+    """Our model of nanoGPT's example size (4 layers, 4 heads, 128 wide, context 64; the vocabulary
+    is the data's): ``gpt-micro``, ``nanogpt-layout`` or ``llama-micro-char``."""
+    from pretrainer.config import model_preset
+
+    if name in ("gpt-micro", "nanogpt-layout"):
+        model = model_preset("gpt-micro")  # 4 layers, 4 heads, 128 wide: GPT-2 style
+        if name == "nanogpt-layout":  # what nanoGPT's example runs: no biases, exact GELU
+            model.bias, model.mlp = False, "gelu"
+    else:  # the same size with Llama parts (RMSNorm, rotary positions, SwiGLU with 4x-equivalent width)
+        model = model_preset("llama-tiny")
+        model.n_layer, model.n_head, model.n_kv_heads, model.d_model, model.d_ff = 4, 4, 4, 128, 344
+        model.tie_embeddings = True
+    model.max_seq_len = 64
+    return model
+
+
 def run_ours(args) -> None:
     """The worker: prepare + train in this process, print one JSON line (the parent times it)."""
     import torch
 
     torch.set_num_threads(args.threads)
-    from pretrainer.config import RunConfig, TrainConfig, model_preset
+    from pretrainer.config import RunConfig, TrainConfig
     from pretrainer.data.prepare import prepare
     from pretrainer.train.trainer import train
 
@@ -58,16 +75,7 @@ def run_ours(args) -> None:
     if out.exists():
         shutil.rmtree(out)
     prepare(args.corpus, "char", out / "data", split="tail", val_fraction=0.1, progress=False)
-    if args.model in ("gpt-micro", "nanogpt-layout"):
-        model = model_preset("gpt-micro")  # 4 layers, 4 heads, 128 wide: GPT-2 style
-        if args.model == "nanogpt-layout":  # what nanoGPT's example runs: no biases, exact GELU
-            model.bias, model.mlp = False, "gelu"
-    else:  # the same size with Llama parts (RMSNorm, rotary positions, SwiGLU with 4x-equivalent width)
-        model = model_preset("llama-tiny")
-        model.n_layer, model.n_head, model.n_kv_heads, model.d_model, model.d_ff = 4, 4, 4, 128, 344
-        model.tie_embeddings = True
-    model.max_seq_len = 64
-    cfg = RunConfig(model=model, data=str(out / "data"), out=str(out / "run"), train=TrainConfig(
+    cfg = RunConfig(model=model_config(args.model), data=str(out / "data"), out=str(out / "run"), train=TrainConfig(
         max_steps=args.steps, batch_size=12, seq_len=64, lr=args.lr, min_lr_ratio=0.1,
         warmup_steps=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_every=250,
         eval_batches=40, log_every=100, checkpoint_every=0, device="cpu", seed=1337, threads=args.threads,

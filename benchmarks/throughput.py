@@ -160,6 +160,19 @@ def build(impl: str):
     return model, lambda b: objective.loss(model, b)
 
 
+def optimizer(impl: str, model):
+    """AdamW with the fused kernel on both sides: ours as the trainer makes it, transformers' as its
+    Trainer does (``adamw_torch_fused``)."""
+    import torch
+
+    if impl.startswith("hf-"):
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    from pretrainer.config import TrainConfig
+    from pretrainer.train.optim import make_optimizer
+
+    return make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1), "cpu")
+
+
 def worker(impl: str, warmup: int) -> None:
     """Build, warm up, say ``ready``; then for every line ``k seed`` on stdin time k steps on the
     batches of generator ``seed`` and print their milliseconds as one JSON line. Ends when stdin
@@ -169,13 +182,7 @@ def worker(impl: str, warmup: int) -> None:
     model, loss_fn = build(impl)
     style = impl.split("-", 1)[1]
     gen = torch.Generator().manual_seed(10**6)  # the warm-up's batches
-    if not impl.startswith("hf-"):
-        from pretrainer.config import TrainConfig
-        from pretrainer.train.optim import make_optimizer
-
-        opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1), "cpu")
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    opt = optimizer(impl, model)
 
     losses = []
 

@@ -242,11 +242,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
 
 
 def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                           bias: torch.Tensor | None = None,
+                           bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row cross-entropy of ``logits`` [N, V] (+ ``bias`` [V] on every row, if given)
     (contiguous; overwritten with ``scale * (softmax - one_hot)``, the gradient of
-    ``sum(scale * loss)``); ``targets`` [N] in ``0 .. V-1``, ``scale`` [N]. With a bias, returns
-    ``(loss, dbias)``: the bias's gradient summed over the rows in the same pass."""
+    ``sum(scale * loss)``); ``targets`` [N] in ``0 .. V-1``, ``scale`` [N]. Returns ``(loss,
+    dbias)``: with a bias and ``bias_grad``, the bias's gradient summed over the rows in the same
+    pass, else None."""
     assert logits.is_contiguous(), "softmax_cross_entropy_: logits must be contiguous"
     targets = targets.to(torch.int64).contiguous()
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
@@ -256,13 +258,13 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: t
     loss = logits.new_empty(logits.shape[0])
     used.add("softmax_cross_entropy")
     parts = max(1, min(torch.get_num_threads(), logits.shape[0]))
-    dbias = logits.new_zeros(parts, logits.shape[1]) if bias is not None else None
+    dbias = logits.new_zeros(parts, logits.shape[1]) if bias is not None and bias_grad else None
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     _lib.softmax_cross_entropy(_ptr(logits), _ptr(bias) if bias is not None else None, _ptr(targets), _ptr(scale),
                                _ptr(loss), _ptr(dbias) if dbias is not None else None, parts, logits.shape[0],
                                logits.shape[1])
-    return loss if bias is None else (loss, dbias.sum(0))
+    return loss, dbias.sum(0) if dbias is not None else None
 
 
 def biased_softmax_(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -280,8 +282,8 @@ def biased_softmax_(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def biased_softmax_backward_(dp: torch.Tensor, probs: torch.Tensor, shared_bias: bool) -> torch.Tensor | None:
     """The gradient of :func:`biased_softmax_` with respect to its scores, from that of its output
     (``dp``, contiguous: overwritten with the result); ``probs`` its output. With ``shared_bias``
-    (a bias [1, H, T, S]) returns the bias's gradient, the scores' summed over the batch, else None
-    (a bias [B, H, T, S] has the scores' own)."""
+    returns the gradient of a bias [1, H, T, S], the scores' summed over the batch, else None (a bias
+    [B, H, T, S] has the scores' own; a bias that takes none needs neither)."""
     assert dp.is_contiguous() and probs.is_contiguous(), "biased_softmax_backward_: contiguous tensors only"
     B, S = dp.shape[0], dp.shape[-1]
     R = dp.numel() // (B * S)

@@ -262,9 +262,10 @@ class _BiasedAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dv = torch.matmul(probs.transpose(-1, -2), dout)
         ds = torch.matmul(dout, v.transpose(-1, -2))
-        dbias = kernels.biased_softmax_backward_(ds, probs, ctx.shared)
-        if dbias is None and ctx.needs_input_grad[3]:  # a bias per batch entry: the scores' own
-            dbias = ds.clone()
+        wants = ctx.needs_input_grad[3]
+        dbias = kernels.biased_softmax_backward_(ds, probs, ctx.shared and wants)
+        if wants and not ctx.shared:  # a bias per batch entry: the scores' own (only read below)
+            dbias = ds
         dq = torch.matmul(ds, k)
         if ctx.scale != 1.0:
             dq.mul_(ctx.scale)

@@ -125,12 +125,13 @@ class RelativeBias(nn.Module):
         self.bias.is_position_bias = True  # T5's init draws it N(0, 1/d_model)
 
     def forward(self, q_start: int, q_len: int, k_len: int) -> torch.Tensor:
-        """Bias [1, heads, q_len, k_len] for queries at ``q_start ..`` and keys at ``0 .. k_len-1``."""
+        """Bias [1, heads, q_len, k_len] for queries at ``q_start ..`` and keys at ``0 .. k_len-1``
+        (contiguous: every layer of the stack reads it whole)."""
         device = self.bias.weight.device
         q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
         k = torch.arange(k_len, device=device)[None, :]
         buckets = relative_buckets(k - q, self.bidirectional, self.n_buckets, self.max_distance)
-        return self.bias(buckets).permute(2, 0, 1)[None]
+        return self.bias(buckets).permute(2, 0, 1).contiguous()[None]
 
 
 # ----------------------------------------------------------------------------------------------

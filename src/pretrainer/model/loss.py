@@ -62,22 +62,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
         # the kernel adds the bias row by row and sums its gradient in the same pass; without it the
         # bias is copied into every row, then the product added to it
-        fused_bias = bias is not None and kernels.usable(grad)
-        ctx.dbias = None
+        kernel = kernels.usable(grad)
+        unfused_bias = bias is not None and not kernel
         if ctx.mm_dtype == torch.float32 and weight.dtype == torch.float32:
-            if bias is None or fused_bias:
-                torch.mm(h, weight.t(), out=grad)
-            else:
+            if unfused_bias:
                 torch.addmm(bias.float(), h, weight.t(), out=grad)
+            else:
+                torch.mm(h, weight.t(), out=grad)
         else:  # a bf16/fp16 product, softmax in float32
             grad.copy_(h.to(ctx.mm_dtype) @ weight.to(ctx.mm_dtype).t())
-            if bias is not None and not fused_bias:
+            if unfused_bias:
                 grad.add_(bias.float())
         scale = valid.float() / count
-        if fused_bias:
-            loss, ctx.dbias = kernels.softmax_cross_entropy_(grad, safe_t, scale, bias)
-        elif kernels.usable(grad):  # one pass per row, from its maximum to its gradient
-            loss = kernels.softmax_cross_entropy_(grad, safe_t, scale)
+        ctx.dbias = None
+        if kernel:  # one pass per row, from its maximum to its gradient
+            loss, ctx.dbias = kernels.softmax_cross_entropy_(grad, safe_t, scale, bias, ctx.needs_input_grad[2])
         else:
             picked = grad.gather(1, safe_t[:, None]).squeeze(1)
             lse = torch.empty_like(picked)
